@@ -1,0 +1,143 @@
+//! `Builder`: the table, codecs, hasher and initial content of a map.
+
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+
+use crate::codec::{Codec, Json};
+use crate::error::Result;
+use crate::map::DbHashMap;
+use crate::store::{Store, TableSpec};
+
+/// The table name the Racket original uses, and this crate's default.
+pub const DEFAULT_TABLE: &str = "hashtable";
+
+/// Options for opening a [`DbHashMap`]: made by [`DbHashMap::builder`] or
+/// [`DbHashMap::builder_url`], finished by [`open`](Builder::open).
+///
+/// `KC` and `VC` are the key and value codecs, [`Json`] unless set.
+///
+/// ```
+/// use std::collections::HashMap;
+/// use write_thru_hash::{DbHashMap, Text};
+///
+/// let conn = rusqlite::Connection::open_in_memory()?;
+/// let h: DbHashMap<String, String> = DbHashMap::builder(conn)
+///     .table("hopefully it is quoted properly")
+///     .codec(Text)
+///     .src(HashMap::from([("a".to_string(), "b".to_string())]))
+///     .open()?;
+/// assert_eq!(h["a"], "b");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use = "a builder does nothing until `open` is called"]
+pub struct Builder<K, V, S = RandomState, KC = Json, VC = Json> {
+    store: Result<Box<dyn Store>>,
+    table: String,
+    src: Option<Vec<(K, V)>>,
+    keys: KC,
+    values: VC,
+    hasher: S,
+}
+
+impl<K, V> Builder<K, V> {
+    pub(crate) fn new(store: Result<Box<dyn Store>>) -> Self {
+        Builder {
+            store,
+            table: DEFAULT_TABLE.to_string(),
+            src: None,
+            keys: Json,
+            values: Json,
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
+    /// The table's name (default `hashtable`). Any name the backend can hold works:
+    /// it is always quoted. A name it cannot hold is refused by `open`.
+    pub fn table(mut self, name: impl Into<String>) -> Self {
+        self.table = name.into();
+        self
+    }
+
+    /// Replaces the table's content with `src` when opening, in one transaction: on
+    /// failure the table keeps its old content.
+    pub fn src(mut self, src: impl IntoIterator<Item = (K, V)>) -> Self {
+        self.src = Some(src.into_iter().collect());
+        self
+    }
+
+    /// One codec for keys and values.
+    pub fn codec<C: Clone>(self, codec: C) -> Builder<K, V, S, C, C> {
+        Builder {
+            store: self.store,
+            table: self.table,
+            src: self.src,
+            keys: codec.clone(),
+            values: codec,
+            hasher: self.hasher,
+        }
+    }
+
+    /// The key codec. It must be canonical: equal keys, equal bytes.
+    pub fn key_codec<C>(self, codec: C) -> Builder<K, V, S, C, VC> {
+        Builder {
+            store: self.store,
+            table: self.table,
+            src: self.src,
+            keys: codec,
+            values: self.values,
+            hasher: self.hasher,
+        }
+    }
+
+    /// The value codec.
+    pub fn value_codec<C>(self, codec: C) -> Builder<K, V, S, KC, C> {
+        Builder {
+            store: self.store,
+            table: self.table,
+            src: self.src,
+            keys: self.keys,
+            values: codec,
+            hasher: self.hasher,
+        }
+    }
+
+    /// The hasher of the in-memory `HashMap`.
+    pub fn hasher<S2>(self, hasher: S2) -> Builder<K, V, S2, KC, VC> {
+        Builder {
+            store: self.store,
+            table: self.table,
+            src: self.src,
+            keys: self.keys,
+            values: self.values,
+            hasher,
+        }
+    }
+
+    /// Connects (for a URL), creates the table if absent, then loads its rows, or
+    /// replaces them with `src` if given.
+    pub fn open(self) -> Result<DbHashMap<K, V, S>>
+    where
+        K: Eq + Hash,
+        S: BuildHasher,
+        KC: Codec<K> + 'static,
+        VC: Codec<V> + 'static,
+    {
+        let mut store = self.store?;
+        let table = TableSpec {
+            name: self.table,
+            key_format: self.keys.format(),
+            value_format: self.values.format(),
+        };
+        store.open(&table)?;
+        let map = HashMap::with_hasher(self.hasher);
+        let mut h = DbHashMap::from_parts(map, store, Box::new(self.keys), Box::new(self.values), table);
+        match self.src {
+            None => h.load_empty()?,
+            Some(src) => h.replace_all(src)?,
+        }
+        Ok(h)
+    }
+}

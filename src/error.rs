@@ -1,0 +1,333 @@
+//! The one error type of the crate.
+
+use std::fmt;
+
+/// A boxed error from a backend driver or a codec, kept as the `source` of an [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result<T, write_thru_hash::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a failed call was doing, for the error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Action {
+    /// Creating or checking the table.
+    Open,
+    /// Reading the table's rows into memory.
+    Load,
+    /// Writing one change or one batch of changes.
+    Write,
+    /// Replacing the whole table's content (`src`).
+    Replace,
+    /// Connecting to the database.
+    Connect,
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Action::Open => "creating or checking",
+            Action::Load => "loading",
+            Action::Write => "writing to",
+            Action::Replace => "replacing the content of",
+            Action::Connect => "connecting for",
+        })
+    }
+}
+
+/// Everything that can go wrong in `write-thru-hash`.
+///
+/// Every variant's message says what was being done, on which table, and what to do
+/// about it. Backend errors are kept as the [`source`](std::error::Error::source), so
+/// enabling a backend feature never changes this enum.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database refused or failed a statement. Memory is unchanged.
+    #[error("{action} table {table:?} on {backend} failed: {source}{hint}", hint = hint(.source))]
+    Database {
+        /// What was being done.
+        action: Action,
+        /// The table's name.
+        table: String,
+        /// The backend's name (`SQLite`, `PostgreSQL`, ...).
+        backend: &'static str,
+        /// The driver's error.
+        source: BoxError,
+    },
+
+    /// The connection failed while a change was being committed, so whether the
+    /// database holds the change is unknown. The map refuses writes until
+    /// [`reload`](crate::DbHashMap::reload) succeeds.
+    #[error(
+        "the outcome of a write to table {table:?} on {backend} is unknown: {source}; \
+         the map refuses writes until `reload()` re-reads the table"
+    )]
+    OutcomeUnknown {
+        /// The table's name.
+        table: String,
+        /// The backend's name.
+        backend: &'static str,
+        /// The driver's error.
+        source: BoxError,
+    },
+
+    /// An earlier write's outcome is unknown (see [`Error::OutcomeUnknown`]); call
+    /// [`reload`](crate::DbHashMap::reload) before writing again.
+    #[error(
+        "table {table:?} refuses writes: an earlier write's outcome is unknown; \
+         call `reload()` to re-read the table, then write again"
+    )]
+    Poisoned {
+        /// The table's name.
+        table: String,
+    },
+
+    /// A key or value could not be encoded. Nothing was written.
+    #[error("encoding a {what} for table {table:?} failed: {source}")]
+    Encode {
+        /// `"key"` or `"value"`.
+        what: &'static str,
+        /// The table's name.
+        table: String,
+        /// The codec's error.
+        source: BoxError,
+    },
+
+    /// A row of the table could not be decoded with the map's codecs.
+    #[error(
+        "row {row} of table {table:?} does not decode as a {what}: {source}; \
+         open the table with the codecs that wrote it, or fix or delete that row"
+    )]
+    Decode {
+        /// `"key"` or `"value"`.
+        what: &'static str,
+        /// The table's name.
+        table: String,
+        /// The row's key as stored (text, or hex for bytes), shortened.
+        row: String,
+        /// The codec's error.
+        source: BoxError,
+    },
+
+    /// Two rows of the table decode to equal keys, so the table cannot be one map.
+    #[error(
+        "rows {first} and {second} of table {table:?} decode to equal keys; \
+         the key codec is not the one that wrote the table, or is not canonical: \
+         delete one of the rows or open the table with the codec that wrote it"
+    )]
+    DuplicateKey {
+        /// The table's name.
+        table: String,
+        /// The first row's key as stored.
+        first: String,
+        /// The second row's key as stored.
+        second: String,
+    },
+
+    /// The key codec encoded equal keys to different bytes, so one key could become
+    /// two rows. Nothing was written.
+    #[error(
+        "the key codec of table {table:?} is not canonical: key {row} encodes to \
+         {other} as well; use a codec whose encoding of equal keys is always the same bytes"
+    )]
+    NonCanonicalKey {
+        /// The table's name.
+        table: String,
+        /// One encoding of the key.
+        row: String,
+        /// Another encoding of an equal key.
+        other: String,
+    },
+
+    /// A key's encoding is longer than the backend can index. Nothing was written.
+    #[error(
+        "a key of {len} bytes is too long for table {table:?} on {backend}, which can \
+         index at most {max} bytes; use shorter keys or a more compact key codec"
+    )]
+    KeyTooLong {
+        /// The table's name.
+        table: String,
+        /// The backend's name.
+        backend: &'static str,
+        /// The encoded key's length in bytes.
+        len: usize,
+        /// The backend's limit in bytes.
+        max: usize,
+    },
+
+    /// The table name cannot be held by the backend. Nothing was written.
+    #[error("table name {name:?} cannot be used on {backend}: {reason}; choose another name")]
+    InvalidTableName {
+        /// The refused name.
+        name: String,
+        /// The backend's name.
+        backend: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
+
+    /// The existing table does not have the layout this map needs.
+    #[error("table {table:?} on {backend} cannot be used: {reason}")]
+    Schema {
+        /// The table's name.
+        table: String,
+        /// The backend's name.
+        backend: &'static str,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
+    /// A database URL could not be used.
+    #[error("database URL {url:?} cannot be used: {reason}")]
+    Url {
+        /// The URL, with any password replaced by `***`.
+        url: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
+    /// A transaction's closure gave up on purpose with [`Error::abort`].
+    #[error("transaction aborted: {0}")]
+    Aborted(String),
+}
+
+impl Error {
+    /// The error a [`transaction`](crate::DbHashMap::transaction) closure returns to
+    /// give up on purpose; everything it staged is dropped.
+    ///
+    /// ```
+    /// # use write_thru_hash::{DbHashMap, Error};
+    /// # let mut h: DbHashMap<String, i64> = DbHashMap::open_url("sqlite::memory:")?;
+    /// let r = h.transaction(|tx| {
+    ///     tx.insert("a".into(), 1)?;
+    ///     Err::<(), _>(Error::abort("changed my mind"))
+    /// });
+    /// assert!(matches!(r, Err(Error::Aborted(_))));
+    /// assert!(h.is_empty());
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub fn abort(reason: impl Into<String>) -> Self {
+        Error::Aborted(reason.into())
+    }
+
+    /// Whether this error is a lost connection or an unknown commit outcome, after
+    /// which the map needs a working connection and a [`reload`](crate::DbHashMap::reload).
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, Error::OutcomeUnknown { .. } | Error::Poisoned { .. })
+    }
+}
+
+/// A remedy appended to some driver messages that are otherwise cryptic.
+fn hint(source: &BoxError) -> &'static str {
+    let text = source.to_string().to_ascii_lowercase();
+    if text.contains("readonly") || text.contains("read-only") || text.contains("read only") {
+        "; the database is read-only: open it writable or check the file's permissions"
+    } else if text.contains("locked") || text.contains("busy") {
+        "; another connection holds a lock: retry later or raise the busy timeout"
+    } else if text.contains("disk") && text.contains("full") {
+        "; the disk is full: free space and retry"
+    } else {
+        ""
+    }
+}
+
+/// Shows stored key bytes in an error message: text as a quoted string, anything
+/// else as hex, shortened either way so a huge key does not flood the message.
+pub(crate) fn show_bytes(bytes: &[u8]) -> String {
+    const MAX: usize = 64;
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            let short: String = s.chars().take(MAX).collect();
+            if short.len() < s.len() {
+                format!("{short:?}... ({} bytes)", s.len())
+            } else {
+                format!("{short:?}")
+            }
+        }
+        Err(_) => {
+            let hex: String = bytes.iter().take(MAX / 2).map(|b| format!("{b:02x}")).collect();
+            if bytes.len() > MAX / 2 {
+                format!("0x{hex}... ({} bytes)", bytes.len())
+            } else {
+                format!("0x{hex}")
+            }
+        }
+    }
+}
+
+/// Replaces the password in a URL or ODBC connection string with `***`, so no error
+/// or log line ever shows it.
+pub(crate) fn redact(url: &str) -> String {
+    // ODBC connection strings: `...;PWD=secret;...` in any case.
+    if !url.contains("://") {
+        return url
+            .split(';')
+            .map(|part| match part.split_once('=') {
+                Some((k, _)) if k.trim().eq_ignore_ascii_case("pwd")
+                    || k.trim().eq_ignore_ascii_case("password") =>
+                {
+                    format!("{k}=***")
+                }
+                _ => part.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(";");
+    }
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = redact_query(tail);
+    format!("{scheme}://{authority}{tail}")
+}
+
+fn redact_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_string();
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") => {
+                format!("{k}=***")
+            }
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{path}?{}", query.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("mysql://u:p%40ss@h/db?x=1"), "mysql://u:***@h/db?x=1");
+        assert_eq!(redact("postgres://h/db?password=s&user=u"), "postgres://h/db?password=***&user=u");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact("Driver={x};Server=h;Uid=u;PWD=secret;"),
+            "Driver={x};Server=h;Uid=u;PWD=***;"
+        );
+        assert_eq!(redact("sqlite:/tmp/a.db"), "sqlite:/tmp/a.db");
+    }
+
+    #[test]
+    fn shows_bytes_shortly() {
+        assert_eq!(show_bytes(b"abc"), "\"abc\"");
+        assert_eq!(show_bytes(&[0xff, 0x00]), "0xff00");
+        assert!(show_bytes(&[b'a'; 100]).ends_with("(100 bytes)"));
+    }
+}

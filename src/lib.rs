@@ -1,0 +1,53 @@
+//! A `HashMap` held in memory whose every change is written through to a database
+//! table, and whose every lookup is served from memory.
+//!
+//! ```
+//! use write_thru_hash::DbHashMap;
+//!
+//! let conn = rusqlite::Connection::open_in_memory()?;
+//! let mut h: DbHashMap<String, i64> = DbHashMap::open(conn)?; // table "hashtable"
+//! h.insert("a".into(), 1)?;          // persisted first, then applied in memory
+//! h.insert("b".into(), 2)?;
+//! h.remove("b")?;
+//! assert_eq!(h.get("a"), Some(&1));  // memory only, no I/O, no Result
+//! assert_eq!(format!("{h:?}"), r#"{"a": 1}"#);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! **The write-through rule.** Every method that changes the map runs its statement
+//! first; memory changes only when the statement succeeded. When it fails, the error
+//! is returned and memory is exactly as before, so a fresh open of the same table
+//! always equals the map.
+//!
+//! # Features
+//!
+//! | feature    | default | what it adds |
+//! |------------|---------|--------------|
+//! | `sqlite`   | yes     | SQLite through rusqlite, with SQLite bundled: `rusqlite::Connection`, `sqlite:PATH` |
+//! | `postgres` | no      | PostgreSQL through the `postgres` crate: `postgres::Client`, `postgres://…` |
+//! | `mysql`    | no      | MySQL and MariaDB through the `mysql` crate, pure Rust: `mysql::Conn`, `mysql://…` |
+//! | `postcard` | no      | the compact binary codec [`Postcard`] |
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod builder;
+#[cfg(feature = "postcard")]
+mod canonical;
+mod codec;
+mod error;
+mod map;
+mod store;
+mod url;
+
+pub use builder::{Builder, DEFAULT_TABLE};
+#[cfg(feature = "postcard")]
+pub use codec::Postcard;
+pub use codec::{Bytes, Codec, FnCodec, Format, Json, Text};
+pub use error::{Action, BoxError, Error, Result};
+pub use map::{DbHashMap, Transaction};
+#[cfg(feature = "sqlite")]
+pub use store::sqlite::SqliteStore;
+pub use store::{Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
+
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -1,0 +1,681 @@
+//! `DbHashMap`: reads served from memory through `Deref`, writes sent to the store first.
+
+use std::borrow::Borrow;
+use std::collections::hash_map::{self, RandomState};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::ops::{Deref, Index};
+use std::sync::Mutex;
+
+use crate::builder::Builder;
+use crate::codec::Codec;
+use crate::error::{show_bytes, Action, Error, Result};
+use crate::store::{Batch, BatchBuilder, IntoStore, Store, TableSpec};
+
+/// A `HashMap` held in memory whose every change is written through to a database
+/// table first.
+///
+/// Reads are `HashMap`'s own, through [`Deref`]: `get`, `contains_key`, `len`, `iter`
+/// and the rest never touch the database. Every method that changes the map runs its
+/// statement first and changes memory only when the statement succeeded; when it
+/// fails, the error is returned and memory is exactly as before.
+///
+/// ```
+/// use write_thru_hash::DbHashMap;
+///
+/// let dir = tempfile::tempdir()?;
+/// let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
+/// let mut h: DbHashMap<String, i64> = DbHashMap::open_url(&url)?;
+/// h.insert("a".into(), 1)?;          // persisted first, then applied in memory
+/// h.insert("b".into(), 2)?;
+/// h.remove("b")?;
+/// assert_eq!(h.get("a"), Some(&1));  // memory only, no I/O, no Result
+/// assert_eq!(format!("{h:?}"), r#"{"a": 1}"#);
+/// drop(h);
+///
+/// let again: DbHashMap<String, i64> = DbHashMap::open_url(&url)?;
+/// assert_eq!(again.get("a"), Some(&1));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct DbHashMap<K, V, S = RandomState> {
+    map: HashMap<K, V, S>,
+    // A mutex only so that the map is `Sync` for readers on other threads; writers
+    // hold `&mut self` and reach it with `get_mut`, which never locks.
+    store: Mutex<Box<dyn Store>>,
+    backend: &'static str,
+    max_key_len: Option<usize>,
+    keys: Box<dyn Codec<K>>,
+    values: Box<dyn Codec<V>>,
+    table: TableSpec,
+    poisoned: bool,
+}
+
+impl<K, V> DbHashMap<K, V, RandomState> {
+    /// Opens the table `hashtable` on `conn` with the [`Json`](crate::Json) codec,
+    /// creating it if absent and loading its rows if present.
+    ///
+    /// `conn` is a connection taken by value: a `rusqlite::Connection` (feature
+    /// `sqlite`), a `postgres::Client` (feature `postgres`), a `mysql::Conn`
+    /// (feature `mysql`), or any [`Store`].
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// let conn = rusqlite::Connection::open_in_memory()?;
+    /// let h: DbHashMap<String, i64> = DbHashMap::open(conn)?;
+    /// assert!(h.is_empty());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open(conn: impl IntoStore) -> Result<Self>
+    where
+        K: Eq + Hash + serde::Serialize + serde::de::DeserializeOwned,
+        V: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        Self::builder(conn).open()
+    }
+
+    /// A [`Builder`] to choose the table, codecs, hasher and initial content.
+    pub fn builder(conn: impl IntoStore) -> Builder<K, V> {
+        Builder::new(Ok(conn.into_store()))
+    }
+
+    /// Opens the table `hashtable` in the database at `url`, with the
+    /// [`Json`](crate::Json) codec: `sqlite:PATH`, `sqlite::memory:`,
+    /// `postgres://…`, `mysql://…`. See [`Builder`] for the rest.
+    pub fn open_url(url: &str) -> Result<Self>
+    where
+        K: Eq + Hash + serde::Serialize + serde::de::DeserializeOwned,
+        V: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        Self::builder_url(url).open()
+    }
+
+    /// A [`Builder`] on the database at `url`; the connection is made by
+    /// [`Builder::open`], which reports a bad URL.
+    pub fn builder_url(url: &str) -> Builder<K, V> {
+        Builder::new(crate::url::connect(url))
+    }
+}
+
+impl<K, V, S> DbHashMap<K, V, S> {
+    pub(crate) fn from_parts(
+        map: HashMap<K, V, S>,
+        store: Box<dyn Store>,
+        keys: Box<dyn Codec<K>>,
+        values: Box<dyn Codec<V>>,
+        table: TableSpec,
+    ) -> Self {
+        DbHashMap {
+            map,
+            backend: store.backend(),
+            max_key_len: store.max_key_len(),
+            store: Mutex::new(store),
+            keys,
+            values,
+            table,
+            poisoned: false,
+        }
+    }
+
+    /// The name of the table the map writes to.
+    pub fn table_name(&self) -> &str {
+        &self.table.name
+    }
+
+    /// The backend's name (`"SQLite"`, `"PostgreSQL"`, `"MySQL/MariaDB"`, ...).
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// Gives up the table and returns the map's content.
+    pub fn into_inner(self) -> HashMap<K, V, S> {
+        self.map
+    }
+
+    fn store_mut(&mut self) -> &mut dyn Store {
+        store_of(&mut self.store)
+    }
+}
+
+fn store_of(store: &mut Mutex<Box<dyn Store>>) -> &mut dyn Store {
+    // The lock is never taken (writers have `&mut self`), so poisoning cannot happen;
+    // take the store either way rather than panic.
+    match store.get_mut() {
+        Ok(store) => &mut **store,
+        Err(poisoned) => &mut **poisoned.into_inner(),
+    }
+}
+
+impl<K, V, S> DbHashMap<K, V, S>
+where
+    K: Eq + Hash,
+    S: BuildHasher,
+{
+    fn check_writable(&self) -> Result<()> {
+        if self.poisoned {
+            Err(Error::Poisoned { table: self.table.name.clone() })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn encode_key(&self, key: &K) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.keys.encode_key(key, &mut out).map_err(|source| Error::Encode {
+            what: "key",
+            table: self.table.name.clone(),
+            source,
+        })?;
+        if let Some(max) = self.max_key_len {
+            if out.len() > max {
+                return Err(Error::KeyTooLong {
+                    table: self.table.name.clone(),
+                    backend: self.backend(),
+                    len: out.len(),
+                    max,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn encode_value(&self, value: &V) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.values.encode(value, &mut out).map_err(|source| Error::Encode {
+            what: "value",
+            table: self.table.name.clone(),
+            source,
+        })?;
+        Ok(out)
+    }
+
+    /// Encodes `key` and, when an equal key is already held, checks that the codec
+    /// gives it the same bytes: otherwise one key would become two rows.
+    fn encode_new_key(&self, key: &K) -> Result<Vec<u8>> {
+        let bytes = self.encode_key(key)?;
+        if let Some((held, _)) = self.map.get_key_value(key) {
+            let held_bytes = self.encode_key(held)?;
+            if held_bytes != bytes {
+                return Err(Error::NonCanonicalKey {
+                    table: self.table.name.clone(),
+                    row: show_bytes(&held_bytes),
+                    other: show_bytes(&bytes),
+                });
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// The one way into the store: applies `batch` atomically, and marks the map
+    /// poisoned when the outcome is unknown.
+    fn persist(&mut self, batch: &Batch) -> Result<()> {
+        self.check_writable()?;
+        let result = self.store_mut().apply(batch);
+        if let Err(Error::OutcomeUnknown { .. }) = &result {
+            self.poisoned = true;
+            tracing::error!(table = %self.table.name, "write outcome unknown; map refuses writes until reload()");
+        }
+        result
+    }
+
+    /// Inserts a key-value pair, returning the value the key had.
+    ///
+    /// **Storage:** one upsert, committed on its own.
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut h: DbHashMap<String, i64> = DbHashMap::open_url("sqlite::memory:")?;
+    /// assert_eq!(h.insert("a".into(), 1)?, None);
+    /// assert_eq!(h.insert("a".into(), 2)?, Some(1));
+    /// assert_eq!(h["a"], 2);
+    /// # Ok::<(), write_thru_hash::Error>(())
+    /// ```
+    pub fn insert(&mut self, key: K, value: V) -> Result<Option<V>> {
+        self.check_writable()?;
+        let k = self.encode_new_key(&key)?;
+        let v = self.encode_value(&value)?;
+        self.persist(&Batch { puts: vec![(k, v)], ..Batch::default() })?;
+        Ok(self.map.insert(key, value))
+    }
+
+    /// Removes a key, returning its value. A key the map does not hold returns
+    /// `Ok(None)` without any I/O.
+    ///
+    /// **Storage:** one delete, committed on its own.
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut h: DbHashMap<String, i64> = DbHashMap::open_url("sqlite::memory:")?;
+    /// h.insert("a".into(), 1)?;
+    /// assert_eq!(h.remove("a")?, Some(1));
+    /// assert_eq!(h.remove("a")?, None);
+    /// # Ok::<(), write_thru_hash::Error>(())
+    /// ```
+    pub fn remove<Q>(&mut self, key: &Q) -> Result<Option<V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        Ok(self.remove_entry(key)?.map(|(_, v)| v))
+    }
+
+    /// Removes a key, returning the stored key and its value.
+    ///
+    /// **Storage:** one delete, committed on its own; none if the key is absent.
+    pub fn remove_entry<Q>(&mut self, key: &Q) -> Result<Option<(K, V)>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.check_writable()?;
+        let Some((held, _)) = self.map.get_key_value(key) else {
+            return Ok(None);
+        };
+        let k = self.encode_key(held)?;
+        self.persist(&Batch { deletes: vec![k], ..Batch::default() })?;
+        Ok(self.map.remove_entry(key))
+    }
+
+    /// Removes every entry.
+    ///
+    /// **Storage:** one `DELETE` of every row of the table, committed on its own.
+    pub fn clear(&mut self) -> Result<()> {
+        self.persist(&Batch { clear: true, ..Batch::default() })?;
+        self.map.clear();
+        Ok(())
+    }
+
+    /// Keeps only the entries for which `f` returns `true`.
+    ///
+    /// **Storage:** the deletes in one transaction; none if every entry is kept.
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut h: DbHashMap<i32, i32> = DbHashMap::open_url("sqlite::memory:")?;
+    /// h.insert_many((0..10).map(|i| (i, i * i)))?;
+    /// h.retain(|k, _| k % 2 == 0)?;
+    /// assert_eq!(h.len(), 5);
+    /// # Ok::<(), write_thru_hash::Error>(())
+    /// ```
+    pub fn retain(&mut self, mut f: impl FnMut(&K, &V) -> bool) -> Result<()> {
+        self.check_writable()?;
+        let mut doomed: HashSet<*const K> = HashSet::new();
+        let mut batch = Batch::default();
+        for (k, v) in &self.map {
+            if !f(k, v) {
+                batch.deletes.push(self.encode_key(k)?);
+                doomed.insert(k);
+            }
+        }
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        self.persist(&batch)?;
+        // The keys have not moved since they were chosen: nothing changed the map, so
+        // their addresses identify them without calling `f` a second time.
+        self.map.retain(|k, _| !doomed.contains(&(k as *const K)));
+        Ok(())
+    }
+
+    /// Changes the value of `key` with `f`, returning whether the key was present.
+    /// `f` works on a copy, which replaces the value once it is stored.
+    ///
+    /// **Storage:** one upsert, committed on its own; none if the key is absent.
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut h: DbHashMap<String, Vec<i32>> = DbHashMap::open_url("sqlite::memory:")?;
+    /// h.insert("a".into(), vec![1])?;
+    /// assert!(h.update("a", |v| v.push(2))?);
+    /// assert!(!h.update("b", |v| v.push(2))?);
+    /// assert_eq!(h["a"], [1, 2]);
+    /// # Ok::<(), write_thru_hash::Error>(())
+    /// ```
+    pub fn update<Q>(&mut self, key: &Q, f: impl FnOnce(&mut V)) -> Result<bool>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+        V: Clone,
+    {
+        self.check_writable()?;
+        let Some((held, value)) = self.map.get_key_value(key) else {
+            return Ok(false);
+        };
+        let mut value = value.clone();
+        f(&mut value);
+        let k = self.encode_key(held)?;
+        let v = self.encode_value(&value)?;
+        self.persist(&Batch { puts: vec![(k, v)], ..Batch::default() })?;
+        if let Some(slot) = self.map.get_mut(key) {
+            *slot = value;
+        }
+        Ok(true)
+    }
+
+    /// Inserts every pair, as one transaction: all of them or none. A key given
+    /// twice keeps its last value.
+    ///
+    /// **Storage:** one transaction of upserts.
+    pub fn insert_many(&mut self, pairs: impl IntoIterator<Item = (K, V)>) -> Result<()> {
+        self.check_writable()?;
+        let pairs: Vec<(K, V)> = pairs.into_iter().collect();
+        let mut batch = BatchBuilder::with_capacity(pairs.len());
+        for (k, v) in &pairs {
+            batch.put(self.encode_new_key(k)?, self.encode_value(v)?);
+        }
+        self.persist(&batch.finish())?;
+        self.map.reserve(pairs.len());
+        self.map.extend(pairs);
+        Ok(())
+    }
+
+    /// Runs `f` with a [`Transaction`] that stages inserts and removes, then commits
+    /// them as one database transaction: all or nothing, in the database and in memory
+    /// alike. An `Err` from `f` (such as [`Error::abort`]) or a panic in `f` leaves
+    /// both as they were.
+    ///
+    /// **Storage:** nothing while `f` runs; one transaction when it returns `Ok`.
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut h: DbHashMap<String, i64> = DbHashMap::open_url("sqlite::memory:")?;
+    /// h.insert("alice".into(), 10)?;
+    /// h.transaction(|tx| {
+    ///     let a = *tx.get("alice").unwrap_or(&0);
+    ///     tx.insert("alice".into(), a - 3)?;
+    ///     tx.insert("bob".into(), 3)?;
+    ///     Ok(())
+    /// })?;
+    /// assert_eq!((h["alice"], h["bob"]), (7, 3));
+    /// # Ok::<(), write_thru_hash::Error>(())
+    /// ```
+    pub fn transaction<R>(
+        &mut self,
+        f: impl FnOnce(&mut Transaction<'_, K, V, S>) -> Result<R>,
+    ) -> Result<R> {
+        self.check_writable()?;
+        let (result, staged, cleared) = {
+            let mut tx = Transaction { map: self, staged: HashMap::new(), cleared: false };
+            let result = f(&mut tx)?;
+            (result, tx.staged, tx.cleared)
+        };
+        let mut batch = BatchBuilder::with_capacity(staged.len());
+        if cleared {
+            batch.clear();
+        }
+        let mut changes = Vec::with_capacity(staged.len());
+        for (k, change) in staged {
+            match change {
+                Staged::Put { decoded, key, value } => {
+                    batch.put(key, value);
+                    changes.push((k, Some(decoded)));
+                }
+                Staged::Delete { key } => {
+                    batch.delete(key);
+                    changes.push((k, None));
+                }
+            }
+        }
+        self.persist(&batch.finish())?;
+        if cleared {
+            self.map.clear();
+        }
+        for (k, change) in changes {
+            match change {
+                Some(v) => self.map.insert(k, v),
+                None => self.map.remove(&k),
+            };
+        }
+        Ok(result)
+    }
+
+    /// Re-reads the whole table into memory: after a write whose outcome is unknown
+    /// (the map refuses writes until then), or after the table was changed behind the
+    /// map's back. Reconnects first when the store knows how. On error the map keeps
+    /// its content.
+    pub fn reload(&mut self) -> Result<()>
+    where
+        S: Clone,
+    {
+        self.store_mut().reconnect()?;
+        let mut map = HashMap::with_hasher(self.map.hasher().clone());
+        load(store_of(&mut self.store), &self.table, &*self.keys, &*self.values, &mut map)?;
+        self.map = map;
+        self.poisoned = false;
+        Ok(())
+    }
+
+    /// Fills the (empty) map from the table: the second half of opening.
+    pub(crate) fn load_empty(&mut self) -> Result<()> {
+        load(store_of(&mut self.store), &self.table, &*self.keys, &*self.values, &mut self.map)
+    }
+
+    /// Replaces the table's content with `src` in one transaction, then the map's.
+    pub(crate) fn replace_all(&mut self, src: Vec<(K, V)>) -> Result<()> {
+        let mut batch = BatchBuilder::with_capacity(src.len());
+        batch.clear();
+        for (k, v) in &src {
+            batch.put(self.encode_key(k)?, self.encode_value(v)?);
+        }
+        self.persist(&batch.finish()).map_err(|e| match e {
+            Error::Database { table, backend, source, .. } => {
+                Error::Database { action: Action::Replace, table, backend, source }
+            }
+            other => other,
+        })?;
+        self.map.clear();
+        self.map.extend(src);
+        Ok(())
+    }
+}
+
+/// Reads every row of the table into `map`, checking that each decodes, that the
+/// key codec gives each key back the bytes it was stored as, and that no two rows hold
+/// equal keys.
+fn load<K, V, S>(
+    store: &mut dyn Store,
+    table: &TableSpec,
+    keys: &dyn Codec<K>,
+    values: &dyn Codec<V>,
+    map: &mut HashMap<K, V, S>,
+) -> Result<()>
+where
+    K: Eq + Hash,
+    S: BuildHasher,
+{
+    let mut reencoded = Vec::new();
+    let decode_err = |what, row: &[u8], source| Error::Decode {
+        what,
+        table: table.name.clone(),
+        row: show_bytes(row),
+        source,
+    };
+    store.load(&mut |kb: &[u8], vb: &[u8]| {
+        let k = keys.decode(kb).map_err(|e| decode_err("key", kb, e))?;
+        reencoded.clear();
+        keys.encode_key(&k, &mut reencoded).map_err(|e| decode_err("key", kb, e))?;
+        if reencoded != kb {
+            return Err(Error::NonCanonicalKey {
+                table: table.name.clone(),
+                row: show_bytes(kb),
+                other: show_bytes(&reencoded),
+            });
+        }
+        let v = values.decode(vb).map_err(|e| decode_err("value", kb, e))?;
+        match map.entry(k) {
+            hash_map::Entry::Occupied(held) => {
+                let mut first = Vec::new();
+                keys.encode_key(held.key(), &mut first).map_err(|e| decode_err("key", kb, e))?;
+                Err(Error::DuplicateKey {
+                    table: table.name.clone(),
+                    first: show_bytes(&first),
+                    second: show_bytes(kb),
+                })
+            }
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert(v);
+                Ok(())
+            }
+        }
+    })
+}
+
+enum Staged<V> {
+    Put { decoded: V, key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+}
+
+/// The changes staged by [`DbHashMap::transaction`]. Reads see what was staged;
+/// nothing reaches the database or the map until the closure returns `Ok`.
+pub struct Transaction<'m, K, V, S = RandomState> {
+    map: &'m DbHashMap<K, V, S>,
+    staged: HashMap<K, Staged<V>>,
+    cleared: bool,
+}
+
+impl<K, V, S> Transaction<'_, K, V, S>
+where
+    K: Eq + Hash,
+    S: BuildHasher,
+{
+    /// The value of `key` as the transaction sees it: staged changes first.
+    pub fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.staged.get(key) {
+            Some(Staged::Put { decoded, .. }) => Some(decoded),
+            Some(Staged::Delete { .. }) => None,
+            None if self.cleared => None,
+            None => self.map.map.get(key),
+        }
+    }
+
+    /// Whether the transaction sees `key`.
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.get(key).is_some()
+    }
+
+    /// Stages an insert. Fails now if the key or value does not encode.
+    pub fn insert(&mut self, key: K, value: V) -> Result<()> {
+        let k = self.map.encode_new_key(&key)?;
+        let v = self.map.encode_value(&value)?;
+        self.staged.insert(key, Staged::Put { decoded: value, key: k, value: v });
+        Ok(())
+    }
+
+    /// Stages the removal of `key`; a key the transaction does not see is ignored.
+    pub fn remove<Q>(&mut self, key: &Q) -> Result<()>
+    where
+        K: Borrow<Q> + Clone,
+        Q: Hash + Eq + ?Sized,
+    {
+        let in_table = !self.cleared && self.map.map.contains_key(key);
+        match self.staged.remove_entry(key) {
+            Some((k, Staged::Put { key: bytes, .. })) if in_table => {
+                self.staged.insert(k, Staged::Delete { key: bytes });
+            }
+            Some((k, delete @ Staged::Delete { .. })) => {
+                self.staged.insert(k, delete);
+            }
+            Some(_) => {}
+            None if in_table => {
+                if let Some((held, _)) = self.map.map.get_key_value(key) {
+                    let bytes = self.map.encode_key(held)?;
+                    self.staged.insert(held.clone(), Staged::Delete { key: bytes });
+                }
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Stages the removal of every entry.
+    pub fn clear(&mut self) {
+        self.cleared = true;
+        self.staged.clear();
+    }
+}
+
+impl<K, V, S> Deref for DbHashMap<K, V, S> {
+    type Target = HashMap<K, V, S>;
+
+    fn deref(&self) -> &HashMap<K, V, S> {
+        &self.map
+    }
+}
+
+impl<K: fmt::Debug, V: fmt::Debug, S> fmt::Debug for DbHashMap<K, V, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.map.iter()).finish()
+    }
+}
+
+impl<K, V, S> PartialEq for DbHashMap<K, V, S>
+where
+    K: Eq + Hash,
+    V: PartialEq,
+    S: BuildHasher,
+{
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
+}
+
+impl<K, V, S> Eq for DbHashMap<K, V, S>
+where
+    K: Eq + Hash,
+    V: Eq,
+    S: BuildHasher,
+{
+}
+
+impl<K, V, S> PartialEq<HashMap<K, V, S>> for DbHashMap<K, V, S>
+where
+    K: Eq + Hash,
+    V: PartialEq,
+    S: BuildHasher,
+{
+    fn eq(&self, other: &HashMap<K, V, S>) -> bool {
+        &self.map == other
+    }
+}
+
+impl<K, V, S> PartialEq<DbHashMap<K, V, S>> for HashMap<K, V, S>
+where
+    K: Eq + Hash,
+    V: PartialEq,
+    S: BuildHasher,
+{
+    fn eq(&self, other: &DbHashMap<K, V, S>) -> bool {
+        self == &other.map
+    }
+}
+
+impl<K, Q, V, S> Index<&Q> for DbHashMap<K, V, S>
+where
+    K: Eq + Hash + Borrow<Q>,
+    Q: Eq + Hash + ?Sized,
+    S: BuildHasher,
+{
+    type Output = V;
+
+    /// The value of `key`; panics if it is absent, as `HashMap`'s index does.
+    fn index(&self, key: &Q) -> &V {
+        &self.map[key]
+    }
+}
+
+impl<'a, K, V, S> IntoIterator for &'a DbHashMap<K, V, S> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = hash_map::Iter<'a, K, V>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.map.iter()
+    }
+}

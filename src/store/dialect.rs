@@ -1,0 +1,307 @@
+//! All SQL text of the crate: identifier quoting, placeholders, column types, the
+//! upsert statement and the limits of each dialect. The backends only execute it.
+
+use crate::codec::Format;
+use crate::error::{Error, Result};
+use crate::store::TableSpec;
+
+/// A SQL dialect: what differs between databases in the statements this crate runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Dialect {
+    /// SQLite 3.24 or later.
+    Sqlite,
+    /// PostgreSQL 9.5 or later.
+    Postgres,
+    /// MySQL 5.7 or later, MariaDB 10.3 or later.
+    Mysql,
+}
+
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1); longer names are silently
+/// truncated by the server, so two long names could become one table.
+const PG_MAX_IDENT_BYTES: usize = 63;
+/// MySQL's and MariaDB's identifier limit, in characters.
+const MYSQL_MAX_IDENT_CHARS: usize = 64;
+/// The longest key PostgreSQL's btree can index uncompressed: 2704 bytes per index
+/// tuple less the 8-byte tuple header and the 4-byte varlena header.
+const PG_MAX_KEY_BYTES: usize = 2692;
+/// InnoDB's largest index prefix, and the width of the `VARBINARY` key column.
+const MYSQL_MAX_KEY_BYTES: usize = 3072;
+
+impl Dialect {
+    /// The backend's name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "SQLite",
+            Dialect::Postgres => "PostgreSQL",
+            Dialect::Mysql => "MySQL/MariaDB",
+        }
+    }
+
+    /// `name` quoted as an identifier, with the quote character doubled inside.
+    ///
+    /// ```
+    /// use write_thru_hash::Dialect;
+    /// assert_eq!(Dialect::Sqlite.quote("a\"b"), r#""a""b""#);
+    /// assert_eq!(Dialect::Mysql.quote("key"), "`key`");
+    /// ```
+    pub fn quote(self, name: &str) -> String {
+        let q = match self {
+            Dialect::Sqlite | Dialect::Postgres => '"',
+            Dialect::Mysql => '`',
+        };
+        let mut out = String::with_capacity(name.len() + 2);
+        out.push(q);
+        for c in name.chars() {
+            if c == q {
+                out.push(q);
+            }
+            out.push(c);
+        }
+        out.push(q);
+        out
+    }
+
+    /// The `n`th (1-based) bind parameter.
+    pub fn placeholder(self, n: usize) -> String {
+        match self {
+            Dialect::Sqlite => format!("?{n}"),
+            Dialect::Postgres => format!("${n}"),
+            Dialect::Mysql => "?".to_string(),
+        }
+    }
+
+    /// The longest encoded key, in bytes, that the dialect's key column can index.
+    pub fn max_key_len(self) -> Option<usize> {
+        match self {
+            Dialect::Sqlite => None,
+            Dialect::Postgres => Some(PG_MAX_KEY_BYTES),
+            Dialect::Mysql => Some(MYSQL_MAX_KEY_BYTES),
+        }
+    }
+
+    /// Refuses a table name the backend cannot hold exactly as given.
+    pub fn check_table_name(self, name: &str) -> Result<()> {
+        let refuse = |reason: &str| {
+            Err(Error::InvalidTableName {
+                name: name.to_string(),
+                backend: self.name(),
+                reason: reason.to_string(),
+            })
+        };
+        if name.is_empty() {
+            return refuse("the name is empty");
+        }
+        if name.contains('\0') {
+            return refuse("the name contains a NUL character");
+        }
+        match self {
+            Dialect::Sqlite => {
+                if name.as_bytes().get(..7).is_some_and(|p| p.eq_ignore_ascii_case(b"sqlite_")) {
+                    return refuse("names starting with \"sqlite_\" are reserved by SQLite");
+                }
+            }
+            Dialect::Postgres => {
+                if name.len() > PG_MAX_IDENT_BYTES {
+                    return refuse(&format!(
+                        "it is {} bytes long and PostgreSQL keeps at most {PG_MAX_IDENT_BYTES} \
+                         (it would silently truncate it)",
+                        name.len()
+                    ));
+                }
+            }
+            Dialect::Mysql => {
+                let chars = name.chars().count();
+                if chars > MYSQL_MAX_IDENT_CHARS {
+                    return refuse(&format!(
+                        "it is {chars} characters long and MySQL allows at most \
+                         {MYSQL_MAX_IDENT_CHARS}"
+                    ));
+                }
+                if name.ends_with(' ') {
+                    return refuse("MySQL does not allow names that end with a space");
+                }
+                if name.chars().any(|c| c as u32 > 0xFFFF) {
+                    return refuse(
+                        "MySQL allows only characters of the Basic Multilingual Plane \
+                         (no emoji) in names",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn column_type(self, format: Format, key: bool) -> &'static str {
+        match (self, format, key) {
+            (Dialect::Sqlite, Format::Text, _) => "TEXT",
+            (Dialect::Sqlite, Format::Binary, _) => "BLOB",
+            // "C" compares bytes, whatever the database's default collation.
+            (Dialect::Postgres, Format::Text, true) => "TEXT COLLATE \"C\"",
+            (Dialect::Postgres, Format::Text, false) => "TEXT",
+            (Dialect::Postgres, Format::Binary, _) => "BYTEA",
+            // A binary key column compares bytes exactly: the text collations fold case
+            // and pad spaces, which would merge distinct keys.
+            (Dialect::Mysql, _, true) => "VARBINARY(3072)",
+            (Dialect::Mysql, Format::Text, false) => "LONGTEXT CHARACTER SET utf8mb4",
+            (Dialect::Mysql, Format::Binary, false) => "LONGBLOB",
+        }
+    }
+
+    /// `CREATE TABLE IF NOT EXISTS` for the table.
+    pub fn create_table(self, t: &TableSpec) -> String {
+        let engine = if self == Dialect::Mysql { " ENGINE=InnoDB" } else { "" };
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} ({} {} NOT NULL, {} {} NOT NULL, PRIMARY KEY ({})){engine}",
+            self.quote(&t.name),
+            self.quote("key"),
+            self.column_type(t.key_format, true),
+            self.quote("value"),
+            self.column_type(t.value_format, false),
+            self.quote("key"),
+        )
+    }
+
+    /// `SELECT key, value` of every row.
+    pub fn select_all(self, t: &TableSpec) -> String {
+        format!("SELECT {}, {} FROM {}", self.quote("key"), self.quote("value"), self.quote(&t.name))
+    }
+
+    /// Deletes every row.
+    pub fn delete_all(self, t: &TableSpec) -> String {
+        format!("DELETE FROM {}", self.quote(&t.name))
+    }
+
+    /// Deletes the rows whose keys are bound to `rows` placeholders.
+    pub fn delete_keys(self, t: &TableSpec, rows: usize) -> String {
+        let list: Vec<String> = (1..=rows).map(|i| self.placeholder(i)).collect();
+        let key = self.quote("key");
+        if rows == 1 {
+            format!("DELETE FROM {} WHERE {key} = {}", self.quote(&t.name), list[0])
+        } else {
+            format!("DELETE FROM {} WHERE {key} IN ({})", self.quote(&t.name), list.join(", "))
+        }
+    }
+
+    /// Inserts `rows` rows of (key, value) placeholders, replacing the value of any
+    /// key already present, with the dialect's own upsert.
+    pub fn upsert(self, t: &TableSpec, rows: usize) -> String {
+        let (key, value) = (self.quote("key"), self.quote("value"));
+        let tuples: Vec<String> = (0..rows)
+            .map(|r| format!("({}, {})", self.placeholder(2 * r + 1), self.placeholder(2 * r + 2)))
+            .collect();
+        let head = format!("INSERT INTO {} ({key}, {value}) VALUES {}", self.quote(&t.name), tuples.join(", "));
+        match self {
+            Dialect::Sqlite | Dialect::Postgres => {
+                format!("{head} ON CONFLICT ({key}) DO UPDATE SET {value} = excluded.{value}")
+            }
+            Dialect::Mysql => format!("{head} ON DUPLICATE KEY UPDATE {value} = VALUES({value})"),
+        }
+    }
+
+    /// PostgreSQL only: an upsert of any number of rows bound as two arrays, so a
+    /// batch is one prepared statement and one round trip.
+    pub fn upsert_arrays(self, t: &TableSpec) -> String {
+        let array = |f: Format| if f == Format::Text { "text[]" } else { "bytea[]" };
+        let (key, value) = (self.quote("key"), self.quote("value"));
+        format!(
+            "INSERT INTO {} ({key}, {value}) SELECT * FROM unnest($1::{}, $2::{}) \
+             ON CONFLICT ({key}) DO UPDATE SET {value} = excluded.{value}",
+            self.quote(&t.name),
+            array(t.key_format),
+            array(t.value_format),
+        )
+    }
+
+    /// PostgreSQL only: deletes the keys bound as one array.
+    pub fn delete_array(self, t: &TableSpec) -> String {
+        let array = if t.key_format == Format::Text { "text[]" } else { "bytea[]" };
+        format!("DELETE FROM {} WHERE {} = ANY($1::{array})", self.quote(&t.name), self.quote("key"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, k: Format, v: Format) -> TableSpec {
+        TableSpec { name: name.into(), key_format: k, value_format: v }
+    }
+
+    #[test]
+    fn quoting_doubles_the_quote_character() {
+        assert_eq!(Dialect::Sqlite.quote("hopefully it is quoted properly"), "\"hopefully it is quoted properly\"");
+        assert_eq!(Dialect::Postgres.quote("a\"\"b"), "\"a\"\"\"\"b\"");
+        assert_eq!(Dialect::Mysql.quote("a`b\"c"), "`a``b\"c`");
+    }
+
+    #[test]
+    fn golden_create_table() {
+        let t = spec("hashtable", Format::Text, Format::Text);
+        assert_eq!(
+            Dialect::Sqlite.create_table(&t),
+            r#"CREATE TABLE IF NOT EXISTS "hashtable" ("key" TEXT NOT NULL, "value" TEXT NOT NULL, PRIMARY KEY ("key"))"#
+        );
+        assert_eq!(
+            Dialect::Postgres.create_table(&spec("t", Format::Binary, Format::Binary)),
+            r#"CREATE TABLE IF NOT EXISTS "t" ("key" BYTEA NOT NULL, "value" BYTEA NOT NULL, PRIMARY KEY ("key"))"#
+        );
+        assert_eq!(
+            Dialect::Postgres.create_table(&t),
+            r#"CREATE TABLE IF NOT EXISTS "hashtable" ("key" TEXT COLLATE "C" NOT NULL, "value" TEXT NOT NULL, PRIMARY KEY ("key"))"#
+        );
+        assert_eq!(
+            Dialect::Mysql.create_table(&t),
+            "CREATE TABLE IF NOT EXISTS `hashtable` (`key` VARBINARY(3072) NOT NULL, `value` LONGTEXT CHARACTER SET utf8mb4 NOT NULL, PRIMARY KEY (`key`)) ENGINE=InnoDB"
+        );
+    }
+
+    #[test]
+    fn golden_upserts() {
+        let t = spec("h", Format::Text, Format::Text);
+        assert_eq!(
+            Dialect::Sqlite.upsert(&t, 1),
+            r#"INSERT INTO "h" ("key", "value") VALUES (?1, ?2) ON CONFLICT ("key") DO UPDATE SET "value" = excluded."value""#
+        );
+        assert_eq!(
+            Dialect::Postgres.upsert(&t, 2),
+            r#"INSERT INTO "h" ("key", "value") VALUES ($1, $2), ($3, $4) ON CONFLICT ("key") DO UPDATE SET "value" = excluded."value""#
+        );
+        assert_eq!(
+            Dialect::Mysql.upsert(&t, 2),
+            "INSERT INTO `h` (`key`, `value`) VALUES (?, ?), (?, ?) ON DUPLICATE KEY UPDATE `value` = VALUES(`value`)"
+        );
+        assert_eq!(
+            Dialect::Postgres.upsert_arrays(&t),
+            r#"INSERT INTO "h" ("key", "value") SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT ("key") DO UPDATE SET "value" = excluded."value""#
+        );
+    }
+
+    #[test]
+    fn golden_deletes() {
+        let t = spec("h", Format::Binary, Format::Text);
+        assert_eq!(Dialect::Sqlite.delete_keys(&t, 1), r#"DELETE FROM "h" WHERE "key" = ?1"#);
+        assert_eq!(Dialect::Mysql.delete_keys(&t, 3), "DELETE FROM `h` WHERE `key` IN (?, ?, ?)");
+        assert_eq!(Dialect::Postgres.delete_array(&t), r#"DELETE FROM "h" WHERE "key" = ANY($1::bytea[])"#);
+        assert_eq!(Dialect::Sqlite.delete_all(&t), r#"DELETE FROM "h""#);
+        assert_eq!(Dialect::Postgres.select_all(&t), r#"SELECT "key", "value" FROM "h""#);
+    }
+
+    #[test]
+    fn table_names_the_backend_cannot_hold_are_refused() {
+        for d in [Dialect::Sqlite, Dialect::Postgres, Dialect::Mysql] {
+            assert!(d.check_table_name("").is_err());
+            assert!(d.check_table_name("a\0b").is_err());
+            assert!(d.check_table_name("hopefully it is quoted properly").is_ok());
+            assert!(d.check_table_name("x\"; DROP TABLE y; --`").is_ok());
+        }
+        assert!(Dialect::Postgres.check_table_name(&"é".repeat(32)).is_err()); // 64 bytes
+        assert!(Dialect::Postgres.check_table_name(&"a".repeat(63)).is_ok());
+        assert!(Dialect::Mysql.check_table_name(&"é".repeat(64)).is_ok());
+        assert!(Dialect::Mysql.check_table_name(&"a".repeat(65)).is_err());
+        assert!(Dialect::Mysql.check_table_name("trailing ").is_err());
+        assert!(Dialect::Mysql.check_table_name("emoji 🦀").is_err());
+        assert!(Dialect::Sqlite.check_table_name("emoji 🦀").is_ok());
+        assert!(Dialect::Sqlite.check_table_name("SQLite_master2").is_err());
+    }
+}

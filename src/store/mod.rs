@@ -1,0 +1,230 @@
+//! The storage seam: the [`Store`] trait every backend implements, and the [`Batch`]
+//! of changes that is its one way to write.
+
+use std::collections::HashMap;
+
+use crate::codec::Format;
+use crate::error::{Action, BoxError, Error, Result};
+
+pub(crate) mod dialect;
+#[cfg(feature = "mysql")]
+pub(crate) mod mysql;
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
+#[cfg(feature = "sqlite")]
+pub(crate) mod sqlite;
+
+pub use dialect::Dialect;
+
+/// The table a store serves: its name and the format of each column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpec {
+    /// The table's name, unquoted; stores quote it for their dialect.
+    pub name: String,
+    /// The format of the `key` column.
+    pub key_format: Format,
+    /// The format of the `value` column.
+    pub value_format: Format,
+}
+
+/// One row to load: the key's and the value's stored bytes.
+pub type RowSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
+
+/// A set of changes that a store applies atomically: first `clear` (delete every
+/// row) if set, then `deletes`, then `puts` (upserts). Keys are distinct across
+/// `deletes` and `puts`, so the order within each list does not matter.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Delete every row first.
+    pub clear: bool,
+    /// Encoded keys to delete.
+    pub deletes: Vec<Vec<u8>>,
+    /// Encoded keys and values to insert or replace.
+    pub puts: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Batch {
+    /// Whether the batch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        !self.clear && self.deletes.is_empty() && self.puts.is_empty()
+    }
+
+    /// Number of row operations (a clear counts as one).
+    pub fn len(&self) -> usize {
+        usize::from(self.clear) + self.deletes.len() + self.puts.len()
+    }
+}
+
+/// Builds a [`Batch`] from changes in call order, keeping the last change per key.
+#[derive(Debug, Default)]
+pub(crate) struct BatchBuilder {
+    clear: bool,
+    /// Key bytes -> the last change (`Some(value)` put, `None` delete), in first-seen order.
+    index: HashMap<Vec<u8>, usize>,
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl BatchBuilder {
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        BatchBuilder { clear: false, index: HashMap::with_capacity(n), ops: Vec::with_capacity(n) }
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.clear = true;
+        self.index.clear();
+        self.ops.clear();
+    }
+
+    pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.set(key, Some(value));
+    }
+
+    pub(crate) fn delete(&mut self, key: Vec<u8>) {
+        self.set(key, None);
+    }
+
+    fn set(&mut self, key: Vec<u8>, change: Option<Vec<u8>>) {
+        match self.index.get(&key) {
+            Some(&i) => self.ops[i].1 = change,
+            None => {
+                self.index.insert(key.clone(), self.ops.len());
+                self.ops.push((key, change));
+            }
+        }
+    }
+
+    pub(crate) fn finish(self) -> Batch {
+        let mut batch = Batch { clear: self.clear, ..Batch::default() };
+        for (key, change) in self.ops {
+            match change {
+                Some(value) => batch.puts.push((key, value)),
+                // After a clear the row is gone already.
+                None if self.clear => {}
+                None => batch.deletes.push(key),
+            }
+        }
+        batch
+    }
+}
+
+/// A table in a database that a [`DbHashMap`](crate::DbHashMap) writes through to.
+///
+/// The map calls [`open`](Store::open) once, then [`load`](Store::load), then
+/// [`apply`](Store::apply) for every change; [`load`](Store::load) again on
+/// [`reload`](crate::DbHashMap::reload). Implement it to put a map on another store;
+/// the crate's backends implement it for `rusqlite::Connection`, `postgres::Client`
+/// and `mysql::Conn`.
+pub trait Store: Send {
+    /// The backend's name for messages (`"SQLite"`).
+    fn backend(&self) -> &'static str;
+
+    /// Checks the table name and creates the table if absent, or checks that the
+    /// existing table has `key` and `value` columns with `key` unique.
+    /// Nothing may be written when the name is refused.
+    fn open(&mut self, table: &TableSpec) -> Result<()>;
+
+    /// Calls `sink` with every row of the table.
+    fn load(&mut self, sink: &mut RowSink<'_>) -> Result<()>;
+
+    /// Applies the batch atomically: all of it or, when it returns an error, none of
+    /// it. When the outcome cannot be known (the connection was lost during the
+    /// commit) it returns [`Error::OutcomeUnknown`].
+    fn apply(&mut self, batch: &Batch) -> Result<()>;
+
+    /// The longest encoded key the backend can hold, in bytes, if it has a limit.
+    fn max_key_len(&self) -> Option<usize> {
+        None
+    }
+
+    /// Restores a lost connection, when the store knows how (stores opened from a
+    /// URL do). Called by [`reload`](crate::DbHashMap::reload) before it loads.
+    fn reconnect(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl Store for Box<dyn Store> {
+    fn backend(&self) -> &'static str {
+        (**self).backend()
+    }
+    fn open(&mut self, table: &TableSpec) -> Result<()> {
+        (**self).open(table)
+    }
+    fn load(&mut self, sink: &mut RowSink<'_>) -> Result<()> {
+        (**self).load(sink)
+    }
+    fn apply(&mut self, batch: &Batch) -> Result<()> {
+        (**self).apply(batch)
+    }
+    fn max_key_len(&self) -> Option<usize> {
+        (**self).max_key_len()
+    }
+    fn reconnect(&mut self) -> Result<()> {
+        (**self).reconnect()
+    }
+}
+
+/// A connection that can become a [`Store`]: `rusqlite::Connection`,
+/// `postgres::Client`, `mysql::Conn`, or any `Store` itself.
+pub trait IntoStore {
+    /// Wraps the connection.
+    fn into_store(self) -> Box<dyn Store>;
+}
+
+impl<T: Store + 'static> IntoStore for T {
+    fn into_store(self) -> Box<dyn Store> {
+        Box::new(self)
+    }
+}
+
+/// A driver error during `action` on `table`.
+pub(crate) fn db_error(
+    action: Action,
+    table: &TableSpec,
+    backend: &'static str,
+    source: impl Into<BoxError>,
+) -> Error {
+    Error::Database { action, table: table.name.clone(), backend, source: source.into() }
+}
+
+/// The table a store was opened on, or an error for a store used before `open`.
+pub(crate) fn opened<'a>(table: &'a Option<TableSpec>, backend: &'static str) -> Result<&'a TableSpec> {
+    table.as_ref().ok_or_else(|| Error::Schema {
+        table: String::new(),
+        backend,
+        reason: "the store was used before `open`".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_keeps_last_change_per_key() {
+        let mut b = BatchBuilder::default();
+        b.put(b"a".to_vec(), b"1".to_vec());
+        b.delete(b"b".to_vec());
+        b.put(b"a".to_vec(), b"2".to_vec());
+        b.put(b"c".to_vec(), b"3".to_vec());
+        b.delete(b"c".to_vec());
+        let batch = b.finish();
+        assert_eq!(batch.puts, vec![(b"a".to_vec(), b"2".to_vec())]);
+        assert_eq!(batch.deletes, vec![b"b".to_vec(), b"c".to_vec()]);
+        assert!(!batch.clear);
+    }
+
+    #[test]
+    fn clear_forgets_what_came_before() {
+        let mut b = BatchBuilder::default();
+        b.put(b"a".to_vec(), b"1".to_vec());
+        b.clear();
+        b.delete(b"x".to_vec());
+        b.put(b"z".to_vec(), b"9".to_vec());
+        let batch = b.finish();
+        assert!(batch.clear);
+        assert!(batch.deletes.is_empty());
+        assert_eq!(batch.puts, vec![(b"z".to_vec(), b"9".to_vec())]);
+        assert_eq!(batch.len(), 2);
+    }
+}

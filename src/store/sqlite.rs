@@ -1,0 +1,201 @@
+//! SQLite through rusqlite (feature `sqlite`).
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::codec::Format;
+use crate::error::{show_bytes, Action, Error, Result};
+use crate::store::{db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
+
+const D: Dialect = Dialect::Sqlite;
+
+/// A [`Store`] on a `rusqlite::Connection`; what `DbHashMap::open(conn)` builds.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Connection,
+    table: Option<TableSpec>,
+    sql: Sql,
+}
+
+#[derive(Debug, Default)]
+struct Sql {
+    upsert: String,
+    delete: String,
+    delete_all: String,
+    select: String,
+}
+
+impl SqliteStore {
+    /// Wraps a connection, keeping every pragma the user set on it.
+    pub fn new(conn: Connection) -> Self {
+        SqliteStore { conn, table: None, sql: Sql::default() }
+    }
+
+    /// Opens a database file (or `:memory:`) with this crate's defaults: WAL journal,
+    /// `synchronous = FULL` (a commit survives a power loss), a 5 s busy timeout.
+    pub(crate) fn open_path(path: &str) -> Result<Self> {
+        let fail = |e: rusqlite::Error| Error::Database {
+            action: Action::Connect,
+            table: String::new(),
+            backend: D.name(),
+            source: format!("opening {path:?}: {e}").into(),
+        };
+        let conn = Connection::open(path).map_err(fail)?;
+        if path != ":memory:" {
+            conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
+        }
+        conn.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(fail)?;
+        Ok(SqliteStore::new(conn))
+    }
+
+    fn bind(format: Format, bytes: &[u8]) -> Result<ToSqlOutput<'_>, std::str::Utf8Error> {
+        Ok(match format {
+            Format::Text => ToSqlOutput::Borrowed(ValueRef::Text(std::str::from_utf8(bytes)?.as_bytes())),
+            Format::Binary => ToSqlOutput::Borrowed(ValueRef::Blob(bytes)),
+        })
+    }
+
+    fn write(&mut self, batch: &Batch) -> std::result::Result<(), crate::error::BoxError> {
+        let t = opened(&self.table, D.name())?;
+        let (kf, vf) = (t.key_format, t.value_format);
+        // A single upsert or delete commits on its own; anything else is one
+        // transaction, taken IMMEDIATE so it never fails half-way on a lock upgrade.
+        if batch.len() == 1 && !batch.clear {
+            return Self::run(&self.conn, &self.sql, batch, kf, vf);
+        }
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        Self::run(&tx, &self.sql, batch, kf, vf)?;
+        // On error `tx` drops and rolls back.
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn run(
+        conn: &Connection,
+        sql: &Sql,
+        batch: &Batch,
+        kf: Format,
+        vf: Format,
+    ) -> std::result::Result<(), crate::error::BoxError> {
+        if batch.clear {
+            conn.prepare_cached(&sql.delete_all)?.execute([])?;
+        }
+        if !batch.deletes.is_empty() {
+            let mut stmt = conn.prepare_cached(&sql.delete)?;
+            for key in &batch.deletes {
+                stmt.execute([Self::bind(kf, key)?])?;
+            }
+        }
+        if !batch.puts.is_empty() {
+            let mut stmt = conn.prepare_cached(&sql.upsert)?;
+            for (key, value) in &batch.puts {
+                stmt.execute([Self::bind(kf, key)?, Self::bind(vf, value)?])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_layout(&self, t: &TableSpec) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, pk FROM pragma_table_info(?1)")
+            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
+        let cols: Vec<(String, i64)> = stmt
+            .query_map([&t.name], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
+        check_columns(t, D.name(), cols.iter().map(|(n, pk)| (n.as_str(), *pk > 0)))
+    }
+}
+
+/// Checks that an existing table has `key` and `value` columns and that `key` alone
+/// is its primary key, from `(column, is primary key)` pairs.
+pub(crate) fn check_columns<'a>(
+    t: &TableSpec,
+    backend: &'static str,
+    cols: impl Iterator<Item = (&'a str, bool)> + Clone,
+) -> Result<()> {
+    let has = |name: &str| cols.clone().any(|(n, _)| n.eq_ignore_ascii_case(name));
+    let pk: Vec<&str> = cols.clone().filter(|(_, pk)| *pk).map(|(n, _)| n).collect();
+    let refuse = |reason: String| Err(Error::Schema { table: t.name.clone(), backend, reason });
+    if !has("key") || !has("value") {
+        let found: Vec<&str> = cols.map(|(n, _)| n).collect();
+        return refuse(format!(
+            "it has columns {found:?}, not `key` and `value`; choose another table name"
+        ));
+    }
+    if pk.len() != 1 || !pk[0].eq_ignore_ascii_case("key") {
+        return refuse(format!(
+            "its primary key is {pk:?}, not (`key`), so a key could be stored twice; \
+             add PRIMARY KEY (key) or choose another table name"
+        ));
+    }
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        D.name()
+    }
+
+    fn open(&mut self, t: &TableSpec) -> Result<()> {
+        D.check_table_name(&t.name)?;
+        self.conn
+            .execute_batch(&D.create_table(t))
+            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
+        self.check_layout(t)?;
+        self.sql = Sql {
+            upsert: D.upsert(t, 1),
+            delete: D.delete_keys(t, 1),
+            delete_all: D.delete_all(t),
+            select: D.select_all(t),
+        };
+        self.table = Some(t.clone());
+        Ok(())
+    }
+
+    fn load(&mut self, sink: &mut RowSink<'_>) -> Result<()> {
+        let t = opened(&self.table, D.name())?;
+        let fail = |e| db_error(Action::Load, t, D.name(), e);
+        let mut stmt = self.conn.prepare_cached(&self.sql.select).map_err(fail)?;
+        let mut rows = stmt.query([]).map_err(fail)?;
+        while let Some(row) = rows.next().map_err(fail)? {
+            let key = bytes_of(row.get_ref(0).map_err(fail)?);
+            let value = bytes_of(row.get_ref(1).map_err(fail)?);
+            match (key, value) {
+                (Some(k), Some(v)) => sink(k, v)?,
+                (k, _) => {
+                    return Err(Error::Decode {
+                        what: if k.is_none() { "key" } else { "value" },
+                        table: t.name.clone(),
+                        row: k.map_or_else(|| "with a non-text key".into(), show_bytes),
+                        source: "the column holds a number or NULL, not text or bytes".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let t = opened(&self.table, D.name())?.clone();
+        self.write(batch).map_err(|e| db_error(Action::Write, &t, D.name(), e))
+    }
+}
+
+fn bytes_of(v: ValueRef<'_>) -> Option<&[u8]> {
+    match v {
+        ValueRef::Text(b) | ValueRef::Blob(b) => Some(b),
+        _ => None,
+    }
+}
+
+impl IntoStore for Connection {
+    fn into_store(self) -> Box<dyn Store> {
+        Box::new(SqliteStore::new(self))
+    }
+}
