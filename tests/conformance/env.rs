@@ -1,0 +1,260 @@
+//! One test database per test, on each backend: a temporary SQLite file, or a fresh
+//! database on the PostgreSQL or MariaDB server that `WTH_POSTGRES_URL` or
+//! `WTH_MYSQL_URL` points to (`scripts/test.sh` starts them). A backend whose URL is
+//! missing fails its tests: it is never skipped.
+
+use write_thru_hash::{Dialect, IntoStore, Store};
+
+pub(crate) trait Env {
+    /// A URL for this test's own database.
+    fn url(&self) -> String;
+    /// The native connection, opened anew, as a store.
+    fn conn(&self) -> Box<dyn Store>;
+    /// Runs raw SQL on a separate connection.
+    fn exec(&self, sql: &str);
+    /// Runs a query that returns one integer.
+    fn count(&self, sql: &str) -> i64;
+    fn dialect(&self) -> Dialect;
+
+    fn q(&self, ident: &str) -> String {
+        self.dialect().quote(ident)
+    }
+
+    fn table_exists(&self, table: &str) -> bool {
+        let sql = match self.dialect() {
+            Dialect::Sqlite => format!(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '{}'",
+                table.replace('\'', "''")
+            ),
+            _ => format!(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = '{}' \
+                 AND table_schema = {}",
+                table.replace('\'', "''").replace('\\', "\\\\"),
+                if self.dialect() == Dialect::Postgres { "current_schema()" } else { "database()" }
+            ),
+        };
+        self.count(&sql) > 0
+    }
+
+    /// Makes the server reject any insert or update of `table` whose value column holds
+    /// exactly `value`: a statement that fails part-way through a batch.
+    fn reject_value(&self, table: &str, value: &str) {
+        let t = self.q(table);
+        let v = value.replace('\'', "''");
+        let col = self.q("value");
+        match self.dialect() {
+            Dialect::Sqlite => {
+                for (name, ev) in [("ins", "INSERT"), ("upd", "UPDATE")] {
+                    self.exec(&format!(
+                        "CREATE TRIGGER {} BEFORE {ev} ON {t} WHEN NEW.{col} = '{v}' \
+                         BEGIN SELECT RAISE(ABORT, 'rejected by test trigger'); END",
+                        self.q(&format!("{table}_{name}"))
+                    ));
+                }
+            }
+            Dialect::Postgres => {
+                let f = self.q(&format!("{table}_reject"));
+                self.exec(&format!(
+                    "CREATE FUNCTION {f}() RETURNS trigger AS $$ BEGIN \
+                     IF NEW.{col}::text = '{v}' THEN RAISE EXCEPTION 'rejected by test trigger'; \
+                     END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+                ));
+                self.exec(&format!(
+                    "CREATE TRIGGER {} BEFORE INSERT OR UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {f}()",
+                    self.q(&format!("{table}_reject"))
+                ));
+            }
+            _ => {
+                for (name, ev) in [("ins", "INSERT"), ("upd", "UPDATE")] {
+                    self.exec(&format!(
+                        "CREATE TRIGGER {} BEFORE {ev} ON {t} FOR EACH ROW BEGIN \
+                         IF NEW.{col} = '{v}' THEN SIGNAL SQLSTATE '45000' \
+                         SET MESSAGE_TEXT = 'rejected by test trigger'; END IF; END",
+                        self.q(&format!("{table}_{name}"))
+                    ));
+                }
+            }
+        }
+    }
+}
+
+pub(crate) struct SqliteEnv {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl SqliteEnv {
+    pub(crate) fn new() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("test.sqlite");
+        SqliteEnv { _dir: dir, path }
+    }
+
+    fn raw(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(&self.path).expect("open test database")
+    }
+}
+
+impl Env for SqliteEnv {
+    fn url(&self) -> String {
+        format!("sqlite:{}", self.path.display())
+    }
+    fn conn(&self) -> Box<dyn Store> {
+        self.raw().into_store()
+    }
+    fn exec(&self, sql: &str) {
+        self.raw().execute_batch(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    fn count(&self, sql: &str) -> i64 {
+        self.raw().query_row(sql, [], |r| r.get(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+    fn dialect(&self) -> Dialect {
+        Dialect::Sqlite
+    }
+}
+
+/// The URL of a server backend from the environment, or a failure that says how to
+/// get one: a backend without its server fails, it is never skipped.
+#[allow(dead_code)]
+fn server_url(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "{var} is not set: run `bash scripts/test.sh`, which starts the test servers, \
+             or point {var} at a server you run"
+        ),
+    }
+}
+
+/// A unique database name for one test.
+#[allow(dead_code)]
+fn unique_db() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("wth_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// `url` with its database (path) replaced by `db`.
+#[allow(dead_code)]
+fn with_db(url: &str, db: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("URL with ://");
+    let (authority, query) = match rest.split_once('/') {
+        Some((a, path)) => (a, path.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default()),
+        None => (rest, String::new()),
+    };
+    format!("{scheme}://{authority}/{db}{query}")
+}
+
+#[cfg(feature = "postgres")]
+pub(crate) use pg::PgEnv;
+#[cfg(feature = "postgres")]
+mod pg {
+    use super::*;
+
+    pub(crate) struct PgEnv {
+        admin: String,
+        url: String,
+        db: String,
+    }
+
+    impl PgEnv {
+        pub fn new() -> Self {
+            let admin = server_url("WTH_POSTGRES_URL");
+            let db = unique_db();
+            let mut c = postgres::Client::connect(&admin, postgres::NoTls)
+                .unwrap_or_else(|e| panic!("PostgreSQL at WTH_POSTGRES_URL is not reachable: {e}"));
+            c.batch_execute(&format!("CREATE DATABASE {db}")).expect("create test database");
+            PgEnv { url: with_db(&admin, &db), admin, db }
+        }
+
+        fn raw(&self) -> postgres::Client {
+            postgres::Client::connect(&self.url, postgres::NoTls).expect("connect to test database")
+        }
+    }
+
+    impl Drop for PgEnv {
+        fn drop(&mut self) {
+            if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
+                let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db));
+            }
+        }
+    }
+
+    impl Env for PgEnv {
+        fn url(&self) -> String {
+            self.url.clone()
+        }
+        fn conn(&self) -> Box<dyn Store> {
+            self.raw().into_store()
+        }
+        fn exec(&self, sql: &str) {
+            self.raw().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        fn count(&self, sql: &str) -> i64 {
+            self.raw().query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+        }
+        fn dialect(&self) -> Dialect {
+            Dialect::Postgres
+        }
+    }
+}
+
+#[cfg(feature = "mysql")]
+pub(crate) use my::MyEnv;
+#[cfg(feature = "mysql")]
+mod my {
+    use super::*;
+    use mysql::prelude::Queryable;
+
+    pub(crate) struct MyEnv {
+        admin: String,
+        url: String,
+        db: String,
+    }
+
+    impl MyEnv {
+        pub fn new() -> Self {
+            let admin = server_url("WTH_MYSQL_URL");
+            let db = unique_db();
+            let mut c = mysql::Conn::new(mysql::Opts::from_url(&admin).expect("MySQL URL"))
+                .unwrap_or_else(|e| panic!("MariaDB at WTH_MYSQL_URL is not reachable: {e}"));
+            c.query_drop(format!("CREATE DATABASE {db}")).expect("create test database");
+            MyEnv { url: with_db(&admin, &db), admin, db }
+        }
+
+        fn raw(&self) -> mysql::Conn {
+            mysql::Conn::new(mysql::Opts::from_url(&self.url).expect("URL")).expect("connect")
+        }
+    }
+
+    impl Drop for MyEnv {
+        fn drop(&mut self) {
+            if let Ok(opts) = mysql::Opts::from_url(&self.admin) {
+                if let Ok(mut c) = mysql::Conn::new(opts) {
+                    let _ = c.query_drop(format!("DROP DATABASE IF EXISTS {}", self.db));
+                }
+            }
+        }
+    }
+
+    impl Env for MyEnv {
+        fn url(&self) -> String {
+            self.url.clone()
+        }
+        fn conn(&self) -> Box<dyn Store> {
+            self.raw().into_store()
+        }
+        fn exec(&self, sql: &str) {
+            self.raw().query_drop(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+        fn count(&self, sql: &str) -> i64 {
+            self.raw()
+                .query_first::<i64, _>(sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .expect("one row")
+        }
+        fn dialect(&self) -> Dialect {
+            Dialect::Mysql
+        }
+    }
+}
