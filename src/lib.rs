@@ -44,6 +44,10 @@ pub use codec::Postcard;
 pub use codec::{Bytes, Codec, FnCodec, Format, Json, Text};
 pub use error::{Action, BoxError, Error, Result};
 pub use map::{DbHashMap, Transaction};
+#[cfg(feature = "mysql")]
+pub use store::mysql::MysqlStore;
+#[cfg(feature = "postgres")]
+pub use store::postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::SqliteStore;
 pub use store::{Batch, Dialect, IntoStore, RowSink, Store, TableSpec};

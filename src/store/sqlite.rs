@@ -5,7 +5,7 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use crate::codec::Format;
 use crate::error::{show_bytes, Action, Error, Result};
-use crate::store::{db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
+use crate::store::{check_columns, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
 
 const D: Dialect = Dialect::Sqlite;
 
@@ -107,31 +107,6 @@ impl SqliteStore {
             .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
         check_columns(t, D.name(), cols.iter().map(|(n, pk)| (n.as_str(), *pk > 0)))
     }
-}
-
-/// Checks that an existing table has `key` and `value` columns and that `key` alone
-/// is its primary key, from `(column, is primary key)` pairs.
-pub(crate) fn check_columns<'a>(
-    t: &TableSpec,
-    backend: &'static str,
-    cols: impl Iterator<Item = (&'a str, bool)> + Clone,
-) -> Result<()> {
-    let has = |name: &str| cols.clone().any(|(n, _)| n.eq_ignore_ascii_case(name));
-    let pk: Vec<&str> = cols.clone().filter(|(_, pk)| *pk).map(|(n, _)| n).collect();
-    let refuse = |reason: String| Err(Error::Schema { table: t.name.clone(), backend, reason });
-    if !has("key") || !has("value") {
-        let found: Vec<&str> = cols.map(|(n, _)| n).collect();
-        return refuse(format!(
-            "it has columns {found:?}, not `key` and `value`; choose another table name"
-        ));
-    }
-    if pk.len() != 1 || !pk[0].eq_ignore_ascii_case("key") {
-        return refuse(format!(
-            "its primary key is {pk:?}, not (`key`), so a key could be stored twice; \
-             add PRIMARY KEY (key) or choose another table name"
-        ));
-    }
-    Ok(())
 }
 
 impl Store for SqliteStore {

@@ -26,11 +26,15 @@ pub(crate) trait Env {
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '{}'",
                 table.replace('\'', "''")
             ),
+            Dialect::Postgres => format!(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = '{}' \
+                 AND table_schema = current_schema()",
+                table.replace('\'', "''")
+            ),
             _ => format!(
                 "SELECT count(*) FROM information_schema.tables WHERE table_name = '{}' \
-                 AND table_schema = {}",
-                table.replace('\'', "''").replace('\\', "\\\\"),
-                if self.dialect() == Dialect::Postgres { "current_schema()" } else { "database()" }
+                 AND table_schema = database()",
+                table.replace('\'', "''").replace('\\', "\\\\")
             ),
         };
         self.count(&sql) > 0
@@ -158,7 +162,7 @@ mod pg {
     }
 
     impl PgEnv {
-        pub fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let admin = server_url("WTH_POSTGRES_URL");
             let db = unique_db();
             let mut c = postgres::Client::connect(&admin, postgres::NoTls)
@@ -213,7 +217,7 @@ mod my {
     }
 
     impl MyEnv {
-        pub fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let admin = server_url("WTH_MYSQL_URL");
             let db = unique_db();
             let mut c = mysql::Conn::new(mysql::Opts::from_url(&admin).expect("MySQL URL"))

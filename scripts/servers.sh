@@ -1,0 +1,94 @@
+# Sourced by scripts/test.sh (and usable by hand: `. scripts/servers.sh; start_servers`).
+# Starts throwaway PostgreSQL and MariaDB servers on 127.0.0.1 and exports
+# WTH_POSTGRES_URL and WTH_MYSQL_URL, unless they are set already.
+
+WTH_SERVER_DIR=""
+PG_BIN=/usr/lib/postgresql/15/bin
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+install_packages() {
+  local missing=()
+  [ -x "$PG_BIN/initdb" ] || missing+=(postgresql-15)
+  command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing ${missing[*]}: run as root to install them, or set WTH_POSTGRES_URL/WTH_MYSQL_URL" >&2
+    return 1
+  fi
+  echo "installing ${missing[*]} ..."
+  export DEBIAN_FRONTEND=noninteractive
+  # Keep the packages from starting servers of their own on the default ports.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+}
+
+# Runs a command as the given system user when we are root, else as ourselves.
+as_user() {
+  local user=$1; shift
+  if [ "$(id -u)" -eq 0 ]; then runuser -u "$user" -- "$@"; else "$@"; fi
+}
+
+start_postgres() {
+  local dir=$WTH_SERVER_DIR/pg port
+  port=$(free_port)
+  mkdir -p "$dir"
+  [ "$(id -u)" -eq 0 ] && chown postgres "$dir"
+  echo wth-secret > "$dir.pw" && chmod 644 "$dir.pw"
+  as_user postgres "$PG_BIN/initdb" -D "$dir/data" -U postgres --auth=scram-sha-256 \
+    --pwfile="$dir.pw" -E UTF8 --locale=C.UTF-8 >"$dir.log" 2>&1 \
+    || { cat "$dir.log" >&2; return 1; }
+  as_user postgres "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start \
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200 -c fsync=off" >/dev/null \
+    || { cat "$dir/server.log" >&2; return 1; }
+  export WTH_POSTGRES_URL="postgres://postgres:wth-secret@127.0.0.1:$port/postgres"
+  echo "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
+}
+
+start_mariadb() {
+  local dir=$WTH_SERVER_DIR/my port mariadbd
+  port=$(free_port)
+  mariadbd=$(command -v mariadbd || echo /usr/sbin/mariadbd)
+  mkdir -p "$dir/data"
+  [ "$(id -u)" -eq 0 ] && chown -R mysql "$dir"
+  mariadb-install-db --no-defaults --datadir="$dir/data" --user="$(id -un | sed 's/^root$/mysql/')" \
+    --auth-root-authentication-method=socket >"$dir.log" 2>&1 || { cat "$dir.log" >&2; return 1; }
+  setsid "$mariadbd" --no-defaults --user=mysql --datadir="$dir/data" --bind-address=127.0.0.1 \
+    --port="$port" --socket="$dir/sock" --pid-file="$dir/pid" --max-connections=300 \
+    --innodb-flush-log-at-trx-commit=2 --log-error="$dir/server.log" >/dev/null 2>&1 < /dev/null &
+  for _ in $(seq 1 120); do
+    mariadb-admin --no-defaults --socket="$dir/sock" -uroot ping >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  mariadb --no-defaults --socket="$dir/sock" -uroot -e \
+    "DELETE FROM mysql.global_priv WHERE User = ''; FLUSH PRIVILEGES;
+     CREATE USER 'wth'@'%' IDENTIFIED BY 'wth-secret'; GRANT ALL ON *.* TO 'wth'@'%' WITH GRANT OPTION;" \
+    || { cat "$dir/server.log" >&2; return 1; }
+  export WTH_MYSQL_URL="mysql://wth:wth-secret@127.0.0.1:$port/mysql"
+  echo "MariaDB $("$mariadbd" --version | awk '{print $3}') on 127.0.0.1:$port"
+}
+
+start_servers() {
+  if [ -n "${WTH_POSTGRES_URL:-}" ] && [ -n "${WTH_MYSQL_URL:-}" ]; then return 0; fi
+  install_packages
+  WTH_SERVER_DIR=$(mktemp -d /tmp/wth-servers.XXXXXX)
+  chmod 755 "$WTH_SERVER_DIR"
+  [ -n "${WTH_POSTGRES_URL:-}" ] || start_postgres
+  [ -n "${WTH_MYSQL_URL:-}" ] || start_mariadb
+}
+
+stop_servers() {
+  [ -n "$WTH_SERVER_DIR" ] || return 0
+  if [ -d "$WTH_SERVER_DIR/pg/data" ]; then
+    as_user postgres "$PG_BIN/pg_ctl" -D "$WTH_SERVER_DIR/pg/data" -m immediate stop >/dev/null 2>&1 || true
+  fi
+  if [ -f "$WTH_SERVER_DIR/my/pid" ]; then
+    kill "$(cat "$WTH_SERVER_DIR/my/pid")" 2>/dev/null || true
+    sleep 1
+  fi
+  rm -rf "$WTH_SERVER_DIR"
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole test suite, on every backend, from a fresh machine:
+#   bash scripts/test.sh
+# - installs PostgreSQL 15 and MariaDB from Debian's packages when they are missing
+#   (as root), starts both on 127.0.0.1 in temporary directories, and stops them at exit;
+# - or uses the servers that WTH_POSTGRES_URL and WTH_MYSQL_URL point to;
+# - runs every test of every feature against them and prints how many ran per backend.
+# A backend whose server cannot be started or reached fails the run: nothing is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/servers.sh
+
+start_servers
+trap stop_servers EXIT
+
+log=$(mktemp)
+status=0
+cargo test --all-features --workspace 2>&1 | tee "$log" || status=$?
+
+echo
+echo "tests run per backend (conformance and backend-specific):"
+for backend in sqlite postgres mysql; do
+  passed=$(grep -cE "^test ([a-z_]+::)*${backend}::[a-z0-9_:]+ \.\.\. ok$" "$log" || true)
+  failed=$(grep -cE "^test ([a-z_]+::)*${backend}::[a-z0-9_:]+ \.\.\. FAILED$" "$log" || true)
+  printf '  %-9s %3d passed, %d failed\n' "$backend" "$passed" "$failed"
+  if [ "$passed" -eq 0 ]; then echo "  no $backend test ran: that is a failure" >&2; status=1; fi
+done
+grep -E "^test result:" "$log" | awk '{p+=$4; f+=$6} END {printf "all test binaries: %d passed, %d failed\n", p, f}'
+rm -f "$log"
+exit $status

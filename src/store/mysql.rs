@@ -1,0 +1,251 @@
+//! MySQL and MariaDB through the `mysql` crate (feature `mysql`).
+
+use mysql::prelude::Queryable;
+use mysql::{Conn, Opts, TxOpts, Value};
+
+use crate::error::{redact, show_bytes, Action, Error, Result};
+use crate::store::{check_columns, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
+
+const D: Dialect = Dialect::Mysql;
+
+/// Rows per multi-row statement, and bytes: well under MariaDB's default 16 MiB
+/// `max_allowed_packet`.
+const CHUNK_ROWS: usize = 256;
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// A [`Store`] on a `mysql::Conn` (MySQL 5.7+, MariaDB 10.3+); what
+/// `DbHashMap::open(conn)` builds.
+///
+/// Keys live in a `VARBINARY(3072)` column, so they compare byte for byte (the text
+/// collations fold case and ignore trailing spaces); values in `LONGTEXT` (utf8mb4)
+/// or `LONGBLOB`. A batch is one InnoDB transaction of multi-row statements.
+pub struct MysqlStore {
+    conn: Conn,
+    url: Option<String>,
+    table: Option<TableSpec>,
+}
+
+impl std::fmt::Debug for MysqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlStore")
+            .field("url", &self.url.as_deref().map(redact))
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MysqlStore {
+    /// Wraps a connection, keeping the session settings the user made.
+    pub fn new(conn: Conn) -> Self {
+        MysqlStore { conn, url: None, table: None }
+    }
+
+    pub(crate) fn connect(url: &str) -> Result<Self> {
+        Ok(MysqlStore { conn: Self::dial(url)?, url: Some(url.to_string()), table: None })
+    }
+
+    fn dial(url: &str) -> Result<Conn> {
+        let fail = |e: mysql::Error| Error::Database {
+            action: Action::Connect,
+            table: String::new(),
+            backend: D.name(),
+            source: format!("connecting to {}: {e}", redact(url)).into(),
+        };
+        let url = url.strip_prefix("mariadb://").map_or_else(|| url.to_string(), |rest| format!("mysql://{rest}"));
+        let opts = Opts::from_url(&url).map_err(|e| fail(e.into()))?;
+        Conn::new(opts).map_err(fail)
+    }
+
+    fn check_layout(&mut self, t: &TableSpec) -> Result<()> {
+        let fail = |e| db_error(Action::Open, t, D.name(), e);
+        let refuse = |reason: String| Err(Error::Schema { table: t.name.clone(), backend: D.name(), reason });
+        let engine: Option<String> = self
+            .conn
+            .exec_first(
+                "SELECT engine FROM information_schema.tables \
+                 WHERE table_schema = database() AND table_name = ?",
+                (&t.name,),
+            )
+            .map_err(fail)?;
+        if let Some(engine) = engine.filter(|e| !e.eq_ignore_ascii_case("InnoDB")) {
+            return refuse(format!(
+                "it uses the {engine} engine, which ignores transactions; \
+                 convert it with ALTER TABLE … ENGINE=InnoDB"
+            ));
+        }
+        let cols: Vec<(String, String, String, Option<String>)> = self
+            .conn
+            .exec(
+                "SELECT column_name, column_key, data_type, collation_name \
+                 FROM information_schema.columns \
+                 WHERE table_schema = database() AND table_name = ?",
+                (&t.name,),
+            )
+            .map_err(fail)?;
+        check_columns(t, D.name(), cols.iter().map(|(n, k, _, _)| (n.as_str(), k == "PRI")))?;
+        let key = cols.iter().find(|(n, ..)| n.eq_ignore_ascii_case("key"));
+        if let Some((_, _, ty, collation)) = key {
+            let exact = ty.eq_ignore_ascii_case("varbinary")
+                || collation.as_deref().is_some_and(|c| c.ends_with("_nopad_bin") || c.ends_with("_0900_bin"));
+            if !exact {
+                return refuse(format!(
+                    "its key column is {ty} with collation {}, which compares keys ignoring \
+                     case or trailing spaces, so distinct keys could collide; \
+                     use a VARBINARY key column",
+                    collation.as_deref().unwrap_or("none")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, t: &TableSpec, batch: &Batch) -> Result<()> {
+        let classify = |e: mysql::Error, committing: bool| -> Error {
+            // A server error is an answer: the outcome is known. A broken connection
+            // during a commit (or a statement that commits on its own) leaves it unknown.
+            if committing && !matches!(e, mysql::Error::MySqlError(_)) {
+                Error::OutcomeUnknown { table: t.name.clone(), backend: D.name(), source: e.into() }
+            } else {
+                db_error(Action::Write, t, D.name(), e)
+            }
+        };
+        if batch.len() == 1 && !batch.clear {
+            let result = if let Some((k, v)) = batch.puts.first() {
+                self.conn.exec_drop(D.upsert(t, 1), (k.as_slice(), v.as_slice()))
+            } else {
+                self.conn.exec_drop(D.delete_keys(t, 1), (batch.deletes[0].as_slice(),))
+            };
+            return result.map_err(|e| classify(e, true));
+        }
+        let mut tx = self.conn.start_transaction(TxOpts::default()).map_err(|e| classify(e, false))?;
+        // MySQL undoes only the failing statement: on any error the whole transaction
+        // is rolled back explicitly (dropping `tx` does it).
+        if batch.clear {
+            tx.query_drop(D.delete_all(t)).map_err(|e| classify(e, false))?;
+        }
+        for keys in chunks(&batch.deletes, |k| k.len()) {
+            let params: Vec<Value> = keys.iter().map(|k| Value::from(k.as_slice())).collect();
+            tx.exec_drop(D.delete_keys(t, keys.len()), params).map_err(|e| classify(e, false))?;
+        }
+        for rows in chunks(&batch.puts, |(k, v)| k.len() + v.len()) {
+            let mut params = Vec::with_capacity(rows.len() * 2);
+            for (k, v) in rows {
+                params.push(Value::from(k.as_slice()));
+                params.push(Value::from(v.as_slice()));
+            }
+            tx.exec_drop(D.upsert(t, rows.len()), params).map_err(|e| classify(e, false))?;
+        }
+        tx.commit().map_err(|e| classify(e, true))
+    }
+}
+
+/// Splits `items` into runs of at most `CHUNK_ROWS` items and about `CHUNK_BYTES`.
+fn chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len() && n < CHUNK_ROWS && (n == 0 || bytes + size(&rest[n]) <= CHUNK_BYTES) {
+            bytes += size(&rest[n]);
+            n += 1;
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Some(head)
+    })
+}
+
+impl Store for MysqlStore {
+    fn backend(&self) -> &'static str {
+        D.name()
+    }
+
+    fn open(&mut self, t: &TableSpec) -> Result<()> {
+        D.check_table_name(&t.name)?;
+        // DDL commits implicitly in MySQL: the table is made outside any transaction.
+        self.conn
+            .query_drop(D.create_table(t))
+            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
+        self.check_layout(t)?;
+        self.table = Some(t.clone());
+        Ok(())
+    }
+
+    fn load(&mut self, sink: &mut RowSink<'_>) -> Result<()> {
+        let t = opened(&self.table, D.name())?;
+        let fail = |e| db_error(Action::Load, t, D.name(), e);
+        let mut result = self.conn.query_iter(D.select_all(t)).map_err(fail)?;
+        for row in result.by_ref() {
+            let row = row.map_err(fail)?;
+            match (row.as_ref(0), row.as_ref(1)) {
+                (Some(Value::Bytes(k)), Some(Value::Bytes(v))) => sink(k, v)?,
+                (k, _) => {
+                    return Err(Error::Decode {
+                        what: "value",
+                        table: t.name.clone(),
+                        row: match k {
+                            Some(Value::Bytes(k)) => show_bytes(k),
+                            other => format!("{other:?}"),
+                        },
+                        source: "the column holds NULL or a number, not text or bytes".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let t = opened(&self.table, D.name())?.clone();
+        self.write(&t, batch)
+    }
+
+    fn max_key_len(&self) -> Option<usize> {
+        D.max_key_len()
+    }
+
+    fn reconnect(&mut self) -> Result<()> {
+        if self.conn.ping().is_ok() {
+            return Ok(());
+        }
+        let Some(url) = &self.url else {
+            return Err(Error::Database {
+                action: Action::Connect,
+                table: self.table.as_ref().map(|t| t.name.clone()).unwrap_or_default(),
+                backend: D.name(),
+                source: "the connection is lost and this store was given a connection, not a \
+                         URL, so it cannot reconnect; open the map again with a new connection"
+                    .into(),
+            });
+        };
+        self.conn = Self::dial(url)?;
+        Ok(())
+    }
+}
+
+impl IntoStore for Conn {
+    fn into_store(self) -> Box<dyn Store> {
+        Box::new(MysqlStore::new(self))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_bound_rows_and_bytes() {
+        let rows: Vec<usize> = vec![1; 600];
+        let sizes: Vec<usize> = chunks(&rows, |r| *r).map(<[usize]>::len).collect();
+        assert_eq!(sizes, [256, 256, 88]);
+        let big = vec![3 << 20; 3];
+        let sizes: Vec<usize> = chunks(&big, |r| *r).map(<[usize]>::len).collect();
+        assert_eq!(sizes, [1, 1, 1]);
+    }
+}

@@ -1,0 +1,295 @@
+//! PostgreSQL through the `postgres` crate (feature `postgres`).
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::{FromSql, ToSql, Type};
+use postgres::{Client, NoTls, Statement};
+
+use crate::codec::Format;
+use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
+use crate::store::{check_columns, db_error, not_opened, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
+
+const D: Dialect = Dialect::Postgres;
+
+/// A [`Store`] on a `postgres::Client`; what `DbHashMap::open(client)` builds.
+///
+/// A batch is one transaction of at most three statements whatever its size: the
+/// keys and values are bound as two arrays and spread with `unnest`.
+pub struct PostgresStore {
+    client: Client,
+    /// Known when opened from a URL: then a lost connection is made again.
+    url: Option<String>,
+    table: Option<TableSpec>,
+    stmts: Option<Statements>,
+}
+
+struct Statements {
+    upsert: Statement,
+    upsert_many: Statement,
+    delete: Statement,
+    delete_many: Statement,
+    delete_all: Statement,
+    select: Statement,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("url", &self.url.as_deref().map(redact))
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A column's raw bytes: the binary form of `text` is its UTF-8, of `bytea` its bytes.
+struct Raw<'a>(&'a [u8]);
+
+impl<'a> FromSql<'a> for Raw<'a> {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, BoxError> {
+        Ok(Raw(raw))
+    }
+    fn accepts(ty: &Type) -> bool {
+        [Type::TEXT, Type::VARCHAR, Type::BPCHAR, Type::NAME, Type::BYTEA, Type::UNKNOWN].contains(ty)
+    }
+}
+
+impl PostgresStore {
+    /// Wraps a client. A client that loses its connection cannot be revived: open the
+    /// map again with a new client (a map opened from a URL reconnects by itself).
+    pub fn new(client: Client) -> Self {
+        PostgresStore { client, url: None, table: None, stmts: None }
+    }
+
+    pub(crate) fn connect(url: &str) -> Result<Self> {
+        let client = Self::dial(url)?;
+        Ok(PostgresStore { client, url: Some(url.to_string()), table: None, stmts: None })
+    }
+
+    fn dial(url: &str) -> Result<Client> {
+        Client::connect(url, NoTls).map_err(|e| Error::Database {
+            action: Action::Connect,
+            table: String::new(),
+            backend: D.name(),
+            source: format!("connecting to {}: {e}", redact(url)).into(),
+        })
+    }
+
+    fn prepare(&mut self, t: &TableSpec) -> Result<()> {
+        let c = &mut self.client;
+        let fail = |e| db_error(Action::Open, t, D.name(), e);
+        self.stmts = Some(Statements {
+            upsert: c.prepare(&D.upsert(t, 1)).map_err(fail)?,
+            upsert_many: c.prepare(&D.upsert_arrays(t)).map_err(fail)?,
+            delete: c.prepare(&D.delete_keys(t, 1)).map_err(fail)?,
+            delete_many: c.prepare(&D.delete_array(t)).map_err(fail)?,
+            delete_all: c.prepare(&D.delete_all(t)).map_err(fail)?,
+            select: c.prepare(&D.select_all(t)).map_err(fail)?,
+        });
+        Ok(())
+    }
+
+    /// Before a write: a connection known to be closed is made again when the store
+    /// knows the URL; nothing was sent on it, so nothing is in doubt.
+    fn ensure_connected(&mut self) -> Result<()> {
+        if self.client.is_closed() && self.url.is_some() {
+            self.reconnect()?;
+        }
+        Ok(())
+    }
+
+    fn check_layout(&mut self, t: &TableSpec) -> Result<()> {
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text, coalesce(a.attnum = ANY(i.indkey), false), \
+                 format_type(a.atttypid, NULL) \
+                 FROM pg_attribute a \
+                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&D.quote(&t.name)],
+            )
+            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
+        let cols: Vec<(String, bool, String)> =
+            rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        check_columns(t, D.name(), cols.iter().map(|(n, pk, _)| (n.as_str(), *pk)))?;
+        for (name, _, ty) in &cols {
+            let format = match name.as_str() {
+                "key" => t.key_format,
+                "value" => t.value_format,
+                _ => continue,
+            };
+            let fits = match format {
+                Format::Text => ["text", "character varying", "character"].contains(&ty.as_str()),
+                Format::Binary => ty == "bytea",
+            };
+            if !fits {
+                return Err(Error::Schema {
+                    table: t.name.clone(),
+                    backend: D.name(),
+                    reason: format!(
+                        "its column {name:?} has type {ty}, which does not hold the {} codec's \
+                         output; open it with a codec of the column's kind",
+                        if format == Format::Text { "text" } else { "binary" }
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, t: &TableSpec, batch: &Batch) -> Result<()> {
+        let Some(s) = &self.stmts else { return Err(not_opened(D.name())) };
+        let single = batch.len() == 1 && !batch.clear;
+        let binds = |format, bytes| Bind::new(t, format, bytes);
+        let classify = |e: postgres::Error, committing: bool| -> Error {
+            // A statement the server answered has a known outcome. Without an answer
+            // (the connection broke), a commit, or a statement that commits on its own,
+            // may or may not have happened.
+            if committing && e.as_db_error().is_none() {
+                Error::OutcomeUnknown { table: t.name.clone(), backend: D.name(), source: e.into() }
+            } else {
+                db_error(Action::Write, t, D.name(), e)
+            }
+        };
+        if single {
+            if let Some((k, v)) = batch.puts.first() {
+                let (k, v) = (binds(t.key_format, k)?, binds(t.value_format, v)?);
+                self.client.execute(&s.upsert, &[&k, &v]).map_err(|e| classify(e, true))?;
+            } else if let Some(k) = batch.deletes.first() {
+                let k = binds(t.key_format, k)?;
+                self.client.execute(&s.delete, &[&k]).map_err(|e| classify(e, true))?;
+            }
+            return Ok(());
+        }
+        let mut tx = self.client.transaction().map_err(|e| classify(e, false))?;
+        if batch.clear {
+            tx.execute(&s.delete_all, &[]).map_err(|e| classify(e, false))?;
+        }
+        if !batch.deletes.is_empty() {
+            let keys = batch.deletes.iter().map(|k| binds(t.key_format, k)).collect::<Result<Vec<_>>>()?;
+            tx.execute(&s.delete_many, &[&keys]).map_err(|e| classify(e, false))?;
+        }
+        if !batch.puts.is_empty() {
+            let mut keys = Vec::with_capacity(batch.puts.len());
+            let mut values = Vec::with_capacity(batch.puts.len());
+            for (k, v) in &batch.puts {
+                keys.push(binds(t.key_format, k)?);
+                values.push(binds(t.value_format, v)?);
+            }
+            tx.execute(&s.upsert_many, &[&keys, &values]).map_err(|e| classify(e, false))?;
+        }
+        // Dropping `tx` on any error above rolls the transaction back.
+        tx.commit().map_err(|e| classify(e, true))
+    }
+}
+
+/// A key or value bound as the column's type: `text` takes `&str`, `bytea` `&[u8]`.
+#[derive(Debug)]
+enum Bind<'a> {
+    Text(&'a str),
+    Bytes(&'a [u8]),
+}
+
+impl<'a> Bind<'a> {
+    fn new(t: &TableSpec, format: Format, bytes: &'a [u8]) -> Result<Self> {
+        match format {
+            Format::Binary => Ok(Bind::Bytes(bytes)),
+            Format::Text => std::str::from_utf8(bytes)
+                .map(Bind::Text)
+                .map_err(|e| db_error(Action::Write, t, D.name(), e)),
+        }
+    }
+}
+
+impl ToSql for Bind<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut postgres::types::private::BytesMut) -> Result<postgres::types::IsNull, BoxError> {
+        match self {
+            Bind::Text(s) => s.to_sql(ty, out),
+            Bind::Bytes(b) => b.to_sql(ty, out),
+        }
+    }
+    fn accepts(ty: &Type) -> bool {
+        <&str as ToSql>::accepts(ty) || <&[u8] as ToSql>::accepts(ty)
+    }
+    postgres::types::to_sql_checked!();
+}
+
+impl Store for PostgresStore {
+    fn backend(&self) -> &'static str {
+        D.name()
+    }
+
+    fn open(&mut self, t: &TableSpec) -> Result<()> {
+        D.check_table_name(&t.name)?;
+        self.ensure_connected()?;
+        self.client
+            .batch_execute(&D.create_table(t))
+            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
+        self.check_layout(t)?;
+        self.prepare(t)?;
+        self.table = Some(t.clone());
+        Ok(())
+    }
+
+    fn load(&mut self, sink: &mut RowSink<'_>) -> Result<()> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?;
+        let Some(s) = &self.stmts else { return Err(not_opened(D.name())) };
+        let fail = |e| db_error(Action::Load, t, D.name(), e);
+        let mut rows = self.client.query_raw(&s.select, std::iter::empty::<&str>()).map_err(fail)?;
+        while let Some(row) = rows.next().map_err(fail)? {
+            let key: Raw<'_> = row.try_get(0).map_err(fail)?;
+            let value: Raw<'_> = row.try_get(1).map_err(|e| Error::Decode {
+                what: "value",
+                table: t.name.clone(),
+                row: show_bytes(key.0),
+                source: e.into(),
+            })?;
+            sink(key.0, value.0)?;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, batch: &Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?.clone();
+        self.write(&t, batch)
+    }
+
+    fn max_key_len(&self) -> Option<usize> {
+        D.max_key_len()
+    }
+
+    fn reconnect(&mut self) -> Result<()> {
+        let Some(url) = &self.url else {
+            return if self.client.is_closed() {
+                Err(Error::Database {
+                    action: Action::Connect,
+                    table: self.table.as_ref().map(|t| t.name.clone()).unwrap_or_default(),
+                    backend: D.name(),
+                    source: "the connection is closed and this store was given a client, not a \
+                             URL, so it cannot reconnect; open the map again with a new client"
+                        .into(),
+                })
+            } else {
+                Ok(())
+            };
+        };
+        if !self.client.is_closed() && self.client.is_valid(std::time::Duration::from_secs(5)).is_ok() {
+            return Ok(());
+        }
+        self.client = Self::dial(url)?;
+        if let Some(t) = self.table.clone() {
+            self.prepare(&t)?;
+        }
+        Ok(())
+    }
+}
+
+impl IntoStore for Client {
+    fn into_store(self) -> Box<dyn Store> {
+        Box::new(PostgresStore::new(self))
+    }
+}
