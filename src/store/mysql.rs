@@ -23,6 +23,8 @@ pub struct MysqlStore {
     conn: Conn,
     url: Option<String>,
     table: Option<TableSpec>,
+    /// Set when the connection failed without a server answer: it is not used again.
+    broken: bool,
 }
 
 impl std::fmt::Debug for MysqlStore {
@@ -37,11 +39,11 @@ impl std::fmt::Debug for MysqlStore {
 impl MysqlStore {
     /// Wraps a connection, keeping the session settings the user made.
     pub fn new(conn: Conn) -> Self {
-        MysqlStore { conn, url: None, table: None }
+        MysqlStore { conn, url: None, table: None, broken: false }
     }
 
     pub(crate) fn connect(url: &str) -> Result<Self> {
-        Ok(MysqlStore { conn: Self::dial(url)?, url: Some(url.to_string()), table: None })
+        Ok(MysqlStore { conn: Self::dial(url)?, url: Some(url.to_string()), table: None, broken: false })
     }
 
     fn dial(url: &str) -> Result<Conn> {
@@ -99,7 +101,24 @@ impl MysqlStore {
         Ok(())
     }
 
+    /// Before a call: a connection that broke is made again when the store knows the
+    /// URL. Whatever the break left in doubt has already been reported.
+    fn ensure_connected(&mut self) -> Result<()> {
+        if self.broken {
+            self.reconnect()?;
+        }
+        Ok(())
+    }
+
     fn write(&mut self, t: &TableSpec, batch: &Batch) -> Result<()> {
+        let result = self.write_on(t, batch);
+        if let Err(Error::OutcomeUnknown { .. }) | Err(Error::Database { .. }) = &result {
+            self.broken |= self.conn.ping().is_err();
+        }
+        result
+    }
+
+    fn write_on(&mut self, t: &TableSpec, batch: &Batch) -> Result<()> {
         let classify = |e: mysql::Error, committing: bool| -> Error {
             // A server error is an answer: the outcome is known. A broken connection
             // during a commit (or a statement that commits on its own) leaves it unknown.
@@ -175,6 +194,7 @@ impl Store for MysqlStore {
     }
 
     fn load(&mut self, sink: &mut RowSink<'_>) -> Result<()> {
+        self.ensure_connected()?;
         let t = opened(&self.table, D.name())?;
         let fail = |e| db_error(Action::Load, t, D.name(), e);
         let mut result = self.conn.query_iter(D.select_all(t)).map_err(fail)?;
@@ -202,6 +222,7 @@ impl Store for MysqlStore {
         if batch.is_empty() {
             return Ok(());
         }
+        self.ensure_connected()?;
         let t = opened(&self.table, D.name())?.clone();
         self.write(&t, batch)
     }
@@ -211,7 +232,7 @@ impl Store for MysqlStore {
     }
 
     fn reconnect(&mut self) -> Result<()> {
-        if self.conn.ping().is_ok() {
+        if !self.broken && self.conn.ping().is_ok() {
             return Ok(());
         }
         let Some(url) = &self.url else {
@@ -225,6 +246,7 @@ impl Store for MysqlStore {
             });
         };
         self.conn = Self::dial(url)?;
+        self.broken = false;
         Ok(())
     }
 }

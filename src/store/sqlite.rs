@@ -158,7 +158,12 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let t = opened(&self.table, D.name())?.clone();
-        self.write(batch).map_err(|e| db_error(Action::Write, &t, D.name(), e))
+        let result = self.write(batch);
+        if result.is_err() && !self.conn.is_autocommit() {
+            // Whatever failed, leave no transaction open for the next call to join.
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        result.map_err(|e| db_error(Action::Write, &t, D.name(), e))
     }
 }
 

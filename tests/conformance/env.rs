@@ -11,9 +11,16 @@ pub(crate) trait Env {
     /// The native connection, opened anew, as a store.
     fn conn(&self) -> Box<dyn Store>;
     /// Runs raw SQL on a separate connection.
-    fn exec(&self, sql: &str);
+    fn exec(&self, sql: &str) {
+        self.try_exec(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    fn try_exec(&self, sql: &str) -> Result<(), String>;
     /// Runs a query that returns one integer.
-    fn count(&self, sql: &str) -> i64;
+    fn count(&self, sql: &str) -> i64 {
+        self.ints(sql).first().copied().unwrap_or_else(|| panic!("{sql}: no row"))
+    }
+    /// Runs a query that returns integers in its first column.
+    fn ints(&self, sql: &str) -> Vec<i64>;
     fn dialect(&self) -> Dialect;
 
     fn q(&self, ident: &str) -> String {
@@ -106,11 +113,14 @@ impl Env for SqliteEnv {
     fn conn(&self) -> Box<dyn Store> {
         self.raw().into_store()
     }
-    fn exec(&self, sql: &str) {
-        self.raw().execute_batch(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    fn try_exec(&self, sql: &str) -> Result<(), String> {
+        self.raw().execute_batch(sql).map_err(|e| e.to_string())
     }
-    fn count(&self, sql: &str) -> i64 {
-        self.raw().query_row(sql, [], |r| r.get(0)).unwrap_or_else(|e| panic!("{sql}: {e}"))
+    fn ints(&self, sql: &str) -> Vec<i64> {
+        let c = self.raw();
+        let mut stmt = c.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let rows = stmt.query_map([], |r| r.get(0)).and_then(|r| r.collect());
+        rows.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
     fn dialect(&self) -> Dialect {
         Dialect::Sqlite
@@ -191,11 +201,14 @@ mod pg {
         fn conn(&self) -> Box<dyn Store> {
             self.raw().into_store()
         }
-        fn exec(&self, sql: &str) {
-            self.raw().batch_execute(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        fn try_exec(&self, sql: &str) -> Result<(), String> {
+            self.raw().batch_execute(sql).map_err(|e| e.to_string())
         }
-        fn count(&self, sql: &str) -> i64 {
-            self.raw().query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+        fn ints(&self, sql: &str) -> Vec<i64> {
+            let rows = self.raw().query(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            rows.iter()
+                .map(|r| r.try_get::<_, i64>(0).unwrap_or_else(|_| i64::from(r.get::<_, i32>(0))))
+                .collect()
         }
         fn dialect(&self) -> Dialect {
             Dialect::Postgres
@@ -248,14 +261,11 @@ mod my {
         fn conn(&self) -> Box<dyn Store> {
             self.raw().into_store()
         }
-        fn exec(&self, sql: &str) {
-            self.raw().query_drop(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        fn try_exec(&self, sql: &str) -> Result<(), String> {
+            self.raw().query_drop(sql).map_err(|e| e.to_string())
         }
-        fn count(&self, sql: &str) -> i64 {
-            self.raw()
-                .query_first::<i64, _>(sql)
-                .unwrap_or_else(|e| panic!("{sql}: {e}"))
-                .expect("one row")
+        fn ints(&self, sql: &str) -> Vec<i64> {
+            self.raw().query::<i64, _>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
         }
         fn dialect(&self) -> Dialect {
             Dialect::Mysql

@@ -1,0 +1,230 @@
+//! PostgreSQL and MariaDB under real connection faults: the server terminates the
+//! connection between two calls and in the middle of a transaction, and a network cut
+//! loses the answer to a commit. Each call returns an error that says so, memory is
+//! unchanged, and the map goes on once the connection is back.
+#![cfg(any(feature = "postgres", feature = "mysql"))]
+
+#[path = "conformance/env.rs"]
+#[allow(dead_code)]
+mod env;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use env::Env;
+use write_thru_hash::{DbHashMap, Error};
+
+/// A TCP proxy between the map and the server that can lose the server's next answer
+/// and cut the connection, as a network failure would.
+struct Proxy {
+    port: u16,
+    cut_next_answer: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn to(server_port: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let cut2 = Arc::clone(&cut);
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", server_port)) else { continue };
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                thread::spawn(move || copy(client, server, None));
+                let cut = Arc::clone(&cut2);
+                thread::spawn(move || copy(s2, c2, Some(cut)));
+            }
+        });
+        Proxy { port, cut_next_answer: cut }
+    }
+
+    /// The server's next answer is dropped and the connection closed.
+    fn cut_next_answer(&self) {
+        self.cut_next_answer.store(true, Ordering::SeqCst);
+    }
+}
+
+fn copy(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>) {
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(cut) = &cut {
+            if cut.swap(false, Ordering::SeqCst) {
+                break;
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+/// `url` with its port replaced.
+fn via(url: &str, port: u16) -> (String, u16) {
+    let at = url.rfind('@').map_or(url.find("://").unwrap() + 3, |i| i + 1);
+    let rest = &url[at..];
+    let end = rest.find('/').unwrap_or(rest.len());
+    let hostport = &rest[..end];
+    let (host, old) = hostport.rsplit_once(':').unwrap();
+    (format!("{}{host}:{port}{}", &url[..at], &rest[end..]), old.parse().unwrap())
+}
+
+fn open(url: &str, table: &str) -> DbHashMap<String, i64> {
+    DbHashMap::builder_url(url).table(table).open().unwrap()
+}
+
+/// The server ends every other connection to the test database.
+fn kill_connections(env: &impl Env) {
+    match env.dialect() {
+        write_thru_hash::Dialect::Postgres => env.exec(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        ),
+        _ => {
+            for id in env.ints(
+                "SELECT id FROM information_schema.processlist \
+                 WHERE db = database() AND id <> connection_id()",
+            ) {
+                // A connection may have ended since the list was read.
+                let _ = env.try_exec(&format!("KILL {id}"));
+            }
+        }
+    }
+}
+
+fn killed_between_calls(env: &impl Env) {
+    let url = env.url();
+    let mut h = open(&url, "killed");
+    h.insert("a".into(), 1).unwrap();
+    let before: HashMap<String, i64> = (*h).clone();
+    kill_connections(env);
+    thread::sleep(std::time::Duration::from_millis(200));
+
+    let err = h.insert("b".into(), 2).unwrap_err();
+    assert_eq!(*h, before, "memory unchanged after: {err}");
+    assert!(!err.to_string().contains("wth-secret"), "no password in: {err}");
+    // Either the server said why (the outcome is known) or it is unknown and the map
+    // waits for reload: both say so, and reload brings the map back in step.
+    if err.is_outcome_unknown() {
+        assert!(matches!(h.insert("c".into(), 3), Err(Error::Poisoned { .. })));
+    }
+    h.reload().unwrap();
+    h.insert("d".into(), 4).unwrap();
+    assert_eq!(open(&url, "killed"), *h);
+}
+
+fn answer_to_commit_lost(env: &impl Env) {
+    let (url, server_port) = via(&env.url(), 0);
+    let proxy = Proxy::to(server_port);
+    let (mut url, _) = via(&url, proxy.port);
+    if env.dialect() == write_thru_hash::Dialect::Mysql {
+        // The mysql crate moves loopback connections to the Unix socket unless told not to.
+        url.push_str(if url.contains('?') { "&prefer_socket=false" } else { "?prefer_socket=false" });
+    }
+    let mut h = open(&url, "lost answer");
+    h.insert("warm".into(), 0).unwrap(); // the statement is prepared already
+
+    proxy.cut_next_answer();
+    let err = h.insert("a".into(), 1).unwrap_err();
+    assert!(matches!(err, Error::OutcomeUnknown { .. }), "{err}");
+    assert!(err.to_string().contains("reload"), "says what to do: {err}");
+    assert!(!err.to_string().contains("wth-secret"), "{err}");
+    assert_eq!(h.get("a"), None, "memory unchanged");
+    let refused = h.insert("b".into(), 2).unwrap_err();
+    assert!(matches!(refused, Error::Poisoned { .. }), "{refused}");
+    assert!(h.transaction(|tx| tx.insert("c".into(), 3)).is_err());
+
+    // The commit did happen; reload reconnects and finds it.
+    h.reload().unwrap();
+    assert_eq!(h.get("a"), Some(&1));
+    h.insert("b".into(), 2).unwrap();
+    assert_eq!(open(&env.url(), "lost answer"), *h);
+
+    // A batch: the cut hits the transaction's first statement, so nothing is in doubt.
+    proxy.cut_next_answer();
+    let before: HashMap<String, i64> = (*h).clone();
+    let err = h.insert_many((0..10).map(|i| (format!("k{i}"), i))).unwrap_err();
+    assert!(matches!(err, Error::Database { .. }), "{err}");
+    assert_eq!(*h, before);
+    assert_eq!(open(&env.url(), "lost answer"), before, "nothing of the batch was committed");
+    // The store reconnects by itself: nothing was in doubt.
+    h.insert("after".into(), 5).unwrap();
+    assert_eq!(open(&env.url(), "lost answer"), *h);
+}
+
+fn killed_during_a_transaction(env: &(impl Env + Sync)) {
+    let url = env.url();
+    DbHashMap::<String, String>::builder_url(&url)
+        .table("slow")
+        .src([("a".to_string(), "1".to_string())])
+        .open()
+        .unwrap();
+    // A trigger that takes its time on one value, so the kill lands mid-transaction.
+    let t = env.q("slow");
+    match env.dialect() {
+        write_thru_hash::Dialect::Postgres => {
+            env.exec(
+                "CREATE FUNCTION slow() RETURNS trigger AS $$ BEGIN \
+                 IF NEW.value = '\"slow\"' THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$ \
+                 LANGUAGE plpgsql",
+            );
+            env.exec(&format!("CREATE TRIGGER slow BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION slow()"));
+        }
+        _ => env.exec(&format!(
+            "CREATE TRIGGER slow BEFORE INSERT ON {t} FOR EACH ROW BEGIN \
+             IF NEW.`value` = '\"slow\"' THEN DO SLEEP(2); END IF; END"
+        )),
+    }
+    let mut s: DbHashMap<String, String> = DbHashMap::builder_url(&url).table("slow").open().unwrap();
+    let before: HashMap<String, String> = (*s).clone();
+    let handle = thread::scope(|scope| {
+        scope.spawn(|| {
+            thread::sleep(std::time::Duration::from_millis(500));
+            kill_connections(env);
+        });
+        s.insert_many([("x".to_string(), "fast".to_string()), ("y".to_string(), "slow".to_string())])
+    });
+    let err = handle.unwrap_err();
+    assert_eq!(*s, before, "memory unchanged after: {err}");
+    s.reload().unwrap();
+    assert_eq!(*s, before, "nothing of the killed transaction was committed");
+    s.insert("z".into(), "fine".into()).unwrap();
+    let fresh: DbHashMap<String, String> = DbHashMap::builder_url(&url).table("slow").open().unwrap();
+    assert_eq!(fresh, *s);
+}
+
+macro_rules! faults {
+    ($backend:ident, $env:expr) => {
+        mod $backend {
+            use super::*;
+            #[test]
+            fn killed_between_calls() {
+                super::killed_between_calls(&$env);
+            }
+            #[test]
+            fn answer_to_commit_lost() {
+                super::answer_to_commit_lost(&$env);
+            }
+            #[test]
+            fn killed_during_a_transaction() {
+                super::killed_during_a_transaction(&$env);
+            }
+        }
+    };
+}
+
+#[cfg(feature = "postgres")]
+faults!(postgres, env::PgEnv::new());
+#[cfg(feature = "mysql")]
+faults!(mysql, env::MyEnv::new());
