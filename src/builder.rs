@@ -133,7 +133,13 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         };
         store.open(&table)?;
         let map = HashMap::with_hasher(self.hasher);
-        let mut h = DbHashMap::from_parts(map, store, Box::new(self.keys), Box::new(self.values), table);
+        let mut h = DbHashMap::from_parts(
+            map,
+            store,
+            Box::new(self.keys),
+            Box::new(self.values),
+            table,
+        );
         match self.src {
             None => h.load_empty()?,
             Some(src) => h.replace_all(src)?,

@@ -197,7 +197,9 @@ impl<T> Clone for FnCodec<T> {
 
 impl<T> fmt::Debug for FnCodec<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FnCodec").field("format", &self.format).finish_non_exhaustive()
+        f.debug_struct("FnCodec")
+            .field("format", &self.format)
+            .finish_non_exhaustive()
     }
 }
 
@@ -216,7 +218,9 @@ impl<T> FnCodec<T> {
                 out.extend_from_slice(serialize(v).as_bytes());
                 Ok(())
             }),
-            decode: Arc::new(move |bytes| deserialize(std::str::from_utf8(bytes)?).map_err(Into::into)),
+            decode: Arc::new(move |bytes| {
+                deserialize(std::str::from_utf8(bytes)?).map_err(Into::into)
+            }),
         }
     }
 
@@ -302,7 +306,10 @@ mod tests {
 
     #[test]
     fn fn_codec_reports_bad_utf8() {
-        let c = FnCodec::text(|s: &String| s.clone(), |s: &str| Ok::<_, BoxError>(s.to_owned()));
+        let c = FnCodec::text(
+            |s: &String| s.clone(),
+            |s: &str| Ok::<_, BoxError>(s.to_owned()),
+        );
         assert!(c.decode(&[0xff]).is_err());
     }
 }

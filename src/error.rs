@@ -247,7 +247,11 @@ pub(crate) fn show_bytes(bytes: &[u8]) -> String {
             }
         }
         Err(_) => {
-            let hex: String = bytes.iter().take(MAX / 2).map(|b| format!("{b:02x}")).collect();
+            let hex: String = bytes
+                .iter()
+                .take(MAX / 2)
+                .map(|b| format!("{b:02x}"))
+                .collect();
             if bytes.len() > MAX / 2 {
                 format!("0x{hex}... ({} bytes)", bytes.len())
             } else {
@@ -265,8 +269,9 @@ pub(crate) fn redact(url: &str) -> String {
         return url
             .split(';')
             .map(|part| match part.split_once('=') {
-                Some((k, _)) if k.trim().eq_ignore_ascii_case("pwd")
-                    || k.trim().eq_ignore_ascii_case("password") =>
+                Some((k, _))
+                    if k.trim().eq_ignore_ascii_case("pwd")
+                        || k.trim().eq_ignore_ascii_case("password") =>
                 {
                     format!("{k}=***")
                 }
@@ -298,7 +303,9 @@ fn redact_query(tail: &str) -> String {
     let query: Vec<String> = query
         .split('&')
         .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") => {
+            Some((k, _))
+                if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
+            {
                 format!("{k}=***")
             }
             _ => kv.to_string(),
@@ -313,9 +320,18 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
-        assert_eq!(redact("mysql://u:p%40ss@h/db?x=1"), "mysql://u:***@h/db?x=1");
-        assert_eq!(redact("postgres://h/db?password=s&user=u"), "postgres://h/db?password=***&user=u");
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            redact("mysql://u:p%40ss@h/db?x=1"),
+            "mysql://u:***@h/db?x=1"
+        );
+        assert_eq!(
+            redact("postgres://h/db?password=s&user=u"),
+            "postgres://h/db?password=***&user=u"
+        );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(
             redact("Driver={x};Server=h;Uid=u;PWD=secret;"),

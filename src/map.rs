@@ -153,7 +153,9 @@ where
 {
     fn check_writable(&self) -> Result<()> {
         if self.poisoned {
-            Err(Error::Poisoned { table: self.table.name.clone() })
+            Err(Error::Poisoned {
+                table: self.table.name.clone(),
+            })
         } else {
             Ok(())
         }
@@ -161,11 +163,13 @@ where
 
     fn encode_key(&self, key: &K) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        self.keys.encode_key(key, &mut out).map_err(|source| Error::Encode {
-            what: "key",
-            table: self.table.name.clone(),
-            source,
-        })?;
+        self.keys
+            .encode_key(key, &mut out)
+            .map_err(|source| Error::Encode {
+                what: "key",
+                table: self.table.name.clone(),
+                source,
+            })?;
         if let Some(max) = self.max_key_len {
             if out.len() > max {
                 return Err(Error::KeyTooLong {
@@ -181,11 +185,13 @@ where
 
     fn encode_value(&self, value: &V) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        self.values.encode(value, &mut out).map_err(|source| Error::Encode {
-            what: "value",
-            table: self.table.name.clone(),
-            source,
-        })?;
+        self.values
+            .encode(value, &mut out)
+            .map_err(|source| Error::Encode {
+                what: "value",
+                table: self.table.name.clone(),
+                source,
+            })?;
         Ok(out)
     }
 
@@ -234,7 +240,10 @@ where
         self.check_writable()?;
         let k = self.encode_new_key(&key)?;
         let v = self.encode_value(&value)?;
-        self.persist(&Batch { puts: vec![(k, v)], ..Batch::default() })?;
+        self.persist(&Batch {
+            puts: vec![(k, v)],
+            ..Batch::default()
+        })?;
         Ok(self.map.insert(key, value))
     }
 
@@ -272,7 +281,10 @@ where
             return Ok(None);
         };
         let k = self.encode_key(held)?;
-        self.persist(&Batch { deletes: vec![k], ..Batch::default() })?;
+        self.persist(&Batch {
+            deletes: vec![k],
+            ..Batch::default()
+        })?;
         Ok(self.map.remove_entry(key))
     }
 
@@ -280,7 +292,10 @@ where
     ///
     /// **Storage:** one `DELETE` of every row of the table, committed on its own.
     pub fn clear(&mut self) -> Result<()> {
-        self.persist(&Batch { clear: true, ..Batch::default() })?;
+        self.persist(&Batch {
+            clear: true,
+            ..Batch::default()
+        })?;
         self.map.clear();
         Ok(())
     }
@@ -345,7 +360,10 @@ where
         f(&mut value);
         let k = self.encode_key(held)?;
         let v = self.encode_value(&value)?;
-        self.persist(&Batch { puts: vec![(k, v)], ..Batch::default() })?;
+        self.persist(&Batch {
+            puts: vec![(k, v)],
+            ..Batch::default()
+        })?;
         if let Some(slot) = self.map.get_mut(key) {
             *slot = value;
         }
@@ -395,7 +413,11 @@ where
     ) -> Result<R> {
         self.check_writable()?;
         let (result, staged, cleared) = {
-            let mut tx = Transaction { map: self, staged: HashMap::new(), cleared: false };
+            let mut tx = Transaction {
+                map: self,
+                staged: HashMap::new(),
+                cleared: false,
+            };
             let result = f(&mut tx)?;
             (result, tx.staged, tx.cleared)
         };
@@ -406,7 +428,11 @@ where
         let mut changes = Vec::with_capacity(staged.len());
         for (k, change) in staged {
             match change {
-                Staged::Put { decoded, key, value } => {
+                Staged::Put {
+                    decoded,
+                    key,
+                    value,
+                } => {
                     batch.put(key, value);
                     changes.push((k, Some(decoded)));
                 }
@@ -439,7 +465,13 @@ where
     {
         self.store_mut().reconnect()?;
         let mut map = HashMap::with_hasher(self.map.hasher().clone());
-        load(store_of(&mut self.store), &self.table, &*self.keys, &*self.values, &mut map)?;
+        load(
+            store_of(&mut self.store),
+            &self.table,
+            &*self.keys,
+            &*self.values,
+            &mut map,
+        )?;
         self.map = map;
         self.poisoned = false;
         Ok(())
@@ -447,7 +479,13 @@ where
 
     /// Fills the (empty) map from the table: the second half of opening.
     pub(crate) fn load_empty(&mut self) -> Result<()> {
-        load(store_of(&mut self.store), &self.table, &*self.keys, &*self.values, &mut self.map)
+        load(
+            store_of(&mut self.store),
+            &self.table,
+            &*self.keys,
+            &*self.values,
+            &mut self.map,
+        )
     }
 
     /// Replaces the table's content with `src` in one transaction, then the map's.
@@ -458,9 +496,17 @@ where
             batch.put(self.encode_key(k)?, self.encode_value(v)?);
         }
         self.persist(&batch.finish()).map_err(|e| match e {
-            Error::Database { table, backend, source, .. } => {
-                Error::Database { action: Action::Replace, table, backend, source }
-            }
+            Error::Database {
+                table,
+                backend,
+                source,
+                ..
+            } => Error::Database {
+                action: Action::Replace,
+                table,
+                backend,
+                source,
+            },
             other => other,
         })?;
         self.map.clear();
@@ -493,7 +539,8 @@ where
     store.load(&mut |kb: &[u8], vb: &[u8]| {
         let k = keys.decode(kb).map_err(|e| decode_err("key", kb, e))?;
         reencoded.clear();
-        keys.encode_key(&k, &mut reencoded).map_err(|e| decode_err("key", kb, e))?;
+        keys.encode_key(&k, &mut reencoded)
+            .map_err(|e| decode_err("key", kb, e))?;
         if reencoded != kb {
             return Err(Error::NonCanonicalKey {
                 table: table.name.clone(),
@@ -505,7 +552,8 @@ where
         match map.entry(k) {
             hash_map::Entry::Occupied(held) => {
                 let mut first = Vec::new();
-                keys.encode_key(held.key(), &mut first).map_err(|e| decode_err("key", kb, e))?;
+                keys.encode_key(held.key(), &mut first)
+                    .map_err(|e| decode_err("key", kb, e))?;
                 Err(Error::DuplicateKey {
                     table: table.name.clone(),
                     first: show_bytes(&first),
@@ -521,8 +569,14 @@ where
 }
 
 enum Staged<V> {
-    Put { decoded: V, key: Vec<u8>, value: Vec<u8> },
-    Delete { key: Vec<u8> },
+    Put {
+        decoded: V,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
 }
 
 /// The changes staged by [`DbHashMap::transaction`]. Reads see what was staged;
@@ -565,7 +619,14 @@ where
     pub fn insert(&mut self, key: K, value: V) -> Result<()> {
         let k = self.map.encode_new_key(&key)?;
         let v = self.map.encode_value(&value)?;
-        self.staged.insert(key, Staged::Put { decoded: value, key: k, value: v });
+        self.staged.insert(
+            key,
+            Staged::Put {
+                decoded: value,
+                key: k,
+                value: v,
+            },
+        );
         Ok(())
     }
 
@@ -587,7 +648,8 @@ where
             None if in_table => {
                 if let Some((held, _)) = self.map.map.get_key_value(key) {
                     let bytes = self.map.encode_key(held)?;
-                    self.staged.insert(held.clone(), Staged::Delete { key: bytes });
+                    self.staged
+                        .insert(held.clone(), Staged::Delete { key: bytes });
                 }
             }
             None => {}

@@ -13,7 +13,10 @@ pub(crate) enum Target<'a> {
 }
 
 pub(crate) fn parse(url: &str) -> Result<Target<'_>> {
-    let bad = |reason: &str| Error::Url { url: redact(url), reason: reason.to_string() };
+    let bad = |reason: &str| Error::Url {
+        url: redact(url),
+        reason: reason.to_string(),
+    };
     let (scheme, rest) = url.split_once(':').ok_or_else(|| {
         bad("it has no scheme; use sqlite:PATH, sqlite::memory:, postgres://…, or mysql://…")
     })?;
@@ -34,7 +37,10 @@ pub(crate) fn parse(url: &str) -> Result<Target<'_>> {
     }
 }
 
-#[cfg_attr(all(feature = "sqlite", feature = "postgres", feature = "mysql"), allow(dead_code))]
+#[cfg_attr(
+    all(feature = "sqlite", feature = "postgres", feature = "mysql"),
+    allow(dead_code)
+)]
 fn feature_off(url: &str, feature: &str) -> Error {
     Error::Url {
         url: redact(url),
@@ -49,7 +55,9 @@ fn feature_off(url: &str, feature: &str) -> Error {
 pub(crate) fn connect(url: &str) -> Result<Box<dyn Store>> {
     match parse(url)? {
         #[cfg(feature = "sqlite")]
-        Target::Sqlite(path) => Ok(Box::new(crate::store::sqlite::SqliteStore::open_path(path)?)),
+        Target::Sqlite(path) => Ok(Box::new(crate::store::sqlite::SqliteStore::open_path(
+            path,
+        )?)),
         #[cfg(not(feature = "sqlite"))]
         Target::Sqlite(_) => Err(feature_off(url, "sqlite")),
         #[cfg(feature = "postgres")]
@@ -69,12 +77,24 @@ mod tests {
 
     #[test]
     fn schemes_pick_backends() {
-        assert_eq!(parse("sqlite::memory:").unwrap(), Target::Sqlite(":memory:"));
-        assert_eq!(parse("sqlite:/tmp/x.db").unwrap(), Target::Sqlite("/tmp/x.db"));
+        assert_eq!(
+            parse("sqlite::memory:").unwrap(),
+            Target::Sqlite(":memory:")
+        );
+        assert_eq!(
+            parse("sqlite:/tmp/x.db").unwrap(),
+            Target::Sqlite("/tmp/x.db")
+        );
         assert_eq!(parse("sqlite://rel.db").unwrap(), Target::Sqlite("rel.db"));
         assert_eq!(parse("SQLITE:a b.db").unwrap(), Target::Sqlite("a b.db"));
-        assert!(matches!(parse("postgresql://u@h/d").unwrap(), Target::Postgres(_)));
-        assert!(matches!(parse("mariadb://u@h/d").unwrap(), Target::Mysql(_)));
+        assert!(matches!(
+            parse("postgresql://u@h/d").unwrap(),
+            Target::Postgres(_)
+        ));
+        assert!(matches!(
+            parse("mariadb://u@h/d").unwrap(),
+            Target::Mysql(_)
+        ));
         assert!(parse("sqlite:").is_err());
         assert!(parse("nothing").is_err());
         let err = parse("redis://u:hunter2@h").unwrap_err().to_string();
@@ -84,6 +104,9 @@ mod tests {
     #[test]
     fn disabled_backends_name_their_feature() {
         let err = feature_off("mysql://u:pw@h/db", "mysql").to_string();
-        assert!(err.contains("`mysql` feature") && !err.contains("pw@"), "{err}");
+        assert!(
+            err.contains("`mysql` feature") && !err.contains("pw@"),
+            "{err}"
+        );
     }
 }

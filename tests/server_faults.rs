@@ -34,14 +34,19 @@ impl Proxy {
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(("127.0.0.1", server_port)) else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", server_port)) else {
+                    continue;
+                };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 thread::spawn(move || copy(client, server, None));
                 let cut = Arc::clone(&cut2);
                 thread::spawn(move || copy(s2, c2, Some(cut)));
             }
         });
-        Proxy { port, cut_next_answer: cut }
+        Proxy {
+            port,
+            cut_next_answer: cut,
+        }
     }
 
     /// The server's next answer is dropped and the connection closed.
@@ -72,12 +77,17 @@ fn copy(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>) {
 
 /// `url` with its port replaced.
 fn via(url: &str, port: u16) -> (String, u16) {
-    let at = url.rfind('@').map_or(url.find("://").unwrap() + 3, |i| i + 1);
+    let at = url
+        .rfind('@')
+        .map_or(url.find("://").unwrap() + 3, |i| i + 1);
     let rest = &url[at..];
     let end = rest.find('/').unwrap_or(rest.len());
     let hostport = &rest[..end];
     let (host, old) = hostport.rsplit_once(':').unwrap();
-    (format!("{}{host}:{port}{}", &url[..at], &rest[end..]), old.parse().unwrap())
+    (
+        format!("{}{host}:{port}{}", &url[..at], &rest[end..]),
+        old.parse().unwrap(),
+    )
 }
 
 fn open(url: &str, table: &str) -> DbHashMap<String, i64> {
@@ -113,11 +123,17 @@ fn killed_between_calls(env: &impl Env) {
 
     let err = h.insert("b".into(), 2).unwrap_err();
     assert_eq!(*h, before, "memory unchanged after: {err}");
-    assert!(!err.to_string().contains("wth-secret"), "no password in: {err}");
+    assert!(
+        !err.to_string().contains("wth-secret"),
+        "no password in: {err}"
+    );
     // Either the server said why (the outcome is known) or it is unknown and the map
     // waits for reload: both say so, and reload brings the map back in step.
     if err.is_outcome_unknown() {
-        assert!(matches!(h.insert("c".into(), 3), Err(Error::Poisoned { .. })));
+        assert!(matches!(
+            h.insert("c".into(), 3),
+            Err(Error::Poisoned { .. })
+        ));
     }
     h.reload().unwrap();
     h.insert("d".into(), 4).unwrap();
@@ -130,7 +146,11 @@ fn answer_to_commit_lost(env: &impl Env) {
     let (mut url, _) = via(&url, proxy.port);
     if env.dialect() == write_thru_hash::Dialect::Mysql {
         // The mysql crate moves loopback connections to the Unix socket unless told not to.
-        url.push_str(if url.contains('?') { "&prefer_socket=false" } else { "?prefer_socket=false" });
+        url.push_str(if url.contains('?') {
+            "&prefer_socket=false"
+        } else {
+            "?prefer_socket=false"
+        });
     }
     let mut h = open(&url, "lost answer");
     h.insert("warm".into(), 0).unwrap(); // the statement is prepared already
@@ -154,10 +174,16 @@ fn answer_to_commit_lost(env: &impl Env) {
     // A batch: the cut hits the transaction's first statement, so nothing is in doubt.
     proxy.cut_next_answer();
     let before: HashMap<String, i64> = (*h).clone();
-    let err = h.insert_many((0..10).map(|i| (format!("k{i}"), i))).unwrap_err();
+    let err = h
+        .insert_many((0..10).map(|i| (format!("k{i}"), i)))
+        .unwrap_err();
     assert!(matches!(err, Error::Database { .. }), "{err}");
     assert_eq!(*h, before);
-    assert_eq!(open(&env.url(), "lost answer"), before, "nothing of the batch was committed");
+    assert_eq!(
+        open(&env.url(), "lost answer"),
+        before,
+        "nothing of the batch was committed"
+    );
     // The store reconnects by itself: nothing was in doubt.
     h.insert("after".into(), 5).unwrap();
     assert_eq!(open(&env.url(), "lost answer"), *h);
@@ -179,28 +205,38 @@ fn killed_during_a_transaction(env: &(impl Env + Sync)) {
                  IF NEW.value = '\"slow\"' THEN PERFORM pg_sleep(2); END IF; RETURN NEW; END $$ \
                  LANGUAGE plpgsql",
             );
-            env.exec(&format!("CREATE TRIGGER slow BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION slow()"));
+            env.exec(&format!(
+                "CREATE TRIGGER slow BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION slow()"
+            ));
         }
         _ => env.exec(&format!(
             "CREATE TRIGGER slow BEFORE INSERT ON {t} FOR EACH ROW BEGIN \
              IF NEW.`value` = '\"slow\"' THEN DO SLEEP(2); END IF; END"
         )),
     }
-    let mut s: DbHashMap<String, String> = DbHashMap::builder_url(&url).table("slow").open().unwrap();
+    let mut s: DbHashMap<String, String> =
+        DbHashMap::builder_url(&url).table("slow").open().unwrap();
     let before: HashMap<String, String> = (*s).clone();
     let handle = thread::scope(|scope| {
         scope.spawn(|| {
             thread::sleep(std::time::Duration::from_millis(500));
             kill_connections(env);
         });
-        s.insert_many([("x".to_string(), "fast".to_string()), ("y".to_string(), "slow".to_string())])
+        s.insert_many([
+            ("x".to_string(), "fast".to_string()),
+            ("y".to_string(), "slow".to_string()),
+        ])
     });
     let err = handle.unwrap_err();
     assert_eq!(*s, before, "memory unchanged after: {err}");
     s.reload().unwrap();
-    assert_eq!(*s, before, "nothing of the killed transaction was committed");
+    assert_eq!(
+        *s, before,
+        "nothing of the killed transaction was committed"
+    );
     s.insert("z".into(), "fine".into()).unwrap();
-    let fresh: DbHashMap<String, String> = DbHashMap::builder_url(&url).table("slow").open().unwrap();
+    let fresh: DbHashMap<String, String> =
+        DbHashMap::builder_url(&url).table("slow").open().unwrap();
     assert_eq!(fresh, *s);
 }
 

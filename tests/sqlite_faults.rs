@@ -32,7 +32,10 @@ fn sqlite_read_only_connection_reads_but_refuses_writes() {
 
     let err = h.insert("c".into(), 3).unwrap_err();
     assert!(matches!(err, Error::Database { .. }), "{err}");
-    assert!(err.to_string().contains("read-only"), "says what to do: {err}");
+    assert!(
+        err.to_string().contains("read-only"),
+        "says what to do: {err}"
+    );
     assert!(h.remove("a").is_err());
     assert!(h.clear().is_err());
     assert!(h.update("a", |v| *v += 1).is_err());
@@ -45,7 +48,10 @@ fn sqlite_read_only_connection_reads_but_refuses_writes() {
 #[test]
 fn sqlite_read_only_connection_cannot_create_a_table() {
     let (_dir, path) = setup();
-    Connection::open(&path).unwrap().execute_batch("CREATE TABLE other (x)").unwrap();
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE other (x)")
+        .unwrap();
     let ro = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
     let err = DbHashMap::<String, i64>::open(ro).unwrap_err();
     assert!(err.to_string().contains("hashtable"), "{err}");
@@ -88,17 +94,25 @@ fn sqlite_commit_blocked_by_a_reader_in_rollback_journal_mode() {
     // but cannot COMMIT them until it is gone.
     let reader = Connection::open(&path).unwrap();
     reader.execute_batch("BEGIN").unwrap();
-    let n: i64 = reader.query_row("SELECT count(*) FROM hashtable", [], |r| r.get(0)).unwrap();
+    let n: i64 = reader
+        .query_row("SELECT count(*) FROM hashtable", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(n, 1);
 
-    let err = h.insert_many((0..100).map(|i| (format!("k{i}"), i))).unwrap_err();
+    let err = h
+        .insert_many((0..100).map(|i| (format!("k{i}"), i)))
+        .unwrap_err();
     assert!(err.to_string().contains("lock"), "{err}");
     assert!(h.insert("single".into(), 1).is_err());
     assert!(h.transaction(|tx| tx.insert("t".into(), 1)).is_err());
     assert_eq!(*h, before);
     reader.execute_batch("COMMIT").unwrap();
 
-    assert_eq!(reopen(&path), before, "nothing of the blocked commits reached the file");
+    assert_eq!(
+        reopen(&path),
+        before,
+        "nothing of the blocked commits reached the file"
+    );
     h.insert("after".into(), 5).unwrap();
     assert_eq!(reopen(&path), *h);
 }

@@ -97,7 +97,11 @@ impl Dialect {
         }
         match self {
             Dialect::Sqlite => {
-                if name.as_bytes().get(..7).is_some_and(|p| p.eq_ignore_ascii_case(b"sqlite_")) {
+                if name
+                    .as_bytes()
+                    .get(..7)
+                    .is_some_and(|p| p.eq_ignore_ascii_case(b"sqlite_"))
+                {
                     return refuse("names starting with \"sqlite_\" are reserved by SQLite");
                 }
             }
@@ -150,7 +154,11 @@ impl Dialect {
 
     /// `CREATE TABLE IF NOT EXISTS` for the table.
     pub fn create_table(self, t: &TableSpec) -> String {
-        let engine = if self == Dialect::Mysql { " ENGINE=InnoDB" } else { "" };
+        let engine = if self == Dialect::Mysql {
+            " ENGINE=InnoDB"
+        } else {
+            ""
+        };
         format!(
             "CREATE TABLE IF NOT EXISTS {} ({} {} NOT NULL, {} {} NOT NULL, PRIMARY KEY ({})){engine}",
             self.quote(&t.name),
@@ -164,7 +172,12 @@ impl Dialect {
 
     /// `SELECT key, value` of every row.
     pub fn select_all(self, t: &TableSpec) -> String {
-        format!("SELECT {}, {} FROM {}", self.quote("key"), self.quote("value"), self.quote(&t.name))
+        format!(
+            "SELECT {}, {} FROM {}",
+            self.quote("key"),
+            self.quote("value"),
+            self.quote(&t.name)
+        )
     }
 
     /// Deletes every row.
@@ -177,9 +190,17 @@ impl Dialect {
         let list: Vec<String> = (1..=rows).map(|i| self.placeholder(i)).collect();
         let key = self.quote("key");
         if rows == 1 {
-            format!("DELETE FROM {} WHERE {key} = {}", self.quote(&t.name), list[0])
+            format!(
+                "DELETE FROM {} WHERE {key} = {}",
+                self.quote(&t.name),
+                list[0]
+            )
         } else {
-            format!("DELETE FROM {} WHERE {key} IN ({})", self.quote(&t.name), list.join(", "))
+            format!(
+                "DELETE FROM {} WHERE {key} IN ({})",
+                self.quote(&t.name),
+                list.join(", ")
+            )
         }
     }
 
@@ -188,9 +209,19 @@ impl Dialect {
     pub fn upsert(self, t: &TableSpec, rows: usize) -> String {
         let (key, value) = (self.quote("key"), self.quote("value"));
         let tuples: Vec<String> = (0..rows)
-            .map(|r| format!("({}, {})", self.placeholder(2 * r + 1), self.placeholder(2 * r + 2)))
+            .map(|r| {
+                format!(
+                    "({}, {})",
+                    self.placeholder(2 * r + 1),
+                    self.placeholder(2 * r + 2)
+                )
+            })
             .collect();
-        let head = format!("INSERT INTO {} ({key}, {value}) VALUES {}", self.quote(&t.name), tuples.join(", "));
+        let head = format!(
+            "INSERT INTO {} ({key}, {value}) VALUES {}",
+            self.quote(&t.name),
+            tuples.join(", ")
+        );
         match self {
             Dialect::Sqlite | Dialect::Postgres => {
                 format!("{head} ON CONFLICT ({key}) DO UPDATE SET {value} = excluded.{value}")
@@ -202,7 +233,13 @@ impl Dialect {
     /// PostgreSQL only: an upsert of any number of rows bound as two arrays, so a
     /// batch is one prepared statement and one round trip.
     pub fn upsert_arrays(self, t: &TableSpec) -> String {
-        let array = |f: Format| if f == Format::Text { "text[]" } else { "bytea[]" };
+        let array = |f: Format| {
+            if f == Format::Text {
+                "text[]"
+            } else {
+                "bytea[]"
+            }
+        };
         let (key, value) = (self.quote("key"), self.quote("value"));
         format!(
             "INSERT INTO {} ({key}, {value}) SELECT * FROM unnest($1::{}, $2::{}) \
@@ -215,8 +252,16 @@ impl Dialect {
 
     /// PostgreSQL only: deletes the keys bound as one array.
     pub fn delete_array(self, t: &TableSpec) -> String {
-        let array = if t.key_format == Format::Text { "text[]" } else { "bytea[]" };
-        format!("DELETE FROM {} WHERE {} = ANY($1::{array})", self.quote(&t.name), self.quote("key"))
+        let array = if t.key_format == Format::Text {
+            "text[]"
+        } else {
+            "bytea[]"
+        };
+        format!(
+            "DELETE FROM {} WHERE {} = ANY($1::{array})",
+            self.quote(&t.name),
+            self.quote("key")
+        )
     }
 }
 
@@ -225,12 +270,19 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, k: Format, v: Format) -> TableSpec {
-        TableSpec { name: name.into(), key_format: k, value_format: v }
+        TableSpec {
+            name: name.into(),
+            key_format: k,
+            value_format: v,
+        }
     }
 
     #[test]
     fn quoting_doubles_the_quote_character() {
-        assert_eq!(Dialect::Sqlite.quote("hopefully it is quoted properly"), "\"hopefully it is quoted properly\"");
+        assert_eq!(
+            Dialect::Sqlite.quote("hopefully it is quoted properly"),
+            "\"hopefully it is quoted properly\""
+        );
         assert_eq!(Dialect::Postgres.quote("a\"\"b"), "\"a\"\"\"\"b\"");
         assert_eq!(Dialect::Mysql.quote("a`b\"c"), "`a``b\"c`");
     }
@@ -280,11 +332,23 @@ mod tests {
     #[test]
     fn golden_deletes() {
         let t = spec("h", Format::Binary, Format::Text);
-        assert_eq!(Dialect::Sqlite.delete_keys(&t, 1), r#"DELETE FROM "h" WHERE "key" = ?1"#);
-        assert_eq!(Dialect::Mysql.delete_keys(&t, 3), "DELETE FROM `h` WHERE `key` IN (?, ?, ?)");
-        assert_eq!(Dialect::Postgres.delete_array(&t), r#"DELETE FROM "h" WHERE "key" = ANY($1::bytea[])"#);
+        assert_eq!(
+            Dialect::Sqlite.delete_keys(&t, 1),
+            r#"DELETE FROM "h" WHERE "key" = ?1"#
+        );
+        assert_eq!(
+            Dialect::Mysql.delete_keys(&t, 3),
+            "DELETE FROM `h` WHERE `key` IN (?, ?, ?)"
+        );
+        assert_eq!(
+            Dialect::Postgres.delete_array(&t),
+            r#"DELETE FROM "h" WHERE "key" = ANY($1::bytea[])"#
+        );
         assert_eq!(Dialect::Sqlite.delete_all(&t), r#"DELETE FROM "h""#);
-        assert_eq!(Dialect::Postgres.select_all(&t), r#"SELECT "key", "value" FROM "h""#);
+        assert_eq!(
+            Dialect::Postgres.select_all(&t),
+            r#"SELECT "key", "value" FROM "h""#
+        );
     }
 
     #[test]
@@ -292,7 +356,9 @@ mod tests {
         for d in [Dialect::Sqlite, Dialect::Postgres, Dialect::Mysql] {
             assert!(d.check_table_name("").is_err());
             assert!(d.check_table_name("a\0b").is_err());
-            assert!(d.check_table_name("hopefully it is quoted properly").is_ok());
+            assert!(d
+                .check_table_name("hopefully it is quoted properly")
+                .is_ok());
             assert!(d.check_table_name("x\"; DROP TABLE y; --`").is_ok());
         }
         assert!(Dialect::Postgres.check_table_name(&"é".repeat(32)).is_err()); // 64 bytes

@@ -4,9 +4,13 @@
 use std::collections::HashMap;
 
 use crate::codec::Format;
-use crate::error::{Action, BoxError, Error, Result};
+use crate::error::Result;
 
 pub(crate) mod dialect;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+mod support;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub(crate) use support::{check_columns, db_error, not_opened, opened};
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
 #[cfg(feature = "postgres")]
@@ -66,7 +70,11 @@ pub(crate) struct BatchBuilder {
 
 impl BatchBuilder {
     pub(crate) fn with_capacity(n: usize) -> Self {
-        BatchBuilder { clear: false, index: HashMap::with_capacity(n), ops: Vec::with_capacity(n) }
+        BatchBuilder {
+            clear: false,
+            index: HashMap::with_capacity(n),
+            ops: Vec::with_capacity(n),
+        }
     }
 
     pub(crate) fn clear(&mut self) {
@@ -94,7 +102,10 @@ impl BatchBuilder {
     }
 
     pub(crate) fn finish(self) -> Batch {
-        let mut batch = Batch { clear: self.clear, ..Batch::default() };
+        let mut batch = Batch {
+            clear: self.clear,
+            ..Batch::default()
+        };
         for (key, change) in self.ops {
             match change {
                 Some(value) => batch.puts.push((key, value)),
@@ -128,7 +139,7 @@ pub trait Store: Send {
 
     /// Applies the batch atomically: all of it or, when it returns an error, none of
     /// it. When the outcome cannot be known (the connection was lost during the
-    /// commit) it returns [`Error::OutcomeUnknown`].
+    /// commit) it returns [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown).
     fn apply(&mut self, batch: &Batch) -> Result<()>;
 
     /// The longest encoded key the backend can hold, in bytes, if it has a limit.
@@ -176,51 +187,6 @@ impl<T: Store + 'static> IntoStore for T {
         Box::new(self)
     }
 }
-
-/// A driver error during `action` on `table`.
-pub(crate) fn db_error(
-    action: Action,
-    table: &TableSpec,
-    backend: &'static str,
-    source: impl Into<BoxError>,
-) -> Error {
-    Error::Database { action, table: table.name.clone(), backend, source: source.into() }
-}
-
-/// The table a store was opened on, or an error for a store used before `open`.
-pub(crate) fn opened<'a>(table: &'a Option<TableSpec>, backend: &'static str) -> Result<&'a TableSpec> {
-    table.as_ref().ok_or_else(|| not_opened(backend))
-}
-
-pub(crate) fn not_opened(backend: &'static str) -> Error {
-    Error::Schema { table: String::new(), backend, reason: "the store was used before `open`".into() }
-}
-
-/// Checks that an existing table has `key` and `value` columns and that `key` alone
-/// is its primary key, from `(column, is primary key)` pairs.
-pub(crate) fn check_columns<'a>(
-    t: &TableSpec,
-    backend: &'static str,
-    cols: impl Iterator<Item = (&'a str, bool)> + Clone,
-) -> Result<()> {
-    let has = |name: &str| cols.clone().any(|(n, _)| n.eq_ignore_ascii_case(name));
-    let pk: Vec<&str> = cols.clone().filter(|(_, pk)| *pk).map(|(n, _)| n).collect();
-    let refuse = |reason: String| Err(Error::Schema { table: t.name.clone(), backend, reason });
-    if !has("key") || !has("value") {
-        let found: Vec<&str> = cols.map(|(n, _)| n).collect();
-        return refuse(format!(
-            "it has columns {found:?}, not `key` and `value`; choose another table name"
-        ));
-    }
-    if pk.len() != 1 || !pk[0].eq_ignore_ascii_case("key") {
-        return refuse(format!(
-            "its primary key is {pk:?}, not (`key`), so a key could be stored twice; \
-             add PRIMARY KEY (key) or choose another table name"
-        ));
-    }
-    Ok(())
-}
-
 
 #[cfg(test)]
 mod tests {

@@ -4,7 +4,9 @@ use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, TxOpts, Value};
 
 use crate::error::{redact, show_bytes, Action, Error, Result};
-use crate::store::{check_columns, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
+use crate::store::{
+    check_columns, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec,
+};
 
 const D: Dialect = Dialect::Mysql;
 
@@ -39,11 +41,21 @@ impl std::fmt::Debug for MysqlStore {
 impl MysqlStore {
     /// Wraps a connection, keeping the session settings the user made.
     pub fn new(conn: Conn) -> Self {
-        MysqlStore { conn, url: None, table: None, broken: false }
+        MysqlStore {
+            conn,
+            url: None,
+            table: None,
+            broken: false,
+        }
     }
 
     pub(crate) fn connect(url: &str) -> Result<Self> {
-        Ok(MysqlStore { conn: Self::dial(url)?, url: Some(url.to_string()), table: None, broken: false })
+        Ok(MysqlStore {
+            conn: Self::dial(url)?,
+            url: Some(url.to_string()),
+            table: None,
+            broken: false,
+        })
     }
 
     fn dial(url: &str) -> Result<Conn> {
@@ -53,14 +65,22 @@ impl MysqlStore {
             backend: D.name(),
             source: format!("connecting to {}: {e}", redact(url)).into(),
         };
-        let url = url.strip_prefix("mariadb://").map_or_else(|| url.to_string(), |rest| format!("mysql://{rest}"));
+        let url = url
+            .strip_prefix("mariadb://")
+            .map_or_else(|| url.to_string(), |rest| format!("mysql://{rest}"));
         let opts = Opts::from_url(&url).map_err(|e| fail(e.into()))?;
         Conn::new(opts).map_err(fail)
     }
 
     fn check_layout(&mut self, t: &TableSpec) -> Result<()> {
         let fail = |e| db_error(Action::Open, t, D.name(), e);
-        let refuse = |reason: String| Err(Error::Schema { table: t.name.clone(), backend: D.name(), reason });
+        let refuse = |reason: String| {
+            Err(Error::Schema {
+                table: t.name.clone(),
+                backend: D.name(),
+                reason,
+            })
+        };
         let engine: Option<String> = self
             .conn
             .exec_first(
@@ -84,11 +104,17 @@ impl MysqlStore {
                 (&t.name,),
             )
             .map_err(fail)?;
-        check_columns(t, D.name(), cols.iter().map(|(n, k, _, _)| (n.as_str(), k == "PRI")))?;
+        check_columns(
+            t,
+            D.name(),
+            cols.iter().map(|(n, k, _, _)| (n.as_str(), k == "PRI")),
+        )?;
         let key = cols.iter().find(|(n, ..)| n.eq_ignore_ascii_case("key"));
         if let Some((_, _, ty, collation)) = key {
             let exact = ty.eq_ignore_ascii_case("varbinary")
-                || collation.as_deref().is_some_and(|c| c.ends_with("_nopad_bin") || c.ends_with("_0900_bin"));
+                || collation
+                    .as_deref()
+                    .is_some_and(|c| c.ends_with("_nopad_bin") || c.ends_with("_0900_bin"));
             if !exact {
                 return refuse(format!(
                     "its key column is {ty} with collation {}, which compares keys ignoring \
@@ -123,28 +149,39 @@ impl MysqlStore {
             // A server error is an answer: the outcome is known. A broken connection
             // during a commit (or a statement that commits on its own) leaves it unknown.
             if committing && !matches!(e, mysql::Error::MySqlError(_)) {
-                Error::OutcomeUnknown { table: t.name.clone(), backend: D.name(), source: e.into() }
+                Error::OutcomeUnknown {
+                    table: t.name.clone(),
+                    backend: D.name(),
+                    source: e.into(),
+                }
             } else {
                 db_error(Action::Write, t, D.name(), e)
             }
         };
         if batch.len() == 1 && !batch.clear {
             let result = if let Some((k, v)) = batch.puts.first() {
-                self.conn.exec_drop(D.upsert(t, 1), (k.as_slice(), v.as_slice()))
+                self.conn
+                    .exec_drop(D.upsert(t, 1), (k.as_slice(), v.as_slice()))
             } else {
-                self.conn.exec_drop(D.delete_keys(t, 1), (batch.deletes[0].as_slice(),))
+                self.conn
+                    .exec_drop(D.delete_keys(t, 1), (batch.deletes[0].as_slice(),))
             };
             return result.map_err(|e| classify(e, true));
         }
-        let mut tx = self.conn.start_transaction(TxOpts::default()).map_err(|e| classify(e, false))?;
+        let mut tx = self
+            .conn
+            .start_transaction(TxOpts::default())
+            .map_err(|e| classify(e, false))?;
         // MySQL undoes only the failing statement: on any error the whole transaction
         // is rolled back explicitly (dropping `tx` does it).
         if batch.clear {
-            tx.query_drop(D.delete_all(t)).map_err(|e| classify(e, false))?;
+            tx.query_drop(D.delete_all(t))
+                .map_err(|e| classify(e, false))?;
         }
         for keys in chunks(&batch.deletes, |k| k.len()) {
             let params: Vec<Value> = keys.iter().map(|k| Value::from(k.as_slice())).collect();
-            tx.exec_drop(D.delete_keys(t, keys.len()), params).map_err(|e| classify(e, false))?;
+            tx.exec_drop(D.delete_keys(t, keys.len()), params)
+                .map_err(|e| classify(e, false))?;
         }
         for rows in chunks(&batch.puts, |(k, v)| k.len() + v.len()) {
             let mut params = Vec::with_capacity(rows.len() * 2);
@@ -152,7 +189,8 @@ impl MysqlStore {
                 params.push(Value::from(k.as_slice()));
                 params.push(Value::from(v.as_slice()));
             }
-            tx.exec_drop(D.upsert(t, rows.len()), params).map_err(|e| classify(e, false))?;
+            tx.exec_drop(D.upsert(t, rows.len()), params)
+                .map_err(|e| classify(e, false))?;
         }
         tx.commit().map_err(|e| classify(e, true))
     }
@@ -167,7 +205,8 @@ fn chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> impl Iterator<Item = &[
         }
         let mut bytes = 0;
         let mut n = 0;
-        while n < rest.len() && n < CHUNK_ROWS && (n == 0 || bytes + size(&rest[n]) <= CHUNK_BYTES) {
+        while n < rest.len() && n < CHUNK_ROWS && (n == 0 || bytes + size(&rest[n]) <= CHUNK_BYTES)
+        {
             bytes += size(&rest[n]);
             n += 1;
         }
@@ -238,7 +277,11 @@ impl Store for MysqlStore {
         let Some(url) = &self.url else {
             return Err(Error::Database {
                 action: Action::Connect,
-                table: self.table.as_ref().map(|t| t.name.clone()).unwrap_or_default(),
+                table: self
+                    .table
+                    .as_ref()
+                    .map(|t| t.name.clone())
+                    .unwrap_or_default(),
                 backend: D.name(),
                 source: "the connection is lost and this store was given a connection, not a \
                          URL, so it cannot reconnect; open the map again with a new connection"

@@ -6,7 +6,10 @@ use postgres::{Client, NoTls, Statement};
 
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
-use crate::store::{check_columns, db_error, not_opened, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
+use crate::store::{
+    check_columns, db_error, not_opened, opened, Batch, Dialect, IntoStore, RowSink, Store,
+    TableSpec,
+};
 
 const D: Dialect = Dialect::Postgres;
 
@@ -48,7 +51,15 @@ impl<'a> FromSql<'a> for Raw<'a> {
         Ok(Raw(raw))
     }
     fn accepts(ty: &Type) -> bool {
-        [Type::TEXT, Type::VARCHAR, Type::BPCHAR, Type::NAME, Type::BYTEA, Type::UNKNOWN].contains(ty)
+        [
+            Type::TEXT,
+            Type::VARCHAR,
+            Type::BPCHAR,
+            Type::NAME,
+            Type::BYTEA,
+            Type::UNKNOWN,
+        ]
+        .contains(ty)
     }
 }
 
@@ -56,12 +67,22 @@ impl PostgresStore {
     /// Wraps a client. A client that loses its connection cannot be revived: open the
     /// map again with a new client (a map opened from a URL reconnects by itself).
     pub fn new(client: Client) -> Self {
-        PostgresStore { client, url: None, table: None, stmts: None }
+        PostgresStore {
+            client,
+            url: None,
+            table: None,
+            stmts: None,
+        }
     }
 
     pub(crate) fn connect(url: &str) -> Result<Self> {
         let client = Self::dial(url)?;
-        Ok(PostgresStore { client, url: Some(url.to_string()), table: None, stmts: None })
+        Ok(PostgresStore {
+            client,
+            url: Some(url.to_string()),
+            table: None,
+            stmts: None,
+        })
     }
 
     fn dial(url: &str) -> Result<Client> {
@@ -108,8 +129,10 @@ impl PostgresStore {
                 &[&D.quote(&t.name)],
             )
             .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
-        let cols: Vec<(String, bool, String)> =
-            rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        let cols: Vec<(String, bool, String)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
         check_columns(t, D.name(), cols.iter().map(|(n, pk, _)| (n.as_str(), *pk)))?;
         for (name, _, ty) in &cols {
             let format = match name.as_str() {
@@ -128,7 +151,11 @@ impl PostgresStore {
                     reason: format!(
                         "its column {name:?} has type {ty}, which does not hold the {} codec's \
                          output; open it with a codec of the column's kind",
-                        if format == Format::Text { "text" } else { "binary" }
+                        if format == Format::Text {
+                            "text"
+                        } else {
+                            "binary"
+                        }
                     ),
                 });
             }
@@ -137,7 +164,9 @@ impl PostgresStore {
     }
 
     fn write(&mut self, t: &TableSpec, batch: &Batch) -> Result<()> {
-        let Some(s) = &self.stmts else { return Err(not_opened(D.name())) };
+        let Some(s) = &self.stmts else {
+            return Err(not_opened(D.name()));
+        };
         let single = batch.len() == 1 && !batch.clear;
         let binds = |format, bytes| Bind::new(t, format, bytes);
         let classify = |e: postgres::Error, committing: bool| -> Error {
@@ -145,7 +174,11 @@ impl PostgresStore {
             // (the connection broke), a commit, or a statement that commits on its own,
             // may or may not have happened.
             if committing && e.as_db_error().is_none() {
-                Error::OutcomeUnknown { table: t.name.clone(), backend: D.name(), source: e.into() }
+                Error::OutcomeUnknown {
+                    table: t.name.clone(),
+                    backend: D.name(),
+                    source: e.into(),
+                }
             } else {
                 db_error(Action::Write, t, D.name(), e)
             }
@@ -153,20 +186,30 @@ impl PostgresStore {
         if single {
             if let Some((k, v)) = batch.puts.first() {
                 let (k, v) = (binds(t.key_format, k)?, binds(t.value_format, v)?);
-                self.client.execute(&s.upsert, &[&k, &v]).map_err(|e| classify(e, true))?;
+                self.client
+                    .execute(&s.upsert, &[&k, &v])
+                    .map_err(|e| classify(e, true))?;
             } else if let Some(k) = batch.deletes.first() {
                 let k = binds(t.key_format, k)?;
-                self.client.execute(&s.delete, &[&k]).map_err(|e| classify(e, true))?;
+                self.client
+                    .execute(&s.delete, &[&k])
+                    .map_err(|e| classify(e, true))?;
             }
             return Ok(());
         }
         let mut tx = self.client.transaction().map_err(|e| classify(e, false))?;
         if batch.clear {
-            tx.execute(&s.delete_all, &[]).map_err(|e| classify(e, false))?;
+            tx.execute(&s.delete_all, &[])
+                .map_err(|e| classify(e, false))?;
         }
         if !batch.deletes.is_empty() {
-            let keys = batch.deletes.iter().map(|k| binds(t.key_format, k)).collect::<Result<Vec<_>>>()?;
-            tx.execute(&s.delete_many, &[&keys]).map_err(|e| classify(e, false))?;
+            let keys = batch
+                .deletes
+                .iter()
+                .map(|k| binds(t.key_format, k))
+                .collect::<Result<Vec<_>>>()?;
+            tx.execute(&s.delete_many, &[&keys])
+                .map_err(|e| classify(e, false))?;
         }
         if !batch.puts.is_empty() {
             let mut keys = Vec::with_capacity(batch.puts.len());
@@ -175,7 +218,8 @@ impl PostgresStore {
                 keys.push(binds(t.key_format, k)?);
                 values.push(binds(t.value_format, v)?);
             }
-            tx.execute(&s.upsert_many, &[&keys, &values]).map_err(|e| classify(e, false))?;
+            tx.execute(&s.upsert_many, &[&keys, &values])
+                .map_err(|e| classify(e, false))?;
         }
         // Dropping `tx` on any error above rolls the transaction back.
         tx.commit().map_err(|e| classify(e, true))
@@ -201,7 +245,11 @@ impl<'a> Bind<'a> {
 }
 
 impl ToSql for Bind<'_> {
-    fn to_sql(&self, ty: &Type, out: &mut postgres::types::private::BytesMut) -> Result<postgres::types::IsNull, BoxError> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut postgres::types::private::BytesMut,
+    ) -> Result<postgres::types::IsNull, BoxError> {
         match self {
             Bind::Text(s) => s.to_sql(ty, out),
             Bind::Bytes(b) => b.to_sql(ty, out),
@@ -233,9 +281,14 @@ impl Store for PostgresStore {
     fn load(&mut self, sink: &mut RowSink<'_>) -> Result<()> {
         self.ensure_connected()?;
         let t = opened(&self.table, D.name())?;
-        let Some(s) = &self.stmts else { return Err(not_opened(D.name())) };
+        let Some(s) = &self.stmts else {
+            return Err(not_opened(D.name()));
+        };
         let fail = |e| db_error(Action::Load, t, D.name(), e);
-        let mut rows = self.client.query_raw(&s.select, std::iter::empty::<&str>()).map_err(fail)?;
+        let mut rows = self
+            .client
+            .query_raw(&s.select, std::iter::empty::<&str>())
+            .map_err(fail)?;
         while let Some(row) = rows.next().map_err(fail)? {
             let key: Raw<'_> = row.try_get(0).map_err(fail)?;
             let value: Raw<'_> = row.try_get(1).map_err(|e| Error::Decode {
@@ -267,7 +320,11 @@ impl Store for PostgresStore {
             return if self.client.is_closed() {
                 Err(Error::Database {
                     action: Action::Connect,
-                    table: self.table.as_ref().map(|t| t.name.clone()).unwrap_or_default(),
+                    table: self
+                        .table
+                        .as_ref()
+                        .map(|t| t.name.clone())
+                        .unwrap_or_default(),
                     backend: D.name(),
                     source: "the connection is closed and this store was given a client, not a \
                              URL, so it cannot reconnect; open the map again with a new client"
@@ -277,7 +334,12 @@ impl Store for PostgresStore {
                 Ok(())
             };
         };
-        if !self.client.is_closed() && self.client.is_valid(std::time::Duration::from_secs(5)).is_ok() {
+        if !self.client.is_closed()
+            && self
+                .client
+                .is_valid(std::time::Duration::from_secs(5))
+                .is_ok()
+        {
             return Ok(());
         }
         self.client = Self::dial(url)?;

@@ -5,7 +5,9 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use crate::codec::Format;
 use crate::error::{show_bytes, Action, Error, Result};
-use crate::store::{check_columns, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
+use crate::store::{
+    check_columns, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec,
+};
 
 const D: Dialect = Dialect::Sqlite;
 
@@ -28,7 +30,11 @@ struct Sql {
 impl SqliteStore {
     /// Wraps a connection, keeping every pragma the user set on it.
     pub fn new(conn: Connection) -> Self {
-        SqliteStore { conn, table: None, sql: Sql::default() }
+        SqliteStore {
+            conn,
+            table: None,
+            sql: Sql::default(),
+        }
     }
 
     /// Opens a database file (or `:memory:`) with this crate's defaults: WAL journal,
@@ -42,16 +48,21 @@ impl SqliteStore {
         };
         let conn = Connection::open(path).map_err(fail)?;
         if path != ":memory:" {
-            conn.pragma_update(None, "journal_mode", "WAL").map_err(fail)?;
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .map_err(fail)?;
         }
-        conn.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(fail)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(fail)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(fail)?;
         Ok(SqliteStore::new(conn))
     }
 
     fn bind(format: Format, bytes: &[u8]) -> Result<ToSqlOutput<'_>, std::str::Utf8Error> {
         Ok(match format {
-            Format::Text => ToSqlOutput::Borrowed(ValueRef::Text(std::str::from_utf8(bytes)?.as_bytes())),
+            Format::Text => {
+                ToSqlOutput::Borrowed(ValueRef::Text(std::str::from_utf8(bytes)?.as_bytes()))
+            }
             Format::Binary => ToSqlOutput::Borrowed(ValueRef::Blob(bytes)),
         })
     }
@@ -64,7 +75,9 @@ impl SqliteStore {
         if batch.len() == 1 && !batch.clear {
             return Self::run(&self.conn, &self.sql, batch, kf, vf);
         }
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         Self::run(&tx, &self.sql, batch, kf, vf)?;
         // On error `tx` drops and rolls back.
         tx.commit()?;
@@ -105,7 +118,11 @@ impl SqliteStore {
             .query_map([&t.name], |r| Ok((r.get(0)?, r.get(1)?)))
             .and_then(|rows| rows.collect())
             .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
-        check_columns(t, D.name(), cols.iter().map(|(n, pk)| (n.as_str(), *pk > 0)))
+        check_columns(
+            t,
+            D.name(),
+            cols.iter().map(|(n, pk)| (n.as_str(), *pk > 0)),
+        )
     }
 }
 

@@ -17,7 +17,10 @@ pub(crate) trait Env {
     fn try_exec(&self, sql: &str) -> Result<(), String>;
     /// Runs a query that returns one integer.
     fn count(&self, sql: &str) -> i64 {
-        self.ints(sql).first().copied().unwrap_or_else(|| panic!("{sql}: no row"))
+        self.ints(sql)
+            .first()
+            .copied()
+            .unwrap_or_else(|| panic!("{sql}: no row"))
     }
     /// Runs a query that returns integers in its first column.
     fn ints(&self, sql: &str) -> Vec<i64>;
@@ -145,7 +148,11 @@ fn server_url(var: &str) -> String {
 fn unique_db() -> String {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!("wth_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "wth_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// `url` with its database (path) replaced by `db`.
@@ -153,7 +160,12 @@ fn unique_db() -> String {
 fn with_db(url: &str, db: &str) -> String {
     let (scheme, rest) = url.split_once("://").expect("URL with ://");
     let (authority, query) = match rest.split_once('/') {
-        Some((a, path)) => (a, path.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default()),
+        Some((a, path)) => (
+            a,
+            path.split_once('?')
+                .map(|(_, q)| format!("?{q}"))
+                .unwrap_or_default(),
+        ),
         None => (rest, String::new()),
     };
     format!("{scheme}://{authority}/{db}{query}")
@@ -177,8 +189,13 @@ mod pg {
             let db = unique_db();
             let mut c = postgres::Client::connect(&admin, postgres::NoTls)
                 .unwrap_or_else(|e| panic!("PostgreSQL at WTH_POSTGRES_URL is not reachable: {e}"));
-            c.batch_execute(&format!("CREATE DATABASE {db}")).expect("create test database");
-            PgEnv { url: with_db(&admin, &db), admin, db }
+            c.batch_execute(&format!("CREATE DATABASE {db}"))
+                .expect("create test database");
+            PgEnv {
+                url: with_db(&admin, &db),
+                admin,
+                db,
+            }
         }
 
         fn raw(&self) -> postgres::Client {
@@ -189,7 +206,8 @@ mod pg {
     impl Drop for PgEnv {
         fn drop(&mut self) {
             if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
-                let _ = c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db));
+                let _ =
+                    c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db));
             }
         }
     }
@@ -205,9 +223,15 @@ mod pg {
             self.raw().batch_execute(sql).map_err(|e| e.to_string())
         }
         fn ints(&self, sql: &str) -> Vec<i64> {
-            let rows = self.raw().query(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let rows = self
+                .raw()
+                .query(sql, &[])
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
             rows.iter()
-                .map(|r| r.try_get::<_, i64>(0).unwrap_or_else(|_| i64::from(r.get::<_, i32>(0))))
+                .map(|r| {
+                    r.try_get::<_, i64>(0)
+                        .unwrap_or_else(|_| i64::from(r.get::<_, i32>(0)))
+                })
                 .collect()
         }
         fn dialect(&self) -> Dialect {
@@ -235,8 +259,13 @@ mod my {
             let db = unique_db();
             let mut c = mysql::Conn::new(mysql::Opts::from_url(&admin).expect("MySQL URL"))
                 .unwrap_or_else(|e| panic!("MariaDB at WTH_MYSQL_URL is not reachable: {e}"));
-            c.query_drop(format!("CREATE DATABASE {db}")).expect("create test database");
-            MyEnv { url: with_db(&admin, &db), admin, db }
+            c.query_drop(format!("CREATE DATABASE {db}"))
+                .expect("create test database");
+            MyEnv {
+                url: with_db(&admin, &db),
+                admin,
+                db,
+            }
         }
 
         fn raw(&self) -> mysql::Conn {
@@ -265,7 +294,9 @@ mod my {
             self.raw().query_drop(sql).map_err(|e| e.to_string())
         }
         fn ints(&self, sql: &str) -> Vec<i64> {
-            self.raw().query::<i64, _>(sql).unwrap_or_else(|e| panic!("{sql}: {e}"))
+            self.raw()
+                .query::<i64, _>(sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
         }
         fn dialect(&self) -> Dialect {
             Dialect::Mysql

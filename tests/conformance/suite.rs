@@ -13,7 +13,10 @@ where
     K: Eq + std::hash::Hash + Serialize + serde::de::DeserializeOwned + 'static,
     V: Serialize + serde::de::DeserializeOwned + 'static,
 {
-    DbHashMap::builder_url(&env.url()).table(table).open().unwrap_or_else(|e| panic!("open {table}: {e}"))
+    DbHashMap::builder_url(&env.url())
+        .table(table)
+        .open()
+        .unwrap_or_else(|e| panic!("open {table}: {e}"))
 }
 
 /// The write-through rule's check: a fresh open of the table equals the map.
@@ -61,7 +64,10 @@ struct DocStruct {
 
 pub(crate) fn complex_keys_and_values(env: &impl Env) {
     let mut h: DbHashMap<KeyStruct, DocStruct> = open(env, "hashtable");
-    let key = KeyStruct { subject_code: vec![123, 456, 789], id: "abc123".into() };
+    let key = KeyStruct {
+        subject_code: vec![123, 456, 789],
+        id: "abc123".into(),
+    };
     let doc = DocStruct {
         author: vec!["Jim".into(), "Bob".into()],
         title: "Title A".into(),
@@ -79,7 +85,10 @@ pub(crate) fn complex_keys_and_values(env: &impl Env) {
     m.insert(k.clone(), 1).unwrap();
     m.insert(k.clone(), 2).unwrap();
     assert_persisted(env, "maps in keys", &m);
-    assert_eq!(env.count(&format!("SELECT count(*) FROM {}", env.q("maps in keys"))), 1);
+    assert_eq!(
+        env.count(&format!("SELECT count(*) FROM {}", env.q("maps in keys"))),
+        1
+    );
 }
 
 pub(crate) fn custom_table_name(env: &impl Env) {
@@ -94,8 +103,10 @@ pub(crate) fn custom_table_name(env: &impl Env) {
 
 pub(crate) fn initial_src_then_replace(env: &impl Env) {
     let initial = HashMap::from([("abc".to_string(), 123), ("def".to_string(), 456)]);
-    let mut h: DbHashMap<String, i64> =
-        DbHashMap::builder(env.conn()).src(initial.clone()).open().unwrap();
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder(env.conn())
+        .src(initial.clone())
+        .open()
+        .unwrap();
     assert!(env.table_exists("hashtable"));
     assert_eq!(h, initial);
     h.insert("ghi".into(), 789).unwrap();
@@ -106,8 +117,10 @@ pub(crate) fn initial_src_then_replace(env: &impl Env) {
     ]);
     assert_eq!(h, expected);
     assert_persisted(env, "hashtable", &h);
-    let h3: DbHashMap<String, i64> =
-        DbHashMap::builder(env.conn()).src([("jkl".to_string(), 101)]).open().unwrap();
+    let h3: DbHashMap<String, i64> = DbHashMap::builder(env.conn())
+        .src([("jkl".to_string(), 101)])
+        .open()
+        .unwrap();
     assert_eq!(h3, HashMap::from([("jkl".to_string(), 101)]));
     assert_persisted(env, "hashtable", &h3);
 }
@@ -146,15 +159,24 @@ pub(crate) fn unusable_table_names_are_refused_before_writing(env: &impl Env) {
         _ => names.push("sqlite_mine".into()),
     }
     for name in names {
-        let err = DbHashMap::<String, i64>::builder_url(&env.url()).table(&name).open().unwrap_err();
-        assert!(matches!(err, Error::InvalidTableName { .. }), "{name:?}: {err}");
+        let err = DbHashMap::<String, i64>::builder_url(&env.url())
+            .table(&name)
+            .open()
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidTableName { .. }),
+            "{name:?}: {err}"
+        );
         assert!(err.to_string().contains("choose another name"), "{err}");
     }
     if env.dialect() == Dialect::Postgres {
         // Two names that PostgreSQL would truncate to the same 63 bytes stay distinct
         // because both are refused.
         let a = format!("{}a", "p".repeat(63));
-        assert!(DbHashMap::<String, i64>::builder_url(&env.url()).table(&a).open().is_err());
+        assert!(DbHashMap::<String, i64>::builder_url(&env.url())
+            .table(&a)
+            .open()
+            .is_err());
     }
 }
 
@@ -165,16 +187,25 @@ pub(crate) fn keys_compare_byte_for_byte(env: &impl Env) {
         h.insert(k.to_string(), i as i64).unwrap();
     }
     assert_eq!(h.len(), keys.len());
-    assert_eq!(env.count(&format!("SELECT count(*) FROM {}", env.q("keys"))), keys.len() as i64);
+    assert_eq!(
+        env.count(&format!("SELECT count(*) FROM {}", env.q("keys"))),
+        keys.len() as i64
+    );
     assert_persisted(env, "keys", &h);
     // The same with raw text keys in a text column.
-    let mut t: DbHashMap<String, String> =
-        DbHashMap::builder_url(&env.url()).table("text keys").codec(Text).open().unwrap();
+    let mut t: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
+        .table("text keys")
+        .codec(Text)
+        .open()
+        .unwrap();
     for k in keys {
         t.insert(k.to_string(), k.to_uppercase()).unwrap();
     }
-    let t2: DbHashMap<String, String> =
-        DbHashMap::builder_url(&env.url()).table("text keys").codec(Text).open().unwrap();
+    let t2: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
+        .table("text keys")
+        .codec(Text)
+        .open()
+        .unwrap();
     assert_eq!(t, t2);
     assert_eq!(t2.len(), keys.len());
 }
@@ -184,7 +215,8 @@ pub(crate) fn all_write_methods(env: &impl Env) {
     assert_eq!(h.insert(1, "one".into()).unwrap(), None);
     assert_eq!(h.insert(1, "uno".into()).unwrap(), Some("one".into()));
     h.insert_many((2..=10).map(|i| (i, i.to_string()))).unwrap();
-    h.insert_many([(11, "x".to_string()), (11, "eleven".to_string())]).unwrap();
+    h.insert_many([(11, "x".to_string()), (11, "eleven".to_string())])
+        .unwrap();
     assert_eq!(h[&11], "eleven");
     assert_eq!(h.remove_entry(&2).unwrap(), Some((2, "2".to_string())));
     assert_eq!(h.remove(&2).unwrap(), None);
@@ -213,7 +245,10 @@ pub(crate) fn reads_are_hashmap_reads(env: &impl Env) {
     assert_eq!(h.values().sum::<i64>(), 3);
     assert_eq!((&h).into_iter().count(), 2);
     let printed = format!("{h:?}");
-    assert!(printed == r#"{"a": 1, "b": 2}"# || printed == r#"{"b": 2, "a": 1}"#, "{printed}");
+    assert!(
+        printed == r#"{"a": 1, "b": 2}"# || printed == r#"{"b": 2, "a": 1}"#,
+        "{printed}"
+    );
     let other: DbHashMap<String, i64> = open(env, "reads");
     assert_eq!(h, other);
     assert_eq!(h.table_name(), "reads");
@@ -221,7 +256,8 @@ pub(crate) fn reads_are_hashmap_reads(env: &impl Env) {
 
 pub(crate) fn transactions_are_all_or_nothing(env: &impl Env) {
     let mut h: DbHashMap<String, i64> = open(env, "tx");
-    h.insert_many([("alice".into(), 10), ("bob".into(), 0)]).unwrap();
+    h.insert_many([("alice".into(), 10), ("bob".into(), 0)])
+        .unwrap();
     let n = h
         .transaction(|tx| {
             let a = *tx.get("alice").unwrap();
@@ -236,7 +272,10 @@ pub(crate) fn transactions_are_all_or_nothing(env: &impl Env) {
         })
         .unwrap();
     assert_eq!(n, 7);
-    assert_eq!(h, HashMap::from([("alice".into(), 6), ("bob".into(), 4), ("dave".into(), 2)]));
+    assert_eq!(
+        h,
+        HashMap::from([("alice".into(), 6), ("bob".into(), 4), ("dave".into(), 2)])
+    );
     assert_persisted(env, "tx", &h);
 
     let before = h.clone_map();
@@ -249,13 +288,14 @@ pub(crate) fn transactions_are_all_or_nothing(env: &impl Env) {
     assert_eq!(h, before);
     assert_persisted(env, "tx", &h);
 
-    let r: std::thread::Result<write_thru_hash::Result<()>> = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        h.transaction(|tx| {
-            tx.clear();
-            tx.insert("zed".into(), 1)?;
-            panic!("inside a transaction")
-        })
-    }));
+    let r: std::thread::Result<write_thru_hash::Result<()>> =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            h.transaction(|tx| {
+                tx.clear();
+                tx.insert("zed".into(), 1)?;
+                panic!("inside a transaction")
+            })
+        }));
     assert!(r.is_err());
     assert_eq!(h, before);
     assert_persisted(env, "tx", &h);
@@ -275,16 +315,25 @@ pub(crate) fn transactions_are_all_or_nothing(env: &impl Env) {
 /// stays, in the table or in memory.
 pub(crate) fn server_rejection_rolls_back_everything(env: &impl Env) {
     let mut h: DbHashMap<String, String> = open(env, "rejects");
-    h.insert_many([("keep".into(), "old".into()), ("gone".into(), "x".into())]).unwrap();
+    h.insert_many([("keep".into(), "old".into()), ("gone".into(), "x".into())])
+        .unwrap();
     env.reject_value("rejects", "\"boom\"");
     let before = h.clone_map();
 
     let err = h.insert("k".into(), "boom".into()).unwrap_err();
     assert!(matches!(err, Error::Database { .. }), "{err}");
-    assert!(err.to_string().contains("rejects"), "the message names the table: {err}");
+    assert!(
+        err.to_string().contains("rejects"),
+        "the message names the table: {err}"
+    );
     assert_eq!(h, before);
 
-    let many = (0..50).map(|i| (format!("n{i}"), if i == 25 { "boom" } else { "ok" }.to_string()));
+    let many = (0..50).map(|i| {
+        (
+            format!("n{i}"),
+            if i == 25 { "boom" } else { "ok" }.to_string(),
+        )
+    });
     assert!(h.insert_many(many).is_err());
     assert_eq!(h, before);
 
@@ -303,7 +352,10 @@ pub(crate) fn server_rejection_rolls_back_everything(env: &impl Env) {
 
     let replaced = DbHashMap::<String, String>::builder_url(&env.url())
         .table("rejects")
-        .src([("a".to_string(), "fine".to_string()), ("b".to_string(), "boom".to_string())])
+        .src([
+            ("a".to_string(), "fine".to_string()),
+            ("b".to_string(), "boom".to_string()),
+        ])
         .open();
     assert!(matches!(replaced, Err(Error::Database { .. })));
     assert_persisted(env, "rejects", &h);
@@ -345,21 +397,38 @@ pub(crate) fn undecodable_rows_are_errors(env: &impl Env) {
     let t = env.q("bad rows");
     let _: DbHashMap<String, i64> = open(env, "bad rows");
     let (k, v) = (env.q("key"), env.q("value"));
-    env.exec(&format!("INSERT INTO {t} ({k}, {v}) VALUES ('\"ok\"', '1')"));
-    env.exec(&format!("INSERT INTO {t} ({k}, {v}) VALUES ('\"bad value\"', 'not json')"));
-    let err = DbHashMap::<String, i64>::builder_url(&env.url()).table("bad rows").open().unwrap_err();
+    env.exec(&format!(
+        "INSERT INTO {t} ({k}, {v}) VALUES ('\"ok\"', '1')"
+    ));
+    env.exec(&format!(
+        "INSERT INTO {t} ({k}, {v}) VALUES ('\"bad value\"', 'not json')"
+    ));
+    let err = DbHashMap::<String, i64>::builder_url(&env.url())
+        .table("bad rows")
+        .open()
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Decode { what: "value", .. }), "{msg}");
-    assert!(msg.contains("bad rows") && msg.contains("bad value"), "names table and row: {msg}");
+    assert!(
+        msg.contains("bad rows") && msg.contains("bad value"),
+        "names table and row: {msg}"
+    );
 
     env.exec(&format!("DELETE FROM {t}"));
-    env.exec(&format!("INSERT INTO {t} ({k}, {v}) VALUES ('unquoted', '1')"));
-    let err = DbHashMap::<String, i64>::builder_url(&env.url()).table("bad rows").open().unwrap_err();
+    env.exec(&format!(
+        "INSERT INTO {t} ({k}, {v}) VALUES ('unquoted', '1')"
+    ));
+    let err = DbHashMap::<String, i64>::builder_url(&env.url())
+        .table("bad rows")
+        .open()
+        .unwrap_err();
     assert!(matches!(err, Error::Decode { what: "key", .. }), "{err}");
 
     // A key stored in a form the codec would not write: equal keys, other bytes.
     env.exec(&format!("DELETE FROM {t}"));
-    env.exec(&format!("INSERT INTO {t} ({k}, {v}) VALUES ('{{\"b\":1,\"a\":2}}', '1')"));
+    env.exec(&format!(
+        "INSERT INTO {t} ({k}, {v}) VALUES ('{{\"b\":1,\"a\":2}}', '1')"
+    ));
     let err = DbHashMap::<BTreeMap<String, i32>, i64>::builder_url(&env.url())
         .table("bad rows")
         .open()
@@ -368,25 +437,46 @@ pub(crate) fn undecodable_rows_are_errors(env: &impl Env) {
 }
 
 pub(crate) fn wrong_layout_is_refused(env: &impl Env) {
-    env.exec(&format!("CREATE TABLE {} (id INTEGER PRIMARY KEY, name TEXT)", env.q("other")));
-    let err = DbHashMap::<String, i64>::builder_url(&env.url()).table("other").open().unwrap_err();
+    env.exec(&format!(
+        "CREATE TABLE {} (id INTEGER PRIMARY KEY, name TEXT)",
+        env.q("other")
+    ));
+    let err = DbHashMap::<String, i64>::builder_url(&env.url())
+        .table("other")
+        .open()
+        .unwrap_err();
     assert!(matches!(err, Error::Schema { .. }), "{err}");
-    let key_type = if env.dialect() == Dialect::Mysql { "VARCHAR(100)" } else { "TEXT" };
+    let key_type = if env.dialect() == Dialect::Mysql {
+        "VARCHAR(100)"
+    } else {
+        "TEXT"
+    };
     env.exec(&format!(
         "CREATE TABLE {} ({} {key_type} NOT NULL, {} TEXT NOT NULL)",
         env.q("no pk"),
         env.q("key"),
         env.q("value")
     ));
-    let err = DbHashMap::<String, i64>::builder_url(&env.url()).table("no pk").open().unwrap_err();
+    let err = DbHashMap::<String, i64>::builder_url(&env.url())
+        .table("no pk")
+        .open()
+        .unwrap_err();
     assert!(matches!(err, Error::Schema { .. }), "{err}");
     if env.dialect() == Dialect::Mysql {
         // A case-folding, space-padding key column would merge distinct keys.
-        env.exec("CREATE TABLE folding (`key` VARCHAR(100) NOT NULL PRIMARY KEY, `value` TEXT NOT NULL)");
-        let err = DbHashMap::<String, i64>::builder_url(&env.url()).table("folding").open().unwrap_err();
+        env.exec(
+            "CREATE TABLE folding (`key` VARCHAR(100) NOT NULL PRIMARY KEY, `value` TEXT NOT NULL)",
+        );
+        let err = DbHashMap::<String, i64>::builder_url(&env.url())
+            .table("folding")
+            .open()
+            .unwrap_err();
         assert!(err.to_string().contains("VARBINARY"), "{err}");
         env.exec("CREATE TABLE myisam (`key` VARBINARY(100) NOT NULL PRIMARY KEY, `value` TEXT NOT NULL) ENGINE=MyISAM");
-        let err = DbHashMap::<String, i64>::builder_url(&env.url()).table("myisam").open().unwrap_err();
+        let err = DbHashMap::<String, i64>::builder_url(&env.url())
+            .table("myisam")
+            .open()
+            .unwrap_err();
         assert!(err.to_string().contains("InnoDB"), "{err}");
     }
 }
@@ -396,7 +486,13 @@ pub(crate) fn non_canonical_key_codec_is_caught(env: &impl Env) {
     static CALLS: AtomicUsize = AtomicUsize::new(0);
     // Pads keys with a growing number of zeros: equal keys, different text.
     let codec = FnCodec::text(
-        |n: &u32| format!("{:0width$}", n, width = CALLS.fetch_add(1, Ordering::Relaxed) % 4 + 1),
+        |n: &u32| {
+            format!(
+                "{:0width$}",
+                n,
+                width = CALLS.fetch_add(1, Ordering::Relaxed) % 4 + 1
+            )
+        },
         |s: &str| s.parse::<u32>(),
     );
     let mut h: DbHashMap<u32, String> = DbHashMap::builder_url(&env.url())
@@ -409,7 +505,10 @@ pub(crate) fn non_canonical_key_codec_is_caught(env: &impl Env) {
     let err = h.insert(7, "b".into()).unwrap_err();
     assert!(matches!(err, Error::NonCanonicalKey { .. }), "{err}");
     assert_eq!(h[&7], "a");
-    assert_eq!(env.count(&format!("SELECT count(*) FROM {}", env.q("loose"))), 1);
+    assert_eq!(
+        env.count(&format!("SELECT count(*) FROM {}", env.q("loose"))),
+        1
+    );
 }
 
 pub(crate) fn codecs_and_column_types(env: &impl Env) {
@@ -417,45 +516,72 @@ pub(crate) fn codecs_and_column_types(env: &impl Env) {
     let t = env.q("hashtable");
     let (k, v) = (env.q("key"), env.q("value"));
     // MySQL never ran the original; there a text key needs a byte-exact column.
-    let text_type = if env.dialect() == Dialect::Mysql { "VARBINARY(200)" } else { "text" };
+    let text_type = if env.dialect() == Dialect::Mysql {
+        "VARBINARY(200)"
+    } else {
+        "text"
+    };
     env.exec(&format!(
         "CREATE TABLE {t} ({k} {text_type} NOT NULL, {v} text NOT NULL, PRIMARY KEY ({k}))"
     ));
-    env.exec(&format!("INSERT INTO {t} ({k}, {v}) VALUES ('greeting', 'hello, world')"));
-    let mut h: DbHashMap<String, String> = DbHashMap::builder(env.conn()).codec(Text).open().unwrap();
+    env.exec(&format!(
+        "INSERT INTO {t} ({k}, {v}) VALUES ('greeting', 'hello, world')"
+    ));
+    let mut h: DbHashMap<String, String> =
+        DbHashMap::builder(env.conn()).codec(Text).open().unwrap();
     assert_eq!(h["greeting"], "hello, world");
-    h.insert("name".into(), "Zoë \"quoted\" 'single'".into()).unwrap();
+    h.insert("name".into(), "Zoë \"quoted\" 'single'".into())
+        .unwrap();
     let stored = env.count(&format!(
         "SELECT count(*) FROM {t} WHERE {v} = 'Zoë \"quoted\" ''single'''"
     ));
     assert_eq!(stored, 1, "text is stored as it is");
 
     // Raw bytes in binary columns, any byte values, large.
-    let mut b: DbHashMap<Vec<u8>, Vec<u8>> =
-        DbHashMap::builder_url(&env.url()).table("bytes").codec(Bytes).open().unwrap();
+    let mut b: DbHashMap<Vec<u8>, Vec<u8>> = DbHashMap::builder_url(&env.url())
+        .table("bytes")
+        .codec(Bytes)
+        .open()
+        .unwrap();
     let all: Vec<u8> = (0..=255).collect();
     b.insert(all.clone(), all.repeat(4096)).unwrap(); // 1 MiB
     b.insert(vec![0], vec![]).unwrap();
     b.insert(vec![], vec![0]).unwrap();
-    let b2: DbHashMap<Vec<u8>, Vec<u8>> =
-        DbHashMap::builder_url(&env.url()).table("bytes").codec(Bytes).open().unwrap();
+    let b2: DbHashMap<Vec<u8>, Vec<u8>> = DbHashMap::builder_url(&env.url())
+        .table("bytes")
+        .codec(Bytes)
+        .open()
+        .unwrap();
     assert_eq!(b, b2);
 
     #[cfg(feature = "postcard")]
     {
         use write_thru_hash::Postcard;
-        let mut p: DbHashMap<(String, u64), Vec<Option<f64>>> =
-            DbHashMap::builder_url(&env.url()).table("postcard").codec(Postcard).open().unwrap();
+        let mut p: DbHashMap<(String, u64), Vec<Option<f64>>> = DbHashMap::builder_url(&env.url())
+            .table("postcard")
+            .codec(Postcard)
+            .open()
+            .unwrap();
         p.insert(("a".into(), 1), vec![Some(1.5), None]).unwrap();
-        p.insert(("b".into(), u64::MAX), vec![Some(f64::NAN)]).unwrap();
-        let p2: DbHashMap<(String, u64), Vec<Option<f64>>> =
-            DbHashMap::builder_url(&env.url()).table("postcard").codec(Postcard).open().unwrap();
+        p.insert(("b".into(), u64::MAX), vec![Some(f64::NAN)])
+            .unwrap();
+        let p2: DbHashMap<(String, u64), Vec<Option<f64>>> = DbHashMap::builder_url(&env.url())
+            .table("postcard")
+            .codec(Postcard)
+            .open()
+            .unwrap();
         assert_eq!(p2.len(), 2);
         assert_eq!(p2[&("a".to_string(), 1)], vec![Some(1.5), None]);
         assert!(p2[&("b".to_string(), u64::MAX)][0].unwrap().is_nan());
-        let mut m: DbHashMap<BTreeMap<u8, u8>, u8> =
-            DbHashMap::builder_url(&env.url()).table("postcard maps").codec(Postcard).open().unwrap();
-        assert!(matches!(m.insert(BTreeMap::from([(1, 2)]), 3), Err(Error::Encode { .. })));
+        let mut m: DbHashMap<BTreeMap<u8, u8>, u8> = DbHashMap::builder_url(&env.url())
+            .table("postcard maps")
+            .codec(Postcard)
+            .open()
+            .unwrap();
+        assert!(matches!(
+            m.insert(BTreeMap::from([(1, 2)]), 3),
+            Err(Error::Encode { .. })
+        ));
     }
 
     // Large JSON values.
@@ -466,8 +592,12 @@ pub(crate) fn codecs_and_column_types(env: &impl Env) {
 }
 
 pub(crate) fn long_keys_are_refused_or_stored_whole(env: &impl Env) {
-    let mut h: DbHashMap<Vec<u8>, i32> =
-        DbHashMap::builder_url(&env.url()).table("long keys").codec(Bytes).value_codec(write_thru_hash::Json).open().unwrap();
+    let mut h: DbHashMap<Vec<u8>, i32> = DbHashMap::builder_url(&env.url())
+        .table("long keys")
+        .codec(Bytes)
+        .value_codec(write_thru_hash::Json)
+        .open()
+        .unwrap();
     // Random bytes do not compress, so PostgreSQL's limit applies in full.
     let mut x: u64 = 0x9E3779B97F4A7C15;
     let mut random = |n: usize| -> Vec<u8> {
@@ -546,7 +676,10 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 pub(crate) fn random_operations_match_a_model(env: &impl Env) {
-    let cases = std::env::var("WTH_PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
+    let cases = std::env::var("WTH_PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12);
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases,
         failure_persistence: None,
@@ -571,7 +704,13 @@ pub(crate) fn random_operations_match_a_model(env: &impl Env) {
         .unwrap();
 }
 
-fn apply(env: &impl Env, table: &str, h: &mut DbHashMap<u8, i16>, model: &mut HashMap<u8, i16>, op: Op) {
+fn apply(
+    env: &impl Env,
+    table: &str,
+    h: &mut DbHashMap<u8, i16>,
+    model: &mut HashMap<u8, i16>,
+    op: Op,
+) {
     match op {
         Op::Insert(k, v) => match h.insert(k, v) {
             Ok(old) => assert_eq!(old, model.insert(k, v)),
