@@ -10,7 +10,7 @@ pub(crate) mod dialect;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 mod support;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
-pub(crate) use support::{check_columns, db_error, not_opened, opened};
+pub(crate) use support::{check_columns, db_error, opened};
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
 #[cfg(feature = "postgres")]
