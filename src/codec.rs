@@ -64,8 +64,12 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for Json {
     }
 
     fn encode_key(&self, key: &T, out: &mut Vec<u8>) -> Result<(), BoxError> {
-        // Going through `Value`, whose objects are sorted maps, makes the text
-        // independent of the order in which a map inside the key iterates.
+        // Without a map inside, serde's output is canonical as it is (struct fields come
+        // in declaration order). With one, going through `Value`, whose objects are
+        // sorted maps, makes the text independent of the order the map iterates in.
+        if key.serialize(crate::canonical::MapFinder).is_ok() {
+            return serde_json::to_writer(out, key).map_err(Into::into);
+        }
         let value = serde_json::to_value(key)?;
         serde_json::to_writer(out, &value).map_err(Into::into)
     }

@@ -30,7 +30,6 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod builder;
-#[cfg(feature = "postcard")]
 mod canonical;
 mod codec;
 mod error;

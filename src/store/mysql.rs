@@ -23,6 +23,8 @@ const CHUNK_BYTES: usize = 4 << 20;
 /// or `LONGBLOB`. A batch is one InnoDB transaction of multi-row statements.
 pub struct MysqlStore {
     conn: Conn,
+    /// The single-row statements, prepared once per connection.
+    single: Option<(mysql::Statement, mysql::Statement)>,
     url: Option<String>,
     table: Option<TableSpec>,
     /// Set when the connection failed without a server answer: it is not used again.
@@ -43,6 +45,7 @@ impl MysqlStore {
     pub fn new(conn: Conn) -> Self {
         MysqlStore {
             conn,
+            single: None,
             url: None,
             table: None,
             broken: false,
@@ -52,6 +55,7 @@ impl MysqlStore {
     pub(crate) fn connect(url: &str) -> Result<Self> {
         Ok(MysqlStore {
             conn: Self::dial(url)?,
+            single: None,
             url: Some(url.to_string()),
             table: None,
             broken: false,
@@ -159,13 +163,23 @@ impl MysqlStore {
             }
         };
         if batch.len() == 1 && !batch.clear {
-            let result = if let Some((k, v)) = batch.puts.first() {
-                self.conn
-                    .exec_drop(D.upsert(t, 1), (k.as_slice(), v.as_slice()))
-            } else {
-                self.conn
-                    .exec_drop(D.delete_keys(t, 1), (batch.deletes[0].as_slice(),))
+            let (upsert, delete) = match self.single.take() {
+                Some(prepared) => prepared,
+                None => (
+                    self.conn
+                        .prep(D.upsert(t, 1))
+                        .map_err(|e| classify(e, false))?,
+                    self.conn
+                        .prep(D.delete_keys(t, 1))
+                        .map_err(|e| classify(e, false))?,
+                ),
             };
+            let result = if let Some((k, v)) = batch.puts.first() {
+                self.conn.exec_drop(&upsert, (k.as_slice(), v.as_slice()))
+            } else {
+                self.conn.exec_drop(&delete, (batch.deletes[0].as_slice(),))
+            };
+            self.single = Some((upsert, delete));
             return result.map_err(|e| classify(e, true));
         }
         let mut tx = self
@@ -289,6 +303,7 @@ impl Store for MysqlStore {
             });
         };
         self.conn = Self::dial(url)?;
+        self.single = None;
         self.broken = false;
         Ok(())
     }

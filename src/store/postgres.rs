@@ -6,9 +6,9 @@ use postgres::{Client, NoTls, Statement};
 
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
+use crate::store::support::not_opened;
 use crate::store::{
-    check_columns, db_error, not_opened, opened, Batch, Dialect, IntoStore, RowSink, Store,
-    TableSpec,
+    check_columns, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Postgres;

@@ -1,0 +1,429 @@
+//! `cargo run --release -p wth-bench -- [--quick]`: this library and the raw driver
+//! issuing the same statements, side by side in one process, on the same data, with
+//! the ratio of their times. Server backends run when `WTH_POSTGRES_URL` /
+//! `WTH_MYSQL_URL` are set (`scripts/bench.sh` starts the servers).
+//!
+//! W1: single inserts, each its own commit. W2: inserts in one transaction
+//! (`insert_many` against one prepared upsert per row in one transaction).
+//! W3: opening a table (loading every row) against `SELECT` decoded into a `HashMap`.
+//! W4: random `get`s against a plain `HashMap` of the same content.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mysql::prelude::Queryable;
+use write_thru_hash::{DbHashMap, Dialect, Format, TableSpec};
+
+#[derive(Parser)]
+struct Args {
+    /// Smaller sizes, for a smoke run.
+    #[arg(long)]
+    quick: bool,
+    /// Rounds of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+struct Row {
+    backend: String,
+    case: String,
+    lib: Duration,
+    raw: Duration,
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Runs `lib` and `raw` alternately, `rounds` times each, each on a fresh table.
+fn side_by_side(
+    rounds: usize,
+    mut lib: impl FnMut(usize) -> Duration,
+    mut raw: impl FnMut(usize) -> Duration,
+) -> (Duration, Duration) {
+    let (mut l, mut r) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        l.push(lib(round));
+        r.push(raw(round));
+    }
+    (median(l), median(r))
+}
+
+/// The same keys and values, as the library's JSON codec stores them.
+fn data(n: usize) -> (Vec<(String, i64)>, Vec<(String, String)>) {
+    let typed: Vec<(String, i64)> = (0..n)
+        .map(|i| (format!("key-{i:08}"), i as i64 * 7))
+        .collect();
+    let encoded = typed
+        .iter()
+        .map(|(k, v)| (format!("\"{k}\""), v.to_string()))
+        .collect();
+    (typed, encoded)
+}
+
+fn spec(name: &str) -> TableSpec {
+    TableSpec {
+        name: name.into(),
+        key_format: Format::Text,
+        value_format: Format::Text,
+    }
+}
+
+fn timed(f: impl FnOnce()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+// ---- SQLite ----
+
+fn sqlite_conn(path: &std::path::Path, journal: &str) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.pragma_update(None, "journal_mode", journal).unwrap();
+    c.pragma_update(None, "synchronous", "FULL").unwrap();
+    c
+}
+
+fn sqlite(rows: &mut Vec<Row>, args: &Args, journal: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = format!("SQLite ({journal})");
+    let d = Dialect::Sqlite;
+    let n1 = if args.quick { 100 } else { 1_000 };
+    let n2 = if args.quick { 1_000 } else { 10_000 };
+    let (typed, encoded) = data(n2);
+
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |r| {
+            let mut h: DbHashMap<String, i64> =
+                DbHashMap::builder(sqlite_conn(&dir.path().join(format!("w1l{r}")), journal))
+                    .open()
+                    .unwrap();
+            timed(|| {
+                typed[..n1].iter().for_each(|(k, v)| {
+                    let _ = h.insert(k.clone(), *v).unwrap();
+                })
+            })
+        },
+        |r| {
+            let c = sqlite_conn(&dir.path().join(format!("w1r{r}")), journal);
+            c.execute_batch(&d.create_table(&spec("hashtable")))
+                .unwrap();
+            let sql = d.upsert(&spec("hashtable"), 1);
+            timed(|| {
+                let mut st = c.prepare_cached(&sql).unwrap();
+                encoded[..n1].iter().for_each(|(k, v)| {
+                    let _ = st.execute([k, v]).unwrap();
+                });
+            })
+        },
+    );
+    rows.push(Row {
+        backend: backend.clone(),
+        case: format!("W1 {n1} single inserts, a commit each"),
+        lib,
+        raw,
+    });
+
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |r| {
+            let mut h: DbHashMap<String, i64> =
+                DbHashMap::builder(sqlite_conn(&dir.path().join(format!("w2l{r}")), journal))
+                    .open()
+                    .unwrap();
+            let batch = typed.clone();
+            timed(|| h.insert_many(batch).unwrap())
+        },
+        |r| {
+            let mut c = sqlite_conn(&dir.path().join(format!("w2r{r}")), journal);
+            c.execute_batch(&d.create_table(&spec("hashtable")))
+                .unwrap();
+            let sql = d.upsert(&spec("hashtable"), 1);
+            timed(|| {
+                let tx = c.transaction().unwrap();
+                {
+                    let mut st = tx.prepare_cached(&sql).unwrap();
+                    encoded.iter().for_each(|(k, v)| {
+                        let _ = st.execute([k, v]).unwrap();
+                    });
+                }
+                tx.commit().unwrap();
+            })
+        },
+    );
+    rows.push(Row {
+        backend: backend.clone(),
+        case: format!("W2 {n2} inserts in one transaction"),
+        lib,
+        raw,
+    });
+
+    if journal != "WAL" {
+        return;
+    }
+    let n3 = if args.quick { 20_000 } else { 1_000_000 };
+    let path = dir.path().join("w3");
+    let (typed3, _) = data(n3);
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder(sqlite_conn(&path, journal))
+        .open()
+        .unwrap();
+    h.insert_many(typed3.iter().cloned()).unwrap();
+    drop(h);
+    let select = d.select_all(&spec("hashtable"));
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |_| {
+            let c = sqlite_conn(&path, journal);
+            timed(|| assert_eq!(DbHashMap::<String, i64>::open(c).unwrap().len(), n3))
+        },
+        |_| {
+            let c = sqlite_conn(&path, journal);
+            timed(|| {
+                let mut st = c.prepare(&select).unwrap();
+                let mut map: HashMap<String, i64> = HashMap::new();
+                let mut q = st.query([]).unwrap();
+                while let Some(row) = q.next().unwrap() {
+                    let k: String = serde_json_from(row.get_ref(0).unwrap().as_str().unwrap());
+                    let v: i64 = serde_json_from(row.get_ref(1).unwrap().as_str().unwrap());
+                    map.insert(k, v);
+                }
+                assert_eq!(map.len(), n3);
+            })
+        },
+    );
+    rows.push(Row {
+        backend: backend.clone(),
+        case: format!("W3 open a table of {n3} rows"),
+        lib,
+        raw,
+    });
+
+    let h: DbHashMap<String, i64> = DbHashMap::builder(sqlite_conn(&path, journal))
+        .open()
+        .unwrap();
+    let plain: HashMap<String, i64> = (*h).clone();
+    let keys: Vec<&String> = {
+        let mut x: u64 = 88172645463325252;
+        let all: Vec<&String> = plain.keys().collect();
+        (0..1_000_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                all[(x % all.len() as u64) as usize]
+            })
+            .collect()
+    };
+    // One pass of each first, so that neither pays for cold caches.
+    let sum = |m: &HashMap<String, i64>| keys.iter().map(|k| *m.get(*k).unwrap()).sum::<i64>();
+    assert_eq!(sum(&h), sum(&plain));
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |_| timed(|| assert!(keys.iter().map(|k| *h.get(*k).unwrap()).sum::<i64>() > 0)),
+        |_| timed(|| assert!(keys.iter().map(|k| *plain.get(*k).unwrap()).sum::<i64>() > 0)),
+    );
+    rows.push(Row {
+        backend,
+        case: "W4 1000000 random gets (raw: plain HashMap)".into(),
+        lib,
+        raw,
+    });
+}
+
+fn serde_json_from<T: serde::de::DeserializeOwned>(s: &str) -> T {
+    serde_json::from_str(s).unwrap()
+}
+
+// ---- PostgreSQL ----
+
+fn postgres(rows: &mut Vec<Row>, args: &Args, url: &str) {
+    let backend = "PostgreSQL".to_string();
+    let d = Dialect::Postgres;
+    let n1 = if args.quick { 100 } else { 1_000 };
+    let n2 = if args.quick { 1_000 } else { 10_000 };
+    let (typed, encoded) = data(n2);
+    let connect = || postgres::Client::connect(url, postgres::NoTls).unwrap();
+    let fresh = |name: &str| {
+        connect()
+            .batch_execute(&format!("DROP TABLE IF EXISTS {}", d.quote(name)))
+            .unwrap();
+        spec(name)
+    };
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |_| {
+            fresh("bench_lib");
+            let mut h: DbHashMap<String, i64> = DbHashMap::builder(connect())
+                .table("bench_lib")
+                .open()
+                .unwrap();
+            timed(|| {
+                typed[..n1].iter().for_each(|(k, v)| {
+                    let _ = h.insert(k.clone(), *v).unwrap();
+                })
+            })
+        },
+        |_| {
+            let t = fresh("bench_raw");
+            let mut c = connect();
+            c.batch_execute(&d.create_table(&t)).unwrap();
+            let st = c.prepare(&d.upsert(&t, 1)).unwrap();
+            timed(|| {
+                encoded[..n1].iter().for_each(|(k, v)| {
+                    let _ = c.execute(&st, &[k, v]).unwrap();
+                })
+            })
+        },
+    );
+    rows.push(Row {
+        backend: backend.clone(),
+        case: format!("W1 {n1} single inserts, a commit each"),
+        lib,
+        raw,
+    });
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |_| {
+            fresh("bench_lib");
+            let mut h: DbHashMap<String, i64> = DbHashMap::builder(connect())
+                .table("bench_lib")
+                .open()
+                .unwrap();
+            let batch = typed.clone();
+            timed(|| h.insert_many(batch).unwrap())
+        },
+        |_| {
+            let t = fresh("bench_raw");
+            let mut c = connect();
+            c.batch_execute(&d.create_table(&t)).unwrap();
+            let st = c.prepare(&d.upsert(&t, 1)).unwrap();
+            timed(|| {
+                let mut tx = c.transaction().unwrap();
+                encoded.iter().for_each(|(k, v)| {
+                    let _ = tx.execute(&st, &[k, v]).unwrap();
+                });
+                tx.commit().unwrap();
+            })
+        },
+    );
+    rows.push(Row {
+        backend,
+        case: format!("W2 {n2} inserts in one transaction"),
+        lib,
+        raw,
+    });
+}
+
+// ---- MySQL / MariaDB ----
+
+fn mysql(rows: &mut Vec<Row>, args: &Args, url: &str) {
+    let backend = "MariaDB".to_string();
+    let d = Dialect::Mysql;
+    let n1 = if args.quick { 100 } else { 1_000 };
+    let n2 = if args.quick { 1_000 } else { 10_000 };
+    let (typed, encoded) = data(n2);
+    let connect = || mysql::Conn::new(mysql::Opts::from_url(url).unwrap()).unwrap();
+    let fresh = |name: &str| {
+        connect()
+            .query_drop(format!("DROP TABLE IF EXISTS {}", d.quote(name)))
+            .unwrap();
+        spec(name)
+    };
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |_| {
+            fresh("bench_lib");
+            let mut h: DbHashMap<String, i64> = DbHashMap::builder(connect())
+                .table("bench_lib")
+                .open()
+                .unwrap();
+            timed(|| {
+                typed[..n1].iter().for_each(|(k, v)| {
+                    let _ = h.insert(k.clone(), *v).unwrap();
+                })
+            })
+        },
+        |_| {
+            let t = fresh("bench_raw");
+            let mut c = connect();
+            c.query_drop(d.create_table(&t)).unwrap();
+            let st = c.prep(d.upsert(&t, 1)).unwrap();
+            timed(|| {
+                encoded[..n1]
+                    .iter()
+                    .for_each(|(k, v)| c.exec_drop(&st, (k.as_bytes(), v.as_bytes())).unwrap())
+            })
+        },
+    );
+    rows.push(Row {
+        backend: backend.clone(),
+        case: format!("W1 {n1} single inserts, a commit each"),
+        lib,
+        raw,
+    });
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |_| {
+            fresh("bench_lib");
+            let mut h: DbHashMap<String, i64> = DbHashMap::builder(connect())
+                .table("bench_lib")
+                .open()
+                .unwrap();
+            let batch = typed.clone();
+            timed(|| h.insert_many(batch).unwrap())
+        },
+        |_| {
+            let t = fresh("bench_raw");
+            let mut c = connect();
+            c.query_drop(d.create_table(&t)).unwrap();
+            let st = c.prep(d.upsert(&t, 1)).unwrap();
+            timed(|| {
+                let mut tx = c.start_transaction(mysql::TxOpts::default()).unwrap();
+                encoded
+                    .iter()
+                    .for_each(|(k, v)| tx.exec_drop(&st, (k.as_bytes(), v.as_bytes())).unwrap());
+                tx.commit().unwrap();
+            })
+        },
+    );
+    rows.push(Row {
+        backend,
+        case: format!("W2 {n2} inserts in one transaction"),
+        lib,
+        raw,
+    });
+}
+
+fn main() {
+    let args = Args::parse();
+    let mut rows = Vec::new();
+    sqlite(&mut rows, &args, "WAL");
+    sqlite(&mut rows, &args, "DELETE");
+    match std::env::var("WTH_POSTGRES_URL") {
+        Ok(url) => postgres(&mut rows, &args, &url),
+        Err(_) => eprintln!(
+            "WTH_POSTGRES_URL not set: PostgreSQL not measured (scripts/bench.sh starts a server)"
+        ),
+    }
+    match std::env::var("WTH_MYSQL_URL") {
+        Ok(url) => mysql(&mut rows, &args, &url),
+        Err(_) => eprintln!(
+            "WTH_MYSQL_URL not set: MariaDB not measured (scripts/bench.sh starts a server)"
+        ),
+    }
+    println!("| backend | case | write-thru-hash | raw driver | ratio |");
+    println!("|---|---|---:|---:|---:|");
+    for r in rows {
+        println!(
+            "| {} | {} | {:.1} ms | {:.1} ms | {:.2}x |",
+            r.backend,
+            r.case,
+            r.lib.as_secs_f64() * 1e3,
+            r.raw.as_secs_f64() * 1e3,
+            r.lib.as_secs_f64() / r.raw.as_secs_f64()
+        );
+    }
+}
