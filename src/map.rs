@@ -377,11 +377,22 @@ where
     pub fn insert_many(&mut self, pairs: impl IntoIterator<Item = (K, V)>) -> Result<()> {
         self.check_writable()?;
         let pairs: Vec<(K, V)> = pairs.into_iter().collect();
-        let mut batch = BatchBuilder::with_capacity(pairs.len());
-        for (k, v) in &pairs {
-            batch.put(self.encode_new_key(k)?, self.encode_value(v)?);
+        // The last pair of each key wins; finding repeats by key is cheaper than by bytes.
+        let mut last: HashMap<&K, usize> = HashMap::with_capacity(pairs.len());
+        for (i, (k, _)) in pairs.iter().enumerate() {
+            last.insert(k, i);
         }
-        self.persist(&batch.finish())?;
+        let mut batch = Batch::default();
+        batch.puts.reserve(last.len());
+        for (i, (k, v)) in pairs.iter().enumerate() {
+            if last.get(k) == Some(&i) {
+                batch
+                    .puts
+                    .push((self.encode_new_key(k)?, self.encode_value(v)?));
+            }
+        }
+        drop(last);
+        self.persist(&batch)?;
         self.map.reserve(pairs.len());
         self.map.extend(pairs);
         Ok(())
