@@ -13,7 +13,7 @@ mod syntax;
 
 #[cfg(feature = "postgres")]
 #[path = "conformance/env.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod env;
 
 use std::collections::{BTreeSet, HashMap};

@@ -51,8 +51,10 @@ fn side_by_side(
     (median(l), median(r))
 }
 
-/// The same keys and values, as the library's JSON codec stores them.
-fn data(n: usize) -> (Vec<(String, i64)>, Vec<(String, String)>) {
+/// Typed pairs, and the same pairs as the library's JSON codec stores them.
+type Data = (Vec<(String, i64)>, Vec<(String, String)>);
+
+fn data(n: usize) -> Data {
     let typed: Vec<(String, i64)> = (0..n)
         .map(|i| (format!("key-{i:08}"), i as i64 * 7))
         .collect();
