@@ -20,8 +20,10 @@ cargo test --all-features --workspace 2>&1 | tee "$log" || status=$?
 echo
 echo "tests run per backend (conformance and backend-specific):"
 for backend in sqlite postgres mysql; do
-  passed=$(grep -cE "^test ([a-z_]+::)*${backend}::[a-z0-9_:]+ \.\.\. ok$" "$log" || true)
-  failed=$(grep -cE "^test ([a-z_]+::)*${backend}::[a-z0-9_:]+ \.\.\. FAILED$" "$log" || true)
+  # A test belongs to a backend by a path segment (`mysql::…`) or a name prefix (`mysql_…`).
+  pattern="^test ([a-z0-9_]+::)*${backend}(::|_)[a-z0-9_:]*"
+  passed=$(grep -cE "$pattern \.\.\. ok$" "$log" || true)
+  failed=$(grep -cE "$pattern \.\.\. FAILED$" "$log" || true)
   printf '  %-9s %3d passed, %d failed\n' "$backend" "$passed" "$failed"
   if [ "$passed" -eq 0 ]; then echo "  no $backend test ran: that is a failure" >&2; status=1; fi
 done

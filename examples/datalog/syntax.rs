@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-/// A term: a variable (upper case or `_` first), a symbol (an identifier or a
+/// A term: a variable (a capital letter first), a symbol (an identifier or a
 /// number), or a double-quoted string.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum Term {
@@ -74,6 +74,7 @@ impl fmt::Display for Term {
                         '\\' => f.write_str("\\\\")?,
                         '\n' => f.write_str("\\n")?,
                         '\t' => f.write_str("\\t")?,
+                        '\r' => f.write_str("\\r")?,
                         c => write!(f, "{c}")?,
                     }
                 }
@@ -246,8 +247,15 @@ impl fmt::Display for Tok {
     }
 }
 
+/// Racket's datalog: an identifier holds any printing character but the punctuation
+/// `( , ) = : . ~ ? " %`; `!` too, except where it starts `!=`.
 fn is_ident_char(c: char) -> bool {
-    !c.is_whitespace() && !"(),.~?=!:%\"".contains(c)
+    !c.is_whitespace() && !"(),=:.~?\"%".contains(c)
+}
+
+/// A variable starts with a capital letter and holds only letters, digits and `_`.
+fn is_variable(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_uppercase()) && s.chars().all(|c| c.is_alphanumeric() || c == '_')
 }
 
 struct Lexer<'a> {
@@ -316,7 +324,26 @@ impl Lexer<'_> {
                             Some('\\') => match self.bump() {
                                 Some('n') => s.push('\n'),
                                 Some('t') => s.push('\t'),
-                                Some(c @ ('"' | '\\')) => s.push(c),
+                                Some('r') => s.push('\r'),
+                                Some('a') => s.push('\u{7}'),
+                                Some('b') => s.push('\u{8}'),
+                                Some('f') => s.push('\u{c}'),
+                                Some('v') => s.push('\u{b}'),
+                                Some('\n') => {} // a line continued
+                                Some(c @ ('"' | '\\' | '\'' | '?')) => s.push(c),
+                                Some(h) if h.is_ascii_hexdigit() => {
+                                    let l = self.bump().filter(char::is_ascii_hexdigit);
+                                    let Some(l) = l else {
+                                        return Err(self.error(
+                                            self.line,
+                                            self.column - 1,
+                                            "a numeric escape takes exactly two hex digits",
+                                        ));
+                                    };
+                                    let code =
+                                        u8::from_str_radix(&format!("{h}{l}"), 16).unwrap_or(0);
+                                    s.push(char::from(code));
+                                }
                                 Some(c) => {
                                     return Err(self.error(
                                         self.line,
@@ -336,10 +363,13 @@ impl Lexer<'_> {
                 c if is_ident_char(c) => {
                     let mut s = c.to_string();
                     while let Some(&c) = self.chars.peek().filter(|c| is_ident_char(**c)) {
+                        if c == '!' && self.chars.clone().nth(1) == Some('=') {
+                            break;
+                        }
                         s.push(c);
                         self.bump();
                     }
-                    if c.is_uppercase() || c == '_' {
+                    if is_variable(&s) {
                         Tok::Var(s)
                     } else {
                         Tok::Ident(s)
@@ -568,5 +598,25 @@ mod tests {
         assert!(e.message.contains("unterminated"), "{e}");
         assert!(parse("a(X) :- b(X), X != Y.").is_err());
         assert!(parse("a(Y) :- b(X), Y = X.").is_ok());
+    }
+
+    #[test]
+    fn lexes_as_racket_does() {
+        let p = parse("p(_x, a-b, hello!, \"tab\\there \\41\\\nnext\")? q(X) :- r(X, Y), X!=Y.")
+            .unwrap();
+        let Statement::Query(Literal::Atom { args, .. }) = &p[0].statement else {
+            panic!()
+        };
+        assert_eq!(args[0], Term::Sym("_x".into()));
+        assert_eq!(args[1], Term::Sym("a-b".into()));
+        assert_eq!(args[2], Term::Sym("hello!".into()));
+        assert_eq!(args[3], Term::Str("tab\there Anext".into()));
+        let Statement::Assert(rule) = &p[1].statement else {
+            panic!()
+        };
+        assert_eq!(
+            rule.body[1],
+            Literal::Neq(Term::Var("X".into()), Term::Var("Y".into()))
+        );
     }
 }
