@@ -8,6 +8,7 @@ use crate::codec::{Codec, Json};
 use crate::error::Result;
 use crate::map::DbHashMap;
 use crate::store::{Store, TableSpec};
+use crate::write_behind::WriteBehind;
 
 /// The table name the Racket original uses, and this crate's default.
 pub const DEFAULT_TABLE: &str = "hashtable";
@@ -33,6 +34,7 @@ pub const DEFAULT_TABLE: &str = "hashtable";
 #[must_use = "a builder does nothing until `open` is called"]
 pub struct Builder<K, V, S = RandomState, KC = Json, VC = Json> {
     store: Result<Box<dyn Store>>,
+    write_behind: Option<WriteBehind>,
     table: String,
     src: Option<Vec<(K, V)>>,
     keys: KC,
@@ -44,6 +46,7 @@ impl<K, V> Builder<K, V> {
     pub(crate) fn new(store: Result<Box<dyn Store>>) -> Self {
         Builder {
             store,
+            write_behind: None,
             table: DEFAULT_TABLE.to_string(),
             src: None,
             keys: Json,
@@ -68,10 +71,19 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         self
     }
 
+    /// Write-behind mode: a change reaches memory and returns at once, and a background
+    /// thread writes coalesced batches (see [`WriteBehind`]). Opening, loading and
+    /// `src` are still done before `open` returns.
+    pub fn write_behind(mut self, config: WriteBehind) -> Self {
+        self.write_behind = Some(config);
+        self
+    }
+
     /// One codec for keys and values.
     pub fn codec<C: Clone>(self, codec: C) -> Builder<K, V, S, C, C> {
         Builder {
             store: self.store,
+            write_behind: self.write_behind,
             table: self.table,
             src: self.src,
             keys: codec.clone(),
@@ -84,6 +96,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
     pub fn key_codec<C>(self, codec: C) -> Builder<K, V, S, C, VC> {
         Builder {
             store: self.store,
+            write_behind: self.write_behind,
             table: self.table,
             src: self.src,
             keys: codec,
@@ -96,6 +109,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
     pub fn value_codec<C>(self, codec: C) -> Builder<K, V, S, KC, C> {
         Builder {
             store: self.store,
+            write_behind: self.write_behind,
             table: self.table,
             src: self.src,
             keys: self.keys,
@@ -108,6 +122,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
     pub fn hasher<S2>(self, hasher: S2) -> Builder<K, V, S2, KC, VC> {
         Builder {
             store: self.store,
+            write_behind: self.write_behind,
             table: self.table,
             src: self.src,
             keys: self.keys,
@@ -143,6 +158,9 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         match self.src {
             None => h.load_empty()?,
             Some(src) => h.replace_all(src)?,
+        }
+        if let Some(config) = self.write_behind {
+            h.start_write_behind(config)?;
         }
         Ok(h)
     }

@@ -188,6 +188,21 @@ pub enum Error {
         reason: String,
     },
 
+    /// A write-behind batch failed. Its changes are kept and retried; they are in the
+    /// map's memory already.
+    #[error(
+        "a background write of {pending} changes to table {table:?} failed: {source}; \
+         the changes are kept and retried: `flush()` waits for them"
+    )]
+    Background {
+        /// The table's name.
+        table: String,
+        /// Changes waiting to be written when it failed.
+        pending: usize,
+        /// What failed.
+        source: BoxError,
+    },
+
     /// A transaction's closure gave up on purpose with [`Error::abort`].
     #[error("transaction aborted: {0}")]
     Aborted(String),

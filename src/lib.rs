@@ -36,6 +36,7 @@ mod error;
 mod map;
 mod store;
 mod url;
+mod write_behind;
 
 pub use builder::{Builder, DEFAULT_TABLE};
 #[cfg(feature = "postcard")]
@@ -50,6 +51,7 @@ pub use store::postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::SqliteStore;
 pub use store::{Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
+pub use write_behind::WriteBehind;
 
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]

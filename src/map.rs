@@ -6,12 +6,13 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::ops::{Deref, Index};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::builder::Builder;
 use crate::codec::Codec;
 use crate::error::{show_bytes, Action, Error, Result};
 use crate::store::{Batch, BatchBuilder, IntoStore, Store, TableSpec};
+use crate::write_behind::{Behind, WriteBehind};
 
 /// A `HashMap` held in memory whose every change is written through to a database
 /// table first.
@@ -40,9 +41,10 @@ use crate::store::{Batch, BatchBuilder, IntoStore, Store, TableSpec};
 /// ```
 pub struct DbHashMap<K, V, S = RandomState> {
     map: HashMap<K, V, S>,
-    // A mutex only so that the map is `Sync` for readers on other threads; writers
-    // hold `&mut self` and reach it with `get_mut`, which never locks.
-    store: Mutex<Box<dyn Store>>,
+    // Shared with the write-behind thread when there is one; otherwise only writers
+    // (`&mut self`) lock it, so the lock is never contended.
+    store: Arc<Mutex<Box<dyn Store>>>,
+    behind: Option<Behind>,
     backend: &'static str,
     max_key_len: Option<usize>,
     keys: Box<dyn Codec<K>>,
@@ -109,7 +111,8 @@ impl<K, V, S> DbHashMap<K, V, S> {
             map,
             backend: store.backend(),
             max_key_len: store.max_key_len(),
-            store: Mutex::new(store),
+            store: Arc::new(Mutex::new(store)),
+            behind: None,
             keys,
             values,
             table,
@@ -132,18 +135,44 @@ impl<K, V, S> DbHashMap<K, V, S> {
         self.map
     }
 
-    fn store_mut(&mut self) -> &mut dyn Store {
-        store_of(&mut self.store)
+    fn store(&self) -> MutexGuard<'_, Box<dyn Store>> {
+        lock(&self.store)
+    }
+
+    /// Switches to write-behind: from now on a background thread writes the changes.
+    pub(crate) fn start_write_behind(&mut self, config: WriteBehind) -> Result<()> {
+        self.behind = Some(Behind::start(
+            config,
+            self.table.name.clone(),
+            Arc::clone(&self.store),
+        )?);
+        Ok(())
+    }
+
+    /// Write-behind: waits until every change made so far is in the table, and returns
+    /// the failure of a background batch if one failed (it is kept and retried).
+    /// Write-through: returns at once, every change is in the table already.
+    pub fn flush(&self) -> Result<()> {
+        self.behind.as_ref().map_or(Ok(()), Behind::flush)
+    }
+
+    /// Flushes and stops the write-behind thread, reporting what could not be written.
+    /// Dropping the map does the same and logs a failure with `tracing`.
+    pub fn close(mut self) -> Result<()> {
+        self.behind.as_mut().map_or(Ok(()), Behind::close)
+    }
+
+    /// Write-behind: the changes not yet in the table (one per key). Write-through: 0.
+    pub fn pending_writes(&self) -> usize {
+        self.behind.as_ref().map_or(0, Behind::pending)
     }
 }
 
-fn store_of(store: &mut Mutex<Box<dyn Store>>) -> &mut dyn Store {
-    // The lock is never taken (writers have `&mut self`), so poisoning cannot happen;
-    // take the store either way rather than panic.
-    match store.get_mut() {
-        Ok(store) => &mut **store,
-        Err(poisoned) => &mut **poisoned.into_inner(),
-    }
+fn lock(store: &Mutex<Box<dyn Store>>) -> MutexGuard<'_, Box<dyn Store>> {
+    // A panic in a store method leaves the store as it was; go on with it.
+    store
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<K, V, S> DbHashMap<K, V, S>
@@ -214,9 +243,12 @@ where
 
     /// The one way into the store: applies `batch` atomically, and marks the map
     /// poisoned when the outcome is unknown.
-    fn persist(&mut self, batch: &Batch) -> Result<()> {
+    fn persist(&mut self, batch: Batch) -> Result<()> {
         self.check_writable()?;
-        let result = self.store_mut().apply(batch);
+        if let Some(behind) = &self.behind {
+            return behind.enqueue(batch);
+        }
+        let result = self.store().apply(&batch);
         if let Err(Error::OutcomeUnknown { .. }) = &result {
             self.poisoned = true;
             tracing::error!(table = %self.table.name, "write outcome unknown; map refuses writes until reload()");
@@ -240,7 +272,7 @@ where
         self.check_writable()?;
         let k = self.encode_new_key(&key)?;
         let v = self.encode_value(&value)?;
-        self.persist(&Batch {
+        self.persist(Batch {
             puts: vec![(k, v)],
             ..Batch::default()
         })?;
@@ -281,7 +313,7 @@ where
             return Ok(None);
         };
         let k = self.encode_key(held)?;
-        self.persist(&Batch {
+        self.persist(Batch {
             deletes: vec![k],
             ..Batch::default()
         })?;
@@ -292,7 +324,7 @@ where
     ///
     /// **Storage:** one `DELETE` of every row of the table, committed on its own.
     pub fn clear(&mut self) -> Result<()> {
-        self.persist(&Batch {
+        self.persist(Batch {
             clear: true,
             ..Batch::default()
         })?;
@@ -325,7 +357,7 @@ where
         if doomed.is_empty() {
             return Ok(());
         }
-        self.persist(&batch)?;
+        self.persist(batch)?;
         // The keys have not moved since they were chosen: nothing changed the map, so
         // their addresses identify them without calling `f` a second time.
         self.map.retain(|k, _| !doomed.contains(&(k as *const K)));
@@ -360,7 +392,7 @@ where
         f(&mut value);
         let k = self.encode_key(held)?;
         let v = self.encode_value(&value)?;
-        self.persist(&Batch {
+        self.persist(Batch {
             puts: vec![(k, v)],
             ..Batch::default()
         })?;
@@ -392,7 +424,7 @@ where
             }
         }
         drop(last);
-        self.persist(&batch)?;
+        self.persist(batch)?;
         self.map.reserve(pairs.len());
         self.map.extend(pairs);
         Ok(())
@@ -453,7 +485,7 @@ where
                 }
             }
         }
-        self.persist(&batch.finish())?;
+        self.persist(batch.finish())?;
         if cleared {
             self.map.clear();
         }
@@ -474,10 +506,12 @@ where
     where
         S: Clone,
     {
-        self.store_mut().reconnect()?;
+        self.flush()?;
+        let mut store = lock(&self.store);
+        store.reconnect()?;
         let mut map = HashMap::with_hasher(self.map.hasher().clone());
         load(
-            store_of(&mut self.store),
+            &mut **store,
             &self.table,
             &*self.keys,
             &*self.values,
@@ -490,8 +524,9 @@ where
 
     /// Fills the (empty) map from the table: the second half of opening.
     pub(crate) fn load_empty(&mut self) -> Result<()> {
+        let mut store = lock(&self.store);
         load(
-            store_of(&mut self.store),
+            &mut **store,
             &self.table,
             &*self.keys,
             &*self.values,
@@ -506,7 +541,7 @@ where
         for (k, v) in &src {
             batch.put(self.encode_key(k)?, self.encode_value(v)?);
         }
-        self.persist(&batch.finish()).map_err(|e| match e {
+        self.persist(batch.finish()).map_err(|e| match e {
             Error::Database {
                 table,
                 backend,

@@ -77,6 +77,11 @@ impl BatchBuilder {
         }
     }
 
+    /// Changes held, one per key (a clear counts as one).
+    pub(crate) fn len(&self) -> usize {
+        usize::from(self.clear) + self.ops.len()
+    }
+
     pub(crate) fn clear(&mut self) {
         self.clear = true;
         self.index.clear();

@@ -1,0 +1,231 @@
+//! Write-behind: ordering, a bounded backlog under a store slower than the writers, a
+//! batch the database rejects and later accepts, a store that fails then recovers,
+//! and close/drop flushing.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use write_thru_hash::{Batch, DbHashMap, Error, IntoStore, RowSink, Store, TableSpec, WriteBehind};
+
+fn url(dir: &tempfile::TempDir) -> String {
+    format!("sqlite:{}", dir.path().join("wb.sqlite").display())
+}
+
+fn reopen(url: &str) -> DbHashMap<String, i64> {
+    DbHashMap::open_url(url).unwrap()
+}
+
+/// A real store with faults added: a pause before every batch, and failures.
+struct Faulty {
+    inner: Box<dyn Store>,
+    delay: Duration,
+    fail_next: Arc<AtomicUsize>,
+    batches: Arc<AtomicUsize>,
+}
+
+impl Store for Faulty {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    fn open(&mut self, table: &TableSpec) -> write_thru_hash::Result<()> {
+        self.inner.open(table)
+    }
+    fn load(&mut self, sink: &mut RowSink<'_>) -> write_thru_hash::Result<()> {
+        self.inner.load(sink)
+    }
+    fn apply(&mut self, batch: &Batch) -> write_thru_hash::Result<()> {
+        std::thread::sleep(self.delay);
+        if self.fail_next.load(Ordering::SeqCst) > 0 {
+            self.fail_next.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::Database {
+                action: write_thru_hash::Action::Write,
+                table: "wb".into(),
+                backend: "test",
+                source: "injected failure".into(),
+            });
+        }
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        self.inner.apply(batch)
+    }
+}
+
+fn faulty(
+    dir: &tempfile::TempDir,
+    delay: Duration,
+) -> (Faulty, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let conn = rusqlite::Connection::open(dir.path().join("wb.sqlite")).unwrap();
+    let fail = Arc::new(AtomicUsize::new(0));
+    let batches = Arc::new(AtomicUsize::new(0));
+    let store = Faulty {
+        inner: conn.into_store(),
+        delay,
+        fail_next: Arc::clone(&fail),
+        batches: Arc::clone(&batches),
+    };
+    (store, fail, batches)
+}
+
+#[test]
+fn changes_land_in_order_and_coalesce() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, batches) = faulty(&dir, Duration::ZERO);
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder(store)
+        .write_behind(WriteBehind::default().max_delay(Duration::from_secs(5)))
+        .open()
+        .unwrap();
+    h.insert("gone".into(), 1).unwrap();
+    h.remove("gone").unwrap(); // insert then remove of one key: the remove wins
+    h.insert("kept".into(), 1).unwrap();
+    h.insert("kept".into(), 2).unwrap(); // last write per key wins
+    h.insert("back".into(), 1).unwrap();
+    h.remove("back").unwrap();
+    h.insert("back".into(), 3).unwrap(); // remove then insert: the insert wins
+    h.clear().unwrap();
+    h.insert("after clear".into(), 4).unwrap();
+    h.transaction(|tx| {
+        tx.insert("tx".into(), 5)?;
+        tx.remove("after clear")
+    })
+    .unwrap();
+    assert_eq!(h.len(), 1);
+    assert!(
+        h.pending_writes() > 0,
+        "nothing is written before max_delay"
+    );
+    h.flush().unwrap();
+    assert_eq!(h.pending_writes(), 0);
+    assert_eq!(reopen(&url(&dir)), *h);
+    assert_eq!(
+        batches.load(Ordering::SeqCst),
+        1,
+        "all of it went in one coalesced batch"
+    );
+}
+
+#[test]
+fn backlog_stays_bounded_when_the_store_is_slower_than_the_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _, batches) = faulty(&dir, Duration::from_millis(20));
+    let bound = 100;
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder(store)
+        .write_behind(
+            WriteBehind::default()
+                .max_backlog(bound)
+                .max_batch(50)
+                .max_delay(Duration::from_millis(5)),
+        )
+        .open()
+        .unwrap();
+    let mut most = 0;
+    for i in 0..2_000 {
+        h.insert(format!("k{i}"), i).unwrap();
+        most = most.max(h.pending_writes());
+        assert!(
+            h.pending_writes() <= bound,
+            "backlog {} over its bound {bound}",
+            h.pending_writes()
+        );
+    }
+    h.flush().unwrap();
+    assert!(
+        most > bound / 2,
+        "the writers did outrun the store (most {most})"
+    );
+    assert!(batches.load(Ordering::SeqCst) >= 2_000 / bound);
+    assert_eq!(reopen(&url(&dir)), *h);
+}
+
+#[test]
+fn a_store_that_fails_then_recovers_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, fail, _) = faulty(&dir, Duration::ZERO);
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder(store)
+        .write_behind(WriteBehind::default().max_delay(Duration::from_millis(1)))
+        .open()
+        .unwrap();
+    fail.store(3, Ordering::SeqCst);
+    h.insert("a".into(), 1).unwrap();
+    // The failure is reported by a later call (and that call changes nothing) ...
+    let mut reported = None;
+    for i in 0..200 {
+        std::thread::sleep(Duration::from_millis(2));
+        match h.insert(format!("b{i}"), i) {
+            Ok(_) => {}
+            Err(e) => {
+                reported = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (i, err) = reported.expect("the failure was reported");
+    assert!(matches!(err, Error::Background { .. }), "{err}");
+    assert!(err.to_string().contains("retried"), "{err}");
+    assert!(
+        !h.contains_key(&format!("b{i}")),
+        "the reporting call did not apply its change"
+    );
+    // ... while the batch is retried until the store takes it (flush reports any
+    // failure it sees on the way).
+    assert!((0..10).any(|_| h.flush().is_ok()));
+    assert_eq!(reopen(&url(&dir)), *h);
+    assert_eq!(h["a"], 1);
+}
+
+#[test]
+fn a_batch_the_database_rejects_is_kept_until_it_is_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = url(&dir);
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder_url(&u)
+        .write_behind(WriteBehind::default().max_delay(Duration::from_millis(1)))
+        .open()
+        .unwrap();
+    let raw = rusqlite::Connection::open(dir.path().join("wb.sqlite")).unwrap();
+    raw.execute_batch(
+        "CREATE TRIGGER no13 BEFORE INSERT ON hashtable WHEN NEW.value = '13' \
+         BEGIN SELECT RAISE(ABORT, 'no 13 today'); END",
+    )
+    .unwrap();
+    h.insert_many((0..50).map(|i| (format!("k{i}"), i)))
+        .unwrap();
+    let err = h.flush().unwrap_err();
+    assert!(err.to_string().contains("no 13 today"), "{err}");
+    assert_eq!(
+        reopen(&u).len(),
+        0,
+        "the rejected batch was rolled back whole"
+    );
+    raw.execute_batch("DROP TRIGGER no13").unwrap();
+    assert!((0..10).any(|_| h.flush().is_ok()));
+    assert_eq!(reopen(&u), *h);
+    assert_eq!(h.len(), 50);
+}
+
+#[test]
+fn close_and_drop_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = url(&dir);
+    let wb = WriteBehind::default().max_delay(Duration::from_secs(60));
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder_url(&u).write_behind(wb).open().unwrap();
+    h.insert("closed".into(), 1).unwrap();
+    h.close().unwrap();
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder_url(&u).write_behind(wb).open().unwrap();
+    h.insert("dropped".into(), 2).unwrap();
+    drop(h);
+    let expected = HashMap::from([("closed".to_string(), 1), ("dropped".to_string(), 2)]);
+    assert_eq!(reopen(&u), expected);
+}
+
+#[test]
+fn reload_flushes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let u = url(&dir);
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder_url(&u)
+        .write_behind(WriteBehind::default().max_delay(Duration::from_secs(60)))
+        .open()
+        .unwrap();
+    h.insert("a".into(), 1).unwrap();
+    h.reload().unwrap();
+    assert_eq!(h["a"], 1);
+}
