@@ -7,13 +7,57 @@
 //! (`insert_many` against one prepared upsert per row in one transaction).
 //! W3: opening a table (loading every row) against `SELECT` decoded into a `HashMap`.
 //! W4: random `get`s against a plain `HashMap` of the same content.
+//! W5: sustained inserts in write-behind mode: what a caller waits per insert, and the
+//! background thread's throughput against the raw driver's batched throughput.
+//! Memory: bytes held by a 1,000,000-entry map (and the peak while opening it) against
+//! a bare `HashMap` of the same content, counted by a global allocator.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use clap::Parser;
 use mysql::prelude::Queryable;
-use write_thru_hash::{DbHashMap, Dialect, Format, TableSpec};
+use write_thru_hash::{DbHashMap, Dialect, Format, TableSpec, WriteBehind};
+
+/// Counts the bytes the process holds, and the most it held since the last reset.
+struct Counting;
+
+static HELD: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = HELD.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        HELD.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Bytes held after `f` (and kept by what it returns), and the peak while it ran,
+/// both above what was held before.
+fn memory<T>(f: impl FnOnce() -> T) -> (T, usize, usize) {
+    let base = HELD.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let value = f();
+    (
+        value,
+        HELD.load(Ordering::Relaxed) - base,
+        PEAK.load(Ordering::Relaxed) - base,
+    )
+}
 
 #[derive(Parser)]
 struct Args {
@@ -88,7 +132,7 @@ fn sqlite_conn(path: &std::path::Path, journal: &str) -> rusqlite::Connection {
     c
 }
 
-fn sqlite(rows: &mut Vec<Row>, args: &Args, journal: &str) {
+fn sqlite(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, journal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let backend = format!("SQLite ({journal})");
     let d = Dialect::Sqlite;
@@ -233,8 +277,98 @@ fn sqlite(rows: &mut Vec<Row>, args: &Args, journal: &str) {
         |_| timed(|| assert!(keys.iter().map(|k| *plain.get(k).unwrap()).sum::<i64>() > 0)),
     );
     rows.push(Row {
-        backend,
+        backend: backend.clone(),
         case: "W4 1000000 random gets (raw: plain HashMap)".into(),
+        lib,
+        raw,
+    });
+    drop(h);
+    drop(plain);
+
+    // Memory: the map as opened, against the same content decoded into a bare HashMap.
+    let (h, lib_held, lib_peak) =
+        memory(|| DbHashMap::<String, i64>::open(sqlite_conn(&path, journal)).unwrap());
+    let (bare, raw_held, raw_peak) = memory(|| {
+        let c = sqlite_conn(&path, journal);
+        let mut st = c.prepare(&select).unwrap();
+        let mut map: HashMap<String, i64> = HashMap::new();
+        let mut q = st.query([]).unwrap();
+        while let Some(row) = q.next().unwrap() {
+            map.insert(
+                serde_json_from(row.get_ref(0).unwrap().as_str().unwrap()),
+                serde_json_from(row.get_ref(1).unwrap().as_str().unwrap()),
+            );
+        }
+        map
+    });
+    assert_eq!(h.len(), bare.len());
+    let mb = |b: usize| b as f64 / (1 << 20) as f64;
+    notes.push(format!(
+        "Memory, {n3} entries: DbHashMap holds {:.1} MiB ({:.1} MiB peak while opening), \
+         a bare HashMap {:.1} MiB ({:.1} MiB peak while decoding): held {:.2}x, peak {:.2}x",
+        mb(lib_held),
+        mb(lib_peak),
+        mb(raw_held),
+        mb(raw_peak),
+        lib_held as f64 / raw_held as f64,
+        lib_peak as f64 / raw_peak as f64
+    ));
+    drop(h);
+    drop(bare);
+
+    // W5: write-behind, sustained; raw: the same rows through one prepared upsert per
+    // row in one transaction.
+    let n5 = if args.quick { 20_000 } else { 200_000 };
+    let (typed5, encoded5) = data(n5);
+    let mut waits = Vec::with_capacity(n5);
+    let mut h: DbHashMap<String, i64> =
+        DbHashMap::builder(sqlite_conn(&dir.path().join("w5l"), journal))
+            .write_behind(WriteBehind::default())
+            .open()
+            .unwrap();
+    let start = Instant::now();
+    for (k, v) in typed5 {
+        let t = Instant::now();
+        h.insert(k, v).unwrap();
+        waits.push(t.elapsed());
+    }
+    let enqueued = start.elapsed();
+    h.flush().unwrap();
+    let lib = start.elapsed();
+    drop(h);
+    let raw = {
+        let mut c = sqlite_conn(&dir.path().join("w5r"), journal);
+        c.execute_batch(&d.create_table(&spec("hashtable")))
+            .unwrap();
+        let sql = d.upsert(&spec("hashtable"), 1);
+        timed(|| {
+            let tx = c.transaction().unwrap();
+            {
+                let mut st = tx.prepare_cached(&sql).unwrap();
+                for (k, v) in &encoded5 {
+                    st.execute([k, v]).unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        })
+    };
+    waits.sort();
+    notes.push(format!(
+        "W5, {n5} write-behind inserts: a caller waits {:.2} µs (median), {:.2} µs (p99), \
+         {:.1} ms (max); all queued after {:.1} ms, durable after {:.1} ms: {:.0} rows/s \
+         against {:.0} rows/s raw batched = {:.2}x",
+        waits[n5 / 2].as_secs_f64() * 1e6,
+        waits[n5 * 99 / 100].as_secs_f64() * 1e6,
+        waits[n5 - 1].as_secs_f64() * 1e3,
+        enqueued.as_secs_f64() * 1e3,
+        lib.as_secs_f64() * 1e3,
+        n5 as f64 / lib.as_secs_f64(),
+        n5 as f64 / raw.as_secs_f64(),
+        raw.as_secs_f64() / lib.as_secs_f64(),
+    ));
+    rows.push(Row {
+        backend,
+        case: format!("W5 {n5} write-behind inserts until durable"),
         lib,
         raw,
     });
@@ -407,8 +541,9 @@ fn mysql(rows: &mut Vec<Row>, args: &Args, url: &str) {
 fn main() {
     let args = Args::parse();
     let mut rows = Vec::new();
-    sqlite(&mut rows, &args, "WAL");
-    sqlite(&mut rows, &args, "DELETE");
+    let mut notes = Vec::new();
+    sqlite(&mut rows, &mut notes, &args, "WAL");
+    sqlite(&mut rows, &mut notes, &args, "DELETE");
     match std::env::var("WTH_POSTGRES_URL") {
         Ok(url) => postgres(&mut rows, &args, &url),
         Err(_) => eprintln!(
@@ -432,5 +567,9 @@ fn main() {
             r.raw.as_secs_f64() * 1e3,
             r.lib.as_secs_f64() / r.raw.as_secs_f64()
         );
+    }
+    println!();
+    for note in notes {
+        println!("{note}");
     }
 }
