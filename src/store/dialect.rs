@@ -17,6 +17,14 @@ pub enum Dialect {
     Mysql,
 }
 
+/// How bind parameters are written: the dialect's own way, or `?` as ODBC wants it
+/// whatever the database behind the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Marks {
+    Native,
+    Question,
+}
+
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1); longer names are silently
 /// truncated by the server, so two long names could become one table.
 const PG_MAX_IDENT_BYTES: usize = 63;
@@ -78,6 +86,63 @@ impl Dialect {
             Dialect::Postgres => Some(PG_MAX_KEY_BYTES),
             Dialect::Mysql => Some(MYSQL_MAX_KEY_BYTES),
         }
+    }
+
+    fn mark(self, marks: Marks, n: usize) -> String {
+        match marks {
+            Marks::Native => self.placeholder(n),
+            Marks::Question => "?".to_string(),
+        }
+    }
+
+    /// A query of one text parameter (see [`layout_param`](Self::layout_param)) that
+    /// lists the table's columns as four texts: name, `1` if part of the primary key
+    /// else `0`, type, and collation (empty if none). No rows: no such table.
+    pub(crate) fn layout_query(self, marks: Marks) -> String {
+        match self {
+            Dialect::Sqlite => format!(
+                "SELECT name, CASE WHEN pk > 0 THEN '1' ELSE '0' END, type, '' \
+                 FROM pragma_table_info({})",
+                self.mark(marks, 1)
+            ),
+            Dialect::Postgres => format!(
+                "SELECT a.attname::text, \
+                 CASE WHEN a.attnum = ANY(i.indkey) THEN '1' ELSE '0' END, \
+                 format_type(a.atttypid, NULL), coalesce(c.collname::text, '') \
+                 FROM pg_attribute a \
+                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+                 LEFT JOIN pg_collation c ON c.oid = a.attcollation \
+                 WHERE a.attrelid = to_regclass(CAST({} AS text)) \
+                 AND a.attnum > 0 AND NOT a.attisdropped",
+                self.mark(marks, 1)
+            ),
+            Dialect::Mysql => format!(
+                "SELECT column_name, IF(column_key = 'PRI', '1', '0'), data_type, \
+                 coalesce(collation_name, '') FROM information_schema.columns \
+                 WHERE table_schema = database() AND table_name = {}",
+                self.mark(marks, 1)
+            ),
+        }
+    }
+
+    /// The parameter of [`layout_query`](Self::layout_query): PostgreSQL resolves a
+    /// quoted name, the others take the name as it is.
+    pub(crate) fn layout_param(self, t: &TableSpec) -> String {
+        match self {
+            Dialect::Postgres => self.quote(&t.name),
+            _ => t.name.clone(),
+        }
+    }
+
+    /// MySQL only: the table's storage engine, from its name as the one parameter.
+    pub(crate) fn engine_query(self, marks: Marks) -> Option<String> {
+        (self == Dialect::Mysql).then(|| {
+            format!(
+                "SELECT engine FROM information_schema.tables \
+                 WHERE table_schema = database() AND table_name = {}",
+                self.mark(marks, 1)
+            )
+        })
     }
 
     /// Refuses a table name the backend cannot hold exactly as given.
@@ -187,7 +252,11 @@ impl Dialect {
 
     /// Deletes the rows whose keys are bound to `rows` placeholders.
     pub fn delete_keys(self, t: &TableSpec, rows: usize) -> String {
-        let list: Vec<String> = (1..=rows).map(|i| self.placeholder(i)).collect();
+        self.delete_keys_marked(t, rows, Marks::Native)
+    }
+
+    pub(crate) fn delete_keys_marked(self, t: &TableSpec, rows: usize, marks: Marks) -> String {
+        let list: Vec<String> = (1..=rows).map(|i| self.mark(marks, i)).collect();
         let key = self.quote("key");
         if rows == 1 {
             format!(
@@ -207,13 +276,17 @@ impl Dialect {
     /// Inserts `rows` rows of (key, value) placeholders, replacing the value of any
     /// key already present, with the dialect's own upsert.
     pub fn upsert(self, t: &TableSpec, rows: usize) -> String {
+        self.upsert_marked(t, rows, Marks::Native)
+    }
+
+    pub(crate) fn upsert_marked(self, t: &TableSpec, rows: usize, marks: Marks) -> String {
         let (key, value) = (self.quote("key"), self.quote("value"));
         let tuples: Vec<String> = (0..rows)
             .map(|r| {
                 format!(
                     "({}, {})",
-                    self.placeholder(2 * r + 1),
-                    self.placeholder(2 * r + 2)
+                    self.mark(marks, 2 * r + 1),
+                    self.mark(marks, 2 * r + 2)
                 )
             })
             .collect();
@@ -327,6 +400,31 @@ mod tests {
             Dialect::Postgres.upsert_arrays(&t),
             r#"INSERT INTO "h" ("key", "value") SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT ("key") DO UPDATE SET "value" = excluded."value""#
         );
+    }
+
+    #[test]
+    fn odbc_marks_are_question_marks() {
+        let t = spec("h", Format::Text, Format::Text);
+        assert_eq!(
+            Dialect::Postgres.upsert_marked(&t, 2, Marks::Question),
+            r#"INSERT INTO "h" ("key", "value") VALUES (?, ?), (?, ?) ON CONFLICT ("key") DO UPDATE SET "value" = excluded."value""#
+        );
+        assert_eq!(
+            Dialect::Sqlite.delete_keys_marked(&t, 2, Marks::Question),
+            r#"DELETE FROM "h" WHERE "key" IN (?, ?)"#
+        );
+        for d in [Dialect::Sqlite, Dialect::Postgres, Dialect::Mysql] {
+            let q = d.layout_query(Marks::Question);
+            assert_eq!(q.matches('?').count(), 1, "{q}");
+        }
+        assert!(Dialect::Postgres
+            .layout_query(Marks::Native)
+            .contains("CAST($1 AS text)"));
+        assert_eq!(
+            Dialect::Postgres.layout_param(&spec("a b", Format::Text, Format::Text)),
+            "\"a b\""
+        );
+        assert!(Dialect::Sqlite.engine_query(Marks::Native).is_none());
     }
 
     #[test]

@@ -7,10 +7,12 @@ use crate::codec::Format;
 use crate::error::Result;
 
 pub(crate) mod dialect;
+#[cfg(feature = "odbc")]
+pub(crate) mod odbc;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
 mod support;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
-pub(crate) use support::{check_columns, db_error, opened};
+pub(crate) use support::{check_engine, check_layout, db_error, opened, Column};
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
 #[cfg(feature = "postgres")]

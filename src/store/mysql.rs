@@ -4,8 +4,10 @@ use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, TxOpts, Value};
 
 use crate::error::{redact, show_bytes, Action, Error, Result};
+use crate::store::dialect::Marks;
 use crate::store::{
-    check_columns, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec,
+    check_engine, check_layout, db_error, opened, Batch, Column, Dialect, IntoStore, RowSink,
+    Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Mysql;
@@ -78,57 +80,15 @@ impl MysqlStore {
 
     fn check_layout(&mut self, t: &TableSpec) -> Result<()> {
         let fail = |e| db_error(Action::Open, t, D.name(), e);
-        let refuse = |reason: String| {
-            Err(Error::Schema {
-                table: t.name.clone(),
-                backend: D.name(),
-                reason,
-            })
-        };
-        let engine: Option<String> = self
-            .conn
-            .exec_first(
-                "SELECT engine FROM information_schema.tables \
-                 WHERE table_schema = database() AND table_name = ?",
-                (&t.name,),
-            )
-            .map_err(fail)?;
-        if let Some(engine) = engine.filter(|e| !e.eq_ignore_ascii_case("InnoDB")) {
-            return refuse(format!(
-                "it uses the {engine} engine, which ignores transactions; \
-                 convert it with ALTER TABLE … ENGINE=InnoDB"
-            ));
+        if let Some(sql) = D.engine_query(Marks::Native) {
+            let engine: Option<String> = self.conn.exec_first(sql, (&t.name,)).map_err(fail)?;
+            check_engine(t, D.name(), engine)?;
         }
-        let cols: Vec<(String, String, String, Option<String>)> = self
+        let cols: Vec<Column> = self
             .conn
-            .exec(
-                "SELECT column_name, column_key, data_type, collation_name \
-                 FROM information_schema.columns \
-                 WHERE table_schema = database() AND table_name = ?",
-                (&t.name,),
-            )
+            .exec(D.layout_query(Marks::Native), (D.layout_param(t),))
             .map_err(fail)?;
-        check_columns(
-            t,
-            D.name(),
-            cols.iter().map(|(n, k, _, _)| (n.as_str(), k == "PRI")),
-        )?;
-        let key = cols.iter().find(|(n, ..)| n.eq_ignore_ascii_case("key"));
-        if let Some((_, _, ty, collation)) = key {
-            let exact = ty.eq_ignore_ascii_case("varbinary")
-                || collation
-                    .as_deref()
-                    .is_some_and(|c| c.ends_with("_nopad_bin") || c.ends_with("_0900_bin"));
-            if !exact {
-                return refuse(format!(
-                    "its key column is {ty} with collation {}, which compares keys ignoring \
-                     case or trailing spaces, so distinct keys could collide; \
-                     use a VARBINARY key column",
-                    collation.as_deref().unwrap_or("none")
-                ));
-            }
-        }
-        Ok(())
+        check_layout(t, D, D.name(), &cols)
     }
 
     /// Before a call: a connection that broke is made again when the store knows the

@@ -6,9 +6,10 @@ use postgres::{Client, NoTls, Statement};
 
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
+use crate::store::dialect::Marks;
 use crate::store::support::not_opened;
 use crate::store::{
-    check_columns, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec,
+    check_layout, db_error, opened, Batch, Column, Dialect, IntoStore, RowSink, Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Postgres;
@@ -120,47 +121,13 @@ impl PostgresStore {
     fn check_layout(&mut self, t: &TableSpec) -> Result<()> {
         let rows = self
             .client
-            .query(
-                "SELECT a.attname::text, coalesce(a.attnum = ANY(i.indkey), false), \
-                 format_type(a.atttypid, NULL) \
-                 FROM pg_attribute a \
-                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
-                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&D.quote(&t.name)],
-            )
+            .query(&D.layout_query(Marks::Native), &[&D.layout_param(t)])
             .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
-        let cols: Vec<(String, bool, String)> = rows
+        let cols: Vec<Column> = rows
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect();
-        check_columns(t, D.name(), cols.iter().map(|(n, pk, _)| (n.as_str(), *pk)))?;
-        for (name, _, ty) in &cols {
-            let format = match name.as_str() {
-                "key" => t.key_format,
-                "value" => t.value_format,
-                _ => continue,
-            };
-            let fits = match format {
-                Format::Text => ["text", "character varying", "character"].contains(&ty.as_str()),
-                Format::Binary => ty == "bytea",
-            };
-            if !fits {
-                return Err(Error::Schema {
-                    table: t.name.clone(),
-                    backend: D.name(),
-                    reason: format!(
-                        "its column {name:?} has type {ty}, which does not hold the {} codec's \
-                         output; open it with a codec of the column's kind",
-                        if format == Format::Text {
-                            "text"
-                        } else {
-                            "binary"
-                        }
-                    ),
-                });
-            }
-        }
-        Ok(())
+        check_layout(t, D, D.name(), &cols)
     }
 
     fn write(&mut self, t: &TableSpec, batch: &Batch) -> Result<()> {

@@ -5,8 +5,9 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use crate::codec::Format;
 use crate::error::{show_bytes, Action, Error, Result};
+use crate::store::dialect::Marks;
 use crate::store::{
-    check_columns, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec,
+    check_layout, db_error, opened, Batch, Column, Dialect, IntoStore, RowSink, Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Sqlite;
@@ -129,19 +130,18 @@ impl SqliteStore {
     }
 
     fn check_layout(&self, t: &TableSpec) -> Result<()> {
+        let fail = |e| db_error(Action::Open, t, D.name(), e);
         let mut stmt = self
             .conn
-            .prepare("SELECT name, pk FROM pragma_table_info(?1)")
-            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
-        let cols: Vec<(String, i64)> = stmt
-            .query_map([&t.name], |r| Ok((r.get(0)?, r.get(1)?)))
+            .prepare(&D.layout_query(Marks::Native))
+            .map_err(fail)?;
+        let cols: Vec<Column> = stmt
+            .query_map([D.layout_param(t)], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .and_then(|rows| rows.collect())
-            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
-        check_columns(
-            t,
-            D.name(),
-            cols.iter().map(|(n, pk)| (n.as_str(), *pk > 0)),
-        )
+            .map_err(fail)?;
+        check_layout(t, D, D.name(), &cols)
     }
 }
 

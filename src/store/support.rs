@@ -1,7 +1,96 @@
 //! Helpers every SQL backend shares.
 
+use crate::codec::Format;
 use crate::error::{Action, BoxError, Error, Result};
-use crate::store::TableSpec;
+use crate::store::{Dialect, TableSpec};
+
+/// One row of [`Dialect::layout_query`]: name, primary key (`"1"`), type, collation.
+pub(crate) type Column = (String, String, String, String);
+
+/// Checks an existing table's columns, as the layout query lists them, against what
+/// the map needs: `key` and `value`, `key` alone the primary key, column types that
+/// hold the codecs' output, and (MySQL) a key column that compares bytes exactly.
+pub(crate) fn check_layout(
+    t: &TableSpec,
+    d: Dialect,
+    backend: &'static str,
+    cols: &[Column],
+) -> Result<()> {
+    check_columns(
+        t,
+        backend,
+        cols.iter().map(|(n, pk, ..)| (n.as_str(), pk == "1")),
+    )?;
+    let refuse = |reason: String| {
+        Err(Error::Schema {
+            table: t.name.clone(),
+            backend,
+            reason,
+        })
+    };
+    for (name, _, ty, collation) in cols {
+        let (format, is_key) = match name.to_ascii_lowercase().as_str() {
+            "key" => (t.key_format, true),
+            "value" => (t.value_format, false),
+            _ => continue,
+        };
+        let ty = ty.to_ascii_lowercase();
+        match d {
+            Dialect::Postgres => {
+                let fits = match format {
+                    Format::Text => {
+                        ["text", "character varying", "character"].contains(&ty.as_str())
+                    }
+                    Format::Binary => ty == "bytea",
+                };
+                if !fits {
+                    let kind = if format == Format::Text {
+                        "text"
+                    } else {
+                        "binary"
+                    };
+                    return refuse(format!(
+                        "its column {name:?} has type {ty}, which does not hold the {kind} \
+                         codec's output; open it with a codec of the column's kind"
+                    ));
+                }
+            }
+            Dialect::Mysql if is_key => {
+                let exact = ty == "varbinary"
+                    || collation.ends_with("_nopad_bin")
+                    || collation.ends_with("_0900_bin");
+                if !exact {
+                    return refuse(format!(
+                        "its key column is {ty} with collation {collation:?}, which compares keys \
+                         ignoring case or trailing spaces, so distinct keys could collide; \
+                         use a VARBINARY key column"
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// MySQL: refuses a table whose engine ignores transactions.
+pub(crate) fn check_engine(
+    t: &TableSpec,
+    backend: &'static str,
+    engine: Option<String>,
+) -> Result<()> {
+    match engine {
+        Some(engine) if !engine.eq_ignore_ascii_case("InnoDB") => Err(Error::Schema {
+            table: t.name.clone(),
+            backend,
+            reason: format!(
+                "it uses the {engine} engine, which ignores transactions; \
+                 convert it with ALTER TABLE … ENGINE=InnoDB"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
 
 /// A driver error during `action` on `table`.
 pub(crate) fn db_error(
@@ -36,7 +125,7 @@ pub(crate) fn not_opened(backend: &'static str) -> Error {
 
 /// Checks that an existing table has `key` and `value` columns and that `key` alone
 /// is its primary key, from `(column, is primary key)` pairs.
-pub(crate) fn check_columns<'a>(
+fn check_columns<'a>(
     t: &TableSpec,
     backend: &'static str,
     cols: impl Iterator<Item = (&'a str, bool)> + Clone,
