@@ -1,6 +1,8 @@
 # Sourced by scripts/test.sh (and usable by hand: `. scripts/servers.sh; start_servers`).
 # Starts throwaway PostgreSQL and MariaDB servers on 127.0.0.1 and exports
-# WTH_POSTGRES_URL and WTH_MYSQL_URL, unless they are set already.
+# WTH_POSTGRES_URL and WTH_MYSQL_URL, unless they are set already; writes a private
+# unixODBC driver list (ODBCSYSINI) and exports WTH_ODBC_POSTGRES, WTH_ODBC_MYSQL and
+# WTH_ODBC_SQLITE, ODBC connection strings for the same servers and for SQLite files.
 
 WTH_SERVER_DIR=""
 PG_BIN=/usr/lib/postgresql/15/bin
@@ -9,13 +11,18 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+ODBC_PACKAGES=(unixodbc unixodbc-dev odbc-postgresql odbc-mariadb libsqliteodbc)
+
 install_packages() {
-  local missing=()
+  local missing=() p
   [ -x "$PG_BIN/initdb" ] || missing+=(postgresql-15)
   command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
+  for p in "${ODBC_PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" -ne 0 ]; then
-    echo "missing ${missing[*]}: run as root to install them, or set WTH_POSTGRES_URL/WTH_MYSQL_URL" >&2
+    echo "missing ${missing[*]}: run as root to install them" >&2
     return 1
   fi
   echo "installing ${missing[*]} ..."
@@ -46,6 +53,7 @@ start_postgres() {
     -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c max_connections=200 -c fsync=off" >/dev/null \
     || { cat "$dir/server.log" >&2; return 1; }
   export WTH_POSTGRES_URL="postgres://postgres:wth-secret@127.0.0.1:$port/postgres"
+  WTH_PG_PORT=$port
   echo "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
 }
 
@@ -69,16 +77,48 @@ start_mariadb() {
      CREATE USER 'wth'@'%' IDENTIFIED BY 'wth-secret'; GRANT ALL ON *.* TO 'wth'@'%' WITH GRANT OPTION;" \
     || { cat "$dir/server.log" >&2; return 1; }
   export WTH_MYSQL_URL="mysql://wth:wth-secret@127.0.0.1:$port/mysql"
+  WTH_MY_PORT=$port
   echo "MariaDB $("$mariadbd" --version | awk '{print $3}') on 127.0.0.1:$port"
 }
 
+# The path of a driver library that a Debian package installs.
+driver_path() {
+  dpkg -L "$1" 2>/dev/null | grep -m1 "/$2\$"
+}
+
+setup_odbc() {
+  local dir=$WTH_SERVER_DIR/odbc pg my lite
+  pg=$(driver_path odbc-postgresql psqlodbcw.so)
+  my=$(driver_path odbc-mariadb libmaodbc.so)
+  lite=$(driver_path libsqliteodbc libsqlite3odbc.so)
+  if [ -z "$pg" ] || [ -z "$my" ] || [ -z "$lite" ]; then
+    echo "an ODBC driver is missing (psqlODBC: '$pg', MariaDB: '$my', SQLite: '$lite')" >&2
+    return 1
+  fi
+  mkdir -p "$dir"
+  printf '[WTH PostgreSQL]\nDriver=%s\n\n[WTH MariaDB]\nDriver=%s\n\n[WTH SQLite3]\nDriver=%s\n' \
+    "$pg" "$my" "$lite" > "$dir/odbcinst.ini"
+  : > "$dir/odbc.ini"
+  export ODBCSYSINI=$dir
+  if [ -n "${WTH_PG_PORT:-}" ] && [ -z "${WTH_ODBC_POSTGRES:-}" ]; then
+    export WTH_ODBC_POSTGRES="Driver={WTH PostgreSQL};Server=127.0.0.1;Port=$WTH_PG_PORT;Database=postgres;Uid=postgres;Pwd=wth-secret;"
+  fi
+  if [ -n "${WTH_MY_PORT:-}" ] && [ -z "${WTH_ODBC_MYSQL:-}" ]; then
+    export WTH_ODBC_MYSQL="Driver={WTH MariaDB};Server=127.0.0.1;Port=$WTH_MY_PORT;Database=mysql;Uid=wth;Pwd=wth-secret;CHARSET=utf8mb4;"
+  fi
+  if [ -z "${WTH_ODBC_SQLITE:-}" ]; then
+    export WTH_ODBC_SQLITE='Driver={WTH SQLite3};'
+  fi
+  echo "ODBC drivers: $(dpkg-query -W -f='${Package} ${Version}, ' odbc-postgresql odbc-mariadb libsqliteodbc unixodbc)"
+}
+
 start_servers() {
-  if [ -n "${WTH_POSTGRES_URL:-}" ] && [ -n "${WTH_MYSQL_URL:-}" ]; then return 0; fi
   install_packages
   WTH_SERVER_DIR=$(mktemp -d /tmp/wth-servers.XXXXXX)
   chmod 755 "$WTH_SERVER_DIR"
   [ -n "${WTH_POSTGRES_URL:-}" ] || start_postgres
   [ -n "${WTH_MYSQL_URL:-}" ] || start_mariadb
+  setup_odbc
 }
 
 stop_servers() {

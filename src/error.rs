@@ -45,7 +45,7 @@ impl fmt::Display for Action {
 #[non_exhaustive]
 pub enum Error {
     /// The database refused or failed a statement. Memory is unchanged.
-    #[error("{action} table {table:?} on {backend} failed: {source}{hint}", hint = hint(.source))]
+    #[error("{} on {backend} failed: {source}{hint}", doing(*.action, .table), hint = hint(.source))]
     Database {
         /// What was being done.
         action: Action,
@@ -231,6 +231,14 @@ impl Error {
     /// which the map needs a working connection and a [`reload`](crate::DbHashMap::reload).
     pub fn is_outcome_unknown(&self) -> bool {
         matches!(self, Error::OutcomeUnknown { .. } | Error::Poisoned { .. })
+    }
+}
+
+/// "writing to table \"t\"", or just "connecting" when no table is known yet.
+fn doing(action: Action, table: &str) -> String {
+    match (action, table.is_empty()) {
+        (Action::Connect, true) => "connecting".to_string(),
+        (action, _) => format!("{action} table {table:?}"),
     }
 }
 

@@ -26,6 +26,7 @@
 //! | `sqlite`   | yes     | SQLite through rusqlite, with SQLite bundled: `rusqlite::Connection`, `sqlite:PATH` |
 //! | `postgres` | no      | PostgreSQL through the `postgres` crate: `postgres::Client`, `postgres://…` |
 //! | `mysql`    | no      | MySQL and MariaDB through the `mysql` crate, pure Rust: `mysql::Conn`, `mysql://…` |
+//! | `odbc`     | no      | ODBC through odbc-api and unixODBC: `odbc_api::Connection<'static>`, `odbc:CONNECTION-STRING` |
 //! | `postcard` | no      | the compact binary codec [`Postcard`] |
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
@@ -46,6 +47,8 @@ pub use error::{Action, BoxError, Error, Result};
 pub use map::{DbHashMap, Transaction};
 #[cfg(feature = "mysql")]
 pub use store::mysql::MysqlStore;
+#[cfg(feature = "odbc")]
+pub use store::odbc::OdbcStore;
 #[cfg(feature = "postgres")]
 pub use store::postgres::PostgresStore;
 #[cfg(feature = "sqlite")]

@@ -10,6 +10,7 @@ pub(crate) enum Target<'a> {
     Sqlite(&'a str),
     Postgres(&'a str),
     Mysql(&'a str),
+    Odbc(&'a str),
 }
 
 pub(crate) fn parse(url: &str) -> Result<Target<'_>> {
@@ -18,7 +19,7 @@ pub(crate) fn parse(url: &str) -> Result<Target<'_>> {
         reason: reason.to_string(),
     };
     let (scheme, rest) = url.split_once(':').ok_or_else(|| {
-        bad("it has no scheme; use sqlite:PATH, sqlite::memory:, postgres://…, or mysql://…")
+        bad("it has no scheme; use sqlite:PATH, sqlite::memory:, postgres://…, mysql://… or odbc:…")
     })?;
     match scheme.to_ascii_lowercase().as_str() {
         "sqlite" => {
@@ -31,8 +32,12 @@ pub(crate) fn parse(url: &str) -> Result<Target<'_>> {
         }
         "postgres" | "postgresql" => Ok(Target::Postgres(url)),
         "mysql" | "mariadb" => Ok(Target::Mysql(url)),
+        "odbc" if rest.trim().is_empty() => {
+            Err(bad("it has no connection string; use odbc:DSN=name or odbc:Driver={…};…"))
+        }
+        "odbc" => Ok(Target::Odbc(rest)),
         other => Err(bad(&format!(
-            "the scheme {other:?} is not one this crate knows; use sqlite:, postgres:// or mysql://"
+            "the scheme {other:?} is not one this crate knows; use sqlite:, postgres://, mysql:// or odbc:"
         ))),
     }
 }
@@ -68,6 +73,10 @@ pub(crate) fn connect(url: &str) -> Result<Box<dyn Store>> {
         Target::Mysql(u) => Ok(Box::new(crate::store::mysql::MysqlStore::connect(u)?)),
         #[cfg(not(feature = "mysql"))]
         Target::Mysql(_) => Err(feature_off(url, "mysql")),
+        #[cfg(feature = "odbc")]
+        Target::Odbc(cs) => Ok(Box::new(crate::store::odbc::OdbcStore::connect(cs)?)),
+        #[cfg(not(feature = "odbc"))]
+        Target::Odbc(_) => Err(feature_off(url, "odbc")),
     }
 }
 

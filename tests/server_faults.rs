@@ -5,7 +5,7 @@
 #![cfg(any(feature = "postgres", feature = "mysql"))]
 
 #[path = "conformance/env.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod env;
 
 use std::collections::HashMap;

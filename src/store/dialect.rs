@@ -20,6 +20,7 @@ pub enum Dialect {
 /// How bind parameters are written: the dialect's own way, or `?` as ODBC wants it
 /// whatever the database behind the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(feature = "odbc"), allow(dead_code))]
 pub(crate) enum Marks {
     Native,
     Question,
@@ -98,6 +99,15 @@ impl Dialect {
     /// A query of one text parameter (see [`layout_param`](Self::layout_param)) that
     /// lists the table's columns as four texts: name, `1` if part of the primary key
     /// else `0`, type, and collation (empty if none). No rows: no such table.
+    #[cfg_attr(
+        not(any(
+            feature = "sqlite",
+            feature = "postgres",
+            feature = "mysql",
+            feature = "odbc"
+        )),
+        allow(dead_code)
+    )]
     pub(crate) fn layout_query(self, marks: Marks) -> String {
         match self {
             Dialect::Sqlite => format!(
@@ -127,6 +137,15 @@ impl Dialect {
 
     /// The parameter of [`layout_query`](Self::layout_query): PostgreSQL resolves a
     /// quoted name, the others take the name as it is.
+    #[cfg_attr(
+        not(any(
+            feature = "sqlite",
+            feature = "postgres",
+            feature = "mysql",
+            feature = "odbc"
+        )),
+        allow(dead_code)
+    )]
     pub(crate) fn layout_param(self, t: &TableSpec) -> String {
         match self {
             Dialect::Postgres => self.quote(&t.name),
@@ -135,6 +154,15 @@ impl Dialect {
     }
 
     /// MySQL only: the table's storage engine, from its name as the one parameter.
+    #[cfg_attr(
+        not(any(
+            feature = "sqlite",
+            feature = "postgres",
+            feature = "mysql",
+            feature = "odbc"
+        )),
+        allow(dead_code)
+    )]
     pub(crate) fn engine_query(self, marks: Marks) -> Option<String> {
         (self == Dialect::Mysql).then(|| {
             format!(

@@ -303,3 +303,140 @@ mod my {
         }
     }
 }
+
+#[cfg(feature = "odbc")]
+pub(crate) use odbc::OdbcEnv;
+#[cfg(feature = "odbc")]
+mod odbc {
+    use super::*;
+    use odbc_api::{ConnectionOptions, Cursor};
+
+    /// A test database behind an ODBC driver: a new database on the PostgreSQL or
+    /// MariaDB server, or a new SQLite file. Raw statements go through ODBC too.
+    pub(crate) struct OdbcEnv {
+        conn_string: String,
+        dialect: Dialect,
+        admin: Option<String>,
+        db: String,
+        _dir: Option<tempfile::TempDir>,
+    }
+
+    fn connect(cs: &str) -> odbc_api::Connection<'static> {
+        odbc_api::environment()
+            .expect("ODBC environment")
+            .connect_with_connection_string(cs, ConnectionOptions::default())
+            .unwrap_or_else(|e| panic!("ODBC connection {cs:?}: {e}"))
+    }
+
+    /// `cs` with its `Database=…` replaced by `db`.
+    fn with_database(cs: &str, db: &str) -> String {
+        cs.split(';')
+            .map(|part| match part.split_once('=') {
+                Some((k, _)) if k.trim().eq_ignore_ascii_case("database") => format!("{k}={db}"),
+                _ => part.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+
+    impl OdbcEnv {
+        fn server(var: &str, dialect: Dialect) -> Self {
+            let admin = server_url(var);
+            let db = unique_db();
+            connect(&admin)
+                .execute(&format!("CREATE DATABASE {db}"), (), None)
+                .unwrap_or_else(|e| panic!("create test database over ODBC: {e}"));
+            OdbcEnv {
+                conn_string: with_database(&admin, &db),
+                dialect,
+                admin: Some(admin),
+                db,
+                _dir: None,
+            }
+        }
+
+        pub(crate) fn postgres() -> Self {
+            Self::server("WTH_ODBC_POSTGRES", Dialect::Postgres)
+        }
+
+        pub(crate) fn mysql() -> Self {
+            Self::server("WTH_ODBC_MYSQL", Dialect::Mysql)
+        }
+
+        pub(crate) fn sqlite() -> Self {
+            let base = server_url("WTH_ODBC_SQLITE");
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let path = dir.path().join("test.sqlite");
+            let cs = format!(
+                "{};Database={};",
+                base.trim_end_matches(';'),
+                path.display()
+            );
+            OdbcEnv {
+                conn_string: cs,
+                dialect: Dialect::Sqlite,
+                admin: None,
+                db: String::new(),
+                _dir: Some(dir),
+            }
+        }
+    }
+
+    impl Drop for OdbcEnv {
+        fn drop(&mut self) {
+            if let Some(admin) = &self.admin {
+                let sql = match self.dialect {
+                    Dialect::Postgres => {
+                        format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db)
+                    }
+                    _ => format!("DROP DATABASE IF EXISTS {}", self.db),
+                };
+                if let Ok(env) = odbc_api::environment() {
+                    if let Ok(c) =
+                        env.connect_with_connection_string(admin, ConnectionOptions::default())
+                    {
+                        let _ = c.execute(&sql, (), None);
+                    }
+                }
+            }
+        }
+    }
+
+    impl Env for OdbcEnv {
+        fn url(&self) -> String {
+            format!("odbc:{}", self.conn_string)
+        }
+        fn conn(&self) -> Box<dyn Store> {
+            connect(&self.conn_string).into_store()
+        }
+        fn try_exec(&self, sql: &str) -> Result<(), String> {
+            connect(&self.conn_string)
+                .execute(sql, (), None)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }
+        fn ints(&self, sql: &str) -> Vec<i64> {
+            let conn = connect(&self.conn_string);
+            let mut out = Vec::new();
+            if let Some(mut cursor) = conn
+                .execute(sql, (), None)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            {
+                let mut buf = Vec::new();
+                while let Some(mut row) = cursor.next_row().unwrap() {
+                    row.get_text(1, &mut buf).unwrap();
+                    let text = String::from_utf8_lossy(&buf);
+                    out.push(
+                        text.trim()
+                            .parse()
+                            .unwrap_or_else(|e| panic!("{sql}: {text:?}: {e}")),
+                    );
+                }
+            }
+            out
+        }
+        fn dialect(&self) -> Dialect {
+            self.dialect
+        }
+    }
+}

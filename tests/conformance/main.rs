@@ -1,5 +1,6 @@
 //! The conformance suite, written once in `suite.rs` and stamped out here for every
-//! backend this build has: SQLite always, PostgreSQL and MariaDB with their features.
+//! backend this build has: SQLite always, PostgreSQL and MariaDB with their features,
+//! and with `odbc` the same three through their ODBC drivers.
 
 mod env;
 mod suite;
@@ -27,6 +28,12 @@ macro_rules! all_backends {
         conformance!(postgres, PgEnv::new(), [$($test),*]);
         #[cfg(feature = "mysql")]
         conformance!(mysql, MyEnv::new(), [$($test),*]);
+        #[cfg(feature = "odbc")]
+        conformance!(odbc_sqlite, OdbcEnv::sqlite(), [$($test),*]);
+        #[cfg(feature = "odbc")]
+        conformance!(odbc_postgres, OdbcEnv::postgres(), [$($test),*]);
+        #[cfg(feature = "odbc")]
+        conformance!(odbc_mysql, OdbcEnv::mysql(), [$($test),*]);
     };
 }
 
