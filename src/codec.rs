@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::canonical::{Found, MapFinder};
 use crate::error::BoxError;
 
 /// Whether a codec's output is text (stored in a text column) or bytes (a binary one).
@@ -60,6 +61,8 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for Json {
     }
 
     fn encode(&self, value: &T, out: &mut Vec<u8>) -> Result<(), BoxError> {
+        // serde_json writes a NaN as `null`, which would not decode back: refuse it.
+        value.serialize(MapFinder::JSON_VALUE).map_err(|e| e.message())?;
         serde_json::to_writer(out, value).map_err(Into::into)
     }
 
@@ -67,11 +70,15 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for Json {
         // Without a map inside, serde's output is canonical as it is (struct fields come
         // in declaration order). With one, going through `Value`, whose objects are
         // sorted maps, makes the text independent of the order the map iterates in.
-        if key.serialize(crate::canonical::MapFinder).is_ok() {
-            return serde_json::to_writer(out, key).map_err(Into::into);
+        match key.serialize(MapFinder::JSON_KEY) {
+            Ok(()) => serde_json::to_writer(out, key).map_err(Into::into),
+            Err(Found::Map) => {
+                key.serialize(MapFinder::JSON_VALUE).map_err(|e| e.message())?;
+                let value = serde_json::to_value(key)?;
+                serde_json::to_writer(out, &value).map_err(Into::into)
+            }
+            Err(e) => Err(e.message().into()),
         }
-        let value = serde_json::to_value(key)?;
-        serde_json::to_writer(out, &value).map_err(Into::into)
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<T, BoxError> {
@@ -155,7 +162,7 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for Postcard {
     }
 
     fn encode_key(&self, key: &T, out: &mut Vec<u8>) -> Result<(), BoxError> {
-        key.serialize(crate::canonical::MapFinder)?;
+        key.serialize(MapFinder::BINARY_KEY).map_err(|e| e.message())?;
         self.encode(key, out)
     }
 
@@ -285,6 +292,17 @@ mod tests {
         assert_eq!(key(&Json, &a), key(&Json, &b));
         let sorted: BTreeMap<_, _> = a.iter().collect();
         assert_eq!(key(&Json, &a), serde_json::to_vec(&sorted).unwrap());
+    }
+
+    #[test]
+    fn json_refuses_floats_it_cannot_hold() {
+        let mut out = Vec::new();
+        let err = Codec::<Vec<f64>>::encode(&Json, &vec![1.0, f64::NAN], &mut out).unwrap_err();
+        assert!(err.to_string().contains("NaN"), "{err}");
+        assert!(Codec::<f32>::encode(&Json, &f32::NEG_INFINITY, &mut out).is_err());
+        assert!(Codec::<f64>::encode(&Json, &1.5, &mut out).is_ok());
+        let key = BTreeMap::from([("k".to_string(), f64::INFINITY)]);
+        assert!(Json.encode_key(&key, &mut out).is_err());
     }
 
     #[test]
