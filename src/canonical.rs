@@ -29,7 +29,6 @@ impl Found {
     }
 }
 
-
 impl fmt::Display for Found {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message())
@@ -53,11 +52,21 @@ pub(crate) struct MapFinder {
 
 impl MapFinder {
     /// For JSON keys: both.
-    pub(crate) const JSON_KEY: MapFinder = MapFinder { maps: true, floats: true };
+    pub(crate) const JSON_KEY: MapFinder = MapFinder {
+        maps: true,
+        floats: true,
+    };
     /// For JSON values: floats only.
-    pub(crate) const JSON_VALUE: MapFinder = MapFinder { maps: false, floats: true };
+    pub(crate) const JSON_VALUE: MapFinder = MapFinder {
+        maps: false,
+        floats: true,
+    };
     /// For binary keys: maps only.
-    pub(crate) const BINARY_KEY: MapFinder = MapFinder { maps: true, floats: false };
+    #[cfg(any(feature = "postcard", test))]
+    pub(crate) const BINARY_KEY: MapFinder = MapFinder {
+        maps: true,
+        floats: false,
+    };
 
     fn float(self, f: f64) -> R {
         if self.floats && !f.is_finite() {
@@ -234,13 +243,23 @@ mod tests {
 
     #[test]
     fn finds_nested_maps_and_bad_floats() {
-        assert!((1, "a", vec![Some(2u8)], 1.5).serialize(MapFinder::JSON_KEY).is_ok());
+        assert!((1, "a", vec![Some(2u8)], 1.5)
+            .serialize(MapFinder::JSON_KEY)
+            .is_ok());
         let nested = vec![(1, BTreeMap::from([(1, 2)]))];
-        assert!(matches!(nested.serialize(MapFinder::JSON_KEY), Err(Found::Map)));
+        assert!(matches!(
+            nested.serialize(MapFinder::JSON_KEY),
+            Err(Found::Map)
+        ));
         assert!(nested.serialize(MapFinder::JSON_VALUE).is_ok());
         let nan = BTreeMap::from([("x", vec![f64::NAN])]);
-        assert!(matches!(nan.serialize(MapFinder::JSON_VALUE), Err(Found::NonFinite(_))));
-        assert!(Some(f32::INFINITY).serialize(MapFinder::JSON_VALUE).is_err());
+        assert!(matches!(
+            nan.serialize(MapFinder::JSON_VALUE),
+            Err(Found::NonFinite(_))
+        ));
+        assert!(Some(f32::INFINITY)
+            .serialize(MapFinder::JSON_VALUE)
+            .is_err());
         assert!(f64::NAN.serialize(MapFinder::BINARY_KEY).is_ok());
     }
 }

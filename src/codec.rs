@@ -62,7 +62,9 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for Json {
 
     fn encode(&self, value: &T, out: &mut Vec<u8>) -> Result<(), BoxError> {
         // serde_json writes a NaN as `null`, which would not decode back: refuse it.
-        value.serialize(MapFinder::JSON_VALUE).map_err(|e| e.message())?;
+        value
+            .serialize(MapFinder::JSON_VALUE)
+            .map_err(|e| e.message())?;
         serde_json::to_writer(out, value).map_err(Into::into)
     }
 
@@ -73,7 +75,8 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for Json {
         match key.serialize(MapFinder::JSON_KEY) {
             Ok(()) => serde_json::to_writer(out, key).map_err(Into::into),
             Err(Found::Map) => {
-                key.serialize(MapFinder::JSON_VALUE).map_err(|e| e.message())?;
+                key.serialize(MapFinder::JSON_VALUE)
+                    .map_err(|e| e.message())?;
                 let value = serde_json::to_value(key)?;
                 serde_json::to_writer(out, &value).map_err(Into::into)
             }
@@ -162,7 +165,8 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for Postcard {
     }
 
     fn encode_key(&self, key: &T, out: &mut Vec<u8>) -> Result<(), BoxError> {
-        key.serialize(MapFinder::BINARY_KEY).map_err(|e| e.message())?;
+        key.serialize(MapFinder::BINARY_KEY)
+            .map_err(|e| e.message())?;
         self.encode(key, out)
     }
 

@@ -154,15 +154,7 @@ impl Dialect {
     }
 
     /// MySQL only: the table's storage engine, from its name as the one parameter.
-    #[cfg_attr(
-        not(any(
-            feature = "sqlite",
-            feature = "postgres",
-            feature = "mysql",
-            feature = "odbc"
-        )),
-        allow(dead_code)
-    )]
+    #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
     pub(crate) fn engine_query(self, marks: Marks) -> Option<String> {
         (self == Dialect::Mysql).then(|| {
             format!(

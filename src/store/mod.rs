@@ -9,10 +9,22 @@ use crate::error::Result;
 pub(crate) mod dialect;
 #[cfg(feature = "odbc")]
 pub(crate) mod odbc;
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+#[cfg(any(
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "odbc"
+))]
 mod support;
-#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
-pub(crate) use support::{check_engine, check_layout, db_error, opened, Column};
+#[cfg(any(feature = "mysql", feature = "odbc"))]
+pub(crate) use support::check_engine;
+#[cfg(any(
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "odbc"
+))]
+pub(crate) use support::{check_layout, db_error, opened, Column};
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
 #[cfg(feature = "postgres")]

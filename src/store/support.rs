@@ -74,6 +74,7 @@ pub(crate) fn check_layout(
 }
 
 /// MySQL: refuses a table whose engine ignores transactions.
+#[cfg(any(feature = "mysql", feature = "odbc"))]
 pub(crate) fn check_engine(
     t: &TableSpec,
     backend: &'static str,

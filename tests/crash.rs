@@ -1,0 +1,151 @@
+//! The crash harness: a worker process runs a random sequence of inserts, removes,
+//! clears, batches and transactions, acknowledging each; the test kills it with
+//! SIGKILL at a random moment, reopens the table and checks that it holds the result
+//! of a prefix of the sequence that includes every acknowledged call (so no
+//! acknowledged write was lost and no transaction is half applied).
+//!
+//! `WTH_CRASH_TRIALS` sets the number of trials per backend (default 50).
+
+#[path = "../examples/crash_worker/ops.rs"]
+mod ops;
+
+#[cfg(feature = "postgres")]
+#[path = "conformance/env.rs"]
+#[allow(dead_code, unused_imports)]
+mod env;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use write_thru_hash::DbHashMap;
+
+const OPS: usize = 150;
+
+fn worker_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("crash_worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo test builds it",
+        bin.display()
+    );
+    bin
+}
+
+fn trials() -> u64 {
+    std::env::var("WTH_CRASH_TRIALS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50)
+}
+
+#[derive(Debug, Default)]
+struct Tally {
+    trials: u64,
+    killed_mid_run: u64,
+    acknowledged: u64,
+    in_flight_landed: u64,
+}
+
+/// One trial: run, kill after `delay`, reopen, compare with the prefixes.
+fn trial(url: &str, table: &str, seed: u64, delay: Duration, tally: &mut Tally) {
+    let mut child = Command::new(worker_bin())
+        .args([url, table, &seed.to_string(), &OPS.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let reader =
+        std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).count());
+    let start = Instant::now();
+    while start.elapsed() < delay {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = child.kill(); // SIGKILL
+    let status = child.wait().unwrap();
+    let acked = reader.join().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.is_empty() || status.code().is_none(),
+        "worker failed: {stderr}"
+    );
+
+    let ops = ops::ops(seed, OPS);
+    let mut states = vec![HashMap::new()];
+    for op in &ops {
+        let mut next = states.last().unwrap().clone();
+        ops::apply(&mut next, op);
+        states.push(next);
+    }
+    let table_now: DbHashMap<String, i64> =
+        DbHashMap::builder_url(url).table(table).open().unwrap();
+    // Every acknowledged call is in; the one in flight may or may not be.
+    let candidates = acked..=(acked + 1).min(OPS);
+    let matched = candidates.clone().find(|&k| *table_now == states[k]);
+    assert!(
+        matched.is_some(),
+        "seed {seed}: {acked} calls acknowledged, but the table equals none of the states after \
+         calls {candidates:?}: {:?}",
+        *table_now
+    );
+    tally.trials += 1;
+    tally.acknowledged += acked as u64;
+    if acked < OPS {
+        tally.killed_mid_run += 1;
+    }
+    if matched == Some(acked + 1) {
+        tally.in_flight_landed += 1;
+    }
+}
+
+fn run_trials(backend: &str, url_for: impl Fn(u64) -> (String, String)) {
+    let mut tally = Tally::default();
+    for t in 0..trials() {
+        let seed = 1_000 + t;
+        // Kill anywhere from before the first call to after the last.
+        let delay = Duration::from_micros(seed.wrapping_mul(2_654_435_761) % 60_000);
+        let (url, table) = url_for(t);
+        trial(&url, &table, seed, delay, &mut tally);
+    }
+    eprintln!("{backend} crash trials: {tally:?}, data lost: 0");
+    assert!(
+        tally.killed_mid_run * 2 >= tally.trials,
+        "most kills land mid-run: {tally:?}"
+    );
+}
+
+#[test]
+fn sqlite_kill_at_random_moments() {
+    let dir = tempfile::tempdir().unwrap();
+    run_trials("SQLite", |t| {
+        (
+            format!(
+                "sqlite:{}",
+                dir.path().join(format!("crash{t}.sqlite")).display()
+            ),
+            "crash".into(),
+        )
+    });
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_kill_at_random_moments() {
+    use env::Env;
+    let pg = env::PgEnv::new();
+    run_trials("PostgreSQL", |t| (pg.url(), format!("crash {t}")));
+}
