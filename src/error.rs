@@ -157,6 +157,24 @@ pub enum Error {
         max: usize,
     },
 
+    /// A value's encoding is longer than the backend takes in one statement (MySQL's
+    /// `max_allowed_packet`). Nothing was written.
+    #[error(
+        "a value of {len} bytes is too long for table {table:?} on {backend}, which takes at \
+         most {max} bytes in one statement; raise the server's max_allowed_packet or store \
+         smaller values"
+    )]
+    ValueTooLong {
+        /// The table's name.
+        table: String,
+        /// The backend's name.
+        backend: &'static str,
+        /// The encoded value's length in bytes.
+        len: usize,
+        /// The backend's limit in bytes.
+        max: usize,
+    },
+
     /// The table name cannot be held by the backend. Nothing was written.
     #[error("table name {name:?} cannot be used on {backend}: {reason}; choose another name")]
     InvalidTableName {

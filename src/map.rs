@@ -47,6 +47,7 @@ pub struct DbHashMap<K, V, S = RandomState> {
     behind: Option<Behind>,
     backend: &'static str,
     max_key_len: Option<usize>,
+    max_value_len: Option<usize>,
     keys: Box<dyn Codec<K>>,
     values: Box<dyn Codec<V>>,
     table: TableSpec,
@@ -111,6 +112,7 @@ impl<K, V, S> DbHashMap<K, V, S> {
             map,
             backend: store.backend(),
             max_key_len: store.max_key_len(),
+            max_value_len: store.max_value_len(),
             store: Arc::new(Mutex::new(store)),
             behind: None,
             keys,
@@ -221,6 +223,14 @@ where
                 table: self.table.name.clone(),
                 source,
             })?;
+        if let Some(max) = self.max_value_len.filter(|max| out.len() > *max) {
+            return Err(Error::ValueTooLong {
+                table: self.table.name.clone(),
+                backend: self.backend,
+                len: out.len(),
+                max,
+            });
+        }
         Ok(out)
     }
 

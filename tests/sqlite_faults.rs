@@ -116,3 +116,29 @@ fn sqlite_commit_blocked_by_a_reader_in_rollback_journal_mode() {
     h.insert("after".into(), 5).unwrap();
     assert_eq!(reopen(&path), *h);
 }
+
+#[test]
+fn sqlite_wrong_column_types_are_decode_errors() {
+    let (_dir, path) = setup();
+    // A table made elsewhere, without column types: SQLite keeps numbers as numbers.
+    let raw = Connection::open(&path).unwrap();
+    raw.execute_batch(
+        "CREATE TABLE hashtable (key NOT NULL, value, PRIMARY KEY (key));
+         INSERT INTO hashtable (key, value) VALUES ('\"n\"', 5)",
+    )
+    .unwrap();
+    let err = DbHashMap::<String, i64>::open(Connection::open(&path).unwrap()).unwrap_err();
+    assert!(matches!(err, Error::Decode { what: "value", .. }), "{err}");
+    assert!(
+        err.to_string().contains("number or NULL") && err.to_string().contains("hashtable"),
+        "{err}"
+    );
+    raw.execute_batch("UPDATE hashtable SET value = NULL")
+        .unwrap();
+    let err = DbHashMap::<String, i64>::open(Connection::open(&path).unwrap()).unwrap_err();
+    assert!(matches!(err, Error::Decode { what: "value", .. }), "{err}");
+    raw.execute_batch("DELETE FROM hashtable; INSERT INTO hashtable (key, value) VALUES (7, '1')")
+        .unwrap();
+    let err = DbHashMap::<String, i64>::open(Connection::open(&path).unwrap()).unwrap_err();
+    assert!(matches!(err, Error::Decode { what: "key", .. }), "{err}");
+}

@@ -165,6 +165,19 @@ impl Dialect {
         })
     }
 
+    /// MySQL only: the query of the server's `max_allowed_packet`.
+    #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
+    pub(crate) fn packet_query(self) -> Option<&'static str> {
+        (self == Dialect::Mysql).then_some("SELECT CAST(@@max_allowed_packet AS CHAR)")
+    }
+
+    /// The longest value one statement can carry in a packet of `packet` bytes: the
+    /// packet less the longest key and room for the statement's text.
+    #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
+    pub(crate) fn max_value_len(self, packet: usize) -> usize {
+        packet.saturating_sub(MYSQL_MAX_KEY_BYTES + 1024)
+    }
+
     /// Refuses a table name the backend cannot hold exactly as given.
     pub fn check_table_name(self, name: &str) -> Result<()> {
         let refuse = |reason: &str| {

@@ -166,6 +166,12 @@ pub trait Store: Send {
         None
     }
 
+    /// The longest encoded value the backend takes in one statement, if it has a limit.
+    /// Read after [`open`](Store::open).
+    fn max_value_len(&self) -> Option<usize> {
+        None
+    }
+
     /// Restores a lost connection, when the store knows how (stores opened from a
     /// URL do). Called by [`reload`](crate::DbHashMap::reload) before it loads.
     fn reconnect(&mut self) -> Result<()> {
@@ -188,6 +194,9 @@ impl Store for Box<dyn Store> {
     }
     fn max_key_len(&self) -> Option<usize> {
         (**self).max_key_len()
+    }
+    fn max_value_len(&self) -> Option<usize> {
+        (**self).max_value_len()
     }
     fn reconnect(&mut self) -> Result<()> {
         (**self).reconnect()

@@ -31,6 +31,8 @@ pub struct MysqlStore {
     table: Option<TableSpec>,
     /// Set when the connection failed without a server answer: it is not used again.
     broken: bool,
+    /// From the server's `max_allowed_packet`, read at `open`.
+    max_value: Option<usize>,
 }
 
 impl std::fmt::Debug for MysqlStore {
@@ -51,6 +53,7 @@ impl MysqlStore {
             url: None,
             table: None,
             broken: false,
+            max_value: None,
         }
     }
 
@@ -61,6 +64,7 @@ impl MysqlStore {
             url: Some(url.to_string()),
             table: None,
             broken: false,
+            max_value: None,
         })
     }
 
@@ -202,6 +206,15 @@ impl Store for MysqlStore {
             .query_drop(D.create_table(t))
             .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
         self.check_layout(t)?;
+        if let Some(sql) = D.packet_query() {
+            let packet: Option<String> = self
+                .conn
+                .query_first(sql)
+                .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
+            self.max_value = packet
+                .and_then(|p| p.parse().ok())
+                .map(|p| D.max_value_len(p));
+        }
         self.table = Some(t.clone());
         Ok(())
     }
@@ -242,6 +255,10 @@ impl Store for MysqlStore {
 
     fn max_key_len(&self) -> Option<usize> {
         D.max_key_len()
+    }
+
+    fn max_value_len(&self) -> Option<usize> {
+        self.max_value
     }
 
     fn reconnect(&mut self) -> Result<()> {

@@ -28,6 +28,7 @@ pub struct OdbcStore {
     known: bool,
     table: Option<TableSpec>,
     broken: bool,
+    max_value: Option<usize>,
 }
 
 impl std::fmt::Debug for OdbcStore {
@@ -74,6 +75,7 @@ impl OdbcStore {
             known,
             table: None,
             broken: false,
+            max_value: None,
         })
     }
 
@@ -279,6 +281,12 @@ impl Store for OdbcStore {
             err
         })?;
         self.check_layout(t)?;
+        if let Some(sql) = self.dialect.packet_query().filter(|_| self.known) {
+            let fail = |e| db_error(Action::Open, t, self.name(), e);
+            let rows = self.texts(sql, "", 1).map_err(fail)?;
+            let packet = rows.first().and_then(|r| r[0].trim().parse().ok());
+            self.max_value = packet.map(|p| self.dialect.max_value_len(p));
+        }
         self.table = Some(t.clone());
         Ok(())
     }
@@ -335,6 +343,10 @@ impl Store for OdbcStore {
     fn max_key_len(&self) -> Option<usize> {
         // From the dialect: drivers report wrong limits.
         self.dialect.max_key_len()
+    }
+
+    fn max_value_len(&self) -> Option<usize> {
+        self.max_value
     }
 
     fn reconnect(&mut self) -> Result<()> {

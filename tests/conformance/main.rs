@@ -56,5 +56,6 @@ all_backends!(
     non_canonical_key_codec_is_caught,
     codecs_and_column_types,
     long_keys_are_refused_or_stored_whole,
+    bad_input_is_refused_cleanly,
     random_operations_match_a_model,
 );

@@ -642,6 +642,78 @@ fn assert_persisted_bytes(env: &impl Env, h: &DbHashMap<Vec<u8>, i32>) {
     assert_eq!(&fresh, h);
 }
 
+/// Input the codec or the database cannot take: a clear error, nothing written half,
+/// memory equal to the table.
+pub(crate) fn bad_input_is_refused_cleanly(env: &impl Env) {
+    let mut f: DbHashMap<String, Vec<f64>> = open(env, "floats");
+    f.insert("ok".into(), vec![1.5, -0.0, 1e300]).unwrap();
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let err = f.insert("bad".into(), vec![1.0, bad]).unwrap_err();
+        assert!(matches!(err, Error::Encode { what: "value", .. }), "{err}");
+        assert!(err.to_string().contains("JSON cannot hold"), "{err}");
+    }
+    assert!(f
+        .insert_many([
+            ("x".to_string(), vec![0.0]),
+            ("y".to_string(), vec![f64::NAN])
+        ])
+        .is_err());
+    assert!(f
+        .transaction(|tx| tx.insert("t".into(), vec![f64::NAN]))
+        .is_err());
+    let fresh: DbHashMap<String, Vec<f64>> = open(env, "floats");
+    assert_eq!(fresh, f);
+    assert_eq!(f.len(), 1);
+
+    // A map whose keys JSON cannot write as object keys.
+    let mut m: DbHashMap<String, HashMap<(i32, i32), i32>> = open(env, "pair keys");
+    let err = m
+        .insert("p".into(), HashMap::from([((1, 2), 3)]))
+        .unwrap_err();
+    assert!(matches!(err, Error::Encode { .. }), "{err}");
+
+    // A value bigger than some servers take in one packet (MariaDB's default is 16 MiB).
+    let mut big: DbHashMap<String, String> = open(env, "huge");
+    big.insert("small".into(), "s".into()).unwrap();
+    match big.insert("huge".into(), "h".repeat(20 << 20)) {
+        Ok(_) => assert_eq!(big["huge"].len(), 20 << 20),
+        Err(e) => {
+            assert_eq!(env.dialect(), Dialect::Mysql, "{e}");
+            assert!(matches!(e, Error::ValueTooLong { .. }), "{e}");
+            assert!(e.to_string().contains("max_allowed_packet"), "{e}");
+            assert!(!big.contains_key("huge"));
+        }
+    }
+    let fresh: DbHashMap<String, String> = open(env, "huge");
+    assert_eq!(fresh, big);
+
+    // A table with one more column the map does not fill: its writes fail, clearly.
+    let (k, v) = (env.q("key"), env.q("value"));
+    let key_type = if env.dialect() == Dialect::Mysql {
+        "VARBINARY(100)"
+    } else {
+        "TEXT"
+    };
+    env.exec(&format!(
+        "CREATE TABLE {} ({k} {key_type} NOT NULL PRIMARY KEY, {v} TEXT NOT NULL, {} INTEGER NOT NULL)",
+        env.q("extra"),
+        env.q("extra")
+    ));
+    let mut x: DbHashMap<String, i64> = open(env, "extra");
+    let err = x.insert("a".into(), 1).unwrap_err();
+    assert!(matches!(err, Error::Database { .. }), "{err}");
+    assert!(x.is_empty());
+    // A nullable extra column is fine.
+    env.exec(&format!(
+        "CREATE TABLE {} ({k} {key_type} NOT NULL PRIMARY KEY, {v} TEXT NOT NULL, {} INTEGER)",
+        env.q("extra ok"),
+        env.q("note")
+    ));
+    let mut y: DbHashMap<String, i64> = open(env, "extra ok");
+    y.insert("a".into(), 1).unwrap();
+    assert_persisted(env, "extra ok", &y);
+}
+
 // ---- The property test: random operations, with failures, against a model ----
 
 #[derive(Debug, Clone)]
