@@ -33,7 +33,7 @@ pub const DEFAULT_TABLE: &str = "hashtable";
 /// ```
 #[must_use = "a builder does nothing until `open` is called"]
 pub struct Builder<K, V, S = RandomState, KC = Json, VC = Json> {
-    store: Result<Box<dyn Store>>,
+    store: Source,
     write_behind: Option<WriteBehind>,
     table: String,
     src: Option<Vec<(K, V)>>,
@@ -42,8 +42,14 @@ pub struct Builder<K, V, S = RandomState, KC = Json, VC = Json> {
     hasher: S,
 }
 
+/// Where the store comes from: a connection given, or a URL to connect to in `open`.
+pub(crate) enum Source {
+    Store(Box<dyn Store>),
+    Url(String),
+}
+
 impl<K, V> Builder<K, V> {
-    pub(crate) fn new(store: Result<Box<dyn Store>>) -> Self {
+    pub(crate) fn new(store: Source) -> Self {
         Builder {
             store,
             write_behind: None,
@@ -140,7 +146,10 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         KC: Codec<K> + 'static,
         VC: Codec<V> + 'static,
     {
-        let mut store = self.store?;
+        let mut store = match self.store {
+            Source::Store(store) => store,
+            Source::Url(url) => crate::url::connect(&url)?,
+        };
         let table = TableSpec {
             name: self.table,
             key_format: self.keys.format(),

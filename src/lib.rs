@@ -56,6 +56,22 @@ pub use store::sqlite::SqliteStore;
 pub use store::{Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
 pub use write_behind::WriteBehind;
 
+/// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`); not part of the
+/// public API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Parses a database URL as `open_url` would, without connecting.
+    pub fn parse_url(url: &str) -> bool {
+        crate::url::parse(url).is_ok()
+    }
+
+    /// Replaces the password in a URL or connection string with `***`.
+    pub fn redact(url: &str) -> String {
+        crate::error::redact(url)
+    }
+}
+
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -8,7 +8,7 @@ use std::hash::{BuildHasher, Hash};
 use std::ops::{Deref, Index};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::builder::Builder;
+use crate::builder::{Builder, Source};
 use crate::codec::Codec;
 use crate::error::{show_bytes, Action, Error, Result};
 use crate::store::{Batch, BatchBuilder, IntoStore, Store, TableSpec};
@@ -79,7 +79,7 @@ impl<K, V> DbHashMap<K, V, RandomState> {
 
     /// A [`Builder`] to choose the table, codecs, hasher and initial content.
     pub fn builder(conn: impl IntoStore) -> Builder<K, V> {
-        Builder::new(Ok(conn.into_store()))
+        Builder::new(Source::Store(conn.into_store()))
     }
 
     /// Opens the table `hashtable` in the database at `url`, with the
@@ -96,7 +96,7 @@ impl<K, V> DbHashMap<K, V, RandomState> {
     /// A [`Builder`] on the database at `url`; the connection is made by
     /// [`Builder::open`], which reports a bad URL.
     pub fn builder_url(url: &str) -> Builder<K, V> {
-        Builder::new(crate::url::connect(url))
+        Builder::new(Source::Url(url.to_string()))
     }
 }
 
