@@ -51,6 +51,7 @@ fn trials() -> u64 {
 #[derive(Debug, Default)]
 struct Tally {
     trials: u64,
+    /// Killed after the first acknowledged call and before the last.
     killed_mid_run: u64,
     acknowledged: u64,
     in_flight_landed: u64,
@@ -65,8 +66,20 @@ fn trial(url: &str, table: &str, seed: u64, delay: Duration, tally: &mut Tally) 
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let reader =
-        std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).count());
+    let (acks, first) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut n = 0;
+        for _ in BufReader::new(stdout).lines().map_while(Result::ok) {
+            n += 1;
+            let _ = acks.send(());
+        }
+        n
+    });
+    // Most kills land after the worker got going (connecting can take longer than the
+    // whole delay); one trial in ten kills it while it starts.
+    if seed % 10 != 0 {
+        let _ = first.recv_timeout(Duration::from_secs(20));
+    }
     let start = Instant::now();
     while start.elapsed() < delay {
         if child.try_wait().unwrap().is_some() {
@@ -104,7 +117,7 @@ fn trial(url: &str, table: &str, seed: u64, delay: Duration, tally: &mut Tally) 
     );
     tally.trials += 1;
     tally.acknowledged += acked as u64;
-    if acked < OPS {
+    if acked > 0 && acked < OPS {
         tally.killed_mid_run += 1;
     }
     if matched == Some(acked + 1) {
@@ -117,7 +130,7 @@ fn run_trials(backend: &str, url_for: impl Fn(u64) -> (String, String)) {
     for t in 0..trials() {
         let seed = 1_000 + t;
         // Kill anywhere from before the first call to after the last.
-        let delay = Duration::from_micros(seed.wrapping_mul(2_654_435_761) % 60_000);
+        let delay = Duration::from_micros(seed.wrapping_mul(2_654_435_761) % 40_000);
         let (url, table) = url_for(t);
         trial(&url, &table, seed, delay, &mut tally);
     }
