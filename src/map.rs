@@ -797,3 +797,16 @@ impl<'a, K, V, S> IntoIterator for &'a DbHashMap<K, V, S> {
         self.map.iter()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ensure_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn maps_move_to_and_are_read_from_other_threads() {
+        ensure_send_sync::<DbHashMap<String, i64>>();
+        ensure_send_sync::<DbHashMap<Vec<u8>, Vec<u8>, std::collections::hash_map::RandomState>>();
+    }
+}
