@@ -378,127 +378,111 @@ fn serde_json_from<T: serde::de::DeserializeOwned>(s: &str) -> T {
     serde_json::from_str(s).unwrap()
 }
 
-// ---- PostgreSQL ----
+// ---- Server backends ----
 
-fn postgres(rows: &mut Vec<Row>, args: &Args, url: &str) {
-    let backend = "PostgreSQL".to_string();
-    let d = Dialect::Postgres;
-    let n1 = if args.quick { 100 } else { 1_000 };
-    let n2 = if args.quick { 1_000 } else { 10_000 };
-    let (typed, encoded) = data(n2);
-    let connect = || postgres::Client::connect(url, postgres::NoTls).unwrap();
-    let fresh = |name: &str| {
-        connect()
-            .batch_execute(&format!("DROP TABLE IF EXISTS {}", d.quote(name)))
-            .unwrap();
-        spec(name)
-    };
-    let (lib, raw) = side_by_side(
-        args.rounds,
-        |_| {
-            fresh("bench_lib");
-            let mut h: DbHashMap<String, i64> = DbHashMap::builder(connect())
-                .table("bench_lib")
-                .open()
-                .unwrap();
-            timed(|| {
-                typed[..n1].iter().for_each(|(k, v)| {
-                    let _ = h.insert(k.clone(), *v).unwrap();
-                })
-            })
-        },
-        |_| {
-            let t = fresh("bench_raw");
-            let mut c = connect();
-            c.batch_execute(&d.create_table(&t)).unwrap();
-            let st = c.prepare(&d.upsert(&t, 1)).unwrap();
-            timed(|| {
-                encoded[..n1].iter().for_each(|(k, v)| {
-                    let _ = c.execute(&st, &[k, v]).unwrap();
-                })
-            })
-        },
-    );
-    rows.push(Row {
-        backend: backend.clone(),
-        case: format!("W1 {n1} single inserts, a commit each"),
-        lib,
-        raw,
-    });
-    let (lib, raw) = side_by_side(
-        args.rounds,
-        |_| {
-            fresh("bench_lib");
-            let mut h: DbHashMap<String, i64> = DbHashMap::builder(connect())
-                .table("bench_lib")
-                .open()
-                .unwrap();
-            let batch = typed.clone();
-            timed(|| h.insert_many(batch).unwrap())
-        },
-        |_| {
-            let t = fresh("bench_raw");
-            let mut c = connect();
-            c.batch_execute(&d.create_table(&t)).unwrap();
-            let st = c.prepare(&d.upsert(&t, 1)).unwrap();
-            timed(|| {
-                let mut tx = c.transaction().unwrap();
-                encoded.iter().for_each(|(k, v)| {
-                    let _ = tx.execute(&st, &[k, v]).unwrap();
-                });
-                tx.commit().unwrap();
-            })
-        },
-    );
-    rows.push(Row {
-        backend,
-        case: format!("W2 {n2} inserts in one transaction"),
-        lib,
-        raw,
-    });
+/// What the benchmark needs of a server driver, the raw side of the comparison.
+trait Raw: write_thru_hash::IntoStore + Sized {
+    const NAME: &'static str;
+    const DIALECT: Dialect;
+    fn connect(url: &str) -> Self;
+    fn exec(&mut self, sql: &str);
+    /// `sql` prepared once, executed for each row; in one transaction if `tx`.
+    fn upserts(&mut self, sql: &str, rows: &[(String, String)], tx: bool) -> Duration;
 }
 
-// ---- MySQL / MariaDB ----
+impl Raw for postgres::Client {
+    const NAME: &'static str = "PostgreSQL";
+    const DIALECT: Dialect = Dialect::Postgres;
+    fn connect(url: &str) -> Self {
+        postgres::Client::connect(url, postgres::NoTls).unwrap()
+    }
+    fn exec(&mut self, sql: &str) {
+        self.batch_execute(sql).unwrap();
+    }
+    fn upserts(&mut self, sql: &str, rows: &[(String, String)], tx: bool) -> Duration {
+        let st = self.prepare(sql).unwrap();
+        timed(|| {
+            if tx {
+                let mut t = self.transaction().unwrap();
+                for (k, v) in rows {
+                    t.execute(&st, &[k, v]).unwrap();
+                }
+                t.commit().unwrap();
+            } else {
+                for (k, v) in rows {
+                    self.execute(&st, &[k, v]).unwrap();
+                }
+            }
+        })
+    }
+}
 
-fn mysql(rows: &mut Vec<Row>, args: &Args, url: &str) {
-    let backend = "MariaDB".to_string();
-    let d = Dialect::Mysql;
+impl Raw for mysql::Conn {
+    const NAME: &'static str = "MariaDB";
+    const DIALECT: Dialect = Dialect::Mysql;
+    fn connect(url: &str) -> Self {
+        mysql::Conn::new(mysql::Opts::from_url(url).unwrap()).unwrap()
+    }
+    fn exec(&mut self, sql: &str) {
+        self.query_drop(sql).unwrap();
+    }
+    fn upserts(&mut self, sql: &str, rows: &[(String, String)], tx: bool) -> Duration {
+        let st = self.prep(sql).unwrap();
+        timed(|| {
+            if tx {
+                let mut t = self.start_transaction(mysql::TxOpts::default()).unwrap();
+                for (k, v) in rows {
+                    t.exec_drop(&st, (k.as_bytes(), v.as_bytes())).unwrap();
+                }
+                t.commit().unwrap();
+            } else {
+                for (k, v) in rows {
+                    self.exec_drop(&st, (k.as_bytes(), v.as_bytes())).unwrap();
+                }
+            }
+        })
+    }
+}
+
+/// W1 and W2 on a server: the library through `C`'s connection, and `C` itself.
+fn server<C: Raw>(rows: &mut Vec<Row>, args: &Args, url: &str) {
+    let d = C::DIALECT;
     let n1 = if args.quick { 100 } else { 1_000 };
     let n2 = if args.quick { 1_000 } else { 10_000 };
     let (typed, encoded) = data(n2);
-    let connect = || mysql::Conn::new(mysql::Opts::from_url(url).unwrap()).unwrap();
     let fresh = |name: &str| {
-        connect()
-            .query_drop(format!("DROP TABLE IF EXISTS {}", d.quote(name)))
-            .unwrap();
+        C::connect(url).exec(&format!("DROP TABLE IF EXISTS {}", d.quote(name)));
         spec(name)
+    };
+    let lib_map = || -> DbHashMap<String, i64> {
+        fresh("bench_lib");
+        DbHashMap::builder(C::connect(url))
+            .table("bench_lib")
+            .open()
+            .unwrap()
+    };
+    let raw_conn = || {
+        let t = fresh("bench_raw");
+        let mut c = C::connect(url);
+        c.exec(&d.create_table(&t));
+        (c, d.upsert(&t, 1))
     };
     let (lib, raw) = side_by_side(
         args.rounds,
         |_| {
-            fresh("bench_lib");
-            let mut h: DbHashMap<String, i64> = DbHashMap::builder(connect())
-                .table("bench_lib")
-                .open()
-                .unwrap();
+            let mut h = lib_map();
             timed(|| {
-                typed[..n1].iter().for_each(|(k, v)| {
-                    let _ = h.insert(k.clone(), *v).unwrap();
-                })
+                for (k, v) in &typed[..n1] {
+                    h.insert(k.clone(), *v).unwrap();
+                }
             })
         },
         |_| {
-            let t = fresh("bench_raw");
-            let mut c = connect();
-            c.query_drop(d.create_table(&t)).unwrap();
-            let st = c.prep(d.upsert(&t, 1)).unwrap();
-            timed(|| {
-                encoded[..n1]
-                    .iter()
-                    .for_each(|(k, v)| c.exec_drop(&st, (k.as_bytes(), v.as_bytes())).unwrap())
-            })
+            let (mut c, sql) = raw_conn();
+            c.upserts(&sql, &encoded[..n1], false)
         },
     );
+    let backend = C::NAME.to_string();
     rows.push(Row {
         backend: backend.clone(),
         case: format!("W1 {n1} single inserts, a commit each"),
@@ -508,26 +492,13 @@ fn mysql(rows: &mut Vec<Row>, args: &Args, url: &str) {
     let (lib, raw) = side_by_side(
         args.rounds,
         |_| {
-            fresh("bench_lib");
-            let mut h: DbHashMap<String, i64> = DbHashMap::builder(connect())
-                .table("bench_lib")
-                .open()
-                .unwrap();
+            let mut h = lib_map();
             let batch = typed.clone();
             timed(|| h.insert_many(batch).unwrap())
         },
         |_| {
-            let t = fresh("bench_raw");
-            let mut c = connect();
-            c.query_drop(d.create_table(&t)).unwrap();
-            let st = c.prep(d.upsert(&t, 1)).unwrap();
-            timed(|| {
-                let mut tx = c.start_transaction(mysql::TxOpts::default()).unwrap();
-                encoded
-                    .iter()
-                    .for_each(|(k, v)| tx.exec_drop(&st, (k.as_bytes(), v.as_bytes())).unwrap());
-                tx.commit().unwrap();
-            })
+            let (mut c, sql) = raw_conn();
+            c.upserts(&sql, &encoded, true)
         },
     );
     rows.push(Row {
@@ -545,13 +516,13 @@ fn main() {
     sqlite(&mut rows, &mut notes, &args, "WAL");
     sqlite(&mut rows, &mut notes, &args, "DELETE");
     match std::env::var("WTH_POSTGRES_URL") {
-        Ok(url) => postgres(&mut rows, &args, &url),
+        Ok(url) => server::<postgres::Client>(&mut rows, &args, &url),
         Err(_) => eprintln!(
             "WTH_POSTGRES_URL not set: PostgreSQL not measured (scripts/bench.sh starts a server)"
         ),
     }
     match std::env::var("WTH_MYSQL_URL") {
-        Ok(url) => mysql(&mut rows, &args, &url),
+        Ok(url) => server::<mysql::Conn>(&mut rows, &args, &url),
         Err(_) => eprintln!(
             "WTH_MYSQL_URL not set: MariaDB not measured (scripts/bench.sh starts a server)"
         ),

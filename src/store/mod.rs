@@ -16,6 +16,8 @@ pub(crate) mod odbc;
     feature = "odbc"
 ))]
 mod support;
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "odbc"))]
+pub(crate) use support::cannot_reconnect;
 #[cfg(any(feature = "mysql", feature = "odbc"))]
 pub(crate) use support::check_engine;
 #[cfg(any(

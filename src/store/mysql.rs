@@ -6,8 +6,8 @@ use mysql::{Conn, Opts, TxOpts, Value};
 use crate::error::{redact, show_bytes, Action, Error, Result};
 use crate::store::dialect::Marks;
 use crate::store::{
-    check_engine, check_layout, db_error, opened, Batch, Column, Dialect, IntoStore, RowSink,
-    Store, TableSpec,
+    cannot_reconnect, check_engine, check_layout, db_error, opened, Batch, Column, Dialect,
+    IntoStore, RowSink, Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Mysql;
@@ -266,18 +266,7 @@ impl Store for MysqlStore {
             return Ok(());
         }
         let Some(url) = &self.url else {
-            return Err(Error::Database {
-                action: Action::Connect,
-                table: self
-                    .table
-                    .as_ref()
-                    .map(|t| t.name.clone())
-                    .unwrap_or_default(),
-                backend: D.name(),
-                source: "the connection is lost and this store was given a connection, not a \
-                         URL, so it cannot reconnect; open the map again with a new connection"
-                    .into(),
-            });
+            return Err(cannot_reconnect(&self.table, D.name()));
         };
         self.conn = Self::dial(url)?;
         self.single = None;

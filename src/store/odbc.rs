@@ -9,8 +9,8 @@ use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::dialect::Marks;
 use crate::store::{
-    check_engine, check_layout, db_error, opened, Batch, Column, Dialect, IntoStore, RowSink,
-    Store, TableSpec,
+    cannot_reconnect, check_engine, check_layout, db_error, opened, Batch, Column, Dialect,
+    IntoStore, RowSink, Store, TableSpec,
 };
 
 /// Rows per multi-row statement: 2 × 64 parameters suit every driver tested.
@@ -354,10 +354,7 @@ impl Store for OdbcStore {
             return Ok(());
         }
         let Some(url) = &self.url else {
-            return Err(connect_error(
-                "the connection is lost and this store was given a connection, not a \
-                 connection string, so it cannot reconnect; open the map again with a new connection",
-            ));
+            return Err(cannot_reconnect(&self.table, self.name()));
         };
         self.conn = Self::dial(url)?;
         self.broken = false;

@@ -9,7 +9,8 @@ use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::dialect::Marks;
 use crate::store::support::not_opened;
 use crate::store::{
-    check_layout, db_error, opened, Batch, Column, Dialect, IntoStore, RowSink, Store, TableSpec,
+    cannot_reconnect, check_layout, db_error, opened, Batch, Column, Dialect, IntoStore, RowSink,
+    Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Postgres;
@@ -285,18 +286,7 @@ impl Store for PostgresStore {
     fn reconnect(&mut self) -> Result<()> {
         let Some(url) = &self.url else {
             return if self.client.is_closed() {
-                Err(Error::Database {
-                    action: Action::Connect,
-                    table: self
-                        .table
-                        .as_ref()
-                        .map(|t| t.name.clone())
-                        .unwrap_or_default(),
-                    backend: D.name(),
-                    source: "the connection is closed and this store was given a client, not a \
-                             URL, so it cannot reconnect; open the map again with a new client"
-                        .into(),
-                })
+                Err(cannot_reconnect(&self.table, D.name()))
             } else {
                 Ok(())
             };

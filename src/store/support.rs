@@ -154,3 +154,16 @@ fn check_columns<'a>(
     }
     Ok(())
 }
+
+/// The error of a store that lost a connection it was given and cannot make anew.
+#[cfg(any(feature = "postgres", feature = "mysql", feature = "odbc"))]
+pub(crate) fn cannot_reconnect(table: &Option<TableSpec>, backend: &'static str) -> Error {
+    Error::Database {
+        action: Action::Connect,
+        table: table.as_ref().map(|t| t.name.clone()).unwrap_or_default(),
+        backend,
+        source: "the connection is lost, and the map was given a connection rather than a URL, \
+                 so it cannot make a new one; open the map again with a new connection"
+            .into(),
+    }
+}
