@@ -100,6 +100,12 @@ setup_odbc() {
     "$pg" "$my" "$lite" > "$dir/odbcinst.ini"
   : > "$dir/odbc.ini"
   export ODBCSYSINI=$dir
+  if [ -n "${WTH_PG_PORT:-}" ]; then
+    # A DSN too, as users set them up: tests/odbc_dsn.rs opens a map through it.
+    printf '[wth_postgres]\nDriver=WTH PostgreSQL\nServername=127.0.0.1\nPort=%s\nDatabase=postgres\n' \
+      "$WTH_PG_PORT" > "$dir/odbc.ini"
+    export WTH_ODBC_DSN="${WTH_ODBC_DSN:-DSN=wth_postgres;Uid=postgres;Pwd=wth-secret;}"
+  fi
   if [ -n "${WTH_PG_PORT:-}" ] && [ -z "${WTH_ODBC_POSTGRES:-}" ]; then
     export WTH_ODBC_POSTGRES="Driver={WTH PostgreSQL};Server=127.0.0.1;Port=$WTH_PG_PORT;Database=postgres;Uid=postgres;Pwd=wth-secret;"
   fi

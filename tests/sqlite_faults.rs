@@ -142,3 +142,23 @@ fn sqlite_wrong_column_types_are_decode_errors() {
     let err = DbHashMap::<String, i64>::open(Connection::open(&path).unwrap()).unwrap_err();
     assert!(matches!(err, Error::Decode { what: "key", .. }), "{err}");
 }
+
+#[test]
+fn sqlite_busy_timeout_waits_for_a_lock_to_go() {
+    let (_dir, path) = setup();
+    let conn = Connection::open(&path).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut h: DbHashMap<String, i64> = DbHashMap::open(conn).unwrap();
+    let other = Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        other.execute_batch("COMMIT").unwrap();
+    });
+    // Within its busy timeout the write waits for the lock instead of failing.
+    let start = std::time::Instant::now();
+    h.insert("waited".into(), 1).unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(150));
+    release.join().unwrap();
+    assert_eq!(reopen(&path), *h);
+}
