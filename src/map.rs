@@ -60,7 +60,8 @@ impl<K, V> DbHashMap<K, V, RandomState> {
     ///
     /// `conn` is a connection taken by value: a `rusqlite::Connection` (feature
     /// `sqlite`), a `postgres::Client` (feature `postgres`), a `mysql::Conn`
-    /// (feature `mysql`), or any [`Store`].
+    /// (feature `mysql`), an `odbc_api::Connection<'static>` (feature `odbc`), or any
+    /// [`Store`].
     ///
     /// ```
     /// # use write_thru_hash::DbHashMap;
@@ -84,7 +85,8 @@ impl<K, V> DbHashMap<K, V, RandomState> {
 
     /// Opens the table `hashtable` in the database at `url`, with the
     /// [`Json`](crate::Json) codec: `sqlite:PATH`, `sqlite::memory:`,
-    /// `postgres://…`, `mysql://…`. See [`Builder`] for the rest.
+    /// `postgres://…`, `mysql://…`, `odbc:CONNECTION-STRING`. A scheme whose
+    /// feature is off is an error that names the feature. See [`Builder`] for the rest.
     pub fn open_url(url: &str) -> Result<Self>
     where
         K: Eq + Hash + serde::Serialize + serde::de::DeserializeOwned,
