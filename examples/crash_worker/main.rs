@@ -3,21 +3,31 @@
 //! until the test kills it with SIGKILL.
 //!
 //! ```text
-//! cargo run --example crash_worker -- URL TABLE SEED COUNT
+//! cargo run --example crash_worker -- URL TABLE SEED COUNT [behind]
 //! ```
+//!
+//! With `behind`, the map is in write-behind mode and a call counts as acknowledged
+//! once a `flush()` after it returned: every fifth call flushes, and prints the
+//! numbers of the calls it made durable.
 
 #[allow(dead_code)] // the test that kills this worker uses the rest
 mod ops;
 
 use std::io::Write;
 
-use write_thru_hash::DbHashMap;
+use std::time::Duration;
+
+use write_thru_hash::{DbHashMap, WriteBehind};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [url, table, seed, count] = &args[..] else {
-        eprintln!("usage: crash_worker URL TABLE SEED COUNT");
-        std::process::exit(2);
+    let (url, table, seed, count, behind) = match &args[..] {
+        [url, table, seed, count] => (url, table, seed, count, false),
+        [url, table, seed, count, mode] if mode == "behind" => (url, table, seed, count, true),
+        _ => {
+            eprintln!("usage: crash_worker URL TABLE SEED COUNT [behind]");
+            std::process::exit(2);
+        }
     };
     let (seed, count): (u64, usize) = match (seed.parse(), count.parse()) {
         (Ok(s), Ok(c)) => (s, c),
@@ -26,7 +36,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut h: DbHashMap<String, i64> = match DbHashMap::builder_url(url).table(table).open() {
+    let mut builder = DbHashMap::builder_url(url).table(table);
+    if behind {
+        builder = builder.write_behind(WriteBehind::default().max_delay(Duration::from_millis(2)));
+    }
+    let mut h: DbHashMap<String, i64> = match builder.open() {
         Ok(h) => h,
         Err(e) => {
             eprintln!("crash_worker: {e}");
@@ -34,6 +48,7 @@ fn main() {
         }
     };
     let mut out = std::io::stdout().lock();
+    let mut durable = 0;
     for (i, op) in ops::ops(seed, count).iter().enumerate() {
         let result = match op {
             ops::Op::Insert(k, v) => h.insert(ops::key(*k), *v).map(drop),
@@ -56,9 +71,23 @@ fn main() {
             eprintln!("crash_worker: operation {i}: {e}");
             std::process::exit(1);
         }
-        // The acknowledgement: operation `i` returned Ok.
-        if writeln!(out, "{i}").and_then(|()| out.flush()).is_err() {
-            std::process::exit(1);
+        // The acknowledgement: operation `i` returned Ok (write-behind: was flushed).
+        let upto = if !behind {
+            i + 1
+        } else if i % 5 == 4 || i + 1 == count {
+            if let Err(e) = h.flush() {
+                eprintln!("crash_worker: flush after operation {i}: {e}");
+                std::process::exit(1);
+            }
+            i + 1
+        } else {
+            durable
+        };
+        for n in durable..upto {
+            if writeln!(out, "{n}").and_then(|()| out.flush()).is_err() {
+                std::process::exit(1);
+            }
         }
+        durable = upto;
     }
 }
