@@ -426,10 +426,11 @@ where
         for (i, (k, _)) in pairs.iter().enumerate() {
             last.insert(k, i);
         }
+        let repeats = last.len() < pairs.len();
         let mut batch = Batch::default();
         batch.puts.reserve(last.len());
         for (i, (k, v)) in pairs.iter().enumerate() {
-            if last.get(k) == Some(&i) {
+            if !repeats || last.get(k) == Some(&i) {
                 batch
                     .puts
                     .push((self.encode_new_key(k)?, self.encode_value(v)?));
