@@ -307,19 +307,7 @@ pub(crate) fn show_bytes(bytes: &[u8]) -> String {
 pub(crate) fn redact(url: &str) -> String {
     // ODBC connection strings: `...;PWD=secret;...` in any case.
     if !url.contains("://") {
-        return url
-            .split(';')
-            .map(|part| match part.split_once('=') {
-                Some((k, _))
-                    if k.trim().eq_ignore_ascii_case("pwd")
-                        || k.trim().eq_ignore_ascii_case("password") =>
-                {
-                    format!("{k}=***")
-                }
-                _ => part.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join(";");
+        return redact_odbc(url);
     }
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let (authority, tail) = match rest.find(['/', '?']) {
@@ -335,6 +323,44 @@ pub(crate) fn redact(url: &str) -> String {
     };
     let tail = redact_query(tail);
     format!("{scheme}://{authority}{tail}")
+}
+
+/// Splits an ODBC connection string at the `;` that end attributes (not those inside
+/// a `{…}` value, where `}}` stands for `}`), and hides password values.
+fn redact_odbc(cs: &str) -> String {
+    let mut parts = Vec::new();
+    let (mut start, mut braced, mut chars) = (0, false, cs.char_indices().peekable());
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '{' if !braced && cs[start..i].ends_with('=') => braced = true,
+            '}' if braced => {
+                if chars.peek().map(|&(_, n)| n) == Some('}') {
+                    chars.next();
+                } else {
+                    braced = false;
+                }
+            }
+            ';' if !braced => {
+                parts.push(&cs[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&cs[start..]);
+    parts
+        .into_iter()
+        .map(|part| match part.split_once('=') {
+            Some((k, _))
+                if k.trim().eq_ignore_ascii_case("pwd")
+                    || k.trim().eq_ignore_ascii_case("password") =>
+            {
+                format!("{k}=***")
+            }
+            _ => part.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(";")
 }
 
 fn redact_query(tail: &str) -> String {
@@ -379,6 +405,11 @@ mod tests {
             "Driver={x};Server=h;Uid=u;PWD=***;"
         );
         assert_eq!(redact("sqlite:/tmp/a.db"), "sqlite:/tmp/a.db");
+        assert_eq!(redact("DSN=x;PWD={a;b}}c};UID=u"), "DSN=x;PWD=***;UID=u");
+        assert_eq!(
+            redact("Driver={My; Driver};Password=p"),
+            "Driver={My; Driver};Password=***"
+        );
     }
 
     #[test]

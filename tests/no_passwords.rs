@@ -1,0 +1,42 @@
+//! No error message and no `Debug` output shows a password from a URL or a
+//! connection string, whatever goes wrong with it.
+
+use write_thru_hash::DbHashMap;
+
+fn check(url: &str) {
+    let err = DbHashMap::<String, i64>::open_url(url).unwrap_err();
+    let (shown, debug) = (err.to_string(), format!("{err:?}"));
+    for text in [&shown, &debug] {
+        assert!(!text.contains("s3cr3tpw"), "{url} -> {text}");
+    }
+}
+
+#[test]
+fn urls_with_passwords_never_show_them() {
+    check("nosuch://u:s3cr3tpw@h/db");
+    check(
+        "sqlite:/nonexistent/dir/s3cr3tpw-is-not-a-password.db"
+            .replace("s3cr3tpw-is-not-a-password", "x")
+            .as_str(),
+    );
+    #[cfg(feature = "postgres")]
+    {
+        check("postgres://u:s3cr3tpw@127.0.0.1:1/db");
+        check("postgres://u:s3cr3tpw@127.0.0.1:1/db?bogus=1");
+        check("postgres://u:s3cr3tpw@[bad/db");
+        check("postgres://127.0.0.1:1/db?password=s3cr3tpw");
+    }
+    #[cfg(feature = "mysql")]
+    {
+        check("mysql://u:s3cr3tpw@127.0.0.1:1/db");
+        check("mysql://u:s3cr3tpw@127.0.0.1:1/db?bogus=1");
+        check("mysql://u:s3cr3tpw@127.0.0.1:1/db?pool_min=x");
+        check("mariadb://u:s3cr3tpw@[bad/db");
+    }
+    #[cfg(feature = "odbc")]
+    {
+        check("odbc:Driver={NoSuchDriver};Uid=u;Pwd=s3cr3tpw;");
+        check("odbc:DSN=nosuch;PWD=s3cr3tpw");
+        check("odbc:Driver={NoSuchDriver};Password=s3cr3tpw");
+    }
+}
