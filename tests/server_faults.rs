@@ -2,7 +2,7 @@
 //! connection between two calls and in the middle of a transaction, and a network cut
 //! loses the answer to a commit. Each call returns an error that says so, memory is
 //! unchanged, and the map goes on once the connection is back.
-#![cfg(any(feature = "postgres", feature = "mysql"))]
+#![cfg(any(feature = "postgres", feature = "mysql", feature = "odbc"))]
 
 #[path = "conformance/env.rs"]
 #[allow(dead_code, unused_imports)]
@@ -75,8 +75,23 @@ fn copy(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>) {
     let _ = to.shutdown(Shutdown::Both);
 }
 
-/// `url` with its port replaced.
+/// `url` with its port replaced, and the port it had: a URL's authority, or the
+/// `Port=` attribute of an ODBC connection string.
 fn via(url: &str, port: u16) -> (String, u16) {
+    if let Some(cs) = url.strip_prefix("odbc:") {
+        let mut old = 0;
+        let parts: Vec<String> = cs
+            .split(';')
+            .map(|part| match part.split_once('=') {
+                Some((k, v)) if k.trim().eq_ignore_ascii_case("port") => {
+                    old = v.trim().parse().unwrap();
+                    format!("{k}={port}")
+                }
+                _ => part.to_string(),
+            })
+            .collect();
+        return (format!("odbc:{}", parts.join(";")), old);
+    }
     let at = url
         .rfind('@')
         .map_or(url.find("://").unwrap() + 3, |i| i + 1);
@@ -144,7 +159,7 @@ fn answer_to_commit_lost(env: &impl Env) {
     let (url, server_port) = via(&env.url(), 0);
     let proxy = Proxy::to(server_port);
     let (mut url, _) = via(&url, proxy.port);
-    if env.dialect() == write_thru_hash::Dialect::Mysql {
+    if env.dialect() == write_thru_hash::Dialect::Mysql && !url.starts_with("odbc:") {
         // The mysql crate moves loopback connections to the Unix socket unless told not to.
         url.push_str(if url.contains('?') {
             "&prefer_socket=false"
@@ -264,3 +279,7 @@ macro_rules! faults {
 faults!(postgres, env::PgEnv::new());
 #[cfg(feature = "mysql")]
 faults!(mysql, env::MyEnv::new());
+#[cfg(feature = "odbc")]
+faults!(odbc_postgres, env::OdbcEnv::postgres());
+#[cfg(feature = "odbc")]
+faults!(odbc_mysql, env::OdbcEnv::mysql());

@@ -172,7 +172,13 @@ impl OdbcStore {
     /// What went wrong, said so that an unknown DBMS's refusal names it and the
     /// statement; a dead connection during a commit is an unknown outcome.
     fn classify(&self, t: &TableSpec, e: odbc_api::Error, sql: &str, committing: bool) -> Error {
-        let dead = self.conn.is_dead().unwrap_or(true);
+        // Drivers do not always notice a broken connection (MariaDB's said "alive" after
+        // a reset): SQLSTATE class 08, a connection exception, counts as broken too.
+        let connection_exception = matches!(
+            &e,
+            odbc_api::Error::Diagnostics { record, .. } if record.state.0.starts_with(b"08")
+        );
+        let dead = connection_exception || self.conn.is_dead().unwrap_or(true);
         if committing && dead {
             return Error::OutcomeUnknown {
                 table: t.name.clone(),
@@ -334,8 +340,8 @@ impl Store for OdbcStore {
         self.ensure_connected()?;
         let t = opened(&self.table, self.name())?.clone();
         let result = self.write(&t, batch);
-        if result.is_err() {
-            self.broken |= self.conn.is_dead().unwrap_or(true);
+        if let Err(e) = &result {
+            self.broken |= e.is_outcome_unknown() || self.conn.is_dead().unwrap_or(true);
         }
         result
     }
