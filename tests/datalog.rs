@@ -125,11 +125,11 @@ fn sqlite_and_plain_hashmap_engines_agree() {
             syntax::parse(&std::fs::read_to_string(data(&format!("{name}.dl"))).unwrap()).unwrap();
         let mut plain = engine::Engine::new(HashMap::<String, u64>::new());
         let mut out_plain = Vec::new();
-        run::run(&mut plain, &program, &mut out_plain).unwrap();
+        run::run(&mut plain, &program, false, &mut out_plain).unwrap();
         let db: DbHashMap<String, u64> = DbHashMap::open_url("sqlite::memory:").unwrap();
         let mut persisted = engine::Engine::new(db);
         let mut out_db = Vec::new();
-        run::run(&mut persisted, &program, &mut out_db).unwrap();
+        run::run(&mut persisted, &program, false, &mut out_db).unwrap();
         assert_eq!(out_plain, out_db, "{name}");
         let got = parse_answers(&String::from_utf8(out_db).unwrap());
         assert_eq!(got, expected(&format!("{name}.expected")));
@@ -231,7 +231,27 @@ fn long_chains_terminate() {
     let parsed = syntax::parse(&program).unwrap();
     let mut e = engine::Engine::new(HashMap::<String, u64>::new());
     let mut out = Vec::new();
-    run::run(&mut e, &parsed, &mut out).unwrap();
+    run::run(&mut e, &parsed, false, &mut out).unwrap();
     let answers = parse_answers(&String::from_utf8(out).unwrap());
     assert_eq!(answers[0].1.len(), 61);
+}
+
+#[test]
+fn sqlite_answers_only_prints_what_racket_prints() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}", dir.path().join("a.sqlite").display());
+    let out = Command::new(datalog_bin())
+        .args(["--answers-only", "--db", &db])
+        .arg(data("graph.dl"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains('?'), "{text}");
+    let expected: Vec<String> = expected("graph.expected")
+        .into_iter()
+        .map(|(_, answers)| answers.into_iter().collect::<Vec<_>>().join("\n"))
+        .collect();
+    let got: Vec<&str> = text.split("\n\n").map(str::trim_end).collect();
+    assert_eq!(got[..expected.len()], expected[..], "{text}");
 }

@@ -7,7 +7,8 @@
 //! cargo run --example datalog -- --db sqlite:other.db --table theory FILE...
 //! ```
 //!
-//! Each query prints its line, then its answers one fact a line, then a blank line.
+//! Each query prints its line, then its answers one fact a line, then a blank line;
+//! `--answers-only` leaves out the query's line, as Racket's datalog does.
 
 mod engine;
 mod run;
@@ -29,6 +30,9 @@ struct Args {
     /// Table that holds the theory, one clause a row.
     #[arg(long, default_value = "datalog")]
     table: String,
+    /// Print only the answers, as Racket's datalog does, without each query's line.
+    #[arg(long)]
+    answers_only: bool,
     /// Program files, run in order; standard input when none.
     files: Vec<std::path::PathBuf>,
 }
@@ -75,7 +79,7 @@ fn main() -> ExitCode {
     let mut engine = engine::Engine::new(theory);
     let mut out = std::io::stdout().lock();
     for (name, program) in programs {
-        if let Err(e) = run::run(&mut engine, &program, &mut out) {
+        if let Err(e) = run::run(&mut engine, &program, args.answers_only, &mut out) {
             eprintln!("datalog: {name}: {e}");
             return ExitCode::from(1);
         }

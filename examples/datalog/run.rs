@@ -5,11 +5,13 @@ use std::io::Write;
 use crate::engine::{Engine, Theory};
 use crate::syntax::{Located, Statement};
 
-/// Runs `program` in order. Each query prints its line, its answers (one fact a line,
-/// sorted, as Racket prints them) and a blank line.
+/// Runs `program` in order. Each query prints its line (unless `answers_only`, which
+/// prints just what Racket's datalog prints), its answers (one fact a line, sorted, as
+/// Racket prints them) and a blank line.
 pub(crate) fn run<T: Theory>(
     engine: &mut Engine<T>,
     program: &[Located],
+    answers_only: bool,
     out: &mut impl Write,
 ) -> Result<(), String> {
     let at = |s: &Located, e: &dyn std::fmt::Display| {
@@ -27,7 +29,11 @@ pub(crate) fn run<T: Theory>(
                     .map(|a| format!("{a}."))
                     .collect();
                 answers.sort();
-                let mut text = format!("{q}?\n");
+                let mut text = if answers_only {
+                    String::new()
+                } else {
+                    format!("{q}?\n")
+                };
                 for a in answers {
                     text.push_str(&a);
                     text.push('\n');
