@@ -125,7 +125,8 @@ fn immutable(path: &Path, on: bool) {
 
 #[test]
 fn sqlite_file_turns_read_only_under_an_open_map() {
-    let dir = tempfile::tempdir().unwrap();
+    // Under target/, not /tmp: a tmpfs /tmp would not take the attribute.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let path = dir.path().join("db.sqlite");
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.pragma_update(None, "journal_mode", "DELETE").unwrap();
