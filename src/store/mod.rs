@@ -19,7 +19,7 @@ mod support;
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "odbc"))]
 pub(crate) use support::cannot_reconnect;
 #[cfg(any(feature = "mysql", feature = "odbc"))]
-pub(crate) use support::check_engine;
+pub(crate) use support::{check_engine, chunks};
 #[cfg(any(
     feature = "sqlite",
     feature = "postgres",

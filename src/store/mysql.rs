@@ -6,16 +6,14 @@ use mysql::{Conn, Opts, TxOpts, Value};
 use crate::error::{redact, show_bytes, Action, Error, Result};
 use crate::store::dialect::Marks;
 use crate::store::{
-    cannot_reconnect, check_engine, check_layout, db_error, opened, Batch, Column, Dialect,
+    cannot_reconnect, check_engine, check_layout, chunks, db_error, opened, Batch, Column, Dialect,
     IntoStore, RowSink, Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Mysql;
 
-/// Rows per multi-row statement, and bytes: well under MariaDB's default 16 MiB
-/// `max_allowed_packet`.
+/// Rows per multi-row statement.
 const CHUNK_ROWS: usize = 256;
-const CHUNK_BYTES: usize = 4 << 20;
 
 /// A [`Store`] on a `mysql::Conn` (MySQL 5.7+, MariaDB 10.3+); what
 /// `DbHashMap::open(conn)` builds.
@@ -156,12 +154,12 @@ impl MysqlStore {
             tx.query_drop(D.delete_all(t))
                 .map_err(|e| classify(e, false))?;
         }
-        for keys in chunks(&batch.deletes, |k| k.len()) {
+        for keys in chunks(&batch.deletes, CHUNK_ROWS, |k| k.len()) {
             let params: Vec<Value> = keys.iter().map(|k| Value::from(k.as_slice())).collect();
             tx.exec_drop(D.delete_keys(t, keys.len()), params)
                 .map_err(|e| classify(e, false))?;
         }
-        for rows in chunks(&batch.puts, |(k, v)| k.len() + v.len()) {
+        for rows in chunks(&batch.puts, CHUNK_ROWS, |(k, v)| k.len() + v.len()) {
             let mut params = Vec::with_capacity(rows.len() * 2);
             for (k, v) in rows {
                 params.push(Value::from(k.as_slice()));
@@ -172,26 +170,6 @@ impl MysqlStore {
         }
         tx.commit().map_err(|e| classify(e, true))
     }
-}
-
-/// Splits `items` into runs of at most `CHUNK_ROWS` items and about `CHUNK_BYTES`.
-fn chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> impl Iterator<Item = &[T]> {
-    let mut rest = items;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut bytes = 0;
-        let mut n = 0;
-        while n < rest.len() && n < CHUNK_ROWS && (n == 0 || bytes + size(&rest[n]) <= CHUNK_BYTES)
-        {
-            bytes += size(&rest[n]);
-            n += 1;
-        }
-        let (head, tail) = rest.split_at(n);
-        rest = tail;
-        Some(head)
-    })
 }
 
 impl Store for MysqlStore {
@@ -278,20 +256,5 @@ impl Store for MysqlStore {
 impl IntoStore for Conn {
     fn into_store(self) -> Box<dyn Store> {
         Box::new(MysqlStore::new(self))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunks_bound_rows_and_bytes() {
-        let rows: Vec<usize> = vec![1; 600];
-        let sizes: Vec<usize> = chunks(&rows, |r| *r).map(<[usize]>::len).collect();
-        assert_eq!(sizes, [256, 256, 88]);
-        let big = vec![3 << 20; 3];
-        let sizes: Vec<usize> = chunks(&big, |r| *r).map(<[usize]>::len).collect();
-        assert_eq!(sizes, [1, 1, 1]);
     }
 }

@@ -9,7 +9,7 @@ use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::dialect::Marks;
 use crate::store::{
-    cannot_reconnect, check_engine, check_layout, db_error, opened, Batch, Column, Dialect,
+    cannot_reconnect, check_engine, check_layout, chunks, db_error, opened, Batch, Column, Dialect,
     IntoStore, RowSink, Store, TableSpec,
 };
 
@@ -203,34 +203,28 @@ impl OdbcStore {
 
     fn run(&self, t: &TableSpec, batch: &Batch) -> Result<()> {
         let d = self.dialect;
-        let exec = |sql: &str, params: &[Box<dyn InputParameter + '_>], committing| {
-            self.conn
-                .execute(sql, params, None)
-                .map(drop)
-                .map_err(|e| self.classify(t, e, sql, committing))
+        let exec = |sql: &str, params: &[Box<dyn InputParameter + '_>]| {
+            self.exec(sql, params)
+                .map_err(|e| self.classify(t, e, sql, false))
         };
         if batch.clear {
-            exec(&d.delete_all(t), &[], false)?;
+            exec(&d.delete_all(t), &[])?;
         }
-        for keys in batch.deletes.chunks(CHUNK) {
+        // Bounded in bytes too: MariaDB refuses a statement over its max_allowed_packet.
+        for keys in chunks(&batch.deletes, CHUNK, |k| k.len()) {
             let params: Vec<_> = keys.iter().map(|k| Self::param(t.key_format, k)).collect();
             exec(
                 &d.delete_keys_marked(t, keys.len(), Marks::Question),
                 &params,
-                false,
             )?;
         }
-        for rows in batch.puts.chunks(CHUNK) {
+        for rows in chunks(&batch.puts, CHUNK, |(k, v)| k.len() + v.len()) {
             let mut params = Vec::with_capacity(2 * rows.len());
             for (k, v) in rows {
                 params.push(Self::param(t.key_format, k));
                 params.push(Self::param(t.value_format, v));
             }
-            exec(
-                &d.upsert_marked(t, rows.len(), Marks::Question),
-                &params,
-                false,
-            )?;
+            exec(&d.upsert_marked(t, rows.len(), Marks::Question), &params)?;
         }
         Ok(())
     }

@@ -167,3 +167,47 @@ pub(crate) fn cannot_reconnect(table: &Option<TableSpec>, backend: &'static str)
             .into(),
     }
 }
+
+/// Bytes per multi-row statement: well under MariaDB's default 16 MiB
+/// `max_allowed_packet`, whatever the number of rows.
+#[cfg(any(feature = "mysql", feature = "odbc"))]
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// Splits `items` into runs of at most `rows` items and about `CHUNK_BYTES` (a single
+/// item larger than that is a run of its own).
+#[cfg(any(feature = "mysql", feature = "odbc"))]
+pub(crate) fn chunks<T>(
+    items: &[T],
+    rows: usize,
+    size: impl Fn(&T) -> usize,
+) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (mut bytes, mut n) = (0, 0);
+        while n < rest.len() && n < rows && (n == 0 || bytes + size(&rest[n]) <= CHUNK_BYTES) {
+            bytes += size(&rest[n]);
+            n += 1;
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Some(head)
+    })
+}
+
+#[cfg(all(test, any(feature = "mysql", feature = "odbc")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_bound_rows_and_bytes() {
+        let rows: Vec<usize> = vec![1; 600];
+        let sizes: Vec<usize> = chunks(&rows, 256, |r| *r).map(<[usize]>::len).collect();
+        assert_eq!(sizes, [256, 256, 88]);
+        let big = vec![3 << 20; 3];
+        let sizes: Vec<usize> = chunks(&big, 256, |r| *r).map(<[usize]>::len).collect();
+        assert_eq!(sizes, [1, 1, 1]);
+    }
+}
