@@ -685,7 +685,8 @@ pub(crate) fn bad_input_is_refused_cleanly(env: &impl Env) {
         }
     }
     // Many large values in one batch: more than one packet's worth altogether.
-    big.insert_many((0..8).map(|i| (format!("m{i}"), "m".repeat(3 << 20)))).unwrap();
+    big.insert_many((0..8).map(|i| (format!("m{i}"), "m".repeat(3 << 20))))
+        .unwrap();
     let fresh: DbHashMap<String, String> = open(env, "huge");
     assert_eq!(fresh, big);
 
