@@ -6,6 +6,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::codec::Format;
 use crate::error::{show_bytes, Action, Error, Result};
 use crate::store::dialect::Marks;
+use crate::store::support::not_opened;
 use crate::store::{
     check_layout, db_error, opened, Batch, Column, Dialect, IntoStore, RowSink, Store, TableSpec,
 };
@@ -194,13 +195,17 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(());
         }
-        let t = opened(&self.table, D.name())?.clone();
+        opened(&self.table, D.name())?;
         let result = self.write(batch);
         if result.is_err() && !self.conn.is_autocommit() {
             // Whatever failed, leave no transaction open for the next call to join.
             let _ = self.conn.execute_batch("ROLLBACK");
         }
-        result.map_err(|e| db_error(Action::Write, &t, D.name(), e))
+        // The table is only looked up for the message, not copied on every write.
+        result.map_err(|e| match &self.table {
+            Some(t) => db_error(Action::Write, t, D.name(), e),
+            None => not_opened(D.name()),
+        })
     }
 }
 
