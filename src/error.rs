@@ -45,7 +45,12 @@ impl fmt::Display for Action {
 #[non_exhaustive]
 pub enum Error {
     /// The database refused or failed a statement. Memory is unchanged.
-    #[error("{} on {backend} failed: {source}{hint}", doing(*.action, .table), hint = hint(.source))]
+    #[error(
+        "{} on {backend} failed{}{}",
+        doing(*.action, .table),
+        server_says(.source),
+        hint(.source)
+    )]
     Database {
         /// What was being done.
         action: Action,
@@ -61,8 +66,8 @@ pub enum Error {
     /// database holds the change is unknown. The map refuses writes until
     /// [`reload`](crate::DbHashMap::reload) succeeds.
     #[error(
-        "the outcome of a write to table {table:?} on {backend} is unknown: {source}; \
-         the map refuses writes until `reload()` re-reads the table"
+        "the outcome of a write to table {table:?} on {backend} is unknown (the connection \
+         failed during the commit); the map refuses writes until `reload()` re-reads the table"
     )]
     OutcomeUnknown {
         /// The table's name.
@@ -197,6 +202,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// The connection handed to the map is in a state the map cannot work in (inside
+    /// a transaction the caller began, say). Nothing was written.
+    #[error("the {backend} connection cannot be used as it is: {reason}")]
+    ConnectionState {
+        /// The backend's name.
+        backend: &'static str,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+
     /// A database URL could not be used.
     #[error("database URL {url:?} cannot be used: {reason}")]
     Url {
@@ -209,14 +224,17 @@ pub enum Error {
     /// A write-behind batch failed. Its changes are kept and retried; they are in the
     /// map's memory already.
     #[error(
-        "a background write of {pending} changes to table {table:?} failed: {source}; \
-         the changes are kept and retried: `flush()` waits for them"
+        "a background write of {pending} changes to table {table:?} failed{}",
+        if *.abandoned { "; the map was closed, so they were not written" }
+        else { "; the changes are kept and retried: `flush()` waits for them" }
     )]
     Background {
         /// The table's name.
         table: String,
         /// Changes waiting to be written when it failed.
         pending: usize,
+        /// Whether the changes were given up (by `close`) rather than kept for a retry.
+        abandoned: bool,
         /// What failed.
         source: BoxError,
     },
@@ -258,6 +276,29 @@ fn doing(action: Action, table: &str) -> String {
         (Action::Connect, true) => "connecting".to_string(),
         (action, _) => format!("{action} table {table:?}"),
     }
+}
+
+/// The server's own report, for drivers that keep it a level down, under a message of
+/// their own that says nothing (the `postgres` crate's "db error"); empty otherwise,
+/// since the source is shown by whoever prints the chain.
+fn server_says(source: &BoxError) -> String {
+    #[cfg(feature = "postgres")]
+    if let Some(db) = source
+        .downcast_ref::<postgres::Error>()
+        .and_then(postgres::Error::as_db_error)
+    {
+        let mut out = format!(": the server said {:?} (SQLSTATE {}", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            out.push_str(&format!("; detail: {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            out.push_str(&format!("; hint: {hint}"));
+        }
+        out.push(')');
+        return out;
+    }
+    let _ = source;
+    String::new()
 }
 
 /// A remedy appended to some driver messages that are otherwise cryptic.
@@ -304,25 +345,45 @@ pub(crate) fn show_bytes(bytes: &[u8]) -> String {
 
 /// Replaces the password in a URL or ODBC connection string with `***`, so no error
 /// or log line ever shows it.
+///
+/// Drivers read a URL's credentials up to an `@`, wherever it is (a password may hold
+/// `/`, `?` or `@`), so everything between the user's `:` and the last `@` is hidden;
+/// and `password=` in the query. Anything that is not a URL (`scheme://`) is read as an
+/// ODBC connection string, whose `PWD` and `PASSWORD` values are hidden.
 pub(crate) fn redact(url: &str) -> String {
-    // ODBC connection strings: `...;PWD=secret;...` in any case.
-    if !url.contains("://") {
+    let Some((scheme, rest)) = url
+        .split_once("://")
+        .filter(|(scheme, _)| is_url_scheme(scheme))
+    else {
         return redact_odbc(url);
-    }
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
     };
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => authority.to_string(),
-        },
-        None => authority.to_string(),
+    let (userinfo, after) = match rest.rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
     };
-    let tail = redact_query(tail);
-    format!("{scheme}://{authority}{tail}")
+    let authority = match userinfo {
+        None => String::new(),
+        Some(info) => {
+            let user = info.split_once(':').map_or(info, |(user, _)| user);
+            // A user name cannot hold these; if it seems to, the `@` was not the end of
+            // the credentials and anything before it may be a password.
+            if user.contains(['/', '?', '#', '&', '=']) {
+                "***@".to_string()
+            } else if user.len() < info.len() {
+                format!("{user}:***@")
+            } else {
+                format!("{user}@")
+            }
+        }
+    };
+    format!("{scheme}://{authority}{}", redact_query(after))
+}
+
+/// `scheme` as RFC 3986 allows it: a letter, then letters, digits, `+`, `-` or `.`.
+fn is_url_scheme(scheme: &str) -> bool {
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
 }
 
 /// Splits an ODBC connection string at the `;` that end attributes (not those inside
@@ -332,7 +393,8 @@ fn redact_odbc(cs: &str) -> String {
     let (mut start, mut braced, mut chars) = (0, false, cs.char_indices().peekable());
     while let Some((i, c)) = chars.next() {
         match c {
-            '{' if !braced && cs[start..i].ends_with('=') => braced = true,
+            // A braced value may follow spaces after the `=`.
+            '{' if !braced && cs[start..i].trim_end().ends_with('=') => braced = true,
             '}' if braced => {
                 if chars.peek().map(|&(_, n)| n) == Some('}') {
                     chars.next();
@@ -371,7 +433,9 @@ fn redact_query(tail: &str) -> String {
         .split('&')
         .map(|kv| match kv.split_once('=') {
             Some((k, _))
-                if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("pass") =>
+                if ["password", "pass", "pwd", "passwd"]
+                    .iter()
+                    .any(|p| k.trim().eq_ignore_ascii_case(p)) =>
             {
                 format!("{k}=***")
             }
@@ -410,6 +474,36 @@ mod tests {
             redact("Driver={My; Driver};Password=p"),
             "Driver={My; Driver};Password=***"
         );
+    }
+
+    #[test]
+    fn passwords_with_url_delimiters_are_hidden() {
+        for (url, secret) in [
+            ("postgres://app:hunter/2@127.0.0.1:1/db", "hunter"),
+            ("postgres://app:hun?ter@127.0.0.1:1/db", "ter"),
+            ("mysql://app:p@ss/w?rd#x@h:3306/db", "ss/w"),
+            ("mysql://app:a%2Fb@h/db", "a%2Fb"),
+            ("postgresql://app:x#y@h/db?sslmode=disable", "x#y"),
+            ("postgres://h/db?user=u&password=top/secret", "top"),
+        ] {
+            let shown = redact(url);
+            assert!(!shown.contains(secret), "{url} -> {shown}");
+            assert!(shown.contains("***"), "{url} -> {shown}");
+        }
+        assert_eq!(
+            redact("postgres://app:hunter/2@127.0.0.1:1/db"),
+            "postgres://app:***@127.0.0.1:1/db"
+        );
+        // ODBC strings whose values hold `://` are still ODBC strings.
+        for (cs, secret) in [
+            ("Server=https://h;PWD=s3cret;UID=u", "s3cret"),
+            ("Driver={x};PWD= {a;b};UID=u", "b}"),
+            ("Driver={x};PWD= {a;b};UID=u", "a;"),
+            ("DSN=x; pwd =plain;", "plain"),
+        ] {
+            let shown = redact(cs);
+            assert!(!shown.contains(secret), "{cs} -> {shown}");
+        }
     }
 
     #[test]

@@ -241,16 +241,50 @@ where
     fn encode_new_key(&self, key: &K) -> Result<Vec<u8>> {
         let bytes = self.encode_key(key)?;
         if let Some((held, _)) = self.map.get_key_value(key) {
-            let held_bytes = self.encode_key(held)?;
-            if held_bytes != bytes {
-                return Err(Error::NonCanonicalKey {
-                    table: self.table.name.clone(),
-                    row: show_bytes(&held_bytes),
-                    other: show_bytes(&bytes),
-                });
-            }
+            self.same_bytes(&self.encode_key(held)?, &bytes)?;
         }
         Ok(bytes)
+    }
+
+    /// Encodes `pairs` as upserts, the last pair of each key winning. Equal keys must
+    /// encode to the same bytes, within `pairs` and (when `held`) against the keys the
+    /// map holds: otherwise memory would keep one key while the table got another.
+    fn encode_pairs(&self, pairs: &[(K, V)], held: bool) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut index: HashMap<&K, usize> = HashMap::with_capacity(pairs.len());
+        let mut puts: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            let key = if held {
+                self.encode_new_key(k)?
+            } else {
+                self.encode_key(k)?
+            };
+            let value = self.encode_value(v)?;
+            match index.entry(k) {
+                hash_map::Entry::Occupied(seen) => {
+                    let slot = &mut puts[*seen.get()];
+                    self.same_bytes(&slot.0, &key)?;
+                    slot.1 = value;
+                }
+                hash_map::Entry::Vacant(slot) => {
+                    slot.insert(puts.len());
+                    puts.push((key, value));
+                }
+            }
+        }
+        Ok(puts)
+    }
+
+    /// Refuses two encodings of equal keys that differ.
+    fn same_bytes(&self, first: &[u8], second: &[u8]) -> Result<()> {
+        if first == second {
+            Ok(())
+        } else {
+            Err(Error::NonCanonicalKey {
+                table: self.table.name.clone(),
+                row: show_bytes(first),
+                other: show_bytes(second),
+            })
+        }
     }
 
     /// The one way into the store: applies `batch` atomically, and marks the map
@@ -421,22 +455,10 @@ where
     pub fn insert_many(&mut self, pairs: impl IntoIterator<Item = (K, V)>) -> Result<()> {
         self.check_writable()?;
         let pairs: Vec<(K, V)> = pairs.into_iter().collect();
-        // The last pair of each key wins; finding repeats by key is cheaper than by bytes.
-        let mut last: HashMap<&K, usize> = HashMap::with_capacity(pairs.len());
-        for (i, (k, _)) in pairs.iter().enumerate() {
-            last.insert(k, i);
-        }
-        let repeats = last.len() < pairs.len();
-        let mut batch = Batch::default();
-        batch.puts.reserve(last.len());
-        for (i, (k, v)) in pairs.iter().enumerate() {
-            if !repeats || last.get(k) == Some(&i) {
-                batch
-                    .puts
-                    .push((self.encode_new_key(k)?, self.encode_value(v)?));
-            }
-        }
-        drop(last);
+        let batch = Batch {
+            puts: self.encode_pairs(&pairs, true)?,
+            ..Batch::default()
+        };
         self.persist(batch)?;
         self.map.reserve(pairs.len());
         self.map.extend(pairs);
@@ -549,12 +571,12 @@ where
 
     /// Replaces the table's content with `src` in one transaction, then the map's.
     pub(crate) fn replace_all(&mut self, src: Vec<(K, V)>) -> Result<()> {
-        let mut batch = BatchBuilder::with_capacity(src.len());
-        batch.clear();
-        for (k, v) in &src {
-            batch.put(self.encode_key(k)?, self.encode_value(v)?);
-        }
-        self.persist(batch.finish()).map_err(|e| match e {
+        let batch = Batch {
+            clear: true,
+            puts: self.encode_pairs(&src, false)?,
+            ..Batch::default()
+        };
+        self.persist(batch).map_err(|e| match e {
             Error::Database {
                 table,
                 backend,
@@ -678,6 +700,13 @@ where
     pub fn insert(&mut self, key: K, value: V) -> Result<()> {
         let k = self.map.encode_new_key(&key)?;
         let v = self.map.encode_value(&value)?;
+        // An equal key staged before must have had the same bytes: the staged key is
+        // the one memory keeps.
+        if let Some(Staged::Put { key: staged, .. } | Staged::Delete { key: staged }) =
+            self.staged.get(&key)
+        {
+            self.map.same_bytes(staged, &k)?;
+        }
         self.staged.insert(
             key,
             Staged::Put {

@@ -29,15 +29,18 @@ pub struct WriteBehind {
     max_delay: Duration,
     max_batch: usize,
     max_backlog: usize,
+    close_timeout: Duration,
 }
 
 impl Default for WriteBehind {
-    /// At most 50 ms late, batches of up to 10,000 changes, a backlog of 100,000.
+    /// At most 50 ms late, batches of up to 10,000 changes, a backlog of 100,000, and
+    /// 10 s of retries at close.
     fn default() -> Self {
         WriteBehind {
             max_delay: Duration::from_millis(50),
             max_batch: 10_000,
             max_backlog: 100_000,
+            close_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -60,6 +63,14 @@ impl WriteBehind {
     /// wait for the background thread, so memory does not grow without end.
     pub fn max_backlog(mut self, changes: usize) -> Self {
         self.max_backlog = changes.max(1);
+        self
+    }
+
+    /// How long `close` (and dropping the map) keeps retrying a failing store before it
+    /// gives up on what is still queued and reports how much. This is the one bound on
+    /// "never dropped": until `close`, a failed batch is retried for as long as it takes.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
         self
     }
 }
@@ -142,6 +153,7 @@ impl Behind {
             .map_err(|e| Error::Background {
                 table,
                 pending: 0,
+                abandoned: true,
                 source: format!("starting the write-behind thread: {e}").into(),
             })?;
         Ok(Behind {
@@ -166,6 +178,11 @@ impl Behind {
             state.flush_requested = true;
             s.work.notify_one();
             state = s.progress.wait(state).unwrap_or_else(|p| p.into_inner());
+            // A caller waiting for room hears of a failure too, rather than waiting for
+            // as long as the store keeps failing; its change is not queued.
+            if let Some(failure) = state.failure.take() {
+                return Err(failure);
+            }
         }
         if batch.clear {
             state.pending.clear();
@@ -211,14 +228,24 @@ impl Behind {
         state.pending.len() + state.in_flight
     }
 
-    /// Flushes, then stops the thread. If the store keeps failing, gives up on what is
-    /// still queued and says how much.
+    /// Flushes, then stops the thread. If the store keeps failing for longer than the
+    /// close timeout, gives up on what is still queued and says how much.
     pub(crate) fn close(&mut self) -> Result<()> {
         let Some(thread) = self.thread.take() else {
             return Ok(());
         };
         let s = &self.shared;
-        let result = self.flush();
+        let deadline = Instant::now() + s.config.close_timeout;
+        let result = loop {
+            // Each failed try is reported to `flush`; the thread goes on retrying, so try
+            // again until the deadline.
+            match self.flush() {
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(table = %s.table, error = %e, "write-behind: retrying at close");
+                }
+                other => break other,
+            }
+        };
         {
             let mut state = s.lock();
             state.closing = true;
@@ -233,8 +260,11 @@ impl Behind {
             Err(Error::Background { table, source, .. }) if lost > 0 => Err(Error::Background {
                 table,
                 pending: lost,
+                abandoned: true,
                 source,
             }),
+            // Nothing was lost after all: the last try succeeded.
+            Err(Error::Background { .. }) => Ok(()),
             other => other,
         }
     }
@@ -311,6 +341,8 @@ fn run(s: &Shared, store: &Mutex<Box<dyn Store>>) {
                 Ok(()) => {
                     state.in_flight = 0;
                     state.durable = upto;
+                    // A failure that a retry has since overcome is no longer news.
+                    state.failure = None;
                     s.progress.notify_all();
                     break;
                 }
@@ -319,6 +351,7 @@ fn run(s: &Shared, store: &Mutex<Box<dyn Store>>) {
                     state.failure = Some(Error::Background {
                         table: s.table.clone(),
                         pending: batch.len() + state.pending.len(),
+                        abandoned: false,
                         source: Box::new(e),
                     });
                     s.progress.notify_all();

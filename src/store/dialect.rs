@@ -26,11 +26,41 @@ pub(crate) enum Marks {
     Question,
 }
 
+/// A SQLite column's type affinity, from its declared type by SQLite's own rules
+/// (<https://sqlite.org/datatype3.html#determination_of_column_affinity>).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Affinity {
+    Integer,
+    Text,
+    Blob,
+    Real,
+    Numeric,
+}
+
+impl Affinity {
+    pub(crate) fn of(declared: &str) -> Affinity {
+        let t = declared.to_ascii_uppercase();
+        if t.contains("INT") {
+            Affinity::Integer
+        } else if ["CHAR", "CLOB", "TEXT"].iter().any(|s| t.contains(s)) {
+            Affinity::Text
+        } else if t.contains("BLOB") || t.trim().is_empty() {
+            Affinity::Blob
+        } else if ["REAL", "FLOA", "DOUB"].iter().any(|s| t.contains(s)) {
+            Affinity::Real
+        } else {
+            Affinity::Numeric
+        }
+    }
+}
+
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1); longer names are silently
 /// truncated by the server, so two long names could become one table.
 const PG_MAX_IDENT_BYTES: usize = 63;
 /// MySQL's and MariaDB's identifier limit, in characters.
 const MYSQL_MAX_IDENT_CHARS: usize = 64;
+/// The longest table file name MySQL can make: 255 bytes less the `.frm` or `.ibd`.
+const MYSQL_MAX_FILE_NAME: usize = 251;
 /// The longest key PostgreSQL's btree can index uncompressed: 2704 bytes per index
 /// tuple less the 8-byte tuple header and the 4-byte varlena header.
 const PG_MAX_KEY_BYTES: usize = 2692;
@@ -115,10 +145,14 @@ impl Dialect {
                  FROM pragma_table_info({})",
                 self.mark(marks, 1)
             ),
+            // `collisdeterministic` exists from PostgreSQL 12; read through jsonb so
+            // that older servers (where every collation is deterministic) answer too.
             Dialect::Postgres => format!(
                 "SELECT a.attname::text, \
                  CASE WHEN a.attnum = ANY(i.indkey) THEN '1' ELSE '0' END, \
-                 format_type(a.atttypid, NULL), coalesce(c.collname::text, '') \
+                 format_type(a.atttypid, NULL), coalesce(c.collname::text || \
+                 CASE WHEN (to_jsonb(c) ->> 'collisdeterministic') = 'false' \
+                 THEN ' (nondeterministic)' ELSE '' END, '') \
                  FROM pg_attribute a \
                  LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
                  LEFT JOIN pg_collation c ON c.oid = a.attcollation \
@@ -131,6 +165,40 @@ impl Dialect {
                  coalesce(collation_name, '') FROM information_schema.columns \
                  WHERE table_schema = database() AND table_name = {}",
                 self.mark(marks, 1)
+            ),
+        }
+    }
+
+    /// A query of one text parameter (as for [`layout_query`](Self::layout_query))
+    /// that lists the table's unique indexes, the primary key included, as four texts:
+    /// name, `1` for the primary key, the indexed columns joined by commas
+    /// (`(expression)` for an expression), and how the key is compared where the
+    /// catalog says (SQLite: the collations; MySQL: a prefix length; else empty).
+    pub(crate) fn unique_indexes_query(self, marks: Marks) -> String {
+        let p = self.mark(marks, 1);
+        match self {
+            Dialect::Sqlite => format!(
+                "SELECT il.name, CASE WHEN il.origin = 'pk' THEN '1' ELSE '0' END, \
+                 group_concat(coalesce(ix.name, '(expression)'), ','), \
+                 group_concat(coalesce(ix.coll, ''), ',') \
+                 FROM pragma_index_list({p}) AS il JOIN pragma_index_xinfo(il.name) AS ix \
+                 WHERE il.\"unique\" AND ix.key GROUP BY il.name"
+            ),
+            Dialect::Postgres => format!(
+                "SELECT ic.relname::text, CASE WHEN i.indisprimary THEN '1' ELSE '0' END, \
+                 (SELECT string_agg(coalesce(a.attname::text, '(expression)'), ',' \
+                 ORDER BY k.n) FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(num, n) \
+                 LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.num \
+                 AND k.num > 0), CASE WHEN i.indpred IS NULL THEN '' ELSE 'a condition' END \
+                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+                 WHERE i.indrelid = to_regclass(CAST({p} AS text)) AND i.indisunique"
+            ),
+            Dialect::Mysql => format!(
+                "SELECT index_name, IF(index_name = 'PRIMARY', '1', '0'), \
+                 group_concat(coalesce(column_name, '(expression)') ORDER BY seq_in_index), \
+                 coalesce(CAST(max(sub_part) AS CHAR), '') \
+                 FROM information_schema.statistics WHERE table_schema = database() \
+                 AND table_name = {p} AND non_unique = 0 GROUP BY index_name"
             ),
         }
     }
@@ -169,6 +237,32 @@ impl Dialect {
     #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
     pub(crate) fn packet_query(self) -> Option<&'static str> {
         (self == Dialect::Mysql).then_some("SELECT CAST(@@max_allowed_packet AS CHAR)")
+    }
+
+    /// MySQL only: the session's autocommit and whether a transaction is open, as two
+    /// texts (`1` or `0`). MariaDB has `@@in_transaction`; MySQL does not (error 1193).
+    #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
+    pub(crate) fn session_state_query(self) -> &'static str {
+        "SELECT CAST(@@autocommit AS CHAR), CAST(@@in_transaction AS CHAR)"
+    }
+
+    /// Statements that make a session store values exactly as written: MySQL's strict
+    /// mode, so a value that does not fit is an error rather than silently cut.
+    #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
+    pub(crate) fn session_setup(self) -> &'static [&'static str] {
+        match self {
+            Dialect::Mysql => &["SET SESSION sql_mode = IF(@@sql_mode LIKE '%STRICT\\_%', \
+                 @@sql_mode, CONCAT_WS(',', NULLIF(@@sql_mode, ''), 'STRICT_ALL_TABLES'))"],
+            _ => &[],
+        }
+    }
+
+    /// The bytes of keys and values one multi-row statement may carry in a packet of
+    /// `packet` bytes, leaving room for the statement's text and the parameters'
+    /// length prefixes.
+    #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
+    pub(crate) fn chunk_bytes(self, packet: usize) -> usize {
+        packet.saturating_sub(64 << 10).clamp(1, 4 << 20)
     }
 
     /// The longest value one statement can carry in a packet of `packet` bytes: the
@@ -222,6 +316,14 @@ impl Dialect {
                 }
                 if name.ends_with(' ') {
                     return refuse("MySQL does not allow names that end with a space");
+                }
+                let file = mysql_file_name_len(name);
+                if file > MYSQL_MAX_FILE_NAME {
+                    return refuse(&format!(
+                        "MySQL keeps a table in files named after it, and this name takes \
+                         {file} bytes there (a character other than a-z, A-Z, 0-9 and _ takes \
+                         3 to 5), more than the {MYSQL_MAX_FILE_NAME} a file name can hold"
+                    ));
                 }
                 if name.chars().any(|c| c as u32 > 0xFFFF) {
                     return refuse(
@@ -290,7 +392,12 @@ impl Dialect {
 
     pub(crate) fn delete_keys_marked(self, t: &TableSpec, rows: usize, marks: Marks) -> String {
         let list: Vec<String> = (1..=rows).map(|i| self.mark(marks, i)).collect();
-        let key = self.quote("key");
+        // SQLite compares with the column's collation, which a user's table may set to
+        // NOCASE even when its primary key index is BINARY: say which one counts.
+        let key = match self {
+            Dialect::Sqlite => format!("{} COLLATE BINARY", self.quote("key")),
+            _ => self.quote("key"),
+        };
         if rows == 1 {
             format!(
                 "DELETE FROM {} WHERE {key} = {}",
@@ -371,6 +478,31 @@ impl Dialect {
     }
 }
 
+/// The length of the file name MySQL and MariaDB make of a table name: letters, digits
+/// and `_` stay as they are; letters of some alphabets become `@` and two characters;
+/// anything else `@` and four hex digits.
+fn mysql_file_name_len(name: &str) -> usize {
+    name.chars()
+        .map(|c| {
+            let u = c as u32;
+            let short_escape = [
+                (0x00C0, 0x05FF),
+                (0x1E00, 0x1FFF),
+                (0x2160, 0x217F),
+                (0x24B0, 0x24EF),
+                (0xFF20, 0xFF5F),
+            ];
+            if c.is_ascii_alphanumeric() || c == '_' {
+                1
+            } else if c.is_alphabetic() && short_escape.iter().any(|&(a, b)| (a..=b).contains(&u)) {
+                3
+            } else {
+                5
+            }
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,7 +576,7 @@ mod tests {
         );
         assert_eq!(
             Dialect::Sqlite.delete_keys_marked(&t, 2, Marks::Question),
-            r#"DELETE FROM "h" WHERE "key" IN (?, ?)"#
+            r#"DELETE FROM "h" WHERE "key" COLLATE BINARY IN (?, ?)"#
         );
         for d in [Dialect::Sqlite, Dialect::Postgres, Dialect::Mysql] {
             let q = d.layout_query(Marks::Question);
@@ -465,7 +597,7 @@ mod tests {
         let t = spec("h", Format::Binary, Format::Text);
         assert_eq!(
             Dialect::Sqlite.delete_keys(&t, 1),
-            r#"DELETE FROM "h" WHERE "key" = ?1"#
+            r#"DELETE FROM "h" WHERE "key" COLLATE BINARY = ?1"#
         );
         assert_eq!(
             Dialect::Mysql.delete_keys(&t, 3),
@@ -494,7 +626,10 @@ mod tests {
         }
         assert!(Dialect::Postgres.check_table_name(&"é".repeat(32)).is_err()); // 64 bytes
         assert!(Dialect::Postgres.check_table_name(&"a".repeat(63)).is_ok());
-        assert!(Dialect::Mysql.check_table_name(&"é".repeat(64)).is_ok());
+        assert!(Dialect::Mysql.check_table_name(&"é".repeat(64)).is_ok()); // 192 bytes as a file
+        assert!(Dialect::Mysql.check_table_name(&"日".repeat(50)).is_ok()); // 250
+        assert!(Dialect::Mysql.check_table_name(&"日".repeat(51)).is_err()); // 255
+        assert!(Dialect::Mysql.check_table_name(&"-".repeat(64)).is_err());
         assert!(Dialect::Mysql.check_table_name(&"a".repeat(65)).is_err());
         assert!(Dialect::Mysql.check_table_name("trailing ").is_err());
         assert!(Dialect::Mysql.check_table_name("emoji 🦀").is_err());

@@ -19,14 +19,14 @@ mod support;
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "odbc"))]
 pub(crate) use support::cannot_reconnect;
 #[cfg(any(feature = "mysql", feature = "odbc"))]
-pub(crate) use support::{check_engine, chunks};
+pub(crate) use support::chunks;
 #[cfg(any(
     feature = "sqlite",
     feature = "postgres",
     feature = "mysql",
     feature = "odbc"
 ))]
-pub(crate) use support::{check_layout, db_error, opened, Column};
+pub(crate) use support::{db_error, opened};
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
 #[cfg(feature = "postgres")]

@@ -1,19 +1,27 @@
 //! MySQL and MariaDB through the `mysql` crate (feature `mysql`).
 
+use std::time::{Duration, Instant};
+
 use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, TxOpts, Value};
 
-use crate::error::{redact, show_bytes, Action, Error, Result};
+use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::dialect::Marks;
+use crate::store::support::{open_table, Catalog};
 use crate::store::{
-    cannot_reconnect, check_engine, check_layout, chunks, db_error, opened, Batch, Column, Dialect,
-    IntoStore, RowSink, Store, TableSpec,
+    cannot_reconnect, chunks, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store,
+    TableSpec,
 };
 
 const D: Dialect = Dialect::Mysql;
 
 /// Rows per multi-row statement.
 const CHUNK_ROWS: usize = 256;
+
+/// A connection unused for this long is checked (one ping) before the next write: the
+/// server may have closed it (`wait_timeout`, a KILL), and a write sent on it would
+/// have an unknown outcome, where a failed ping leaves nothing in doubt.
+const IDLE_CHECK: Duration = Duration::from_millis(250);
 
 /// A [`Store`] on a `mysql::Conn` (MySQL 5.7+, MariaDB 10.3+); what
 /// `DbHashMap::open(conn)` builds.
@@ -31,6 +39,9 @@ pub struct MysqlStore {
     broken: bool,
     /// From the server's `max_allowed_packet`, read at `open`.
     max_value: Option<usize>,
+    /// The most bytes of keys and values one multi-row statement carries.
+    chunk_bytes: usize,
+    last_used: Instant,
 }
 
 impl std::fmt::Debug for MysqlStore {
@@ -52,18 +63,50 @@ impl MysqlStore {
             table: None,
             broken: false,
             max_value: None,
+            chunk_bytes: crate::store::support::CHUNK_BYTES,
+            last_used: Instant::now(),
         }
     }
 
     pub(crate) fn connect(url: &str) -> Result<Self> {
-        Ok(MysqlStore {
-            conn: Self::dial(url)?,
-            single: None,
-            url: Some(url.to_string()),
-            table: None,
-            broken: false,
-            max_value: None,
-        })
+        let mut store = Self::new(Self::dial(url)?);
+        store.url = Some(url.to_string());
+        Ok(store)
+    }
+
+    /// Makes the session one where every acknowledged write is committed and stored as
+    /// written, whatever the user's or the server's settings: autocommit on (a server
+    /// may default to off) and strict mode (no silent truncation). A session inside a
+    /// transaction that someone else began is refused: turning autocommit on would
+    /// commit it.
+    fn prepare_session(conn: &mut Conn, table: &str) -> Result<()> {
+        let fail = |e: mysql::Error| db_error_named(Action::Open, table, e);
+        let state: Option<(String, String)> = match conn.query_first(D.session_state_query()) {
+            Ok(state) => state,
+            // MySQL (not MariaDB) has no @@in_transaction: read autocommit alone.
+            Err(mysql::Error::MySqlError(e)) if e.code == 1193 => conn
+                .query_first::<String, _>("SELECT CAST(@@autocommit AS CHAR)")
+                .map_err(fail)?
+                .map(|a| (a, "0".into())),
+            Err(e) => return Err(fail(e)),
+        };
+        let (autocommit, in_transaction) = state.unwrap_or_default();
+        if in_transaction.trim() == "1" {
+            return Err(Error::ConnectionState {
+                backend: D.name(),
+                reason: "it is inside a transaction that the caller began (START TRANSACTION, \
+                         or a statement run with autocommit off); commit or roll it back \
+                         before handing the connection to the map"
+                    .into(),
+            });
+        }
+        if autocommit.trim() != "1" {
+            conn.query_drop("SET autocommit = 1").map_err(fail)?;
+        }
+        for sql in D.session_setup() {
+            conn.query_drop(sql).map_err(fail)?;
+        }
+        Ok(())
     }
 
     fn dial(url: &str) -> Result<Conn> {
@@ -80,25 +123,16 @@ impl MysqlStore {
         Conn::new(opts).map_err(fail)
     }
 
-    fn check_layout(&mut self, t: &TableSpec) -> Result<()> {
-        let fail = |e| db_error(Action::Open, t, D.name(), e);
-        if let Some(sql) = D.engine_query(Marks::Native) {
-            let engine: Option<String> = self.conn.exec_first(sql, (&t.name,)).map_err(fail)?;
-            check_engine(t, D.name(), engine)?;
-        }
-        let cols: Vec<Column> = self
-            .conn
-            .exec(D.layout_query(Marks::Native), (D.layout_param(t),))
-            .map_err(fail)?;
-        check_layout(t, D, D.name(), &cols)
-    }
-
     /// Before a call: a connection that broke is made again when the store knows the
     /// URL. Whatever the break left in doubt has already been reported.
     fn ensure_connected(&mut self) -> Result<()> {
+        if !self.broken && self.last_used.elapsed() >= IDLE_CHECK {
+            self.broken = self.conn.ping().is_err();
+        }
         if self.broken {
             self.reconnect()?;
         }
+        self.last_used = Instant::now();
         Ok(())
     }
 
@@ -114,7 +148,11 @@ impl MysqlStore {
         let classify = |e: mysql::Error, committing: bool| -> Error {
             // A server error is an answer: the outcome is known. A broken connection
             // during a commit (or a statement that commits on its own) leaves it unknown.
-            if committing && !matches!(e, mysql::Error::MySqlError(_)) {
+            // A pipe that broke while the command was being sent delivered no whole
+            // command: nothing happened, and that is known.
+            let undelivered = matches!(&e, mysql::Error::IoError(io)
+                if io.kind() == std::io::ErrorKind::BrokenPipe);
+            if committing && !matches!(e, mysql::Error::MySqlError(_)) && !undelivered {
                 Error::OutcomeUnknown {
                     table: t.name.clone(),
                     backend: D.name(),
@@ -154,12 +192,13 @@ impl MysqlStore {
             tx.query_drop(D.delete_all(t))
                 .map_err(|e| classify(e, false))?;
         }
-        for keys in chunks(&batch.deletes, CHUNK_ROWS, |k| k.len()) {
+        let max_bytes = self.chunk_bytes;
+        for keys in chunks(&batch.deletes, CHUNK_ROWS, max_bytes, |k| k.len()) {
             let params: Vec<Value> = keys.iter().map(|k| Value::from(k.as_slice())).collect();
             tx.exec_drop(D.delete_keys(t, keys.len()), params)
                 .map_err(|e| classify(e, false))?;
         }
-        for rows in chunks(&batch.puts, CHUNK_ROWS, |(k, v)| k.len() + v.len()) {
+        for rows in chunks(&batch.puts, CHUNK_ROWS, max_bytes, |(k, v)| k.len() + v.len()) {
             let mut params = Vec::with_capacity(rows.len() * 2);
             for (k, v) in rows {
                 params.push(Value::from(k.as_slice()));
@@ -179,21 +218,21 @@ impl Store for MysqlStore {
 
     fn open(&mut self, t: &TableSpec) -> Result<()> {
         D.check_table_name(&t.name)?;
+        Self::prepare_session(&mut self.conn, &t.name)?;
         // DDL commits implicitly in MySQL: the table is made outside any transaction.
-        self.conn
-            .query_drop(D.create_table(t))
-            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
-        self.check_layout(t)?;
+        open_table(&mut self.conn, t, D, Marks::Native, D.name())?;
         if let Some(sql) = D.packet_query() {
             let packet: Option<String> = self
                 .conn
                 .query_first(sql)
                 .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
-            self.max_value = packet
-                .and_then(|p| p.parse().ok())
-                .map(|p| D.max_value_len(p));
+            if let Some(packet) = packet.and_then(|p| p.parse().ok()) {
+                self.max_value = Some(D.max_value_len(packet));
+                self.chunk_bytes = D.chunk_bytes(packet);
+            }
         }
         self.table = Some(t.clone());
+        self.last_used = Instant::now();
         Ok(())
     }
 
@@ -246,10 +285,51 @@ impl Store for MysqlStore {
         let Some(url) = &self.url else {
             return Err(cannot_reconnect(&self.table, D.name()));
         };
-        self.conn = Self::dial(url)?;
+        let mut conn = Self::dial(url)?;
+        let table = self.table.as_ref().map_or("", |t| t.name.as_str());
+        Self::prepare_session(&mut conn, table)?;
+        self.conn = conn;
         self.single = None;
         self.broken = false;
+        self.last_used = Instant::now();
         Ok(())
+    }
+}
+
+fn db_error_named(action: Action, table: &str, e: mysql::Error) -> Error {
+    Error::Database {
+        action,
+        table: table.to_string(),
+        backend: D.name(),
+        source: e.into(),
+    }
+}
+
+impl Catalog for Conn {
+    fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError> {
+        let rows: Vec<mysql::Row> = match param {
+            Some(p) => Queryable::exec(self, sql, (p,))?,
+            None => Queryable::query(self, sql)?,
+        };
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                row.unwrap()
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::NULL => String::new(),
+                        Value::Bytes(b) => String::from_utf8_lossy(&b).into_owned(),
+                        Value::Int(i) => i.to_string(),
+                        Value::UInt(u) => u.to_string(),
+                        other => format!("{other:?}"),
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    fn exec(&mut self, sql: &str) -> Result<(), BoxError> {
+        Ok(self.query_drop(sql)?)
     }
 }
 

@@ -2,15 +2,19 @@
 //! DBMS name the driver reports; the limits come from that dialect, not from the
 //! driver (MariaDB's driver reports 256 for a table name, the server allows 64).
 
+use odbc_api::handles::{
+    slice_to_cow_utf8, AsStatementRef, DiagnosticStream, SqlResult, SqlText, Statement,
+};
 use odbc_api::parameter::InputParameter;
-use odbc_api::{Connection, ConnectionOptions, Cursor, IntoParameter};
+use odbc_api::{Connection, ConnectionOptions, Cursor, IntoParameter, ResultSetMetadata};
 
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::dialect::Marks;
+use crate::store::support::{open_table, Catalog, CHUNK_BYTES};
 use crate::store::{
-    cannot_reconnect, check_engine, check_layout, chunks, db_error, opened, Batch, Column, Dialect,
-    IntoStore, RowSink, Store, TableSpec,
+    cannot_reconnect, chunks, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store,
+    TableSpec,
 };
 
 /// Rows per multi-row statement: 2 × 64 parameters suit every driver tested.
@@ -29,6 +33,8 @@ pub struct OdbcStore {
     table: Option<TableSpec>,
     broken: bool,
     max_value: Option<usize>,
+    /// The most bytes of keys and values one multi-row statement carries.
+    chunk_bytes: usize,
 }
 
 impl std::fmt::Debug for OdbcStore {
@@ -76,6 +82,7 @@ impl OdbcStore {
             table: None,
             broken: false,
             max_value: None,
+            chunk_bytes: CHUNK_BYTES,
         })
     }
 
@@ -101,24 +108,67 @@ impl OdbcStore {
         }
     }
 
-    /// Runs a statement; rows are not read.
+    /// Runs a statement (rows are not read) and reads every diagnostic record the
+    /// driver left: a driver may answer a statement the server rejected with "success
+    /// with information" (MariaDB's, for a value outside an ENUM), and `odbc-api`'s
+    /// `execute` only logs those records.
     fn exec(
         &self,
         sql: &str,
         params: &[Box<dyn InputParameter + '_>],
-    ) -> std::result::Result<(), odbc_api::Error> {
-        self.conn.execute(sql, params, None).map(drop)
+    ) -> std::result::Result<(), StatementError> {
+        let mut prealloc = self.conn.preallocate()?;
+        let mut stmt = prealloc.as_stmt_ref();
+        for (i, p) in params.iter().enumerate() {
+            let n = u16::try_from(i + 1).map_err(|_| StatementError::Rejected {
+                diagnostics: "too many parameters".into(),
+            })?;
+            // SAFETY: the parameters outlive the statement's execution; they are unbound
+            // below before they can go away.
+            unsafe { stmt.bind_input_parameter(n, p.as_ref()) }.into_result(&stmt)?;
+        }
+        // SAFETY: the bound parameters are alive (see above).
+        let result: SqlResult<()> = unsafe { stmt.exec_direct(&SqlText::new(sql)) };
+        // Read before any other call on the statement, which would clear them.
+        let mut warnings = Vec::new();
+        let mut records = DiagnosticStream::new(&stmt);
+        while let Some(r) = records.next() {
+            // Class 00 is success; 01004 (string data truncated) concerns output buffers.
+            let state = r.state.as_str();
+            if !state.starts_with("00") && state != "01004" {
+                warnings.push(format!(
+                    "SQLSTATE {state}, native error {}: {}",
+                    r.native_error,
+                    slice_to_cow_utf8(&r.message)
+                ));
+            }
+        }
+        // A DELETE that matched no rows answers SQL_NO_DATA.
+        let result = result.on_no_data(|| ()).into_result_without_logging(&stmt);
+        let _ = stmt.reset_parameters();
+        result?;
+        if warnings.is_empty() {
+            Ok(())
+        } else {
+            Err(StatementError::Rejected {
+                diagnostics: warnings.join("; "),
+            })
+        }
     }
 
-    /// Runs a query of one text parameter whose columns are all text.
-    fn texts(
+    /// Runs a query of at most one text parameter; every column is read as text.
+    fn texts_of(
         &self,
         sql: &str,
-        param: &str,
-        columns: u16,
+        param: Option<&str>,
     ) -> std::result::Result<Vec<Vec<String>>, odbc_api::Error> {
         let mut out = Vec::new();
-        if let Some(mut cursor) = self.conn.execute(sql, &param.into_parameter(), None)? {
+        let cursor = match param {
+            Some(p) => self.conn.execute(sql, &p.into_parameter(), None)?,
+            None => self.conn.execute(sql, (), None)?,
+        };
+        if let Some(mut cursor) = cursor {
+            let columns = u16::try_from(cursor.num_result_cols()?).unwrap_or(0);
             let mut buf = Vec::new();
             while let Some(mut row) = cursor.next_row()? {
                 let mut fields = Vec::with_capacity(usize::from(columns));
@@ -132,33 +182,30 @@ impl OdbcStore {
         Ok(out)
     }
 
-    fn check_layout(&self, t: &TableSpec) -> Result<()> {
-        if !self.known {
-            return Ok(());
+    /// Refuses a connection inside a transaction its caller began, where the dialect
+    /// can tell (MariaDB's `@@in_transaction`), and makes the session store values as
+    /// written (MySQL's strict mode).
+    fn prepare_session(&mut self, t: &TableSpec) -> Result<()> {
+        let fail = |s: &Self, e| db_error(Action::Open, t, s.name(), e);
+        if self.known && self.dialect == Dialect::Mysql {
+            let state = self
+                .texts_of(self.dialect.session_state_query(), None)
+                .map_err(|e| fail(self, e))?;
+            if state.first().and_then(|r| r.get(1)).map(|s| s.trim()) == Some("1") {
+                return Err(Error::ConnectionState {
+                    backend: self.name(),
+                    reason: "it is inside a transaction that the caller began; commit or roll \
+                             it back before handing the connection to the map"
+                        .into(),
+                });
+            }
         }
-        let d = self.dialect;
-        let fail = |e| db_error(Action::Open, t, self.name(), e);
-        if let Some(sql) = d.engine_query(Marks::Question) {
-            let engine = self
-                .texts(&sql, &t.name, 1)
-                .map_err(fail)?
-                .pop()
-                .map(|mut r| r.remove(0));
-            check_engine(t, self.name(), engine)?;
+        for sql in self.dialect.session_setup().iter().filter(|_| self.known) {
+            self.conn
+                .execute(sql, (), None)
+                .map_err(|e| fail(self, e))?;
         }
-        let rows = self
-            .texts(&d.layout_query(Marks::Question), &d.layout_param(t), 4)
-            .map_err(fail)?;
-        let cols: Vec<Column> = rows
-            .into_iter()
-            .map(|mut r| {
-                let collation = r.pop().unwrap_or_default();
-                let ty = r.pop().unwrap_or_default();
-                let pk = r.pop().unwrap_or_default();
-                (r.pop().unwrap_or_default(), pk, ty, collation)
-            })
-            .collect();
-        check_layout(t, d, self.name(), &cols)
+        Ok(())
     }
 
     fn param(format: Format, bytes: &[u8]) -> Box<dyn InputParameter + '_> {
@@ -171,12 +218,20 @@ impl OdbcStore {
 
     /// What went wrong, said so that an unknown DBMS's refusal names it and the
     /// statement; a dead connection during a commit is an unknown outcome.
-    fn classify(&self, t: &TableSpec, e: odbc_api::Error, sql: &str, committing: bool) -> Error {
+    fn classify(
+        &self,
+        t: &TableSpec,
+        e: impl Into<StatementError>,
+        sql: &str,
+        committing: bool,
+    ) -> Error {
+        let e = e.into();
         // Drivers do not always notice a broken connection (MariaDB's said "alive" after
         // a reset): SQLSTATE class 08, a connection exception, counts as broken too.
         let connection_exception = matches!(
             &e,
-            odbc_api::Error::Diagnostics { record, .. } if record.state.0.starts_with(b"08")
+            StatementError::Odbc(odbc_api::Error::Diagnostics { record, .. })
+                if record.state.0.starts_with(b"08")
         );
         let dead = connection_exception || self.conn.is_dead().unwrap_or(true);
         if committing && dead {
@@ -201,6 +256,33 @@ impl OdbcStore {
         db_error(Action::Write, t, self.name(), e)
     }
 
+    /// Refuses text that holds a NUL character: psqlODBC cuts text there on the way in
+    /// and the SQLite driver on the way out, so the table would hold something else.
+    fn check_text(&self, t: &TableSpec, batch: &Batch) -> Result<()> {
+        let nul = |format: Format, bytes: &[u8]| format == Format::Text && bytes.contains(&0);
+        let bad_key = batch
+            .deletes
+            .iter()
+            .chain(batch.puts.iter().map(|(k, _)| k))
+            .find(|k| nul(t.key_format, k));
+        let bad_value = batch.puts.iter().find(|(_, v)| nul(t.value_format, v));
+        let (what, row) = match (bad_key, bad_value) {
+            (Some(k), _) => ("key", k),
+            (None, Some((k, _))) => ("value", k),
+            (None, None) => return Ok(()),
+        };
+        Err(Error::Encode {
+            what,
+            table: t.name.clone(),
+            source: format!(
+                "the {what} of row {} holds a NUL character, which ODBC drivers cut text at; \
+                 nothing was written: use a binary codec for such data",
+                show_bytes(row)
+            )
+            .into(),
+        })
+    }
+
     fn run(&self, t: &TableSpec, batch: &Batch) -> Result<()> {
         let d = self.dialect;
         let exec = |sql: &str, params: &[Box<dyn InputParameter + '_>]| {
@@ -211,14 +293,14 @@ impl OdbcStore {
             exec(&d.delete_all(t), &[])?;
         }
         // Bounded in bytes too: MariaDB refuses a statement over its max_allowed_packet.
-        for keys in chunks(&batch.deletes, CHUNK, |k| k.len()) {
+        for keys in chunks(&batch.deletes, CHUNK, self.chunk_bytes, |k| k.len()) {
             let params: Vec<_> = keys.iter().map(|k| Self::param(t.key_format, k)).collect();
             exec(
                 &d.delete_keys_marked(t, keys.len(), Marks::Question),
                 &params,
             )?;
         }
-        for rows in chunks(&batch.puts, CHUNK, |(k, v)| k.len() + v.len()) {
+        for rows in chunks(&batch.puts, CHUNK, self.chunk_bytes, |(k, v)| k.len() + v.len()) {
             let mut params = Vec::with_capacity(2 * rows.len());
             for (k, v) in rows {
                 params.push(Self::param(t.key_format, k));
@@ -229,24 +311,10 @@ impl OdbcStore {
         Ok(())
     }
 
+    /// Every write, a single one included, is a transaction of its own, committed
+    /// explicitly: the statements' diagnostics are read before the commit, so what the
+    /// server rejected is rolled back rather than committed half.
     fn write(&mut self, t: &TableSpec, batch: &Batch) -> Result<()> {
-        if batch.len() == 1 && !batch.clear {
-            // One statement, committed on its own by autocommit.
-            let d = self.dialect;
-            let (sql, params) = match batch.puts.first() {
-                Some((k, v)) => (
-                    d.upsert_marked(t, 1, Marks::Question),
-                    vec![Self::param(t.key_format, k), Self::param(t.value_format, v)],
-                ),
-                None => (
-                    d.delete_keys_marked(t, 1, Marks::Question),
-                    vec![Self::param(t.key_format, &batch.deletes[0])],
-                ),
-            };
-            return self
-                .exec(&sql, &params)
-                .map_err(|e| self.classify(t, e, &sql, true));
-        }
         let fail = |s: &Self, e| s.classify(t, e, "BEGIN", false);
         self.conn.set_autocommit(false).map_err(|e| fail(self, e))?;
         let result = self.run(t, batch).and_then(|()| {
@@ -258,9 +326,60 @@ impl OdbcStore {
             // Some drivers (psqlODBC, MariaDB) undo only the failing statement: undo all.
             let _ = self.conn.rollback();
         }
-        // The connection's autocommit is restored, failed or not.
-        let restored = self.conn.set_autocommit(true).map_err(|e| fail(self, e));
-        result.and(restored)
+        // The connection's autocommit is restored, failed or not; but once the commit
+        // succeeded, the change is in the table and the call succeeded with it.
+        if let Err(e) = self.conn.set_autocommit(true) {
+            tracing::warn!(table = %t.name, error = %e, "ODBC: restoring autocommit failed");
+            self.broken = true;
+        }
+        result
+    }
+}
+
+/// Why a statement failed: the driver's error, or diagnostics that say the server
+/// rejected what the driver reported as a success.
+#[derive(Debug)]
+enum StatementError {
+    Odbc(odbc_api::Error),
+    Rejected { diagnostics: String },
+}
+
+impl From<odbc_api::Error> for StatementError {
+    fn from(e: odbc_api::Error) -> Self {
+        StatementError::Odbc(e)
+    }
+}
+
+impl std::fmt::Display for StatementError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StatementError::Odbc(e) => e.fmt(f),
+            StatementError::Rejected { diagnostics } => write!(
+                f,
+                "the driver reported success with diagnostics that say the statement was \
+                 not carried out as given: {diagnostics}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StatementError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StatementError::Odbc(e) => e.source(),
+            StatementError::Rejected { .. } => None,
+        }
+    }
+}
+
+impl Catalog for OdbcStore {
+    fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError> {
+        Ok(self.texts_of(sql, param)?)
+    }
+
+    fn exec(&mut self, sql: &str) -> Result<(), BoxError> {
+        // DDL: notes such as "table already exists" are no rejection here.
+        Ok(self.conn.execute(sql, (), None).map(drop)?)
     }
 }
 
@@ -272,20 +391,35 @@ impl Store for OdbcStore {
     fn open(&mut self, t: &TableSpec) -> Result<()> {
         self.dialect.check_table_name(&t.name)?;
         self.ensure_connected()?;
-        let sql = self.dialect.create_table(t);
-        self.exec(&sql, &[]).map_err(|e| {
-            let mut err = self.classify(t, e, &sql, false);
-            if let Error::Database { action, .. } = &mut err {
-                *action = Action::Open;
-            }
-            err
-        })?;
-        self.check_layout(t)?;
+        self.prepare_session(t)?;
+        let (d, name) = (self.dialect, self.name());
+        if self.known {
+            open_table(self, t, d, Marks::Question, name)?;
+        } else {
+            // Its catalog cannot be read the way this crate knows: the table is made if
+            // absent, and a table that exists is taken as it is.
+            tracing::warn!(
+                table = %t.name, dbms = %self.dbms,
+                "ODBC: unknown DBMS; the table's layout (key type, collation, unique \
+                 indexes) is not checked"
+            );
+            let sql = d.create_table(t);
+            Catalog::exec(self, &sql).map_err(|e| {
+                db_error(Action::Open, t, self.name(), format!(
+                    "the data source's DBMS {:?} is not one this crate knows (PostgreSQL, \
+                     MariaDB/MySQL, SQLite) and it rejected the statement `{sql}`: {e}",
+                    self.dbms
+                ))
+            })?;
+        }
         if let Some(sql) = self.dialect.packet_query().filter(|_| self.known) {
             let fail = |e| db_error(Action::Open, t, self.name(), e);
-            let rows = self.texts(sql, "", 1).map_err(fail)?;
+            let rows = self.texts_of(sql, None).map_err(fail)?;
             let packet = rows.first().and_then(|r| r[0].trim().parse().ok());
-            self.max_value = packet.map(|p| self.dialect.max_value_len(p));
+            if let Some(packet) = packet {
+                self.max_value = Some(self.dialect.max_value_len(packet));
+                self.chunk_bytes = self.dialect.chunk_bytes(packet);
+            }
         }
         self.table = Some(t.clone());
         Ok(())
@@ -333,6 +467,7 @@ impl Store for OdbcStore {
         }
         self.ensure_connected()?;
         let t = opened(&self.table, self.name())?.clone();
+        self.check_text(&t, batch)?;
         let result = self.write(&t, batch);
         if let Err(e) = &result {
             self.broken |= e.is_outcome_unknown() || self.conn.is_dead().unwrap_or(true);

@@ -7,10 +7,9 @@ use postgres::{Client, NoTls, Statement};
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::dialect::Marks;
-use crate::store::support::not_opened;
+use crate::store::support::{not_opened, open_table, Catalog};
 use crate::store::{
-    cannot_reconnect, check_layout, db_error, opened, Batch, Column, Dialect, IntoStore, RowSink,
-    Store, TableSpec,
+    cannot_reconnect, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Postgres;
@@ -119,16 +118,32 @@ impl PostgresStore {
         Ok(())
     }
 
-    fn check_layout(&mut self, t: &TableSpec) -> Result<()> {
-        let rows = self
-            .client
-            .query(&D.layout_query(Marks::Native), &[&D.layout_param(t)])
-            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
-        let cols: Vec<Column> = rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-            .collect();
-        check_layout(t, D, D.name(), &cols)
+    /// Refuses a client inside a transaction block that its caller began: outside one,
+    /// every statement is a transaction of its own, which starts with the statement.
+    /// The simple query protocol makes both timestamps the statement's own.
+    fn check_not_in_transaction(&mut self) -> Result<()> {
+        let sql = "SELECT CASE WHEN transaction_timestamp() = statement_timestamp() \
+                   THEN 'idle' ELSE 'in transaction' END";
+        let fail = |e: postgres::Error| Error::Database {
+            action: Action::Open,
+            table: String::new(),
+            backend: D.name(),
+            source: e.into(),
+        };
+        let state = self.client.simple_query(sql).map_err(fail)?;
+        let in_tx = state.iter().any(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("in transaction"),
+            _ => false,
+        });
+        if in_tx {
+            return Err(Error::ConnectionState {
+                backend: D.name(),
+                reason: "it is inside a transaction block that the caller began (BEGIN); \
+                         commit or roll it back before handing the client to the map"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     fn write(&mut self, t: &TableSpec, batch: &Batch) -> Result<()> {
@@ -237,10 +252,8 @@ impl Store for PostgresStore {
     fn open(&mut self, t: &TableSpec) -> Result<()> {
         D.check_table_name(&t.name)?;
         self.ensure_connected()?;
-        self.client
-            .batch_execute(&D.create_table(t))
-            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
-        self.check_layout(t)?;
+        self.check_not_in_transaction()?;
+        open_table(&mut self.client, t, D, Marks::Native, D.name())?;
         self.prepare(t)?;
         self.table = Some(t.clone());
         Ok(())
@@ -304,6 +317,27 @@ impl Store for PostgresStore {
             self.prepare(&t)?;
         }
         Ok(())
+    }
+}
+
+impl Catalog for Client {
+    fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError> {
+        let rows = match param {
+            Some(p) => self.query(sql, &[&p]),
+            None => self.query(sql, &[]),
+        }
+        ?;
+        rows.iter()
+            .map(|r| {
+                (0..r.len())
+                    .map(|i| Ok(r.try_get::<_, Option<String>>(i)?.unwrap_or_default()))
+                    .collect::<Result<Vec<_>, BoxError>>()
+            })
+            .collect()
+    }
+
+    fn exec(&mut self, sql: &str) -> Result<(), BoxError> {
+        Ok(self.batch_execute(sql)?)
     }
 }
 

@@ -4,12 +4,10 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, TransactionBehavior};
 
 use crate::codec::Format;
-use crate::error::{show_bytes, Action, Error, Result};
+use crate::error::{show_bytes, Action, BoxError, Error, Result};
 use crate::store::dialect::Marks;
-use crate::store::support::not_opened;
-use crate::store::{
-    check_layout, db_error, opened, Batch, Column, Dialect, IntoStore, RowSink, Store, TableSpec,
-};
+use crate::store::support::{not_opened, open_table, Catalog};
+use crate::store::{db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
 
 const D: Dialect = Dialect::Sqlite;
 
@@ -130,19 +128,32 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn check_layout(&self, t: &TableSpec) -> Result<()> {
-        let fail = |e| db_error(Action::Open, t, D.name(), e);
-        let mut stmt = self
-            .conn
-            .prepare(&D.layout_query(Marks::Native))
-            .map_err(fail)?;
-        let cols: Vec<Column> = stmt
-            .query_map([D.layout_param(t)], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
-            .and_then(|rows| rows.collect())
-            .map_err(fail)?;
-        check_layout(t, D, D.name(), &cols)
+}
+
+impl Catalog for Connection {
+    fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError> {
+        let mut stmt = self.prepare(sql)?;
+        let n = stmt.column_count();
+        let params: Vec<&str> = param.into_iter().collect();
+        let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let mut fields = Vec::with_capacity(n);
+            for i in 0..n {
+                fields.push(match row.get_ref(i)? {
+                    ValueRef::Null => String::new(),
+                    ValueRef::Integer(i) => i.to_string(),
+                    ValueRef::Real(f) => f.to_string(),
+                    ValueRef::Text(b) | ValueRef::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+                });
+            }
+            out.push(fields);
+        }
+        Ok(out)
+    }
+
+    fn exec(&mut self, sql: &str) -> Result<(), BoxError> {
+        Ok(self.execute_batch(sql)?)
     }
 }
 
@@ -152,11 +163,16 @@ impl Store for SqliteStore {
     }
 
     fn open(&mut self, t: &TableSpec) -> Result<()> {
-        D.check_table_name(&t.name)?;
-        self.conn
-            .execute_batch(&D.create_table(t))
-            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
-        self.check_layout(t)?;
+        if !self.conn.is_autocommit() {
+            // Its commit or rollback belongs to the caller; the map's would end it.
+            return Err(Error::ConnectionState {
+                backend: D.name(),
+                reason: "it is inside a transaction that the caller began; commit or roll \
+                         it back before handing the connection to the map"
+                    .into(),
+            });
+        }
+        open_table(&mut self.conn, t, D, Marks::Native, D.name())?;
         self.sql = Sql {
             upsert: D.upsert(t, 1),
             upsert_chunk: D.upsert(t, CHUNK),
@@ -174,9 +190,33 @@ impl Store for SqliteStore {
         let mut stmt = self.conn.prepare_cached(&self.sql.select).map_err(fail)?;
         let mut rows = stmt.query([]).map_err(fail)?;
         while let Some(row) = rows.next().map_err(fail)? {
-            let key = bytes_of(row.get_ref(0).map_err(fail)?);
+            let key_ref = row.get_ref(0).map_err(fail)?;
+            let key = bytes_of(key_ref);
             let value = bytes_of(row.get_ref(1).map_err(fail)?);
+            // SQLite holds text 'a' and the blob X'61' as two distinct values: a key
+            // stored as the other kind would never be matched by the map's writes.
+            let kind_matches = matches!(
+                (key_ref, t.key_format),
+                (ValueRef::Text(_), Format::Text) | (ValueRef::Blob(_), Format::Binary)
+            );
             match (key, value) {
+                (Some(k), Some(_)) if !kind_matches => {
+                    let (stored, codec) = match t.key_format {
+                        Format::Text => ("bytes (a BLOB)", "text"),
+                        Format::Binary => ("text", "binary"),
+                    };
+                    return Err(Error::Decode {
+                        what: "key",
+                        table: t.name.clone(),
+                        row: show_bytes(k),
+                        source: format!(
+                            "the key is stored as {stored} but the key codec is {codec}, so \
+                             the map's writes would never match it; open the table with a \
+                             codec of the kind that wrote it"
+                        )
+                        .into(),
+                    });
+                }
                 (Some(k), Some(v)) => sink(k, v)?,
                 (k, _) => {
                     return Err(Error::Decode {

@@ -1,26 +1,80 @@
-//! Helpers every SQL backend shares.
+//! Helpers every SQL backend shares: opening a table (look it up, create it only when
+//! absent, check what was found), error helpers and batch chunking.
 
 use crate::codec::Format;
 use crate::error::{Action, BoxError, Error, Result};
+use crate::store::dialect::{Affinity, Marks};
 use crate::store::{Dialect, TableSpec};
 
 /// One row of [`Dialect::layout_query`]: name, primary key (`"1"`), type, collation.
 pub(crate) type Column = (String, String, String, String);
 
-/// Checks an existing table's columns, as the layout query lists them, against what
-/// the map needs: `key` and `value`, `key` alone the primary key, column types that
-/// hold the codecs' output, and (MySQL) a key column that compares bytes exactly.
+/// One row of [`Dialect::unique_indexes_query`]: name, primary (`"1"`), the indexed
+/// columns joined by commas, and how the key is compared (collation or prefix length).
+pub(crate) type UniqueIndex = (String, String, String, String);
+
+/// The few catalog statements opening a table needs, over any backend's connection.
+pub(crate) trait Catalog {
+    /// Runs a query whose columns are all text, with `param` bound to its one
+    /// placeholder when given; NULL reads as an empty string.
+    fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError>;
+    /// Runs a statement that returns no rows.
+    fn exec(&mut self, sql: &str) -> Result<(), BoxError>;
+}
+
+/// Opens `t` through `conn`: refuses a name the backend cannot hold, looks the table
+/// up, creates it only when it is absent (so a user who may only read and write an
+/// existing table, or a read-only session, can open it), and checks what it found.
+pub(crate) fn open_table(
+    conn: &mut dyn Catalog,
+    t: &TableSpec,
+    d: Dialect,
+    marks: Marks,
+    backend: &'static str,
+) -> Result<()> {
+    d.check_table_name(&t.name)?;
+    let fail = |e| db_error(Action::Open, t, backend, e);
+    let param = d.layout_param(t);
+    let mut cols = columns(conn.texts(&d.layout_query(marks), Some(&param)).map_err(fail)?);
+    if cols.is_empty() {
+        conn.exec(&d.create_table(t)).map_err(fail)?;
+        cols = columns(conn.texts(&d.layout_query(marks), Some(&param)).map_err(fail)?);
+    }
+    if let Some(sql) = d.engine_query(marks) {
+        let engine = conn.texts(&sql, Some(&t.name)).map_err(fail)?;
+        check_engine(t, backend, engine.into_iter().next().and_then(|r| r.into_iter().next()))?;
+    }
+    let indexes = conn
+        .texts(&d.unique_indexes_query(marks), Some(&param))
+        .map_err(fail)?
+        .into_iter()
+        .map(|r| quad(r))
+        .collect::<Vec<_>>();
+    check_layout(t, d, backend, &cols, &indexes)
+}
+
+fn quad(mut r: Vec<String>) -> (String, String, String, String) {
+    r.resize(4, String::new());
+    let d = r.pop().unwrap_or_default();
+    let c = r.pop().unwrap_or_default();
+    let b = r.pop().unwrap_or_default();
+    (r.pop().unwrap_or_default(), b, c, d)
+}
+
+fn columns(rows: Vec<Vec<String>>) -> Vec<Column> {
+    rows.into_iter().map(quad).collect()
+}
+
+/// Checks an existing table against what the map needs: `key` and `value` columns,
+/// `key` alone and whole the primary key and the only unique index, a key column that
+/// compares bytes exactly, and column types that give back exactly what was written.
 pub(crate) fn check_layout(
     t: &TableSpec,
     d: Dialect,
     backend: &'static str,
     cols: &[Column],
+    indexes: &[UniqueIndex],
 ) -> Result<()> {
-    check_columns(
-        t,
-        backend,
-        cols.iter().map(|(n, pk, ..)| (n.as_str(), pk == "1")),
-    )?;
     let refuse = |reason: String| {
         Err(Error::Schema {
             table: t.name.clone(),
@@ -28,54 +82,158 @@ pub(crate) fn check_layout(
             reason,
         })
     };
-    for (name, _, ty, collation) in cols {
-        let (format, is_key) = match name.to_ascii_lowercase().as_str() {
-            "key" => (t.key_format, true),
-            "value" => (t.value_format, false),
-            _ => continue,
-        };
-        let ty = ty.to_ascii_lowercase();
-        match d {
-            Dialect::Postgres => {
-                let fits = match format {
-                    Format::Text => {
-                        ["text", "character varying", "character"].contains(&ty.as_str())
-                    }
-                    Format::Binary => ty == "bytea",
-                };
-                if !fits {
-                    let kind = if format == Format::Text {
-                        "text"
-                    } else {
-                        "binary"
-                    };
-                    return refuse(format!(
-                        "its column {name:?} has type {ty}, which does not hold the {kind} \
-                         codec's output; open it with a codec of the column's kind"
-                    ));
-                }
-            }
-            Dialect::Mysql if is_key => {
-                let exact = ty == "varbinary"
-                    || collation.ends_with("_nopad_bin")
-                    || collation.ends_with("_0900_bin");
-                if !exact {
-                    return refuse(format!(
-                        "its key column is {ty} with collation {collation:?}, which compares keys \
-                         ignoring case or trailing spaces, so distinct keys could collide; \
-                         use a VARBINARY key column"
-                    ));
-                }
-            }
-            _ => {}
+    // SQLite and MySQL never distinguish column names by case; PostgreSQL does, and
+    // the statements name `key` and `value` quoted, in lower case.
+    let is = |name: &str, wanted: &str| match d {
+        Dialect::Postgres => name == wanted,
+        _ => name.eq_ignore_ascii_case(wanted),
+    };
+    let find = |wanted: &str| cols.iter().find(|(n, ..)| is(n, wanted));
+    let (Some(key), Some(value)) = (find("key"), find("value")) else {
+        let found: Vec<&str> = cols.iter().map(|(n, ..)| n.as_str()).collect();
+        return refuse(format!(
+            "it has columns {found:?}, not `key` and `value` (in lower case); \
+             choose another table name"
+        ));
+    };
+    let pk: Vec<&str> = cols
+        .iter()
+        .filter(|(_, pk, ..)| pk == "1")
+        .map(|(n, ..)| n.as_str())
+        .collect();
+    if pk.len() != 1 || !is(pk[0], "key") {
+        return refuse(format!(
+            "its primary key is {pk:?}, not (`key`), so a key could be stored twice; \
+             add PRIMARY KEY (key) or choose another table name"
+        ));
+    }
+    for (name, primary, columns, compared) in indexes {
+        let exact = compared.is_empty() || compared.eq_ignore_ascii_case("binary");
+        if primary != "1" {
+            return refuse(format!(
+                "it has another unique index, {name:?} on ({columns}), which an upsert could \
+                 hit instead of the primary key, so a write could change another row; \
+                 drop that index (a plain index is fine) or choose another table name"
+            ));
+        }
+        if !is(columns, "key") {
+            return refuse(format!(
+                "its primary key covers ({columns}), not exactly (`key`); \
+                 make PRIMARY KEY (key) or choose another table name"
+            ));
+        }
+        if !exact {
+            let why = if compared.bytes().all(|b| b.is_ascii_digit()) {
+                format!("covers only the first {compared} characters of `key`, so keys that share them collide")
+            } else {
+                format!("compares keys with the collation {compared}, not byte for byte")
+            };
+            return refuse(format!(
+                "its primary key {why}; make the whole `key` column the primary key, \
+                 compared exactly (see the README, \"Tables users bring\")"
+            ));
         }
     }
-    Ok(())
+    check_column(t, d, backend, key, t.key_format, true)?;
+    check_column(t, d, backend, value, t.value_format, false)
+}
+
+/// Checks that a column holds the codec's output and gives it back unchanged, and for
+/// the key that it compares bytes exactly.
+fn check_column(
+    t: &TableSpec,
+    d: Dialect,
+    backend: &'static str,
+    (name, _, ty, collation): &Column,
+    format: Format,
+    is_key: bool,
+) -> Result<()> {
+    let ty = ty.to_ascii_lowercase();
+    let what = if is_key { "key" } else { "value" };
+    let kind = match format {
+        Format::Text => "text",
+        Format::Binary => "binary",
+    };
+    let problem: Option<String> = match d {
+        Dialect::Sqlite => match Affinity::of(&ty) {
+            Affinity::Text | Affinity::Blob => None,
+            other => Some(format!(
+                "has type {ty:?}, of {other:?} affinity: SQLite turns text that looks like a \
+                 number into a number (\"007\" comes back as 7); declare it TEXT or BLOB"
+            )),
+        },
+        Dialect::Postgres => match (format, ty.as_str()) {
+            (_, "character") => Some(
+                "is char(n), which pads with spaces (\"a\" and \"a \" are one key, values \
+                 come back padded); use text or varchar"
+                    .into(),
+            ),
+            (Format::Text, "text" | "character varying") | (Format::Binary, "bytea") => {
+                if is_key && collation.ends_with("(nondeterministic)") {
+                    Some(format!(
+                        "uses the nondeterministic collation {:?}, under which distinct keys \
+                         are equal; use COLLATE \"C\"",
+                        collation.trim_end_matches(" (nondeterministic)")
+                    ))
+                } else {
+                    None
+                }
+            }
+            _ => Some(format!(
+                "has type {ty}, which does not hold the {kind} codec's output; \
+                 open it with a codec of the column's kind"
+            )),
+        },
+        Dialect::Mysql => mysql_column_problem(&ty, collation, format, is_key),
+    };
+    match problem {
+        None => Ok(()),
+        Some(reason) => Err(Error::Schema {
+            table: t.name.clone(),
+            backend,
+            reason: format!("its {what} column {name:?} {reason}"),
+        }),
+    }
+}
+
+fn mysql_column_problem(ty: &str, collation: &str, format: Format, is_key: bool) -> Option<String> {
+    let text = matches!(ty, "varchar" | "tinytext" | "text" | "mediumtext" | "longtext");
+    let bytes = matches!(ty, "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob");
+    if is_key {
+        let exact = ty == "varbinary"
+            || (ty == "varchar"
+                && collation.starts_with("utf8mb4")
+                && (collation.ends_with("_nopad_bin") || collation.ends_with("_0900_bin")));
+        return (!exact).then(|| {
+            format!(
+                "is {ty} with collation {collation:?}, which compares keys ignoring case or \
+                 trailing spaces, or pads them, so distinct keys could collide; \
+                 use a VARBINARY key column"
+            )
+        });
+    }
+    if ty == "char" || ty == "binary" {
+        return Some(format!(
+            "is {ty}(n), which pads or strips trailing spaces, so values do not come back as \
+             written; use LONGTEXT or LONGBLOB"
+        ));
+    }
+    match format {
+        Format::Text if text && !collation.starts_with("utf8mb4") => Some(format!(
+            "has the collation {collation:?}, whose character set cannot hold every \
+             character; use CHARACTER SET utf8mb4 (or LONGBLOB)"
+        )),
+        Format::Text if text || bytes => None,
+        Format::Binary if bytes => None,
+        _ => Some(format!(
+            "has type {ty}, which does not hold the codec's output; use LONGTEXT \
+             CHARACTER SET utf8mb4 for text codecs or LONGBLOB for binary ones"
+        )),
+    }
 }
 
 /// MySQL: refuses a table whose engine ignores transactions.
-#[cfg(any(feature = "mysql", feature = "odbc"))]
-pub(crate) fn check_engine(
+fn check_engine(
     t: &TableSpec,
     backend: &'static str,
     engine: Option<String>,
@@ -124,37 +282,6 @@ pub(crate) fn not_opened(backend: &'static str) -> Error {
     }
 }
 
-/// Checks that an existing table has `key` and `value` columns and that `key` alone
-/// is its primary key, from `(column, is primary key)` pairs.
-fn check_columns<'a>(
-    t: &TableSpec,
-    backend: &'static str,
-    cols: impl Iterator<Item = (&'a str, bool)> + Clone,
-) -> Result<()> {
-    let has = |name: &str| cols.clone().any(|(n, _)| n.eq_ignore_ascii_case(name));
-    let pk: Vec<&str> = cols.clone().filter(|(_, pk)| *pk).map(|(n, _)| n).collect();
-    let refuse = |reason: String| {
-        Err(Error::Schema {
-            table: t.name.clone(),
-            backend,
-            reason,
-        })
-    };
-    if !has("key") || !has("value") {
-        let found: Vec<&str> = cols.map(|(n, _)| n).collect();
-        return refuse(format!(
-            "it has columns {found:?}, not `key` and `value`; choose another table name"
-        ));
-    }
-    if pk.len() != 1 || !pk[0].eq_ignore_ascii_case("key") {
-        return refuse(format!(
-            "its primary key is {pk:?}, not (`key`), so a key could be stored twice; \
-             add PRIMARY KEY (key) or choose another table name"
-        ));
-    }
-    Ok(())
-}
-
 /// The error of a store that lost a connection it was given and cannot make anew.
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "odbc"))]
 pub(crate) fn cannot_reconnect(table: &Option<TableSpec>, backend: &'static str) -> Error {
@@ -168,17 +295,19 @@ pub(crate) fn cannot_reconnect(table: &Option<TableSpec>, backend: &'static str)
     }
 }
 
-/// Bytes per multi-row statement: well under MariaDB's default 16 MiB
-/// `max_allowed_packet`, whatever the number of rows.
+/// Bytes per multi-row statement at most: well under MariaDB's default 16 MiB
+/// `max_allowed_packet`, whatever the number of rows; less on a server whose packet is
+/// smaller (see [`Dialect::chunk_bytes`]).
 #[cfg(any(feature = "mysql", feature = "odbc"))]
-const CHUNK_BYTES: usize = 4 << 20;
+pub(crate) const CHUNK_BYTES: usize = 4 << 20;
 
-/// Splits `items` into runs of at most `rows` items and about `CHUNK_BYTES` (a single
+/// Splits `items` into runs of at most `rows` items and about `max_bytes` (a single
 /// item larger than that is a run of its own).
 #[cfg(any(feature = "mysql", feature = "odbc"))]
 pub(crate) fn chunks<T>(
     items: &[T],
     rows: usize,
+    max_bytes: usize,
     size: impl Fn(&T) -> usize,
 ) -> impl Iterator<Item = &[T]> {
     let mut rest = items;
@@ -187,7 +316,7 @@ pub(crate) fn chunks<T>(
             return None;
         }
         let (mut bytes, mut n) = (0, 0);
-        while n < rest.len() && n < rows && (n == 0 || bytes + size(&rest[n]) <= CHUNK_BYTES) {
+        while n < rest.len() && n < rows && (n == 0 || bytes + size(&rest[n]) <= max_bytes) {
             bytes += size(&rest[n]);
             n += 1;
         }
@@ -204,10 +333,19 @@ mod tests {
     #[test]
     fn chunks_bound_rows_and_bytes() {
         let rows: Vec<usize> = vec![1; 600];
-        let sizes: Vec<usize> = chunks(&rows, 256, |r| *r).map(<[usize]>::len).collect();
+        let sizes: Vec<usize> = chunks(&rows, 256, CHUNK_BYTES, |r| *r)
+            .map(<[usize]>::len)
+            .collect();
         assert_eq!(sizes, [256, 256, 88]);
         let big = vec![3 << 20; 3];
-        let sizes: Vec<usize> = chunks(&big, 256, |r| *r).map(<[usize]>::len).collect();
+        let sizes: Vec<usize> = chunks(&big, 256, CHUNK_BYTES, |r| *r)
+            .map(<[usize]>::len)
+            .collect();
         assert_eq!(sizes, [1, 1, 1]);
+        let mid = vec![20_000; 100];
+        let sizes: Vec<usize> = chunks(&mid, 256, 100_000, |r| *r)
+            .map(<[usize]>::len)
+            .collect();
+        assert_eq!(sizes, [5; 20]);
     }
 }
