@@ -287,7 +287,11 @@ fn server_says(source: &BoxError) -> String {
         .downcast_ref::<postgres::Error>()
         .and_then(postgres::Error::as_db_error)
     {
-        let mut out = format!(": the server said {:?} (SQLSTATE {}", db.message(), db.code().code());
+        let mut out = format!(
+            ": the server said {:?} (SQLSTATE {}",
+            db.message(),
+            db.code().code()
+        );
         if let Some(detail) = db.detail() {
             out.push_str(&format!("; detail: {detail}"));
         }

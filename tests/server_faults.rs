@@ -23,6 +23,8 @@ use write_thru_hash::{DbHashMap, Error};
 struct Proxy {
     port: u16,
     cut_next_answer: Arc<AtomicBool>,
+    /// Armed: the answer to the next client packet that holds `COMMIT` is cut.
+    cut_commit: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -30,7 +32,8 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
-        let cut2 = Arc::clone(&cut);
+        let commit = Arc::new(AtomicBool::new(false));
+        let (cut2, commit2) = (Arc::clone(&cut), Arc::clone(&commit));
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -38,7 +41,8 @@ impl Proxy {
                     continue;
                 };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                thread::spawn(move || copy(client, server, None));
+                let (cut_up, commit) = (Arc::clone(&cut2), Arc::clone(&commit2));
+                thread::spawn(move || copy_up(client, server, &commit, &cut_up));
                 let cut = Arc::clone(&cut2);
                 thread::spawn(move || copy(s2, c2, Some(cut)));
             }
@@ -46,13 +50,44 @@ impl Proxy {
         Proxy {
             port,
             cut_next_answer: cut,
+            cut_commit: commit,
         }
+    }
+
+    /// The server's answer to the next `COMMIT` is dropped and the connection closed.
+    fn cut_answer_to_commit(&self) {
+        self.cut_commit.store(true, Ordering::SeqCst);
     }
 
     /// The server's next answer is dropped and the connection closed.
     fn cut_next_answer(&self) {
         self.cut_next_answer.store(true, Ordering::SeqCst);
     }
+}
+
+/// Client to server: when armed, a packet that holds the word `COMMIT` arms the cut of the
+/// next answer before it is passed on, so the answer cannot come first.
+fn copy_up(mut from: TcpStream, mut to: TcpStream, commit: &AtomicBool, cut: &AtomicBool) {
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let text = String::from_utf8_lossy(&buf[..n]).to_ascii_uppercase();
+        // The word, not `SET autocommit`.
+        let is_commit = text
+            .match_indices("COMMIT")
+            .any(|(i, _)| i == 0 || !text.as_bytes()[i - 1].is_ascii_alphabetic());
+        if is_commit && commit.swap(false, Ordering::SeqCst) {
+            cut.store(true, Ordering::SeqCst);
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
 }
 
 fn copy(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>) {
@@ -170,9 +205,18 @@ fn answer_to_commit_lost(env: &impl Env) {
     let mut h = open(&url, "lost answer");
     h.insert("warm".into(), 0).unwrap(); // the statement is prepared already
 
-    proxy.cut_next_answer();
+    if url.starts_with("odbc:") {
+        // Every ODBC write is a transaction: lose the answer to its COMMIT.
+        proxy.cut_answer_to_commit();
+    } else {
+        proxy.cut_next_answer();
+    }
     let err = h.insert("a".into(), 1).unwrap_err();
-    assert!(matches!(err, Error::OutcomeUnknown { .. }), "{err}");
+    assert!(
+        matches!(err, Error::OutcomeUnknown { .. }),
+        "{}",
+        env::chain(&err)
+    );
     assert!(err.to_string().contains("reload"), "says what to do: {err}");
     assert!(!err.to_string().contains("wth-secret"), "{err}");
     assert_eq!(h.get("a"), None, "memory unchanged");
@@ -253,6 +297,120 @@ fn killed_during_a_transaction(env: &(impl Env + Sync)) {
     let fresh: DbHashMap<String, String> =
         DbHashMap::builder_url(&url).table("slow").open().unwrap();
     assert_eq!(fresh, *s);
+}
+
+/// MySQL: a map whose connection the server closed while it was idle (KILL, or
+/// `wait_timeout`) is not poisoned: nothing was sent on the dead connection, so the
+/// next write either goes through on a new one (a URL map) or fails with a known
+/// outcome (a map given a connection).
+#[cfg(feature = "mysql")]
+fn closed_while_idle(env: &env::MyEnv) {
+    let url = env.url();
+    let mut h = open(&url, "idle");
+    h.insert("a".into(), 1).unwrap();
+    kill_connections(env);
+    thread::sleep(std::time::Duration::from_millis(300));
+    h.insert("b".into(), 2)
+        .expect("a URL map reconnects before writing on a connection closed while idle");
+
+    let opts = ::mysql::OptsBuilder::from_opts(::mysql::Opts::from_url(&url).unwrap())
+        .init(vec!["SET SESSION wait_timeout = 1"]);
+    let conn = ::mysql::Conn::new(opts).unwrap();
+    let mut g: DbHashMap<String, i64> = DbHashMap::builder(conn).table("idle").open().unwrap();
+    thread::sleep(std::time::Duration::from_millis(2500));
+    let err = g.insert("c".into(), 3).unwrap_err();
+    assert!(!err.is_outcome_unknown(), "nothing was sent: {err}");
+    assert!(!g.contains_key("c"));
+    let again = g.insert("c".into(), 3).unwrap_err();
+    assert!(!matches!(again, Error::Poisoned { .. }), "{again}");
+    assert_eq!(open(&url, "idle"), *h);
+}
+
+/// MySQL: batches fit the server's `max_allowed_packet`, whatever it is.
+fn small_max_allowed_packet(env: &impl Env) {
+    let before = env.count("SELECT @@GLOBAL.max_allowed_packet");
+    env.exec("SET GLOBAL max_allowed_packet = 1048576");
+    // New sessions read the global value; the map's is one of them.
+    let opened = DbHashMap::<String, String>::builder_url(&env.url())
+        .table("packets")
+        .open();
+    env.exec(&format!("SET GLOBAL max_allowed_packet = {before}"));
+    let mut h = opened.unwrap();
+    let values = (0..100).map(|i| (format!("k{i}"), "v".repeat(20_000)));
+    h.insert_many(values).unwrap();
+    assert_eq!(h.len(), 100);
+    let fresh: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
+        .table("packets")
+        .open()
+        .unwrap();
+    assert_eq!(fresh, *h);
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_closed_while_idle() {
+    closed_while_idle(&env::MyEnv::new());
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_small_max_allowed_packet() {
+    small_max_allowed_packet(&env::MyEnv::new());
+}
+
+#[cfg(feature = "odbc")]
+#[test]
+fn odbc_mysql_small_max_allowed_packet() {
+    small_max_allowed_packet(&env::OdbcEnv::mysql());
+}
+
+/// MariaDB's ODBC driver answers some statements the server rejected (error 1265,
+/// whose SQLSTATE is 01000) with "success with information": that is an error too,
+/// and nothing of the batch is committed.
+fn rejection_with_a_warning_state(env: &impl Env) {
+    env.exec(
+        "CREATE TABLE warned (`key` VARBINARY(100) PRIMARY KEY, `value` LONGTEXT NOT NULL, \
+         e ENUM('a', 'b') NULL) ENGINE=InnoDB",
+    );
+    env.exec(
+        "CREATE TRIGGER warned_ins BEFORE INSERT ON warned FOR EACH ROW \
+         IF NEW.`value` = '\"boom\"' THEN SET NEW.e = 'zzz'; END IF",
+    );
+    let mut h: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
+        .table("warned")
+        .open()
+        .unwrap();
+    h.insert("fine".into(), "ok".into()).unwrap();
+    let err = h.insert("bad".into(), "boom".into()).unwrap_err();
+    assert!(matches!(err, Error::Database { .. }), "{err}");
+    let batch = [
+        ("x".to_string(), "ok".to_string()),
+        ("y".into(), "boom".into()),
+    ];
+    assert!(h.insert_many(batch).is_err());
+    assert_eq!(h.len(), 1);
+    assert_eq!(
+        env.count("SELECT count(*) FROM warned"),
+        1,
+        "nothing of the batch"
+    );
+    let fresh: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
+        .table("warned")
+        .open()
+        .unwrap();
+    assert_eq!(fresh, *h);
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_rejection_with_a_warning_state() {
+    rejection_with_a_warning_state(&env::MyEnv::new());
+}
+
+#[cfg(feature = "odbc")]
+#[test]
+fn odbc_mysql_rejection_with_a_warning_state() {
+    rejection_with_a_warning_state(&env::OdbcEnv::mysql());
 }
 
 macro_rules! faults {

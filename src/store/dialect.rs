@@ -380,6 +380,19 @@ impl Dialect {
         )
     }
 
+    /// SQLite only: `SELECT key, value` and the key's storage class (`text`, `blob`,
+    /// ...), for a driver that does not say which kind it read.
+    pub(crate) fn select_all_with_key_kind(self, t: &TableSpec) -> Option<String> {
+        (self == Dialect::Sqlite).then(|| {
+            format!(
+                "SELECT {k}, {}, typeof({k}) FROM {}",
+                self.quote("value"),
+                self.quote(&t.name),
+                k = self.quote("key"),
+            )
+        })
+    }
+
     /// Deletes every row.
     pub fn delete_all(self, t: &TableSpec) -> String {
         format!("DELETE FROM {}", self.quote(&t.name))

@@ -148,11 +148,7 @@ impl MysqlStore {
         let classify = |e: mysql::Error, committing: bool| -> Error {
             // A server error is an answer: the outcome is known. A broken connection
             // during a commit (or a statement that commits on its own) leaves it unknown.
-            // A pipe that broke while the command was being sent delivered no whole
-            // command: nothing happened, and that is known.
-            let undelivered = matches!(&e, mysql::Error::IoError(io)
-                if io.kind() == std::io::ErrorKind::BrokenPipe);
-            if committing && !matches!(e, mysql::Error::MySqlError(_)) && !undelivered {
+            if committing && !matches!(e, mysql::Error::MySqlError(_)) {
                 Error::OutcomeUnknown {
                     table: t.name.clone(),
                     backend: D.name(),
@@ -198,7 +194,9 @@ impl MysqlStore {
             tx.exec_drop(D.delete_keys(t, keys.len()), params)
                 .map_err(|e| classify(e, false))?;
         }
-        for rows in chunks(&batch.puts, CHUNK_ROWS, max_bytes, |(k, v)| k.len() + v.len()) {
+        for rows in chunks(&batch.puts, CHUNK_ROWS, max_bytes, |(k, v)| {
+            k.len() + v.len()
+        }) {
             let mut params = Vec::with_capacity(rows.len() * 2);
             for (k, v) in rows {
                 params.push(Value::from(k.as_slice()));

@@ -11,7 +11,7 @@ use odbc_api::{Connection, ConnectionOptions, Cursor, IntoParameter, ResultSetMe
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::dialect::Marks;
-use crate::store::support::{open_table, Catalog, CHUNK_BYTES};
+use crate::store::support::{open_table, wrong_key_kind, Catalog, CHUNK_BYTES};
 use crate::store::{
     cannot_reconnect, chunks, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store,
     TableSpec,
@@ -300,7 +300,9 @@ impl OdbcStore {
                 &params,
             )?;
         }
-        for rows in chunks(&batch.puts, CHUNK, self.chunk_bytes, |(k, v)| k.len() + v.len()) {
+        for rows in chunks(&batch.puts, CHUNK, self.chunk_bytes, |(k, v)| {
+            k.len() + v.len()
+        }) {
             let mut params = Vec::with_capacity(2 * rows.len());
             for (k, v) in rows {
                 params.push(Self::param(t.key_format, k));
@@ -405,11 +407,16 @@ impl Store for OdbcStore {
             );
             let sql = d.create_table(t);
             Catalog::exec(self, &sql).map_err(|e| {
-                db_error(Action::Open, t, self.name(), format!(
-                    "the data source's DBMS {:?} is not one this crate knows (PostgreSQL, \
+                db_error(
+                    Action::Open,
+                    t,
+                    self.name(),
+                    format!(
+                        "the data source's DBMS {:?} is not one this crate knows (PostgreSQL, \
                      MariaDB/MySQL, SQLite) and it rejected the statement `{sql}`: {e}",
-                    self.dbms
-                ))
+                        self.dbms
+                    ),
+                )
             })?;
         }
         if let Some(sql) = self.dialect.packet_query().filter(|_| self.known) {
@@ -429,14 +436,20 @@ impl Store for OdbcStore {
         self.ensure_connected()?;
         let t = opened(&self.table, self.name())?;
         let fail = |e| db_error(Action::Load, t, self.name(), e);
-        let Some(mut cursor) = self
-            .conn
-            .execute(&self.dialect.select_all(t), (), None)
-            .map_err(fail)?
-        else {
+        // SQLite: also the key's storage class, which the driver does not tell.
+        let typed = self
+            .dialect
+            .select_all_with_key_kind(t)
+            .filter(|_| self.known);
+        let sql = typed.clone().unwrap_or_else(|| self.dialect.select_all(t));
+        let Some(mut cursor) = self.conn.execute(&sql, (), None).map_err(fail)? else {
             return Ok(());
         };
-        let (mut key, mut value) = (Vec::new(), Vec::new());
+        let expected_kind = match t.key_format {
+            Format::Text => &b"text"[..],
+            Format::Binary => &b"blob"[..],
+        };
+        let (mut key, mut value, mut kind) = (Vec::new(), Vec::new(), Vec::new());
         let get = |row: &mut odbc_api::CursorRow<'_>, col, format, buf: &mut Vec<u8>| match format {
             Format::Text => row.get_text(col, buf),
             Format::Binary => row.get_binary(col, buf),
@@ -455,6 +468,12 @@ impl Store for OdbcStore {
                     },
                     source: "the column holds NULL".into(),
                 });
+            }
+            if typed.is_some() {
+                row.get_text(3, &mut kind).map_err(fail)?;
+                if kind != expected_kind {
+                    return Err(wrong_key_kind(t, &key));
+                }
             }
             sink(&key, &value)?;
         }

@@ -325,8 +325,7 @@ impl Catalog for Client {
         let rows = match param {
             Some(p) => self.query(sql, &[&p]),
             None => self.query(sql, &[]),
-        }
-        ?;
+        }?;
         rows.iter()
             .map(|r| {
                 (0..r.len())

@@ -6,7 +6,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use crate::codec::Format;
 use crate::error::{show_bytes, Action, BoxError, Error, Result};
 use crate::store::dialect::Marks;
-use crate::store::support::{not_opened, open_table, Catalog};
+use crate::store::support::{not_opened, open_table, wrong_key_kind, Catalog};
 use crate::store::{db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
 
 const D: Dialect = Dialect::Sqlite;
@@ -127,7 +127,6 @@ impl SqliteStore {
         }
         Ok(())
     }
-
 }
 
 impl Catalog for Connection {
@@ -144,7 +143,9 @@ impl Catalog for Connection {
                     ValueRef::Null => String::new(),
                     ValueRef::Integer(i) => i.to_string(),
                     ValueRef::Real(f) => f.to_string(),
-                    ValueRef::Text(b) | ValueRef::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+                    ValueRef::Text(b) | ValueRef::Blob(b) => {
+                        String::from_utf8_lossy(b).into_owned()
+                    }
                 });
             }
             out.push(fields);
@@ -200,23 +201,7 @@ impl Store for SqliteStore {
                 (ValueRef::Text(_), Format::Text) | (ValueRef::Blob(_), Format::Binary)
             );
             match (key, value) {
-                (Some(k), Some(_)) if !kind_matches => {
-                    let (stored, codec) = match t.key_format {
-                        Format::Text => ("bytes (a BLOB)", "text"),
-                        Format::Binary => ("text", "binary"),
-                    };
-                    return Err(Error::Decode {
-                        what: "key",
-                        table: t.name.clone(),
-                        row: show_bytes(k),
-                        source: format!(
-                            "the key is stored as {stored} but the key codec is {codec}, so \
-                             the map's writes would never match it; open the table with a \
-                             codec of the kind that wrote it"
-                        )
-                        .into(),
-                    });
-                }
+                (Some(k), Some(_)) if !kind_matches => return Err(wrong_key_kind(t, k)),
                 (Some(k), Some(v)) => sink(k, v)?,
                 (k, _) => {
                     return Err(Error::Decode {

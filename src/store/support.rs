@@ -35,14 +35,24 @@ pub(crate) fn open_table(
     d.check_table_name(&t.name)?;
     let fail = |e| db_error(Action::Open, t, backend, e);
     let param = d.layout_param(t);
-    let mut cols = columns(conn.texts(&d.layout_query(marks), Some(&param)).map_err(fail)?);
+    let mut cols = columns(
+        conn.texts(&d.layout_query(marks), Some(&param))
+            .map_err(fail)?,
+    );
     if cols.is_empty() {
         conn.exec(&d.create_table(t)).map_err(fail)?;
-        cols = columns(conn.texts(&d.layout_query(marks), Some(&param)).map_err(fail)?);
+        cols = columns(
+            conn.texts(&d.layout_query(marks), Some(&param))
+                .map_err(fail)?,
+        );
     }
     if let Some(sql) = d.engine_query(marks) {
         let engine = conn.texts(&sql, Some(&t.name)).map_err(fail)?;
-        check_engine(t, backend, engine.into_iter().next().and_then(|r| r.into_iter().next()))?;
+        check_engine(
+            t,
+            backend,
+            engine.into_iter().next().and_then(|r| r.into_iter().next()),
+        )?;
     }
     let indexes = conn
         .texts(&d.unique_indexes_query(marks), Some(&param))
@@ -197,12 +207,17 @@ fn check_column(
 }
 
 fn mysql_column_problem(ty: &str, collation: &str, format: Format, is_key: bool) -> Option<String> {
-    let text = matches!(ty, "varchar" | "tinytext" | "text" | "mediumtext" | "longtext");
-    let bytes = matches!(ty, "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob");
+    let text = matches!(
+        ty,
+        "varchar" | "tinytext" | "text" | "mediumtext" | "longtext"
+    );
+    let bytes = matches!(
+        ty,
+        "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob"
+    );
     if is_key {
         let exact = ty == "varbinary"
             || (ty == "varchar"
-                && collation.starts_with("utf8mb4")
                 && (collation.ends_with("_nopad_bin") || collation.ends_with("_0900_bin")));
         return (!exact).then(|| {
             format!(
@@ -218,11 +233,9 @@ fn mysql_column_problem(ty: &str, collation: &str, format: Format, is_key: bool)
              written; use LONGTEXT or LONGBLOB"
         ));
     }
+    // A character set that cannot hold a character is an error in strict mode, which
+    // the map's sessions use, not a silent change: other character sets are fine.
     match format {
-        Format::Text if text && !collation.starts_with("utf8mb4") => Some(format!(
-            "has the collation {collation:?}, whose character set cannot hold every \
-             character; use CHARACTER SET utf8mb4 (or LONGBLOB)"
-        )),
         Format::Text if text || bytes => None,
         Format::Binary if bytes => None,
         _ => Some(format!(
@@ -233,11 +246,7 @@ fn mysql_column_problem(ty: &str, collation: &str, format: Format, is_key: bool)
 }
 
 /// MySQL: refuses a table whose engine ignores transactions.
-fn check_engine(
-    t: &TableSpec,
-    backend: &'static str,
-    engine: Option<String>,
-) -> Result<()> {
+fn check_engine(t: &TableSpec, backend: &'static str, engine: Option<String>) -> Result<()> {
     match engine {
         Some(engine) if !engine.eq_ignore_ascii_case("InnoDB") => Err(Error::Schema {
             table: t.name.clone(),
@@ -248,6 +257,26 @@ fn check_engine(
             ),
         }),
         _ => Ok(()),
+    }
+}
+
+/// SQLite: a key stored as the other kind than the key codec writes (text 'a' and the
+/// blob X'61' are two values there), which the map's writes would never match.
+#[cfg(any(feature = "sqlite", feature = "odbc"))]
+pub(crate) fn wrong_key_kind(t: &TableSpec, row: &[u8]) -> Error {
+    let (stored, codec) = match t.key_format {
+        Format::Text => ("bytes (a BLOB)", "text"),
+        Format::Binary => ("text", "binary"),
+    };
+    Error::Decode {
+        what: "key",
+        table: t.name.clone(),
+        row: crate::error::show_bytes(row),
+        source: format!(
+            "the key is stored as {stored} but the key codec is {codec}, so the map's writes \
+             would never match it; open the table with a codec of the kind that wrote it"
+        )
+        .into(),
     }
 }
 

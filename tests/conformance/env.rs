@@ -26,6 +26,21 @@ pub(crate) trait Env {
     fn ints(&self, sql: &str) -> Vec<i64>;
     fn dialect(&self) -> Dialect;
 
+    /// A URL for a user who may read and write `table` but create nothing, where the
+    /// backend has users.
+    fn restricted_url(&self, _table: &str) -> Option<String> {
+        None
+    }
+    /// A native connection inside a transaction its caller began, where the backend
+    /// can tell.
+    fn conn_in_transaction(&self) -> Option<Box<dyn Store>> {
+        None
+    }
+    /// A native connection with autocommit off, where the backend has the setting.
+    fn conn_autocommit_off(&self) -> Option<Box<dyn Store>> {
+        None
+    }
+
     fn q(&self, ident: &str) -> String {
         self.dialect().quote(ident)
     }
@@ -92,6 +107,18 @@ pub(crate) trait Env {
     }
 }
 
+/// An error and its sources, as an error reporter prints them.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
+}
+
 pub(crate) struct SqliteEnv {
     _dir: tempfile::TempDir,
     path: std::path::PathBuf,
@@ -127,6 +154,12 @@ impl Env for SqliteEnv {
     }
     fn dialect(&self) -> Dialect {
         Dialect::Sqlite
+    }
+    fn conn_in_transaction(&self) -> Option<Box<dyn Store>> {
+        let c = self.raw();
+        c.execute_batch("BEGIN; CREATE TABLE IF NOT EXISTS users_own (x)")
+            .unwrap();
+        Some(c.into_store())
     }
 }
 
@@ -208,6 +241,7 @@ mod pg {
             if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
                 let _ =
                     c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db));
+                let _ = c.batch_execute(&format!("DROP ROLE IF EXISTS {}_dml", self.db));
             }
         }
     }
@@ -236,6 +270,22 @@ mod pg {
         }
         fn dialect(&self) -> Dialect {
             Dialect::Postgres
+        }
+        fn restricted_url(&self, table: &str) -> Option<String> {
+            let role = format!("{}_dml", self.db);
+            self.exec(&format!(
+                "CREATE ROLE {role} LOGIN PASSWORD 'dml/pw?x'; \
+                 REVOKE CREATE ON SCHEMA public FROM PUBLIC; \
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {role}",
+                self.q(table)
+            ));
+            let (_, rest) = self.url.split_once('@').unwrap();
+            Some(format!("postgres://{role}:dml%2Fpw%3Fx@{rest}"))
+        }
+        fn conn_in_transaction(&self) -> Option<Box<dyn Store>> {
+            let mut c = self.raw();
+            c.batch_execute("BEGIN; SELECT 1").unwrap();
+            Some(c.into_store())
         }
     }
 }
@@ -278,6 +328,7 @@ mod my {
             if let Ok(opts) = mysql::Opts::from_url(&self.admin) {
                 if let Ok(mut c) = mysql::Conn::new(opts) {
                     let _ = c.query_drop(format!("DROP DATABASE IF EXISTS {}", self.db));
+                    let _ = c.query_drop(format!("DROP USER IF EXISTS '{}_dml'@'%'", self.db));
                 }
             }
         }
@@ -300,6 +351,31 @@ mod my {
         }
         fn dialect(&self) -> Dialect {
             Dialect::Mysql
+        }
+        fn restricted_url(&self, table: &str) -> Option<String> {
+            let user = format!("{}_dml", self.db);
+            self.exec(&format!(
+                "CREATE USER '{user}'@'%' IDENTIFIED BY 'dml/pw?x'"
+            ));
+            self.exec(&format!(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON {}.{} TO '{user}'@'%'",
+                self.db,
+                self.q(table)
+            ));
+            let (_, rest) = self.url.split_once('@').unwrap();
+            Some(format!("mysql://{user}:dml%2Fpw%3Fx@{rest}"))
+        }
+        fn conn_in_transaction(&self) -> Option<Box<dyn Store>> {
+            let mut c = self.raw();
+            c.query_drop("START TRANSACTION").unwrap();
+            c.query_drop("SELECT count(*) FROM information_schema.tables")
+                .unwrap();
+            Some(c.into_store())
+        }
+        fn conn_autocommit_off(&self) -> Option<Box<dyn Store>> {
+            let opts = mysql::OptsBuilder::from_opts(mysql::Opts::from_url(&self.url).unwrap())
+                .init(vec!["SET autocommit = 0"]);
+            Some(mysql::Conn::new(opts).expect("connect").into_store())
         }
     }
 }
@@ -437,6 +513,23 @@ mod odbc {
         }
         fn dialect(&self) -> Dialect {
             self.dialect
+        }
+        fn conn_in_transaction(&self) -> Option<Box<dyn Store>> {
+            // MariaDB says so (@@in_transaction); the others' drivers keep it to
+            // themselves.
+            (self.dialect == Dialect::Mysql).then(|| {
+                let c = connect(&self.conn_string);
+                c.set_autocommit(false).unwrap();
+                // A read of an InnoDB table opens the transaction.
+                c.execute("SELECT count(*) FROM mysql.innodb_table_stats", (), None)
+                    .unwrap();
+                c.into_store()
+            })
+        }
+        fn conn_autocommit_off(&self) -> Option<Box<dyn Store>> {
+            let c = connect(&self.conn_string);
+            c.set_autocommit(false).unwrap();
+            Some(c.into_store())
         }
     }
 }

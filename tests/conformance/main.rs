@@ -2,11 +2,12 @@
 //! backend this build has: SQLite always, PostgreSQL and MariaDB with their features,
 //! and with `odbc` the same three through their ODBC drivers.
 
+mod bring;
 mod env;
 mod suite;
 
 macro_rules! conformance {
-    ($backend:ident, $env:expr, [$($test:ident),* $(,)?]) => {
+    ($backend:ident, $env:expr, [$($module:ident::$test:ident),* $(,)?]) => {
         mod $backend {
             #[allow(unused_imports)]
             use super::env::*;
@@ -14,7 +15,7 @@ macro_rules! conformance {
                 #[test]
                 fn $test() {
                     let env = $env;
-                    super::suite::$test(&env);
+                    super::$module::$test(&env);
                 }
             )*
         }
@@ -22,40 +23,48 @@ macro_rules! conformance {
 }
 
 macro_rules! all_backends {
-    ($($test:ident),* $(,)?) => {
-        conformance!(sqlite, SqliteEnv::new(), [$($test),*]);
+    ($($module:ident::$test:ident),* $(,)?) => {
+        conformance!(sqlite, SqliteEnv::new(), [$($module::$test),*]);
         #[cfg(feature = "postgres")]
-        conformance!(postgres, PgEnv::new(), [$($test),*]);
+        conformance!(postgres, PgEnv::new(), [$($module::$test),*]);
         #[cfg(feature = "mysql")]
-        conformance!(mysql, MyEnv::new(), [$($test),*]);
+        conformance!(mysql, MyEnv::new(), [$($module::$test),*]);
         #[cfg(feature = "odbc")]
-        conformance!(odbc_sqlite, OdbcEnv::sqlite(), [$($test),*]);
+        conformance!(odbc_sqlite, OdbcEnv::sqlite(), [$($module::$test),*]);
         #[cfg(feature = "odbc")]
-        conformance!(odbc_postgres, OdbcEnv::postgres(), [$($test),*]);
+        conformance!(odbc_postgres, OdbcEnv::postgres(), [$($module::$test),*]);
         #[cfg(feature = "odbc")]
-        conformance!(odbc_mysql, OdbcEnv::mysql(), [$($test),*]);
+        conformance!(odbc_mysql, OdbcEnv::mysql(), [$($module::$test),*]);
     };
 }
 
 all_backends!(
-    basic_operations,
-    complex_keys_and_values,
-    custom_table_name,
-    initial_src_then_replace,
-    odd_table_names_are_quoted,
-    unusable_table_names_are_refused_before_writing,
-    keys_compare_byte_for_byte,
-    all_write_methods,
-    reads_are_hashmap_reads,
-    transactions_are_all_or_nothing,
-    server_rejection_rolls_back_everything,
-    failures_leave_memory_unchanged,
-    reload_sees_outside_changes,
-    undecodable_rows_are_errors,
-    wrong_layout_is_refused,
-    non_canonical_key_codec_is_caught,
-    codecs_and_column_types,
-    long_keys_are_refused_or_stored_whole,
-    bad_input_is_refused_cleanly,
-    random_operations_match_a_model,
+    suite::basic_operations,
+    suite::complex_keys_and_values,
+    suite::custom_table_name,
+    suite::initial_src_then_replace,
+    suite::odd_table_names_are_quoted,
+    suite::unusable_table_names_are_refused_before_writing,
+    suite::keys_compare_byte_for_byte,
+    suite::all_write_methods,
+    suite::reads_are_hashmap_reads,
+    suite::transactions_are_all_or_nothing,
+    suite::server_rejection_rolls_back_everything,
+    suite::failures_leave_memory_unchanged,
+    suite::reload_sees_outside_changes,
+    suite::undecodable_rows_are_errors,
+    suite::wrong_layout_is_refused,
+    suite::non_canonical_key_codec_is_caught,
+    suite::codecs_and_column_types,
+    suite::long_keys_are_refused_or_stored_whole,
+    suite::bad_input_is_refused_cleanly,
+    suite::random_operations_match_a_model,
+    bring::equal_keys_in_one_batch_are_refused,
+    bring::tables_that_do_not_keep_keys_apart_are_refused,
+    bring::user_tables_that_keep_keys_apart_work,
+    bring::key_kind_must_match_the_codec,
+    bring::nul_in_text_is_kept_or_refused,
+    bring::server_reasons_are_shown,
+    bring::existing_tables_open_without_create_rights,
+    bring::connections_in_any_state,
 );

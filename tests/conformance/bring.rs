@@ -1,0 +1,453 @@
+//! What users bring: their own tables (other types, collations, indexes), keys whose
+//! `Eq` is looser than their encoding, connections in any state. Each test here is a
+//! hole once found by trying the library as a new user would; it runs on every backend.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+use serde::{Deserialize, Serialize};
+use write_thru_hash::{Bytes, DbHashMap, Dialect, Error, Text};
+
+use crate::env::{chain, Env};
+
+/// A key whose `Eq` and `Hash` ignore ASCII case while JSON keeps it: equal keys,
+/// different bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ci(String);
+
+impl PartialEq for Ci {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.eq_ignore_ascii_case(&other.0)
+    }
+}
+impl Eq for Ci {}
+impl Hash for Ci {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.to_ascii_lowercase().hash(state);
+    }
+}
+
+fn ci(s: &str) -> Ci {
+    Ci(s.to_string())
+}
+
+fn rows(env: &impl Env, table: &str) -> i64 {
+    env.count(&format!("SELECT count(*) FROM {}", env.q(table)))
+}
+
+fn open_ci(env: &impl Env, table: &str) -> DbHashMap<Ci, i64> {
+    DbHashMap::builder_url(&env.url())
+        .table(table)
+        .open()
+        .unwrap_or_else(|e| panic!("open {table}: {e}"))
+}
+
+/// Equal keys with different encodings inside one batch, transaction or `src` are
+/// refused as a single insert is: memory would keep one key and the table another.
+pub(crate) fn equal_keys_in_one_batch_are_refused(env: &impl Env) {
+    let mut h = open_ci(env, "ci");
+    let err = h.insert_many([(ci("a"), 1), (ci("A"), 2)]).unwrap_err();
+    assert!(matches!(err, Error::NonCanonicalKey { .. }), "{err}");
+    assert!(h.is_empty());
+    assert_eq!(rows(env, "ci"), 0);
+
+    let err = h
+        .transaction(|tx| {
+            tx.insert(ci("b"), 1)?;
+            tx.insert(ci("B"), 2)
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::NonCanonicalKey { .. }), "{err}");
+    assert_eq!(rows(env, "ci"), 0);
+
+    // The same key written the same way twice is fine, the last value wins.
+    h.insert_many([(ci("c"), 1), (ci("c"), 2)]).unwrap();
+    assert_eq!(h[&ci("c")], 2);
+    h.transaction(|tx| {
+        tx.insert(ci("d"), 1)?;
+        tx.insert(ci("d"), 2)
+    })
+    .unwrap();
+    // Against a key held: refused in a batch as in a single insert.
+    let err = h.insert_many([(ci("x"), 1), (ci("C"), 9)]).unwrap_err();
+    assert!(matches!(err, Error::NonCanonicalKey { .. }), "{err}");
+    assert_eq!(h[&ci("c")], 2);
+    let fresh = open_ci(env, "ci");
+    assert_eq!(fresh, h);
+    assert_eq!(rows(env, "ci"), 2);
+
+    let replaced = DbHashMap::<Ci, i64>::builder_url(&env.url())
+        .table("ci")
+        .src([(ci("e"), 1), (ci("E"), 2)])
+        .open();
+    assert!(
+        matches!(replaced, Err(Error::NonCanonicalKey { .. })),
+        "{replaced:?}"
+    );
+    assert_eq!(open_ci(env, "ci"), h, "the table kept its content");
+}
+
+/// One user table that `open` must refuse, and why.
+struct Refused {
+    ddl: String,
+    /// A word the reason must contain.
+    says: &'static str,
+}
+
+fn refused(ddl: String, says: &'static str) -> Refused {
+    Refused { ddl, says }
+}
+
+/// Tables whose key column does not compare bytes exactly, whose primary key is not
+/// the whole key, that have another unique index, or whose columns change values:
+/// `open` refuses each with a schema error that says what to change, and writes
+/// nothing.
+pub(crate) fn tables_that_do_not_keep_keys_apart_are_refused(env: &impl Env) {
+    let (k, v) = (env.q("key"), env.q("value"));
+    let mut cases: Vec<Refused> = Vec::new();
+    match env.dialect() {
+        Dialect::Sqlite => {
+            for (cols, says) in [
+                (
+                    format!("{k} TEXT COLLATE NOCASE PRIMARY KEY, {v} TEXT"),
+                    "NOCASE",
+                ),
+                (
+                    format!("{k} TEXT PRIMARY KEY COLLATE RTRIM, {v} TEXT"),
+                    "RTRIM",
+                ),
+                (
+                    format!("{k} TEXT, {v} TEXT, PRIMARY KEY ({k} COLLATE NOCASE)"),
+                    "NOCASE",
+                ),
+                (format!("{k} NUMERIC PRIMARY KEY, {v} TEXT"), "affinity"),
+                (format!("{k} INTEGER PRIMARY KEY, {v} TEXT"), "affinity"),
+                (format!("{k} TEXT PRIMARY KEY, {v} INTEGER"), "affinity"),
+                (format!("{k} TEXT PRIMARY KEY, {v} DECIMAL(10)"), "affinity"),
+                (
+                    format!("{k} TEXT PRIMARY KEY, {v} TEXT UNIQUE"),
+                    "unique index",
+                ),
+                (
+                    format!("{k} TEXT, {v} TEXT, PRIMARY KEY ({k}, {v})"),
+                    "primary key",
+                ),
+            ] {
+                cases.push(refused(cols, says));
+            }
+        }
+        Dialect::Postgres => {
+            env.exec(
+                "CREATE COLLATION IF NOT EXISTS wth_ci \
+                 (provider = icu, locale = 'und-u-ks-level2', deterministic = false)",
+            );
+            for (cols, says) in [
+                (
+                    format!("{k} char(10) PRIMARY KEY, {v} text NOT NULL"),
+                    "char(n)",
+                ),
+                (
+                    format!("{k} text PRIMARY KEY, {v} char(20) NOT NULL"),
+                    "char(n)",
+                ),
+                (
+                    format!("{k} text COLLATE wth_ci PRIMARY KEY, {v} text NOT NULL"),
+                    "nondeterministic",
+                ),
+                (
+                    "\"Key\" text PRIMARY KEY, \"VALUE\" text NOT NULL".to_string(),
+                    "lower case",
+                ),
+                (
+                    format!("{k} text PRIMARY KEY, {v} text NOT NULL UNIQUE"),
+                    "unique index",
+                ),
+                (
+                    format!("{k} text, {v} text NOT NULL, PRIMARY KEY ({k}, {v})"),
+                    "primary key",
+                ),
+            ] {
+                cases.push(refused(cols, says));
+            }
+        }
+        _ => {
+            for (cols, says) in [
+                (
+                    format!(
+                        "{k} CHAR(20) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin \
+                         PRIMARY KEY, {v} LONGTEXT NOT NULL"
+                    ),
+                    "VARBINARY",
+                ),
+                (
+                    format!(
+                        "{k} VARCHAR(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin \
+                         PRIMARY KEY, {v} LONGTEXT NOT NULL"
+                    ),
+                    "VARBINARY",
+                ),
+                (
+                    format!(
+                        "{k} VARCHAR(100) CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci \
+                         PRIMARY KEY, {v} LONGTEXT NOT NULL"
+                    ),
+                    "VARBINARY",
+                ),
+                (
+                    format!("{k} BINARY(20) PRIMARY KEY, {v} LONGTEXT NOT NULL"),
+                    "VARBINARY",
+                ),
+                (
+                    format!(
+                        "{k} VARBINARY(100) NOT NULL, {v} LONGTEXT NOT NULL, PRIMARY KEY ({k}(4))"
+                    ),
+                    "first 4",
+                ),
+                (
+                    format!(
+                        "{k} VARBINARY(100) PRIMARY KEY, {v} VARCHAR(200) NOT NULL, UNIQUE ({v})"
+                    ),
+                    "unique index",
+                ),
+                (
+                    format!("{k} VARBINARY(100) PRIMARY KEY, {v} CHAR(50) NOT NULL"),
+                    "char",
+                ),
+                (
+                    format!("{k} VARBINARY(100) PRIMARY KEY, {v} INT NOT NULL"),
+                    "int",
+                ),
+            ] {
+                cases.push(refused(cols, says));
+            }
+        }
+    }
+    for (i, case) in cases.iter().enumerate() {
+        let name = format!("user {i}");
+        let engine = if env.dialect() == Dialect::Mysql {
+            " ENGINE=InnoDB"
+        } else {
+            ""
+        };
+        env.exec(&format!(
+            "CREATE TABLE {} ({}){engine}",
+            env.q(&name),
+            case.ddl
+        ));
+        let err = DbHashMap::<String, String>::builder_url(&env.url())
+            .table(&name)
+            .codec(Text)
+            .open()
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Schema { .. }), "{}: {msg}", case.ddl);
+        assert!(
+            msg.to_lowercase().contains(&case.says.to_lowercase()),
+            "{}: the reason names {:?}: {msg}",
+            case.ddl,
+            case.says
+        );
+        assert_eq!(rows(env, &name), 0, "nothing written: {}", case.ddl);
+    }
+}
+
+/// Tables users made that do keep keys apart open and work, and the map's deletes
+/// compare bytes even where the column's own collation would not.
+pub(crate) fn user_tables_that_keep_keys_apart_work(env: &impl Env) {
+    let (k, v) = (env.q("key"), env.q("value"));
+    let cols = match env.dialect() {
+        // The column compares ignoring case, its primary key index byte for byte.
+        Dialect::Sqlite => format!(
+            "{k} TEXT NOT NULL COLLATE NOCASE, {v} TEXT NOT NULL, note TEXT, \
+             PRIMARY KEY ({k} COLLATE BINARY)"
+        ),
+        Dialect::Postgres => {
+            format!("{k} varchar(200) COLLATE \"C\" PRIMARY KEY, {v} text NOT NULL, note text")
+        }
+        _ => format!(
+            "{k} VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin PRIMARY KEY, \
+             {v} MEDIUMTEXT CHARACTER SET utf8mb4 NOT NULL, note TEXT"
+        ),
+    };
+    env.exec(&format!("CREATE TABLE {} ({cols})", env.q("mine")));
+    // A plain (not unique) index is fine.
+    env.exec(&format!(
+        "CREATE INDEX {} ON {} (note)",
+        env.q("mine_note"),
+        env.q("mine")
+    ));
+    let mut h: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
+        .table("mine")
+        .codec(Text)
+        .open()
+        .unwrap();
+    for key in ["a", "A", "a "] {
+        h.insert(key.into(), format!("{key}!  ")).unwrap();
+    }
+    h.remove("a").unwrap();
+    assert_eq!(rows(env, "mine"), 2, "the delete removed only \"a\"");
+    let fresh: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
+        .table("mine")
+        .codec(Text)
+        .open()
+        .unwrap();
+    assert_eq!(fresh, h);
+    assert_eq!(fresh["A"], "A!  ", "values come back as written");
+}
+
+/// SQLite keeps text 'a' and the blob X'61' apart: a table written as text and opened
+/// with a binary key codec (or the reverse) is refused, not half-matched.
+pub(crate) fn key_kind_must_match_the_codec(env: &impl Env) {
+    if env.dialect() != Dialect::Sqlite {
+        return;
+    }
+    let mut t: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
+        .table("kinds")
+        .codec(Text)
+        .open()
+        .unwrap();
+    t.insert("a".into(), "1".into()).unwrap();
+    drop(t);
+    let err = DbHashMap::<Vec<u8>, Vec<u8>>::builder_url(&env.url())
+        .table("kinds")
+        .codec(Bytes)
+        .open()
+        .unwrap_err();
+    assert!(matches!(err, Error::Decode { what: "key", .. }), "{err}");
+    assert!(err.to_string().contains("text"), "{err}");
+}
+
+/// Text the backend cannot carry byte for byte (a NUL inside) is stored exactly or
+/// refused with memory unchanged; never stored as something else.
+pub(crate) fn nul_in_text_is_kept_or_refused(env: &impl Env) {
+    let mut h: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
+        .table("nul")
+        .codec(Text)
+        .open()
+        .unwrap();
+    h.insert("k".into(), "plain".into()).unwrap();
+    for (key, value) in [("k\0z", "x"), ("k2", "v\0w")] {
+        match h.insert(key.into(), value.into()) {
+            Ok(_) => assert_eq!(h[key], value),
+            Err(e) => assert!(!h.contains_key(key), "{e}"),
+        }
+    }
+    let r = h.insert_many([
+        ("m".to_string(), "ok".to_string()),
+        ("m\0".into(), "x".into()),
+    ]);
+    if r.is_err() {
+        assert!(!h.contains_key("m"), "the batch failed whole");
+    }
+    let fresh: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
+        .table("nul")
+        .codec(Text)
+        .open()
+        .unwrap();
+    assert_eq!(fresh, h);
+}
+
+/// The server's reason for refusing a write reaches the user, whatever the driver's
+/// error nesting.
+pub(crate) fn server_reasons_are_shown(env: &impl Env) {
+    let (k, v) = (env.q("key"), env.q("value"));
+    let key_type = match env.dialect() {
+        Dialect::Mysql => "VARBINARY(100)",
+        _ => "TEXT",
+    };
+    env.exec(&format!(
+        "CREATE TABLE {} ({k} {key_type} NOT NULL PRIMARY KEY, {v} TEXT NOT NULL, \
+         CONSTRAINT short_values CHECK (length({v}) < 10))",
+        env.q("checked")
+    ));
+    let mut h: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
+        .table("checked")
+        .codec(Text)
+        .open()
+        .unwrap();
+    let err = h
+        .insert("a".into(), "far too long a value".into())
+        .unwrap_err();
+    assert!(h.is_empty());
+    let all = chain(&err);
+    assert!(
+        all.contains("short_values"),
+        "the chain names the constraint: {all}"
+    );
+    if env.dialect() == Dialect::Postgres && !env.url().starts_with("odbc:") {
+        // The `postgres` crate's own message is "db error": the server's is shown.
+        let shown = err.to_string();
+        assert!(
+            shown.contains("short_values") && shown.contains("23514"),
+            "{shown}"
+        );
+    }
+}
+
+/// A user who may read and write a table but not create one opens it; a read-only
+/// session opens it too, and its writes fail with memory unchanged.
+pub(crate) fn existing_tables_open_without_create_rights(env: &impl Env) {
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder_url(&env.url())
+        .table("granted")
+        .open()
+        .unwrap();
+    h.insert("a".into(), 1).unwrap();
+    drop(h);
+    let Some(url) = env.restricted_url("granted") else {
+        return;
+    };
+    let mut r: DbHashMap<String, i64> = DbHashMap::builder_url(&url)
+        .table("granted")
+        .open()
+        .unwrap_or_else(|e| panic!("open with DML rights only: {}", chain(&e)));
+    assert_eq!(r, HashMap::from([("a".to_string(), 1)]));
+    r.insert("b".into(), 2).unwrap();
+    r.remove("a").unwrap();
+    assert_eq!(
+        DbHashMap::<String, i64>::builder_url(&env.url())
+            .table("granted")
+            .open()
+            .unwrap(),
+        r
+    );
+    // A table that does not exist cannot be made with those rights: a clear error.
+    let err = DbHashMap::<String, i64>::builder_url(&url)
+        .table("not granted")
+        .open()
+        .unwrap_err();
+    assert!(matches!(err, Error::Database { .. }), "{err}");
+}
+
+/// A connection handed over inside a transaction its caller began is refused (the map
+/// would commit or roll back the caller's work); one with autocommit off is used, and
+/// every write it acknowledges is committed.
+pub(crate) fn connections_in_any_state(env: &impl Env) {
+    if let Some(conn) = env.conn_in_transaction() {
+        let err = DbHashMap::<String, i64>::builder(conn)
+            .table("states")
+            .open()
+            .unwrap_err();
+        assert!(matches!(err, Error::ConnectionState { .. }), "{err}");
+        assert!(err.to_string().contains("transaction"), "{err}");
+    }
+    if let Some(conn) = env.conn_autocommit_off() {
+        let mut h: DbHashMap<String, i64> =
+            DbHashMap::builder(conn).table("states").open().unwrap();
+        h.insert("single".into(), 1).unwrap();
+        h.insert_many([("many".to_string(), 2), ("more".to_string(), 3)])
+            .unwrap();
+        h.remove("more").unwrap();
+        h.transaction(|tx| tx.insert("tx".into(), 4)).unwrap();
+        drop(h);
+        let fresh: DbHashMap<String, i64> = DbHashMap::builder_url(&env.url())
+            .table("states")
+            .open()
+            .unwrap();
+        let expected = HashMap::from([
+            ("single".to_string(), 1),
+            ("many".to_string(), 2),
+            ("tx".to_string(), 4),
+        ]);
+        assert_eq!(fresh, expected, "every acknowledged write was committed");
+    }
+}
