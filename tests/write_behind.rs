@@ -17,6 +17,121 @@ fn reopen(url: &str) -> DbHashMap<String, i64> {
     DbHashMap::open_url(url).unwrap()
 }
 
+/// An error and its sources, as an error reporter prints them.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(&format!(": {cause}"));
+        next = cause.source();
+    }
+    out
+}
+
+/// A map whose table rejects every value 13 (a trigger), with a small backlog.
+fn rejecting(
+    dir: &tempfile::TempDir,
+    wb: WriteBehind,
+) -> (DbHashMap<String, i64>, rusqlite::Connection) {
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder_url(&url(dir))
+        .write_behind(wb)
+        .open()
+        .unwrap();
+    h.insert("warm".into(), 0).unwrap();
+    h.flush().unwrap();
+    let raw = rusqlite::Connection::open(dir.path().join("wb.sqlite")).unwrap();
+    raw.execute_batch(
+        "CREATE TRIGGER no13 BEFORE INSERT ON hashtable WHEN NEW.value = '13' \
+         BEGIN SELECT RAISE(ABORT, 'no 13 today'); END",
+    )
+    .unwrap();
+    (h, raw)
+}
+
+#[test]
+fn a_caller_waiting_for_room_hears_of_the_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let wb = WriteBehind::default()
+        .max_delay(Duration::from_millis(1))
+        .max_backlog(4)
+        .close_timeout(Duration::from_millis(100));
+    let (mut h, _raw) = rejecting(&dir, wb);
+    h.insert("bad".into(), 13).unwrap();
+    // The backlog fills behind the batch the store keeps rejecting; the calls that wait
+    // for room return the failure instead of waiting for as long as it lasts.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let mut failures = 0;
+        for i in 0..20 {
+            if h.insert(format!("k{i}"), i).is_err() {
+                failures += 1;
+            }
+        }
+        tx.send(failures).unwrap();
+        h
+    });
+    let failures = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("callers waiting for room are not blocked by a failing store");
+    assert!(failures > 0);
+    let h = writer.join().unwrap();
+    assert!(h.pending_writes() <= 4, "the backlog stayed bounded");
+}
+
+#[test]
+fn a_failure_overcome_by_a_retry_is_not_reported_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let wb = WriteBehind::default().max_delay(Duration::from_millis(1));
+    let (mut h, raw) = rejecting(&dir, wb);
+    h.insert("bad".into(), 13).unwrap();
+    // Let the batch fail at least once, then let it through.
+    std::thread::sleep(Duration::from_millis(50));
+    raw.execute_batch("DROP TRIGGER no13").unwrap();
+    let waited = std::time::Instant::now();
+    while h.pending_writes() > 0 && waited.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(h.pending_writes(), 0, "the retry went through");
+    let expected = (*h).clone();
+    h.close()
+        .expect("nothing is lost, so close reports nothing");
+    assert_eq!(*reopen(&url(&dir)), expected);
+}
+
+#[test]
+fn close_retries_until_the_store_takes_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let wb = WriteBehind::default()
+        .max_delay(Duration::from_millis(1))
+        .close_timeout(Duration::from_secs(10));
+    let (mut h, raw) = rejecting(&dir, wb);
+    h.insert("bad".into(), 13).unwrap();
+    let expected = (*h).clone();
+    // The store accepts the batch a second after close begins: well within its bound.
+    let fixer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        raw.execute_batch("DROP TRIGGER no13").unwrap();
+    });
+    h.close()
+        .expect("close kept retrying until the store took the batch");
+    fixer.join().unwrap();
+    assert_eq!(*reopen(&url(&dir)), expected);
+}
+
+#[test]
+fn close_gives_up_after_its_timeout_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let wb = WriteBehind::default()
+        .max_delay(Duration::from_millis(1))
+        .close_timeout(Duration::from_millis(300));
+    let (mut h, _raw) = rejecting(&dir, wb);
+    h.insert("bad".into(), 13).unwrap();
+    let err = h.close().unwrap_err();
+    assert!(matches!(err, Error::Background { pending: 1, .. }), "{err}");
+    assert!(err.to_string().contains("not written"), "{err}");
+    assert!(!err.to_string().contains("retried"), "{err}");
+}
+
 /// A real store with faults added: a pause before every batch, and failures.
 struct Faulty {
     inner: Box<dyn Store>,
@@ -190,7 +305,7 @@ fn a_batch_the_database_rejects_is_kept_until_it_is_accepted() {
     h.insert_many((0..50).map(|i| (format!("k{i}"), i)))
         .unwrap();
     let err = h.flush().unwrap_err();
-    assert!(err.to_string().contains("no 13 today"), "{err}");
+    assert!(chain(&err).contains("no 13 today"), "{}", chain(&err));
     assert_eq!(
         reopen(&u).len(),
         0,
