@@ -42,9 +42,10 @@ pub trait Codec<T>: Send + Sync {
 
 /// The default codec: JSON text, human readable, through serde.
 ///
-/// Keys are encoded canonically: the members of every object (a struct, or a map inside
-/// the key) are written in sorted order, so equal keys always give the same text.
-/// Values are written as serde writes them.
+/// Keys are encoded canonically, so equal keys always give the same text: a struct's
+/// fields come in declaration order, as serde writes them, and the entries of a map
+/// inside a key are written sorted, whatever order the map iterates in. Values are
+/// written as serde writes them.
 ///
 /// ```
 /// use write_thru_hash::{Codec, Json};

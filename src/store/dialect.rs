@@ -29,6 +29,15 @@ pub(crate) enum Marks {
 /// A SQLite column's type affinity, from its declared type by SQLite's own rules
 /// (<https://sqlite.org/datatype3.html#determination_of_column_affinity>).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    not(any(
+        feature = "sqlite",
+        feature = "postgres",
+        feature = "mysql",
+        feature = "odbc"
+    )),
+    allow(dead_code)
+)]
 pub(crate) enum Affinity {
     Integer,
     Text,
@@ -38,6 +47,15 @@ pub(crate) enum Affinity {
 }
 
 impl Affinity {
+    #[cfg_attr(
+        not(any(
+            feature = "sqlite",
+            feature = "postgres",
+            feature = "mysql",
+            feature = "odbc"
+        )),
+        allow(dead_code)
+    )]
     pub(crate) fn of(declared: &str) -> Affinity {
         let t = declared.to_ascii_uppercase();
         if t.contains("INT") {
@@ -174,6 +192,15 @@ impl Dialect {
     /// name, `1` for the primary key, the indexed columns joined by commas
     /// (`(expression)` for an expression), and how the key is compared where the
     /// catalog says (SQLite: the collations; MySQL: a prefix length; else empty).
+    #[cfg_attr(
+        not(any(
+            feature = "sqlite",
+            feature = "postgres",
+            feature = "mysql",
+            feature = "odbc"
+        )),
+        allow(dead_code)
+    )]
     pub(crate) fn unique_indexes_query(self, marks: Marks) -> String {
         let p = self.mark(marks, 1);
         match self {
@@ -382,6 +409,7 @@ impl Dialect {
 
     /// SQLite only: `SELECT key, value` and the key's storage class (`text`, `blob`,
     /// ...), for a driver that does not say which kind it read.
+    #[cfg_attr(not(feature = "odbc"), allow(dead_code))]
     pub(crate) fn select_all_with_key_kind(self, t: &TableSpec) -> Option<String> {
         (self == Dialect::Sqlite).then(|| {
             format!(

@@ -150,9 +150,13 @@ pub trait Store: Send {
     /// The backend's name for messages (`"SQLite"`).
     fn backend(&self) -> &'static str;
 
-    /// Checks the table name and creates the table if absent, or checks that the
-    /// existing table has `key` and `value` columns with `key` unique.
-    /// Nothing may be written when the name is refused.
+    /// Checks the table name, looks the table up, and creates it only if it is absent
+    /// (so that opening an existing table needs no right to create one); an existing
+    /// table is checked to keep keys apart and give values back as written (see the
+    /// README, "Tables and connections users bring"). A connection in a state the map
+    /// cannot work in (inside a transaction its caller began) is refused with
+    /// [`Error::ConnectionState`](crate::Error::ConnectionState). Nothing may be
+    /// written when the name or the table is refused.
     fn open(&mut self, table: &TableSpec) -> Result<()>;
 
     /// Calls `sink` with every row of the table.

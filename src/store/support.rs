@@ -54,12 +54,12 @@ pub(crate) fn open_table(
             engine.into_iter().next().and_then(|r| r.into_iter().next()),
         )?;
     }
-    let indexes = conn
+    let indexes: Vec<UniqueIndex> = conn
         .texts(&d.unique_indexes_query(marks), Some(&param))
         .map_err(fail)?
         .into_iter()
-        .map(|r| quad(r))
-        .collect::<Vec<_>>();
+        .map(quad)
+        .collect();
     check_layout(t, d, backend, &cols, &indexes)
 }
 
