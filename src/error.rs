@@ -352,13 +352,12 @@ pub(crate) fn show_bytes(bytes: &[u8]) -> String {
 ///
 /// Drivers read a URL's credentials up to an `@`, wherever it is (a password may hold
 /// `/`, `?` or `@`), so everything between the user's `:` and the last `@` is hidden;
-/// and `password=` in the query. Anything that is not a URL (`scheme://`) is read as an
-/// ODBC connection string, whose `PWD` and `PASSWORD` values are hidden.
+/// and `password=` in the query. Then the text is read as an ODBC connection string,
+/// whose `PWD` and `PASSWORD` values are hidden (a value may hold `://`).
 pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url
-        .split_once("://")
-        .filter(|(scheme, _)| is_url_scheme(scheme))
-    else {
+    // Text that holds `://` may be a URL or an ODBC string that holds one
+    // (`Server=https://h;PWD=…`): hide what either reading would call a password.
+    let Some((scheme, rest)) = url.split_once("://") else {
         return redact_odbc(url);
     };
     let (userinfo, after) = match rest.rfind('@') {
@@ -380,14 +379,7 @@ pub(crate) fn redact(url: &str) -> String {
             }
         }
     };
-    format!("{scheme}://{authority}{}", redact_query(after))
-}
-
-/// `scheme` as RFC 3986 allows it: a letter, then letters, digits, `+`, `-` or `.`.
-fn is_url_scheme(scheme: &str) -> bool {
-    let mut chars = scheme.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    redact_odbc(&format!("{scheme}://{authority}{}", redact_query(after)))
 }
 
 /// Splits an ODBC connection string at the `;` that end attributes (not those inside
