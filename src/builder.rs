@@ -42,6 +42,23 @@ pub struct Builder<K, V, S = RandomState, KC = Json, VC = Json> {
     hasher: S,
 }
 
+impl<K, V, S, KC, VC> std::fmt::Debug for Builder<K, V, S, KC, VC> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let store = match &self.store {
+            Source::Store(store) => format!("a {} connection", store.backend()),
+            Source::Url(url) => crate::error::redact(url),
+        };
+        f.debug_struct("Builder")
+            .field("store", &store)
+            .field("table", &self.table)
+            .field("key_codec", &std::any::type_name::<KC>())
+            .field("value_codec", &std::any::type_name::<VC>())
+            .field("src", &self.src.as_ref().map(|src| format!("{} entries", src.len())))
+            .field("write_behind", &self.write_behind)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Where the store comes from: a connection given, or a URL to connect to in `open`.
 pub(crate) enum Source {
     Store(Box<dyn Store>),

@@ -212,6 +212,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// Connecting to the database failed. The driver's error is the source.
+    #[error(
+        "connecting to {url} ({backend}) failed; check that the server is running and \
+         that the URL's host, port, database, user and password are right"
+    )]
+    Connect {
+        /// The URL, path or connection string, with any password replaced by `***`.
+        url: String,
+        /// The backend's name.
+        backend: &'static str,
+        /// The driver's error.
+        source: BoxError,
+    },
+
     /// A database URL could not be used.
     #[error("database URL {url:?} cannot be used: {reason}")]
     Url {
@@ -239,14 +253,17 @@ pub enum Error {
         source: BoxError,
     },
 
-    /// A transaction's closure gave up on purpose with [`Error::abort`].
-    #[error("transaction aborted: {0}")]
-    Aborted(String),
+    /// A transaction's closure gave up on purpose with [`Error::abort`]; the reason it
+    /// gave is the source.
+    #[error("the transaction was aborted by its closure")]
+    Aborted(#[source] BoxError),
 }
 
 impl Error {
     /// The error a [`transaction`](crate::DbHashMap::transaction) closure returns to
-    /// give up on purpose; everything it staged is dropped.
+    /// give up on purpose; everything it staged is dropped. The reason (a message or
+    /// the caller's own error) is kept as the [`source`](std::error::Error::source), so
+    /// the caller can get its own error back by downcasting.
     ///
     /// ```
     /// # use write_thru_hash::{DbHashMap, Error};
@@ -257,10 +274,42 @@ impl Error {
     /// });
     /// assert!(matches!(r, Err(Error::Aborted(_))));
     /// assert!(h.is_empty());
+    ///
+    /// #[derive(Debug)]
+    /// struct Overdrawn(i64);
+    /// impl std::fmt::Display for Overdrawn {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    ///         write!(f, "overdrawn by {}", self.0)
+    ///     }
+    /// }
+    /// impl std::error::Error for Overdrawn {}
+    ///
+    /// let err = h.transaction(|tx| {
+    ///     let balance = tx.get("a").copied().unwrap_or(0) - 10;
+    ///     if balance < 0 {
+    ///         return Err(Error::abort(Overdrawn(-balance)));
+    ///     }
+    ///     tx.insert("a".into(), balance)
+    /// }).unwrap_err();
+    /// let mine = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<Overdrawn>());
+    /// assert_eq!(mine.map(|o| o.0), Some(10));
     /// # Ok::<(), Error>(())
     /// ```
-    pub fn abort(reason: impl Into<String>) -> Self {
+    pub fn abort(reason: impl Into<BoxError>) -> Self {
         Error::Aborted(reason.into())
+    }
+
+    /// Whether trying the same call again may succeed: the database was busy or a lock
+    /// timed out, a deadlock or serialization failure rolled the transaction back, or
+    /// the connection was lost with a known outcome (a map opened from a URL reconnects
+    /// on its next call). Not for an unknown outcome, which needs
+    /// [`reload`](crate::DbHashMap::reload) first.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Database { source, .. } => retryable(source.as_ref()),
+            Error::Background { abandoned, .. } => !abandoned,
+            _ => false,
+        }
     }
 
     /// Whether this error is a lost connection or an unknown commit outcome, after
@@ -268,6 +317,47 @@ impl Error {
     pub fn is_outcome_unknown(&self) -> bool {
         matches!(self, Error::OutcomeUnknown { .. } | Error::Poisoned { .. })
     }
+}
+
+/// Whether a driver's error is one that trying again may get past.
+fn retryable(source: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    #[cfg(feature = "sqlite")]
+    if let Some(e) = source.downcast_ref::<rusqlite::Error>() {
+        return matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+    }
+    #[cfg(feature = "postgres")]
+    if let Some(e) = source.downcast_ref::<postgres::Error>() {
+        return match e.code() {
+            // serialization_failure, deadlock_detected, lock_not_available,
+            // query_canceled (a statement or lock timeout)
+            Some(code) => ["40001", "40P01", "55P03", "57014"].contains(&code.code()),
+            // No answer: the connection is gone, and nothing was in doubt.
+            None => e.is_closed() || e.as_db_error().is_none(),
+        };
+    }
+    #[cfg(feature = "mysql")]
+    if let Some(e) = source.downcast_ref::<mysql::Error>() {
+        return match e {
+            // lock wait timeout, deadlock (Galera's certification conflict too)
+            mysql::Error::MySqlError(e) => [1205, 1213].contains(&e.code),
+            mysql::Error::IoError(_) | mysql::Error::DriverError(_) => true,
+            _ => false,
+        };
+    }
+    #[cfg(feature = "odbc")]
+    if let Some(odbc_api::Error::Diagnostics { record, .. }) =
+        source.downcast_ref::<odbc_api::Error>()
+    {
+        let state = record.state.as_str();
+        return ["40001", "40P01", "HYT00", "HYT01"].contains(&state)
+            || state.starts_with("08")
+            || [1205, 1213].contains(&record.native_error);
+    }
+    let _ = source;
+    false
 }
 
 /// "writing to table \"t\"", or just "connecting" when no table is known yet.

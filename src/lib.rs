@@ -14,6 +14,15 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! The drivers are re-exported (`write_thru_hash::rusqlite`, and `postgres`, `mysql`,
+//! `odbc_api` under their features), so the connection types `open` takes are always
+//! at hand at the right version.
+//!
+//! **One writer per table.** Without coherence, a map trusts that nothing else writes
+//! its table: two maps on one table, or a map and another program, silently diverge
+//! (one map's `clear()` deletes rows the other still holds in memory). Keep one map per
+//! table, or call [`reload`](DbHashMap::reload) after others wrote.
+//!
 //! **The write-through rule.** Every method that changes the map runs its statement
 //! first; memory changes only when the statement succeeded. When it fails, the error
 //! is returned and memory is exactly as before, so a fresh open of the same table
@@ -23,13 +32,15 @@
 //!
 //! | feature    | default | what it adds |
 //! |------------|---------|--------------|
-//! | `sqlite`   | yes     | SQLite through rusqlite, with SQLite bundled: `rusqlite::Connection`, `sqlite:PATH` |
+//! | `sqlite`   | yes     | SQLite through rusqlite: `rusqlite::Connection`, `sqlite:PATH`, `open_path` |
+//! | `bundled`  | yes     | SQLite compiled in (rusqlite's `bundled`); without it, the SQLite that rusqlite links, such as an application's own |
 //! | `postgres` | no      | PostgreSQL through the `postgres` crate: `postgres::Client`, `postgres://…` |
 //! | `mysql`    | no      | MySQL and MariaDB through the `mysql` crate, pure Rust: `mysql::Conn`, `mysql://…` |
 //! | `odbc`     | no      | ODBC through odbc-api and unixODBC: `odbc_api::Connection<'static>`, `odbc:CONNECTION-STRING` |
 //! | `postcard` | no      | the compact binary codec [`Postcard`] |
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod blocked;
 mod builder;
 mod canonical;
 mod codec;
@@ -55,6 +66,16 @@ pub use store::postgres::PostgresStore;
 pub use store::sqlite::SqliteStore;
 pub use store::{Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
 pub use write_behind::WriteBehind;
+
+// The drivers, so users name exactly the types `open` takes, at the version it takes.
+#[cfg(feature = "mysql")]
+pub use mysql;
+#[cfg(feature = "odbc")]
+pub use odbc_api;
+#[cfg(feature = "postgres")]
+pub use postgres;
+#[cfg(feature = "sqlite")]
+pub use rusqlite;
 
 /// Entry points for the fuzz targets in `fuzz/` (feature `fuzzing`); not part of the
 /// public API.

@@ -100,6 +100,34 @@ impl<K, V> DbHashMap<K, V, RandomState> {
     pub fn builder_url(url: &str) -> Builder<K, V> {
         Builder::new(Source::Url(url.to_string()))
     }
+
+    /// Opens the table `hashtable` in the SQLite file at `path` (any path, UTF-8 or
+    /// not), with the durable defaults of `open_url("sqlite:…")`: WAL journal,
+    /// `synchronous = FULL`, a 5 s busy timeout. Feature `sqlite`.
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// let dir = tempfile::tempdir()?;
+    /// let mut h: DbHashMap<String, i64> = DbHashMap::open_path(dir.path().join("db.sqlite"))?;
+    /// h.insert("a".into(), 1)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "sqlite")]
+    pub fn open_path(path: impl AsRef<std::path::Path>) -> Result<Self>
+    where
+        K: Eq + Hash + serde::Serialize + serde::de::DeserializeOwned,
+        V: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        Self::builder_path(path)?.open()
+    }
+
+    /// A [`Builder`] on the SQLite file at `path`, opened with the defaults of
+    /// [`open_path`](Self::open_path). Feature `sqlite`.
+    #[cfg(feature = "sqlite")]
+    pub fn builder_path(path: impl AsRef<std::path::Path>) -> Result<Builder<K, V>> {
+        let store = crate::store::sqlite::SqliteStore::open_path(path.as_ref())?;
+        Ok(Builder::new(Source::Store(Box::new(store))))
+    }
 }
 
 impl<K, V, S> DbHashMap<K, V, S> {
@@ -137,6 +165,81 @@ impl<K, V, S> DbHashMap<K, V, S> {
     /// Gives up the table and returns the map's content.
     pub fn into_inner(self) -> HashMap<K, V, S> {
         self.map
+    }
+
+    /// A copy of the map's content as a plain `HashMap`, never persisted: changes to it
+    /// stay in the copy. (`h.clone()` is refused at compile time to make this
+    /// explicit.)
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut h: DbHashMap<String, i64> = DbHashMap::open_url("sqlite::memory:")?;
+    /// h.insert("a".into(), 1)?;
+    /// let mut copy = h.to_hash_map();
+    /// copy.insert("b".into(), 2); // the copy only; the table is untouched
+    /// assert_eq!(h.len(), 1);
+    /// # Ok::<(), write_thru_hash::Error>(())
+    /// ```
+    ///
+    /// What a `HashMap` user may reach for first does not compile, with a message that
+    /// points here and to [`upsert`](Self::upsert):
+    ///
+    /// ```compile_fail
+    /// # use write_thru_hash::DbHashMap;
+    /// # let h: DbHashMap<String, i64> = DbHashMap::open_url("sqlite::memory:").unwrap();
+    /// let copy = h.clone(); // refused: use `to_hash_map()`
+    /// ```
+    ///
+    /// ```compile_fail
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut h: DbHashMap<String, i64> = DbHashMap::open_url("sqlite::memory:").unwrap();
+    /// *h.entry("a".into()).or_insert(0) += 1; // refused: use `upsert`
+    /// ```
+    ///
+    /// ```compile_fail
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut h: DbHashMap<String, i64> = DbHashMap::open_url("sqlite::memory:").unwrap();
+    /// if let Some(v) = h.get_mut("a") { *v += 1; } // refused: use `upsert` or `update`
+    /// ```
+    pub fn to_hash_map(&self) -> HashMap<K, V, S>
+    where
+        K: Clone,
+        V: Clone,
+        S: Clone,
+    {
+        self.map.clone()
+    }
+
+    /// Not available: through `Deref`, `h.clone()` would give a plain `HashMap` whose
+    /// changes are never persisted. Use [`to_hash_map`](Self::to_hash_map) for a copy of
+    /// the content, or open the table again for a second map.
+    #[doc(hidden)]
+    pub fn clone(&self) -> Self
+    where
+        K: crate::blocked::UseToHashMap,
+    {
+        unreachable!("`UseToHashMap` has no implementations")
+    }
+
+    /// Not available: a `HashMap` entry would change memory without the table. Use
+    /// [`upsert`](Self::upsert), [`get_or_insert_with`](Self::get_or_insert_with) or
+    /// [`insert`](Self::insert).
+    #[doc(hidden)]
+    pub fn entry(&mut self, _key: K) -> hash_map::Entry<'_, K, V>
+    where
+        K: crate::blocked::UseUpsert,
+    {
+        unreachable!("`UseUpsert` has no implementations")
+    }
+
+    /// Not available: a `&mut V` would change memory without the table. Use
+    /// [`upsert`](Self::upsert) or [`update`](Self::update).
+    #[doc(hidden)]
+    pub fn get_mut<Q: ?Sized>(&mut self, _key: &Q) -> Option<&mut V>
+    where
+        K: crate::blocked::UseUpsert,
+    {
+        unreachable!("`UseUpsert` has no implementations")
     }
 
     fn store(&self) -> MutexGuard<'_, Box<dyn Store>> {
@@ -378,7 +481,7 @@ where
         Ok(())
     }
 
-    /// Keeps only the entries for which `f` returns `true`.
+    /// Keeps only the entries for which `f` returns `true`, and says how many it removed.
     ///
     /// **Storage:** the deletes in one transaction; none if every entry is kept.
     ///
@@ -386,11 +489,11 @@ where
     /// # use write_thru_hash::DbHashMap;
     /// # let mut h: DbHashMap<i32, i32> = DbHashMap::open_url("sqlite::memory:")?;
     /// h.insert_many((0..10).map(|i| (i, i * i)))?;
-    /// h.retain(|k, _| k % 2 == 0)?;
+    /// assert_eq!(h.retain(|k, _| k % 2 == 0)?, 5);
     /// assert_eq!(h.len(), 5);
     /// # Ok::<(), write_thru_hash::Error>(())
     /// ```
-    pub fn retain(&mut self, mut f: impl FnMut(&K, &V) -> bool) -> Result<()> {
+    pub fn retain(&mut self, mut f: impl FnMut(&K, &V) -> bool) -> Result<usize> {
         self.check_writable()?;
         let mut doomed: HashSet<*const K> = HashSet::new();
         let mut batch = Batch::default();
@@ -401,12 +504,159 @@ where
             }
         }
         if doomed.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         self.persist(batch)?;
         // The keys have not moved since they were chosen: nothing changed the map, so
         // their addresses identify them without calling `f` a second time.
         self.map.retain(|k, _| !doomed.contains(&(k as *const K)));
+        Ok(doomed.len())
+    }
+
+    /// Removes every key given that the map holds, as one transaction, and says how many
+    /// it removed. Keys are borrowed, as [`remove`](Self::remove) takes them.
+    ///
+    /// **Storage:** the deletes in one transaction; none if no key is held.
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut h: DbHashMap<String, i64> = DbHashMap::open_url("sqlite::memory:")?;
+    /// h.insert_many([("a".to_string(), 1), ("b".into(), 2), ("c".into(), 3)])?;
+    /// assert_eq!(h.remove_many(["a", "b", "zzz"])?, 2);
+    /// assert_eq!(h.len(), 1);
+    /// # Ok::<(), write_thru_hash::Error>(())
+    /// ```
+    pub fn remove_many<'q, Q>(&mut self, keys: impl IntoIterator<Item = &'q Q>) -> Result<usize>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized + 'q,
+    {
+        self.check_writable()?;
+        let mut held: Vec<&'q Q> = Vec::new();
+        let mut batch = BatchBuilder::default();
+        for q in keys {
+            if let Some((k, _)) = self.map.get_key_value(q) {
+                // A key given twice is deleted once.
+                let bytes = self.encode_key(k)?;
+                if !batch.contains(&bytes) {
+                    batch.delete(bytes);
+                    held.push(q);
+                }
+            }
+        }
+        if held.is_empty() {
+            return Ok(0);
+        }
+        self.persist(batch.finish())?;
+        for q in &held {
+            self.map.remove(*q);
+        }
+        Ok(held.len())
+    }
+
+    /// Sets the value of `key` to what `f` makes of its current value (`None` if the
+    /// key is absent), and returns the value now held: read-modify-write without
+    /// `V: Clone`. `f` runs first; memory changes only once the table did.
+    ///
+    /// **Storage:** one upsert, committed on its own.
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut h: DbHashMap<String, u64> = DbHashMap::open_url("sqlite::memory:")?;
+    /// for word in "the cat and the hat".split(' ') {
+    ///     h.upsert(word.to_string(), |count| count.copied().unwrap_or(0) + 1)?;
+    /// }
+    /// assert_eq!(h["the"], 2);
+    /// assert_eq!(*h.upsert("cat".into(), |c| c.map_or(1, |c| c * 10))?, 10);
+    /// # Ok::<(), write_thru_hash::Error>(())
+    /// ```
+    pub fn upsert(&mut self, key: K, f: impl FnOnce(Option<&V>) -> V) -> Result<&V> {
+        self.check_writable()?;
+        let k = self.encode_new_key(&key)?;
+        let value = f(self.map.get(&key));
+        let v = self.encode_value(&value)?;
+        self.persist(Batch {
+            puts: vec![(k, v)],
+            ..Batch::default()
+        })?;
+        Ok(match self.map.entry(key) {
+            hash_map::Entry::Occupied(mut held) => {
+                held.insert(value);
+                held.into_mut()
+            }
+            hash_map::Entry::Vacant(slot) => slot.insert(value),
+        })
+    }
+
+    /// The value of `key`; if the key is absent, first inserts the value `f` makes.
+    /// A key the map holds costs no I/O and does not call `f`.
+    ///
+    /// **Storage:** one upsert if the key is absent, else none.
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut h: DbHashMap<String, Vec<String>> = DbHashMap::open_url("sqlite::memory:")?;
+    /// let session = h.get_or_insert_with("s1".into(), || vec!["created".into()])?;
+    /// assert_eq!(session.len(), 1);
+    /// let again = h.get_or_insert_with("s1".into(), || unreachable!())?;
+    /// assert_eq!(again[0], "created");
+    /// # Ok::<(), write_thru_hash::Error>(())
+    /// ```
+    pub fn get_or_insert_with(&mut self, key: K, f: impl FnOnce() -> V) -> Result<&V> {
+        if self.map.contains_key(&key) {
+            return Ok(&self.map[&key]);
+        }
+        self.upsert(key, |_| f())
+    }
+
+    /// Folds every pair into the map as one transaction: the value stored for a key is
+    /// `f(current, new)`, where `current` is the value the key has (from the map, or from
+    /// an earlier pair of the same call) and `new` the pair's value. The batched
+    /// counterpart of [`upsert`](Self::upsert), for counters and accumulators.
+    ///
+    /// **Storage:** one transaction of upserts, one per distinct key.
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// # let mut counts: DbHashMap<String, u64> = DbHashMap::open_url("sqlite::memory:")?;
+    /// let text = "a rose is a rose is a rose";
+    /// counts.upsert_many(text.split(' ').map(|w| (w.to_string(), 1)), |old, n| {
+    ///     old.copied().unwrap_or(0) + n
+    /// })?;
+    /// assert_eq!((counts["rose"], counts["a"], counts["is"]), (3, 3, 2));
+    /// # Ok::<(), write_thru_hash::Error>(())
+    /// ```
+    pub fn upsert_many(
+        &mut self,
+        pairs: impl IntoIterator<Item = (K, V)>,
+        mut f: impl FnMut(Option<&V>, V) -> V,
+    ) -> Result<()> {
+        self.check_writable()?;
+        // Key -> (the value so far, the bytes of the key as it first came).
+        let mut folded: HashMap<K, (V, Vec<u8>)> = HashMap::new();
+        for (key, new) in pairs {
+            let bytes = self.encode_new_key(&key)?;
+            match folded.get_mut(&key) {
+                Some((value, seen)) => {
+                    self.same_bytes(seen, &bytes)?;
+                    let next = f(Some(&*value), new);
+                    *value = next;
+                }
+                None => {
+                    let value = f(self.map.get(&key), new);
+                    folded.insert(key, (value, bytes));
+                }
+            }
+        }
+        let mut batch = Batch::default();
+        batch.puts.reserve(folded.len());
+        let mut entries = Vec::with_capacity(folded.len());
+        for (key, (value, bytes)) in folded {
+            batch.puts.push((bytes, self.encode_value(&value)?));
+            entries.push((key, value));
+        }
+        self.persist(batch)?;
+        self.map.extend(entries);
         Ok(())
     }
 
@@ -490,46 +740,10 @@ where
         f: impl FnOnce(&mut Transaction<'_, K, V, S>) -> Result<R>,
     ) -> Result<R> {
         self.check_writable()?;
-        let (result, staged, cleared) = {
-            let mut tx = Transaction {
-                map: self,
-                staged: HashMap::new(),
-                cleared: false,
-            };
-            let result = f(&mut tx)?;
-            (result, tx.staged, tx.cleared)
-        };
-        let mut batch = BatchBuilder::with_capacity(staged.len());
-        if cleared {
-            batch.clear();
-        }
-        let mut changes = Vec::with_capacity(staged.len());
-        for (k, change) in staged {
-            match change {
-                Staged::Put {
-                    decoded,
-                    key,
-                    value,
-                } => {
-                    batch.put(key, value);
-                    changes.push((k, Some(decoded)));
-                }
-                Staged::Delete { key } => {
-                    batch.delete(key);
-                    changes.push((k, None));
-                }
-            }
-        }
-        self.persist(batch.finish())?;
-        if cleared {
-            self.map.clear();
-        }
-        for (k, change) in changes {
-            match change {
-                Some(v) => self.map.insert(k, v),
-                None => self.map.remove(&k),
-            };
-        }
+        // A panic in `f` drops `tx`, which puts back what it took out of memory.
+        let mut tx = Transaction::new(self);
+        let result = f(&mut tx)?;
+        tx.commit()?;
         Ok(result)
     }
 
@@ -649,40 +863,82 @@ where
     })
 }
 
-enum Staged<V> {
-    Put {
-        decoded: V,
-        key: Vec<u8>,
-        value: Vec<u8>,
-    },
-    Delete {
-        key: Vec<u8>,
-    },
+/// An insert staged by a [`Transaction`]: the value and the encodings of key and value.
+struct Put<V> {
+    value: V,
+    key: Vec<u8>,
+    bytes: Vec<u8>,
 }
 
-/// The changes staged by [`DbHashMap::transaction`]. Reads see what was staged;
-/// nothing reaches the database or the map until the closure returns `Ok`.
+/// The changes staged by [`DbHashMap::transaction`]: its reads (`get`, `len`, `iter`)
+/// see them; nothing reaches the database until the closure returns `Ok`, and then all
+/// of it does, in one database transaction, or none of it.
+///
+/// While it runs, the transaction holds the map exclusively and keeps the entries it
+/// replaced or removed aside; if it does not commit (an `Err`, a panic, a failed
+/// commit) they are put back, so the map is as it was.
 pub struct Transaction<'m, K, V, S = RandomState> {
-    map: &'m DbHashMap<K, V, S>,
-    staged: HashMap<K, Staged<V>>,
+    map: &'m mut DbHashMap<K, V, S>,
+    /// Staged inserts. Their keys are never in the map's memory as well: an entry the
+    /// map held is moved to `taken` first.
+    puts: HashMap<K, Put<V>>,
+    /// The entries moved out of the map's memory: removed, replaced or cleared. The
+    /// ones not staged again are deleted by the commit.
+    taken: HashMap<K, V>,
     cleared: bool,
+    committed: bool,
+    /// Puts an entry back into the map's memory: `Drop` cannot ask for the bounds
+    /// `HashMap::insert` needs, so `new`, which has them, supplies this.
+    restore: fn(&mut HashMap<K, V, S>, K, V),
 }
 
-impl<K, V, S> Transaction<'_, K, V, S>
+impl<K, V, S> fmt::Debug for Transaction<'_, K, V, S>
+where
+    K: fmt::Debug + Eq + Hash,
+    V: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let puts: Vec<(&K, &V)> = self.puts.iter().map(|(k, p)| (k, &p.value)).collect();
+        let removed: Vec<&K> = self
+            .taken
+            .keys()
+            .filter(|k| !self.puts.contains_key(*k))
+            .collect();
+        f.debug_struct("Transaction")
+            .field("table", &self.map.table.name)
+            .field("cleared", &self.cleared)
+            .field("inserts", &puts)
+            .field("removes", &removed)
+            .finish()
+    }
+}
+
+impl<'m, K, V, S> Transaction<'m, K, V, S>
 where
     K: Eq + Hash,
     S: BuildHasher,
 {
-    /// The value of `key` as the transaction sees it: staged changes first.
+    fn new(map: &'m mut DbHashMap<K, V, S>) -> Self {
+        Transaction {
+            map,
+            puts: HashMap::new(),
+            taken: HashMap::new(),
+            cleared: false,
+            committed: false,
+            restore: |map, key, value| {
+                map.insert(key, value);
+            },
+        }
+    }
+
+    /// The value of `key` as the transaction sees it, staged changes included.
     pub fn get<Q>(&self, key: &Q) -> Option<&V>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        match self.staged.get(key) {
-            Some(Staged::Put { decoded, .. }) => Some(decoded),
-            Some(Staged::Delete { .. }) => None,
-            None if self.cleared => None,
+        match self.puts.get(key) {
+            Some(put) => Some(&put.value),
             None => self.map.map.get(key),
         }
     }
@@ -696,59 +952,180 @@ where
         self.get(key).is_some()
     }
 
-    /// Stages an insert. Fails now if the key or value does not encode.
-    pub fn insert(&mut self, key: K, value: V) -> Result<()> {
-        let k = self.map.encode_new_key(&key)?;
-        let v = self.map.encode_value(&value)?;
-        // An equal key staged before must have had the same bytes: the staged key is
-        // the one memory keeps.
-        if let Some(Staged::Put { key: staged, .. } | Staged::Delete { key: staged }) =
-            self.staged.get(&key)
-        {
-            self.map.same_bytes(staged, &k)?;
-        }
-        self.staged.insert(
-            key,
-            Staged::Put {
-                decoded: value,
-                key: k,
-                value: v,
-            },
-        );
-        Ok(())
+    /// The number of entries the transaction sees.
+    pub fn len(&self) -> usize {
+        self.map.map.len() + self.puts.len()
     }
 
-    /// Stages the removal of `key`; a key the transaction does not see is ignored.
-    pub fn remove<Q>(&mut self, key: &Q) -> Result<()>
+    /// Whether the transaction sees no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The entries the transaction sees, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> + '_ {
+        self.map
+            .map
+            .iter()
+            .chain(self.puts.iter().map(|(k, put)| (k, &put.value)))
+    }
+
+    /// Stages an insert and returns the value the key had, as the map's
+    /// [`insert`](DbHashMap::insert) does. Fails now if the key or value does not
+    /// encode, or if the key is equal to one held or staged that encodes differently.
+    ///
+    /// A value the map held is given back as the value codec reads it back from its
+    /// encoding (the map keeps its own until the commit); a value staged earlier in
+    /// the transaction is given back as it is.
+    pub fn insert(&mut self, key: K, value: V) -> Result<Option<V>> {
+        let (k, v) = self.encode_put(&key, &value)?;
+        let previous = match self.puts.remove(&key) {
+            Some(put) => Some(put.value),
+            None => self.take(&key)?,
+        };
+        self.puts.insert(
+            key,
+            Put {
+                value,
+                key: k,
+                bytes: v,
+            },
+        );
+        Ok(previous)
+    }
+
+    /// Stages the value `f` makes of the key's current value (`None` if the transaction
+    /// does not see the key), and returns the value now staged.
+    pub fn upsert(&mut self, key: K, f: impl FnOnce(Option<&V>) -> V) -> Result<&V> {
+        let value = f(self.get(&key));
+        let (k, v) = self.encode_put(&key, &value)?;
+        if !self.puts.contains_key(&key) {
+            if let Some((held, value)) = self.map.map.remove_entry(&key) {
+                self.taken.insert(held, value);
+            }
+        }
+        let put = Put {
+            value,
+            key: k,
+            bytes: v,
+        };
+        Ok(match self.puts.entry(key) {
+            hash_map::Entry::Occupied(mut staged) => {
+                staged.insert(put);
+                &staged.into_mut().value
+            }
+            hash_map::Entry::Vacant(slot) => &slot.insert(put).value,
+        })
+    }
+
+    /// Stages the removal of `key` and returns the value it had, as the map's
+    /// [`remove`](DbHashMap::remove) does (see [`insert`](Self::insert) for how a held
+    /// value is given back). A key the transaction does not see is ignored.
+    pub fn remove<Q>(&mut self, key: &Q) -> Result<Option<V>>
     where
-        K: Borrow<Q> + Clone,
+        K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let in_table = !self.cleared && self.map.map.contains_key(key);
-        match self.staged.remove_entry(key) {
-            Some((k, Staged::Put { key: bytes, .. })) if in_table => {
-                self.staged.insert(k, Staged::Delete { key: bytes });
-            }
-            Some((k, delete @ Staged::Delete { .. })) => {
-                self.staged.insert(k, delete);
-            }
-            Some(_) => {}
-            None if in_table => {
-                if let Some((held, _)) = self.map.map.get_key_value(key) {
-                    let bytes = self.map.encode_key(held)?;
-                    self.staged
-                        .insert(held.clone(), Staged::Delete { key: bytes });
-                }
-            }
-            None => {}
+        match self.puts.remove(key) {
+            Some(put) => Ok(Some(put.value)),
+            None => self.take(key),
         }
-        Ok(())
     }
 
     /// Stages the removal of every entry.
     pub fn clear(&mut self) {
         self.cleared = true;
-        self.staged.clear();
+        self.puts.clear();
+        self.taken.extend(self.map.map.drain());
+    }
+
+    /// Moves the entry of `key` out of the map's memory, if it holds one, and returns a
+    /// copy of its value read back through the codec: the original stays with the
+    /// transaction, to be put back if it does not commit.
+    fn take<Q>(&mut self, key: &Q) -> Result<Option<V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let Some((held, value)) = self.map.map.get_key_value(key) else {
+            return Ok(None);
+        };
+        let mut bytes = Vec::new();
+        let copy = self
+            .map
+            .values
+            .encode(value, &mut bytes)
+            .and_then(|()| self.map.values.decode(&bytes));
+        let copy = copy.map_err(|source| Error::Decode {
+            what: "value",
+            table: self.map.table.name.clone(),
+            row: self
+                .map
+                .encode_key(held)
+                .map_or_else(|_| "(a key)".into(), |k| show_bytes(&k)),
+            source,
+        })?;
+        if let Some((held, value)) = self.map.map.remove_entry(key) {
+            self.taken.insert(held, value);
+        }
+        Ok(Some(copy))
+    }
+
+    /// Encodes a staged insert, refusing a key equal to one held or staged whose bytes
+    /// differ: memory keeps one key object, the table must get the same bytes.
+    fn encode_put(&self, key: &K, value: &V) -> Result<(Vec<u8>, Vec<u8>)> {
+        let m = &*self.map;
+        let k = m.encode_key(key)?;
+        let held = m
+            .map
+            .get_key_value(key)
+            .or_else(|| self.taken.get_key_value(key))
+            .map(|(held, _)| held);
+        if let Some(held) = held {
+            m.same_bytes(&m.encode_key(held)?, &k)?;
+        }
+        if let Some(put) = self.puts.get(key) {
+            m.same_bytes(&put.key, &k)?;
+        }
+        Ok((k, m.encode_value(value)?))
+    }
+
+    /// Writes what was staged as one database transaction, then applies it to memory.
+    fn commit(mut self) -> Result<()> {
+        let mut batch = Batch {
+            clear: self.cleared,
+            ..Batch::default()
+        };
+        if !self.cleared {
+            for key in self.taken.keys().filter(|k| !self.puts.contains_key(*k)) {
+                batch.deletes.push(self.map.encode_key(key)?);
+            }
+        }
+        let mut entries = Vec::with_capacity(self.puts.len());
+        for (key, put) in self.puts.drain() {
+            batch.puts.push((put.key, put.bytes));
+            entries.push((key, put.value));
+        }
+        if let Err(e) = self.map.persist(batch) {
+            // `Drop` puts the taken entries back.
+            return Err(e);
+        }
+        self.committed = true;
+        self.taken.clear();
+        self.map.map.extend(entries);
+        Ok(())
+    }
+}
+
+impl<K, V, S> Drop for Transaction<'_, K, V, S> {
+    fn drop(&mut self) {
+        if !self.committed {
+            // Not committed: memory gets back what the transaction took out of it. The
+            // keys were the map's own, so they go back where they were.
+            for (key, value) in std::mem::take(&mut self.taken) {
+                (self.restore)(&mut self.map.map, key, value);
+            }
+        }
     }
 }
 

@@ -61,7 +61,7 @@ pub(crate) fn connect(url: &str) -> Result<Box<dyn Store>> {
     match parse(url)? {
         #[cfg(feature = "sqlite")]
         Target::Sqlite(path) => Ok(Box::new(crate::store::sqlite::SqliteStore::open_path(
-            path,
+            std::path::Path::new(path),
         )?)),
         #[cfg(not(feature = "sqlite"))]
         Target::Sqlite(_) => Err(feature_off(url, "sqlite")),

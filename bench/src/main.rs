@@ -110,11 +110,7 @@ fn data(n: usize) -> Data {
 }
 
 fn spec(name: &str) -> TableSpec {
-    TableSpec {
-        name: name.into(),
-        key_format: Format::Text,
-        value_format: Format::Text,
-    }
+    TableSpec::new(name, Format::Text, Format::Text)
 }
 
 fn timed(f: impl FnOnce()) -> Duration {

@@ -62,7 +62,7 @@ fn main() {
                     match v {
                         Some(v) => tx.insert(ops::key(*k), *v)?,
                         None => tx.remove(&ops::key(*k))?,
-                    }
+                    };
                 }
                 Ok(())
             }),

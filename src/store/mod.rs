@@ -38,6 +38,7 @@ pub use dialect::Dialect;
 
 /// The table a store serves: its name and the format of each column.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TableSpec {
     /// The table's name, unquoted; stores quote it for their dialect.
     pub name: String,
@@ -47,6 +48,17 @@ pub struct TableSpec {
     pub value_format: Format,
 }
 
+impl TableSpec {
+    /// A table of the given name whose columns hold the given formats.
+    pub fn new(name: impl Into<String>, key_format: Format, value_format: Format) -> Self {
+        TableSpec {
+            name: name.into(),
+            key_format,
+            value_format,
+        }
+    }
+}
+
 /// One row to load: the key's and the value's stored bytes.
 pub type RowSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
 
@@ -54,6 +66,7 @@ pub type RowSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
 /// row) if set, then `deletes`, then `puts` (upserts). Keys are distinct across
 /// `deletes` and `puts`, so the order within each list does not matter.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Batch {
     /// Delete every row first.
     pub clear: bool,
@@ -85,17 +98,14 @@ pub(crate) struct BatchBuilder {
 }
 
 impl BatchBuilder {
-    pub(crate) fn with_capacity(n: usize) -> Self {
-        BatchBuilder {
-            clear: false,
-            index: HashMap::with_capacity(n),
-            ops: Vec::with_capacity(n),
-        }
-    }
-
     /// Changes held, one per key (a clear counts as one).
     pub(crate) fn len(&self) -> usize {
         usize::from(self.clear) + self.ops.len()
+    }
+
+    /// Whether a change to `key` is held.
+    pub(crate) fn contains(&self, key: &[u8]) -> bool {
+        self.index.contains_key(key)
     }
 
     pub(crate) fn clear(&mut self) {
@@ -143,9 +153,11 @@ impl BatchBuilder {
 ///
 /// The map calls [`open`](Store::open) once, then [`load`](Store::load), then
 /// [`apply`](Store::apply) for every change; [`load`](Store::load) again on
-/// [`reload`](crate::DbHashMap::reload). Implement it to put a map on another store;
-/// the crate's backends implement it for `rusqlite::Connection`, `postgres::Client`
-/// and `mysql::Conn`.
+/// [`reload`](crate::DbHashMap::reload). Implement it to put a map on another store.
+/// The crate's own stores ([`SqliteStore`](crate::SqliteStore), `PostgresStore`,
+/// `MysqlStore`, `OdbcStore`) implement it, and the driver connections
+/// (`rusqlite::Connection`, `postgres::Client`, `mysql::Conn`,
+/// `odbc_api::Connection<'static>`) implement [`IntoStore`], which wraps them in those.
 pub trait Store: Send {
     /// The backend's name for messages (`"SQLite"`).
     fn backend(&self) -> &'static str;

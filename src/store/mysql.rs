@@ -110,11 +110,10 @@ impl MysqlStore {
     }
 
     fn dial(url: &str) -> Result<Conn> {
-        let fail = |e: mysql::Error| Error::Database {
-            action: Action::Connect,
-            table: String::new(),
+        let fail = |e: mysql::Error| Error::Connect {
+            url: redact(url),
             backend: D.name(),
-            source: format!("connecting to {}: {e}", redact(url)).into(),
+            source: e.into(),
         };
         let url = url
             .strip_prefix("mariadb://")

@@ -96,7 +96,11 @@ impl OdbcStore {
     fn dial(connection_string: &str) -> Result<Connection<'static>> {
         let env = odbc_api::environment().map_err(connect_error)?;
         env.connect_with_connection_string(connection_string, ConnectionOptions::default())
-            .map_err(|e| connect_error(format!("connecting to {}: {e}", redact(connection_string))))
+            .map_err(|e| Error::Connect {
+                url: format!("odbc:{}", redact(connection_string)),
+                backend: "ODBC",
+                source: e.into(),
+            })
     }
 
     fn name(&self) -> &'static str {

@@ -87,11 +87,10 @@ impl PostgresStore {
     }
 
     fn dial(url: &str) -> Result<Client> {
-        Client::connect(url, NoTls).map_err(|e| Error::Database {
-            action: Action::Connect,
-            table: String::new(),
+        Client::connect(url, NoTls).map_err(|e| Error::Connect {
+            url: redact(url),
             backend: D.name(),
-            source: format!("connecting to {}: {e}", redact(url)).into(),
+            source: e.into(),
         })
     }
 

@@ -1,5 +1,7 @@
 //! SQLite through rusqlite (feature `sqlite`).
 
+use std::path::Path;
+
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, TransactionBehavior};
 
@@ -44,15 +46,14 @@ impl SqliteStore {
 
     /// Opens a database file (or `:memory:`) with this crate's defaults: WAL journal,
     /// `synchronous = FULL` (a commit survives a power loss), a 5 s busy timeout.
-    pub(crate) fn open_path(path: &str) -> Result<Self> {
-        let fail = |e: rusqlite::Error| Error::Database {
-            action: Action::Connect,
-            table: String::new(),
+    pub(crate) fn open_path(path: &Path) -> Result<Self> {
+        let fail = |e: rusqlite::Error| Error::Connect {
+            url: format!("the SQLite file {}", path.display()),
             backend: D.name(),
-            source: format!("opening {path:?}: {e}").into(),
+            source: e.into(),
         };
         let conn = Connection::open(path).map_err(fail)?;
-        if path != ":memory:" {
+        if path != Path::new(":memory:") {
             conn.pragma_update(None, "journal_mode", "WAL")
                 .map_err(fail)?;
         }
