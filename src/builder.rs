@@ -53,7 +53,13 @@ impl<K, V, S, KC, VC> std::fmt::Debug for Builder<K, V, S, KC, VC> {
             .field("table", &self.table)
             .field("key_codec", &std::any::type_name::<KC>())
             .field("value_codec", &std::any::type_name::<VC>())
-            .field("src", &self.src.as_ref().map(|src| format!("{} entries", src.len())))
+            .field(
+                "src",
+                &self
+                    .src
+                    .as_ref()
+                    .map(|src| format!("{} entries", src.len())),
+            )
             .field("write_behind", &self.write_behind)
             .finish_non_exhaustive()
     }

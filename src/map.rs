@@ -22,6 +22,15 @@ use crate::write_behind::{Behind, WriteBehind};
 /// statement first and changes memory only when the statement succeeded; when it
 /// fails, the error is returned and memory is exactly as before.
 ///
+/// **One writer per table.** The map trusts that nothing else writes its table: two
+/// maps on one table, or a map and another program, silently diverge. Keep one map
+/// per table, or call [`reload`](Self::reload) after others wrote.
+///
+/// **`HashMap` habits.** `Deref` gives read access only: `entry` and `get_mut` do not
+/// compile here (use [`upsert`](Self::upsert), [`get_or_insert_with`](Self::get_or_insert_with)
+/// or [`update`](Self::update)), and neither does `clone` (use
+/// [`to_hash_map`](Self::to_hash_map), a copy that is never persisted).
+///
 /// ```
 /// use write_thru_hash::DbHashMap;
 ///
@@ -214,6 +223,8 @@ impl<K, V, S> DbHashMap<K, V, S> {
     /// changes are never persisted. Use [`to_hash_map`](Self::to_hash_map) for a copy of
     /// the content, or open the table again for a second map.
     #[doc(hidden)]
+    // Shadowing `Clone::clone` is the point: the call must not reach `HashMap`'s.
+    #[allow(clippy::should_implement_trait)]
     pub fn clone(&self) -> Self
     where
         K: crate::blocked::UseToHashMap,
@@ -1106,10 +1117,8 @@ where
             batch.puts.push((put.key, put.bytes));
             entries.push((key, put.value));
         }
-        if let Err(e) = self.map.persist(batch) {
-            // `Drop` puts the taken entries back.
-            return Err(e);
-        }
+        // On failure, `Drop` puts the taken entries back.
+        self.map.persist(batch)?;
         self.committed = true;
         self.taken.clear();
         self.map.map.extend(entries);

@@ -139,7 +139,8 @@ fn sqlite_file_turns_read_only_under_an_open_map() {
         h.insert_many([("c".to_string(), "3".to_string())]),
         h.remove("a").map(drop),
         h.clear(),
-        h.transaction(|tx| tx.insert("d".into(), "4".into())).map(drop),
+        h.transaction(|tx| tx.insert("d".into(), "4".into()))
+            .map(drop),
     ];
     immutable(&path, false);
     for r in &results {

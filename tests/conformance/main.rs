@@ -2,6 +2,7 @@
 //! backend this build has: SQLite always, PostgreSQL and MariaDB with their features,
 //! and with `odbc` the same three through their ODBC drivers.
 
+mod api;
 mod bring;
 mod env;
 mod suite;
@@ -67,4 +68,7 @@ all_backends!(
     bring::server_reasons_are_shown,
     bring::existing_tables_open_without_create_rights,
     bring::connections_in_any_state,
+    api::read_modify_write,
+    api::transaction_view_and_previous_values,
+    api::errors_chain_each_cause_once,
 );

@@ -1,0 +1,104 @@
+//! The API around the map, on the embedded default: the re-exported driver, paths that
+//! are not UTF-8, retryable errors, connection errors that keep the driver's error, and
+//! `Debug` that shows no password.
+
+use std::error::Error as _;
+
+use write_thru_hash::{rusqlite, DbHashMap, Error};
+
+#[test]
+fn the_reexported_driver_opens_maps() {
+    let conn = write_thru_hash::rusqlite::Connection::open_in_memory().unwrap();
+    let mut h: DbHashMap<String, i64> = DbHashMap::open(conn).unwrap();
+    h.insert("a".into(), 1).unwrap();
+    assert_eq!(h["a"], 1);
+}
+
+#[cfg(unix)]
+#[test]
+fn open_path_takes_paths_that_are_not_utf8() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir
+        .path()
+        .join(std::ffi::OsStr::from_bytes(b"caf\xe9.sqlite"));
+    let mut h: DbHashMap<String, i64> = DbHashMap::open_path(&path).unwrap();
+    h.insert("a".into(), 1).unwrap();
+    drop(h);
+    let again: DbHashMap<String, i64> = DbHashMap::open_path(&path).unwrap();
+    assert_eq!(again["a"], 1);
+    let mode: String = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal", "the durable defaults of open_url");
+}
+
+#[test]
+fn a_busy_database_is_retryable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("busy.sqlite");
+    // A connection without a busy timeout, as a user may hand over.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.busy_timeout(std::time::Duration::ZERO).unwrap();
+    let mut h: DbHashMap<String, i64> = DbHashMap::open(conn).unwrap();
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let err = h.insert("a".into(), 1).unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(h.is_empty());
+    other.execute_batch("COMMIT").unwrap();
+    h.insert("a".into(), 1).unwrap();
+    let missing = DbHashMap::<String, i64>::open_url("nosuch:x").unwrap_err();
+    assert!(!missing.is_retryable());
+}
+
+#[test]
+fn connection_errors_keep_the_drivers_error() {
+    let err = DbHashMap::<String, i64>::open_url("sqlite:/nonexistent/dir/x.sqlite").unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    let source = err.source().expect("a source");
+    assert!(
+        source.downcast_ref::<rusqlite::Error>().is_some(),
+        "{source:?}"
+    );
+    assert!(
+        !err.to_string().contains(&source.to_string()),
+        "shown once: {err}"
+    );
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_connection_errors_keep_the_drivers_error() {
+    let err =
+        DbHashMap::<String, i64>::open_url("postgres://app:pa/ss@127.0.0.1:1/db").unwrap_err();
+    let source = err.source().expect("a source");
+    assert!(source
+        .downcast_ref::<write_thru_hash::postgres::Error>()
+        .is_some());
+    assert!(!format!("{err} {err:?} {source} {source:?}").contains("pa/ss"));
+}
+
+#[test]
+fn debug_output_shows_no_password_and_what_is_staged() {
+    let b = DbHashMap::<String, i64>::builder_url("postgres://app:hunter2@h/db").table("t");
+    let shown = format!("{b:?}");
+    assert!(
+        shown.contains("\"t\"") && !shown.contains("hunter2"),
+        "{shown}"
+    );
+    let mut h: DbHashMap<String, i64> = DbHashMap::open_url("sqlite::memory:").unwrap();
+    h.insert("gone".into(), 0).unwrap();
+    h.transaction(|tx| {
+        tx.insert("a".into(), 1)?;
+        tx.remove("gone")?;
+        let shown = format!("{tx:?}");
+        assert!(
+            shown.contains("\"a\"") && shown.contains("\"gone\""),
+            "{shown}"
+        );
+        Ok(())
+    })
+    .unwrap();
+}
