@@ -190,8 +190,9 @@ impl Dialect {
     /// A query of one text parameter (as for [`layout_query`](Self::layout_query))
     /// that lists the table's unique indexes, the primary key included, as four texts:
     /// name, `1` for the primary key, the indexed columns joined by commas
-    /// (`(expression)` for an expression), and how the key is compared where the
-    /// catalog says (SQLite: the collations; MySQL: a prefix length; else empty).
+    /// (`(expression)` for an expression), and how the key is compared where it is
+    /// not byte for byte (SQLite: the collations, `BINARY` being exact; PostgreSQL: a
+    /// nondeterministic collation; MySQL: a prefix length), else empty.
     #[cfg_attr(
         not(any(
             feature = "sqlite",
@@ -216,7 +217,11 @@ impl Dialect {
                  (SELECT string_agg(coalesce(a.attname::text, '(expression)'), ',' \
                  ORDER BY k.n) FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(num, n) \
                  LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.num \
-                 AND k.num > 0), CASE WHEN i.indpred IS NULL THEN '' ELSE 'a condition' END \
+                 AND k.num > 0), \
+                 coalesce((SELECT string_agg(c.collname::text, ',') \
+                 FROM unnest(i.indcollation::oid[]) AS ic(coll) \
+                 JOIN pg_collation c ON c.oid = ic.coll \
+                 WHERE (to_jsonb(c) ->> 'collisdeterministic') = 'false'), '') \
                  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
                  WHERE i.indrelid = to_regclass(CAST({p} AS text)) AND i.indisunique"
             ),

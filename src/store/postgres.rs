@@ -129,7 +129,20 @@ impl PostgresStore {
             backend: D.name(),
             source: e.into(),
         };
-        let state = self.client.simple_query(sql).map_err(fail)?;
+        let state = match self.client.simple_query(sql) {
+            Ok(state) => state,
+            // in_failed_sql_transaction: the caller's transaction failed and waits for
+            // its ROLLBACK.
+            Err(e) if e.code() == Some(&postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION) => {
+                return Err(Error::ConnectionState {
+                    backend: D.name(),
+                    reason: "it is inside a failed transaction block that the caller began; \
+                             roll it back before handing the client to the map"
+                        .into(),
+                })
+            }
+            Err(e) => return Err(fail(e)),
+        };
         let in_tx = state.iter().any(|m| match m {
             postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("in transaction"),
             _ => false,

@@ -119,7 +119,10 @@ pub(crate) fn check_layout(
     }
     for (name, primary, columns, compared) in indexes {
         let exact = compared.is_empty() || compared.eq_ignore_ascii_case("binary");
-        if primary != "1" {
+        let primary = primary == "1";
+        // Another unique index on exactly the whole key, compared exactly, is only a
+        // second copy of the primary key: it cannot match another row.
+        if !is(columns, "key") && !primary {
             return refuse(format!(
                 "it has another unique index, {name:?} on ({columns}), which an upsert could \
                  hit instead of the primary key, so a write could change another row; \
@@ -133,14 +136,29 @@ pub(crate) fn check_layout(
             ));
         }
         if !exact {
+            let what = if primary {
+                "its primary key".to_string()
+            } else {
+                format!("its unique index {name:?}")
+            };
             let why = if compared.bytes().all(|b| b.is_ascii_digit()) {
-                format!("covers only the first {compared} characters of `key`, so keys that share them collide")
+                format!(
+                    "covers only the first {compared} characters of `key`, so keys that \
+                     share them collide"
+                )
+            } else if d == Dialect::Postgres {
+                format!("compares keys with the nondeterministic collation {compared}")
             } else {
                 format!("compares keys with the collation {compared}, not byte for byte")
             };
+            let remedy = if primary {
+                "make the whole `key` column the primary key, compared exactly"
+            } else {
+                "drop that index (the primary key already keeps keys unique)"
+            };
             return refuse(format!(
-                "its primary key {why}; make the whole `key` column the primary key, \
-                 compared exactly (see the README, \"Tables users bring\")"
+                "{what} {why}; {remedy} (see the README, \"Tables and connections users \
+                 bring\")"
             ));
         }
     }

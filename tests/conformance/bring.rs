@@ -222,6 +222,25 @@ pub(crate) fn tables_that_do_not_keep_keys_apart_are_refused(env: &impl Env) {
             }
         }
     }
+    // A unique index that compares the key otherwise than its primary key does.
+    let (table, index) = (env.q("user index"), env.q("user index ci"));
+    let (key_type, ci) = match env.dialect() {
+        Dialect::Sqlite => ("TEXT", format!("{k} COLLATE NOCASE")),
+        Dialect::Postgres => ("text", format!("{k} COLLATE wth_ci")),
+        _ => ("VARBINARY(100)", format!("{k}(2)")),
+    };
+    env.exec(&format!(
+        "CREATE TABLE {table} ({k} {key_type} NOT NULL PRIMARY KEY, {v} TEXT NOT NULL)"
+    ));
+    env.exec(&format!("CREATE UNIQUE INDEX {index} ON {table} ({ci})"));
+    let err = DbHashMap::<String, String>::builder_url(&env.url())
+        .table("user index")
+        .codec(Text)
+        .open()
+        .unwrap_err();
+    assert!(err.to_string().contains("unique index"), "{err}");
+    assert_eq!(rows(env, "user index"), 0);
+
     for (i, case) in cases.iter().enumerate() {
         let name = format!("user {i}");
         let engine = if env.dialect() == Dialect::Mysql {
@@ -270,10 +289,21 @@ pub(crate) fn user_tables_that_keep_keys_apart_work(env: &impl Env) {
         ),
     };
     env.exec(&format!("CREATE TABLE {} ({cols})", env.q("mine")));
-    // A plain (not unique) index is fine.
+    // A plain (not unique) index is fine, and so is a second unique index on exactly
+    // the whole key, compared exactly: it cannot match another row.
     env.exec(&format!(
         "CREATE INDEX {} ON {} (note)",
         env.q("mine_note"),
+        env.q("mine")
+    ));
+    let exact = match env.dialect() {
+        // The column's own collation is NOCASE here.
+        Dialect::Sqlite => format!("{k} COLLATE BINARY"),
+        _ => k.clone(),
+    };
+    env.exec(&format!(
+        "CREATE UNIQUE INDEX {} ON {} ({exact})",
+        env.q("mine_key"),
         env.q("mine")
     ));
     let mut h: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
@@ -422,6 +452,13 @@ pub(crate) fn existing_tables_open_without_create_rights(env: &impl Env) {
 /// would commit or roll back the caller's work); one with autocommit off is used, and
 /// every write it acknowledges is committed.
 pub(crate) fn connections_in_any_state(env: &impl Env) {
+    if let Some(conn) = env.conn_in_failed_transaction() {
+        let err = DbHashMap::<String, i64>::builder(conn)
+            .table("states")
+            .open()
+            .unwrap_err();
+        assert!(matches!(err, Error::ConnectionState { .. }), "{err}");
+    }
     if let Some(conn) = env.conn_in_transaction() {
         let err = DbHashMap::<String, i64>::builder(conn)
             .table("states")

@@ -36,6 +36,10 @@ pub(crate) trait Env {
     fn conn_in_transaction(&self) -> Option<Box<dyn Store>> {
         None
     }
+    /// A native connection inside a transaction that failed, where the backend has them.
+    fn conn_in_failed_transaction(&self) -> Option<Box<dyn Store>> {
+        None
+    }
     /// A native connection with autocommit off, where the backend has the setting.
     fn conn_autocommit_off(&self) -> Option<Box<dyn Store>> {
         None
@@ -285,6 +289,12 @@ mod pg {
         fn conn_in_transaction(&self) -> Option<Box<dyn Store>> {
             let mut c = self.raw();
             c.batch_execute("BEGIN; SELECT 1").unwrap();
+            Some(c.into_store())
+        }
+        fn conn_in_failed_transaction(&self) -> Option<Box<dyn Store>> {
+            let mut c = self.raw();
+            c.batch_execute("BEGIN").unwrap();
+            assert!(c.batch_execute("SELECT 1/0").is_err());
             Some(c.into_store())
         }
     }
