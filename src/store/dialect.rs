@@ -46,16 +46,16 @@ pub(crate) enum Affinity {
     Numeric,
 }
 
+#[cfg_attr(
+    not(any(
+        feature = "sqlite",
+        feature = "postgres",
+        feature = "mysql",
+        feature = "odbc"
+    )),
+    allow(dead_code)
+)]
 impl Affinity {
-    #[cfg_attr(
-        not(any(
-            feature = "sqlite",
-            feature = "postgres",
-            feature = "mysql",
-            feature = "odbc"
-        )),
-        allow(dead_code)
-    )]
     pub(crate) fn of(declared: &str) -> Affinity {
         let t = declared.to_ascii_uppercase();
         if t.contains("INT") {
@@ -141,115 +141,6 @@ impl Dialect {
         match marks {
             Marks::Native => self.placeholder(n),
             Marks::Question => "?".to_string(),
-        }
-    }
-
-    /// A query of one text parameter (see [`layout_param`](Self::layout_param)) that
-    /// lists the table's columns as four texts: name, `1` if part of the primary key
-    /// else `0`, type, and collation (empty if none). No rows: no such table.
-    #[cfg_attr(
-        not(any(
-            feature = "sqlite",
-            feature = "postgres",
-            feature = "mysql",
-            feature = "odbc"
-        )),
-        allow(dead_code)
-    )]
-    pub(crate) fn layout_query(self, marks: Marks) -> String {
-        match self {
-            Dialect::Sqlite => format!(
-                "SELECT name, CASE WHEN pk > 0 THEN '1' ELSE '0' END, type, '' \
-                 FROM pragma_table_info({})",
-                self.mark(marks, 1)
-            ),
-            // `collisdeterministic` exists from PostgreSQL 12; read through jsonb so
-            // that older servers (where every collation is deterministic) answer too.
-            Dialect::Postgres => format!(
-                "SELECT a.attname::text, \
-                 CASE WHEN a.attnum = ANY(i.indkey) THEN '1' ELSE '0' END, \
-                 format_type(a.atttypid, NULL), coalesce(c.collname::text || \
-                 CASE WHEN (to_jsonb(c) ->> 'collisdeterministic') = 'false' \
-                 THEN ' (nondeterministic)' ELSE '' END, '') \
-                 FROM pg_attribute a \
-                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
-                 LEFT JOIN pg_collation c ON c.oid = a.attcollation \
-                 WHERE a.attrelid = to_regclass(CAST({} AS text)) \
-                 AND a.attnum > 0 AND NOT a.attisdropped",
-                self.mark(marks, 1)
-            ),
-            Dialect::Mysql => format!(
-                "SELECT column_name, IF(column_key = 'PRI', '1', '0'), data_type, \
-                 coalesce(collation_name, '') FROM information_schema.columns \
-                 WHERE table_schema = database() AND table_name = {}",
-                self.mark(marks, 1)
-            ),
-        }
-    }
-
-    /// A query of one text parameter (as for [`layout_query`](Self::layout_query))
-    /// that lists the table's unique indexes, the primary key included, as four texts:
-    /// name, `1` for the primary key, the indexed columns joined by commas
-    /// (`(expression)` for an expression), and how the key is compared where it is
-    /// not byte for byte (SQLite: the collations, `BINARY` being exact; PostgreSQL: a
-    /// nondeterministic collation; MySQL: a prefix length), else empty.
-    #[cfg_attr(
-        not(any(
-            feature = "sqlite",
-            feature = "postgres",
-            feature = "mysql",
-            feature = "odbc"
-        )),
-        allow(dead_code)
-    )]
-    pub(crate) fn unique_indexes_query(self, marks: Marks) -> String {
-        let p = self.mark(marks, 1);
-        match self {
-            Dialect::Sqlite => format!(
-                "SELECT il.name, CASE WHEN il.origin = 'pk' THEN '1' ELSE '0' END, \
-                 group_concat(coalesce(ix.name, '(expression)'), ','), \
-                 group_concat(coalesce(ix.coll, ''), ',') \
-                 FROM pragma_index_list({p}) AS il JOIN pragma_index_xinfo(il.name) AS ix \
-                 WHERE il.\"unique\" AND ix.key GROUP BY il.name"
-            ),
-            Dialect::Postgres => format!(
-                "SELECT ic.relname::text, CASE WHEN i.indisprimary THEN '1' ELSE '0' END, \
-                 (SELECT string_agg(coalesce(a.attname::text, '(expression)'), ',' \
-                 ORDER BY k.n) FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(num, n) \
-                 LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.num \
-                 AND k.num > 0), \
-                 coalesce((SELECT string_agg(c.collname::text, ',') \
-                 FROM unnest(i.indcollation::oid[]) AS ic(coll) \
-                 JOIN pg_collation c ON c.oid = ic.coll \
-                 WHERE (to_jsonb(c) ->> 'collisdeterministic') = 'false'), '') \
-                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
-                 WHERE i.indrelid = to_regclass(CAST({p} AS text)) AND i.indisunique"
-            ),
-            Dialect::Mysql => format!(
-                "SELECT index_name, IF(index_name = 'PRIMARY', '1', '0'), \
-                 group_concat(coalesce(column_name, '(expression)') ORDER BY seq_in_index), \
-                 coalesce(CAST(max(sub_part) AS CHAR), '') \
-                 FROM information_schema.statistics WHERE table_schema = database() \
-                 AND table_name = {p} AND non_unique = 0 GROUP BY index_name"
-            ),
-        }
-    }
-
-    /// The parameter of [`layout_query`](Self::layout_query): PostgreSQL resolves a
-    /// quoted name, the others take the name as it is.
-    #[cfg_attr(
-        not(any(
-            feature = "sqlite",
-            feature = "postgres",
-            feature = "mysql",
-            feature = "odbc"
-        )),
-        allow(dead_code)
-    )]
-    pub(crate) fn layout_param(self, t: &TableSpec) -> String {
-        match self {
-            Dialect::Postgres => self.quote(&t.name),
-            _ => t.name.clone(),
         }
     }
 
@@ -521,6 +412,100 @@ impl Dialect {
             self.quote(&t.name),
             self.quote("key")
         )
+    }
+}
+
+/// The catalog queries that opening a table runs; unused in a build without backends.
+#[cfg_attr(
+    not(any(
+        feature = "sqlite",
+        feature = "postgres",
+        feature = "mysql",
+        feature = "odbc"
+    )),
+    allow(dead_code)
+)]
+impl Dialect {
+    /// A query of one text parameter (see [`layout_param`](Self::layout_param)) that
+    /// lists the table's columns as four texts: name, `1` if part of the primary key
+    /// else `0`, type, and collation (empty if none). No rows: no such table.
+    pub(crate) fn layout_query(self, marks: Marks) -> String {
+        match self {
+            Dialect::Sqlite => format!(
+                "SELECT name, CASE WHEN pk > 0 THEN '1' ELSE '0' END, type, '' \
+                 FROM pragma_table_info({})",
+                self.mark(marks, 1)
+            ),
+            // `collisdeterministic` exists from PostgreSQL 12; read through jsonb so
+            // that older servers (where every collation is deterministic) answer too.
+            Dialect::Postgres => format!(
+                "SELECT a.attname::text, \
+                 CASE WHEN a.attnum = ANY(i.indkey) THEN '1' ELSE '0' END, \
+                 format_type(a.atttypid, NULL), coalesce(c.collname::text || \
+                 CASE WHEN (to_jsonb(c) ->> 'collisdeterministic') = 'false' \
+                 THEN ' (nondeterministic)' ELSE '' END, '') \
+                 FROM pg_attribute a \
+                 LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+                 LEFT JOIN pg_collation c ON c.oid = a.attcollation \
+                 WHERE a.attrelid = to_regclass(CAST({} AS text)) \
+                 AND a.attnum > 0 AND NOT a.attisdropped",
+                self.mark(marks, 1)
+            ),
+            Dialect::Mysql => format!(
+                "SELECT column_name, IF(column_key = 'PRI', '1', '0'), data_type, \
+                 coalesce(collation_name, '') FROM information_schema.columns \
+                 WHERE table_schema = database() AND table_name = {}",
+                self.mark(marks, 1)
+            ),
+        }
+    }
+
+    /// A query of one text parameter (as for [`layout_query`](Self::layout_query))
+    /// that lists the table's unique indexes, the primary key included, as four texts:
+    /// name, `1` for the primary key, the indexed columns joined by commas
+    /// (`(expression)` for an expression), and how the key is compared where it is
+    /// not byte for byte (SQLite: the collations, `BINARY` being exact; PostgreSQL: a
+    /// nondeterministic collation; MySQL: a prefix length), else empty.
+    pub(crate) fn unique_indexes_query(self, marks: Marks) -> String {
+        let p = self.mark(marks, 1);
+        match self {
+            Dialect::Sqlite => format!(
+                "SELECT il.name, CASE WHEN il.origin = 'pk' THEN '1' ELSE '0' END, \
+                 group_concat(coalesce(ix.name, '(expression)'), ','), \
+                 group_concat(coalesce(ix.coll, ''), ',') \
+                 FROM pragma_index_list({p}) AS il JOIN pragma_index_xinfo(il.name) AS ix \
+                 WHERE il.\"unique\" AND ix.key GROUP BY il.name"
+            ),
+            Dialect::Postgres => format!(
+                "SELECT ic.relname::text, CASE WHEN i.indisprimary THEN '1' ELSE '0' END, \
+                 (SELECT string_agg(coalesce(a.attname::text, '(expression)'), ',' \
+                 ORDER BY k.n) FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(num, n) \
+                 LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.num \
+                 AND k.num > 0), \
+                 coalesce((SELECT string_agg(c.collname::text, ',') \
+                 FROM unnest(i.indcollation::oid[]) AS ic(coll) \
+                 JOIN pg_collation c ON c.oid = ic.coll \
+                 WHERE (to_jsonb(c) ->> 'collisdeterministic') = 'false'), '') \
+                 FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+                 WHERE i.indrelid = to_regclass(CAST({p} AS text)) AND i.indisunique"
+            ),
+            Dialect::Mysql => format!(
+                "SELECT index_name, IF(index_name = 'PRIMARY', '1', '0'), \
+                 group_concat(coalesce(column_name, '(expression)') ORDER BY seq_in_index), \
+                 coalesce(CAST(max(sub_part) AS CHAR), '') \
+                 FROM information_schema.statistics WHERE table_schema = database() \
+                 AND table_name = {p} AND non_unique = 0 GROUP BY index_name"
+            ),
+        }
+    }
+
+    /// The parameter of [`layout_query`](Self::layout_query): PostgreSQL resolves a
+    /// quoted name, the others take the name as it is.
+    pub(crate) fn layout_param(self, t: &TableSpec) -> String {
+        match self {
+            Dialect::Postgres => self.quote(&t.name),
+            _ => t.name.clone(),
+        }
     }
 }
 

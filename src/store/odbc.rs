@@ -246,18 +246,29 @@ impl OdbcStore {
             };
         }
         if !self.known {
-            return db_error(
-                Action::Write,
-                t,
-                self.name(),
-                format!(
-                    "the data source's DBMS {:?} is not one this crate knows (PostgreSQL, \
-                     MariaDB/MySQL, SQLite) and it rejected the statement `{sql}`: {e}",
-                    self.dbms
-                ),
-            );
+            return self.unknown_dbms_refused(Action::Write, t, sql, e);
         }
         db_error(Action::Write, t, self.name(), e)
+    }
+
+    /// A statement an unknown DBMS rejected: the error names the DBMS and the statement.
+    fn unknown_dbms_refused(
+        &self,
+        action: Action,
+        t: &TableSpec,
+        sql: &str,
+        e: impl std::fmt::Display,
+    ) -> Error {
+        db_error(
+            action,
+            t,
+            self.name(),
+            format!(
+                "the data source's DBMS {:?} is not one this crate knows (PostgreSQL, \
+                 MariaDB/MySQL, SQLite) and it rejected the statement `{sql}`: {e}",
+                self.dbms
+            ),
+        )
     }
 
     /// Refuses text that holds a NUL character: psqlODBC cuts text there on the way in
@@ -410,18 +421,8 @@ impl Store for OdbcStore {
                  indexes) is not checked"
             );
             let sql = d.create_table(t);
-            Catalog::exec(self, &sql).map_err(|e| {
-                db_error(
-                    Action::Open,
-                    t,
-                    self.name(),
-                    format!(
-                        "the data source's DBMS {:?} is not one this crate knows (PostgreSQL, \
-                     MariaDB/MySQL, SQLite) and it rejected the statement `{sql}`: {e}",
-                        self.dbms
-                    ),
-                )
-            })?;
+            Catalog::exec(self, &sql)
+                .map_err(|e| self.unknown_dbms_refused(Action::Open, t, &sql, e))?;
         }
         if let Some(sql) = self.dialect.packet_query().filter(|_| self.known) {
             let fail = |e| db_error(Action::Open, t, self.name(), e);
