@@ -10,6 +10,9 @@ use crate::map::DbHashMap;
 use crate::store::{Store, TableSpec};
 use crate::write_behind::WriteBehind;
 
+/// How many versions of changes a coherent table's log keeps by default.
+const DEFAULT_CHANGE_WINDOW: u64 = 100_000;
+
 /// The table name the Racket original uses, and this crate's default.
 pub const DEFAULT_TABLE: &str = "hashtable";
 
@@ -35,6 +38,8 @@ pub const DEFAULT_TABLE: &str = "hashtable";
 pub struct Builder<K, V, S = RandomState, KC = Json, VC = Json> {
     store: Source,
     write_behind: Option<WriteBehind>,
+    /// Coherence, with how many versions of changes the log keeps.
+    coherent: Option<u64>,
     table: String,
     src: Option<Vec<(K, V)>>,
     keys: KC,
@@ -61,6 +66,7 @@ impl<K, V, S, KC, VC> std::fmt::Debug for Builder<K, V, S, KC, VC> {
                     .map(|src| format!("{} entries", src.len())),
             )
             .field("write_behind", &self.write_behind)
+            .field("coherent", &self.coherent)
             .finish_non_exhaustive()
     }
 }
@@ -76,6 +82,7 @@ impl<K, V> Builder<K, V> {
         Builder {
             store,
             write_behind: None,
+            coherent: None,
             table: DEFAULT_TABLE.to_string(),
             src: None,
             keys: Json,
@@ -108,11 +115,31 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         self
     }
 
+    /// Coherence: many maps on one table see each other's changes with
+    /// [`refresh`](DbHashMap::refresh). The table gets a change log beside it, kept by
+    /// triggers, so every writer is seen, plain SQL included; an existing table is
+    /// upgraded in place, its rows kept, and still opens (and is written correctly)
+    /// without `coherent()`. See the README, "Many maps, one table".
+    pub fn coherent(mut self) -> Self {
+        self.coherent.get_or_insert(DEFAULT_CHANGE_WINDOW);
+        self
+    }
+
+    /// Coherence: how many versions of changes the log keeps (default 100,000; at
+    /// least 1). Older changes are compacted away, so the log does not grow without
+    /// bound; a map that has seen less than that reloads in full on its next refresh.
+    /// Implies [`coherent`](Self::coherent).
+    pub fn change_window(mut self, versions: u64) -> Self {
+        self.coherent = Some(versions.max(1));
+        self
+    }
+
     /// One codec for keys and values.
     pub fn codec<C: Clone>(self, codec: C) -> Builder<K, V, S, C, C> {
         Builder {
             store: self.store,
             write_behind: self.write_behind,
+            coherent: self.coherent,
             table: self.table,
             src: self.src,
             keys: codec.clone(),
@@ -126,6 +153,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         Builder {
             store: self.store,
             write_behind: self.write_behind,
+            coherent: self.coherent,
             table: self.table,
             src: self.src,
             keys: codec,
@@ -139,6 +167,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         Builder {
             store: self.store,
             write_behind: self.write_behind,
+            coherent: self.coherent,
             table: self.table,
             src: self.src,
             keys: self.keys,
@@ -152,6 +181,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         Builder {
             store: self.store,
             write_behind: self.write_behind,
+            coherent: self.coherent,
             table: self.table,
             src: self.src,
             keys: self.keys,
@@ -187,6 +217,9 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             Box::new(self.values),
             table,
         );
+        if let Some(keep) = self.coherent {
+            h.start_coherence(keep)?;
+        }
         match self.src {
             None => h.load_empty()?,
             Some(src) => h.replace_all(src)?,

@@ -226,6 +226,16 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// `refresh` on a map opened without [`coherent`](crate::Builder::coherent), or a
+    /// store that keeps no change log.
+    #[error("table {table:?} cannot refresh: {reason}")]
+    NotCoherent {
+        /// The table's name.
+        table: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+
     /// A database URL could not be used.
     #[error("database URL {url:?} cannot be used: {reason}")]
     Url {
@@ -316,6 +326,38 @@ impl Error {
     /// which the map needs a working connection and a [`reload`](crate::DbHashMap::reload).
     pub fn is_outcome_unknown(&self) -> bool {
         matches!(self, Error::OutcomeUnknown { .. } | Error::Poisoned { .. })
+    }
+}
+
+impl Error {
+    /// Whether the server rolled the whole transaction back because it conflicted with
+    /// another (a deadlock, a serialization failure, Galera's certification conflict):
+    /// then trying it again is safe and likely to succeed.
+    pub(crate) fn is_conflict(&self) -> bool {
+        let Error::Database { source, .. } = self else {
+            return false;
+        };
+        let source = source.as_ref();
+        #[cfg(feature = "postgres")]
+        if let Some(code) = source
+            .downcast_ref::<postgres::Error>()
+            .and_then(postgres::Error::code)
+        {
+            return ["40001", "40P01"].contains(&code.code());
+        }
+        #[cfg(feature = "mysql")]
+        if let Some(mysql::Error::MySqlError(e)) = source.downcast_ref::<mysql::Error>() {
+            return e.code == 1213;
+        }
+        #[cfg(feature = "odbc")]
+        if let Some(odbc_api::Error::Diagnostics { record, .. }) =
+            source.downcast_ref::<odbc_api::Error>()
+        {
+            return ["40001", "40P01"].contains(&record.state.as_str())
+                || record.native_error == 1213;
+        }
+        let _ = source;
+        false
     }
 }
 

@@ -61,6 +61,45 @@ pub struct DbHashMap<K, V, S = RandomState> {
     values: Box<dyn Codec<V>>,
     table: TableSpec,
     poisoned: bool,
+    /// Coherence: the version of the table this map has seen, and its settings.
+    coherent: Option<Coherent>,
+    /// Writes tried again after a conflict with another writer, so far.
+    conflicts_retried: u64,
+}
+
+/// A coherent map's state: the table version it has seen, how many versions of changes
+/// the log keeps, and writes since the log was last looked at for compaction.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Coherent {
+    pub(crate) seen: u64,
+    pub(crate) keep: u64,
+    writes: u64,
+}
+
+/// How many times a write that conflicted with another writer is tried again.
+const CONFLICT_RETRIES: u32 = 8;
+
+/// The pause before try `tries` (from 1) of a conflicting write: about 1 ms, doubling,
+/// with a jitter so that two writers that conflicted do not meet again.
+fn conflict_pause(tries: u32) -> std::time::Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let base = 500u64 << tries.min(10);
+    std::time::Duration::from_micros(base + u64::from(nanos) % base)
+}
+
+/// Changes written between two looks at whether the change log needs compacting.
+const COMPACT_EVERY: u64 = 1024;
+
+impl Coherent {
+    pub(crate) fn new(keep: u64) -> Self {
+        Coherent {
+            seen: 0,
+            keep,
+            writes: 0,
+        }
+    }
 }
 
 impl<K, V> DbHashMap<K, V, RandomState> {
@@ -158,7 +197,17 @@ impl<K, V, S> DbHashMap<K, V, S> {
             values,
             table,
             poisoned: false,
+            coherent: None,
+            conflicts_retried: 0,
         }
+    }
+
+    /// How many writes were tried again after the server rolled them back for a
+    /// conflict with another writer (a deadlock, a serialization failure, a Galera
+    /// certification conflict). Each is retried up to 8 times before its error is
+    /// returned.
+    pub fn conflicts_retried(&self) -> u64 {
+        self.conflicts_retried
     }
 
     /// The name of the table the map writes to.
@@ -406,14 +455,49 @@ where
     fn persist(&mut self, batch: Batch) -> Result<()> {
         self.check_writable()?;
         if let Some(behind) = &self.behind {
-            return behind.enqueue(batch);
+            let changes = batch.len();
+            behind.enqueue(batch)?;
+            self.after_write(changes);
+            return Ok(());
         }
-        let result = self.store().apply(&batch);
+        let mut result = self.store().apply(&batch);
+        // A transaction the server rolled back for a conflict with another writer (a
+        // deadlock, a serialization or certification failure) is tried again a few
+        // times, after a short, growing, jittered pause.
+        let mut tries = 0;
+        while tries < CONFLICT_RETRIES && result.as_ref().is_err_and(Error::is_conflict) {
+            tries += 1;
+            std::thread::sleep(conflict_pause(tries));
+            self.conflicts_retried += 1;
+            tracing::debug!(table = %self.table.name, tries, "write conflicted with another; retrying");
+            result = self.store().apply(&batch);
+        }
         if let Err(Error::OutcomeUnknown { .. }) = &result {
             self.poisoned = true;
             tracing::error!(table = %self.table.name, "write outcome unknown; map refuses writes until reload()");
         }
+        if result.is_ok() {
+            self.after_write(batch.len());
+        }
         result
+    }
+
+    /// Coherence: now and then a writer looks at the change log's length and compacts
+    /// it, so that the log stays bounded even when no map refreshes. A failure here
+    /// does not fail the write, which is committed: it is logged.
+    fn after_write(&mut self, changes: usize) {
+        let Some(c) = &mut self.coherent else {
+            return;
+        };
+        c.writes += changes as u64;
+        if c.writes < COMPACT_EVERY {
+            return;
+        }
+        c.writes = 0;
+        let keep = c.keep;
+        if let Err(e) = lock(&self.store).compact(keep) {
+            tracing::warn!(table = %self.table.name, error = %e, "change log compaction failed");
+        }
     }
 
     /// Inserts a key-value pair, returning the value the key had.
@@ -767,8 +851,29 @@ where
         S: Clone,
     {
         self.flush()?;
+        let (map, version) = self.load_fresh()?;
+        self.map = map;
+        self.poisoned = false;
+        if let (Some(c), Some(v)) = (&mut self.coherent, version) {
+            c.seen = v;
+        }
+        Ok(())
+    }
+
+    /// The whole table read into a new map (reconnecting first when the store knows
+    /// how), and for a coherent map the version it was read at.
+    fn load_fresh(&mut self) -> Result<(HashMap<K, V, S>, Option<u64>)>
+    where
+        S: Clone,
+    {
         let mut store = lock(&self.store);
         store.reconnect()?;
+        // Coherence: the version first, so that a change made during the load is
+        // applied again by the next refresh rather than missed.
+        let version = match &self.coherent {
+            Some(_) => Some(store.version()?),
+            None => None,
+        };
         let mut map = HashMap::with_hasher(self.map.hasher().clone());
         load(
             &mut **store,
@@ -777,8 +882,148 @@ where
             &*self.values,
             &mut map,
         )?;
-        self.map = map;
+        Ok((map, version))
+    }
+
+    /// Coherence: applies, as one step, every change that others committed to the
+    /// table since this map's open or last refresh, and returns how many keys changed in
+    /// memory. It reads the changes, not the table: its cost grows with the number of
+    /// changes. Others are every writer: maps in this process or another, and plain SQL.
+    /// The last committed write to a key wins.
+    ///
+    /// A map that fell behind the change log's compaction reloads in full (and logs
+    /// that it did). On error, memory is as it was. A write whose outcome was unknown
+    /// is settled too: the map takes the key as the table holds it, and writes again.
+    ///
+    /// **Storage:** one query (a write-behind map flushes first).
+    ///
+    /// ```
+    /// # use write_thru_hash::DbHashMap;
+    /// let dir = tempfile::tempdir()?;
+    /// let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
+    /// let mut a: DbHashMap<String, i64> = DbHashMap::builder_url(&url).coherent().open()?;
+    /// let mut b: DbHashMap<String, i64> = DbHashMap::builder_url(&url).coherent().open()?;
+    /// a.insert("x".into(), 1)?;
+    /// assert_eq!(b.get("x"), None);  // b has not looked yet
+    /// assert_eq!(b.refresh()?, 1);   // one key changed in b's memory
+    /// assert_eq!(b["x"], 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn refresh(&mut self) -> Result<usize>
+    where
+        S: Clone,
+    {
+        let Some(coherent) = self.coherent else {
+            return Err(Error::NotCoherent {
+                table: self.table.name.clone(),
+                reason: "the map was opened without `coherent()`; open it with \
+                         `DbHashMap::builder(…).coherent()` to see other writers' changes"
+                    .into(),
+            });
+        };
+        // Changes still queued would be overwritten by the table's older rows.
+        self.flush()?;
+        let mut changed: Vec<(K, Option<V>)> = Vec::new();
+        let mut count = 0;
+        let reached = {
+            let mut store = lock(&self.store);
+            store.reconnect()?;
+            let (map, keys, values, table) = (&self.map, &*self.keys, &*self.values, &self.table);
+            let mut current = Vec::new();
+            store.changes(coherent.seen, &mut |kb, vb| {
+                let key = decode_key(keys, table, kb)?;
+                let value = match vb {
+                    Some(vb) => Some(values.decode(vb).map_err(|e| Error::Decode {
+                        what: "value",
+                        table: table.name.clone(),
+                        row: show_bytes(kb),
+                        source: e,
+                    })?),
+                    None => None,
+                };
+                // Changed in memory: the value differs from what the map holds.
+                let differs = match (map.get(&key), vb) {
+                    (None, None) => false,
+                    (Some(held), Some(vb)) => {
+                        current.clear();
+                        values
+                            .encode(held, &mut current)
+                            .map_or(true, |()| current != vb)
+                    }
+                    _ => true,
+                };
+                if differs {
+                    count += 1;
+                    changed.push((key, value));
+                }
+                Ok(())
+            })?
+        };
+        let Some(reached) = reached else {
+            tracing::info!(table = %self.table.name, seen = coherent.seen,
+                "the map fell behind the change log's compaction; reloading in full");
+            let (fresh, version) = self.load_fresh()?;
+            let count = self.differences(&fresh);
+            self.map = fresh;
+            self.poisoned = false;
+            if let (Some(c), Some(v)) = (&mut self.coherent, version) {
+                c.seen = v;
+            }
+            return Ok(count);
+        };
+        for (key, value) in changed {
+            match value {
+                Some(value) => {
+                    self.map.insert(key, value);
+                }
+                None => {
+                    self.map.remove(&key);
+                }
+            }
+        }
+        if let Some(c) = &mut self.coherent {
+            c.seen = reached;
+        }
+        // Every key changed since the last look is as the table holds it, the one whose
+        // write had an unknown outcome included.
         self.poisoned = false;
+        Ok(count)
+    }
+
+    /// How many keys differ between the map and `other`, by their encodings.
+    fn differences(&self, other: &HashMap<K, V, S>) -> usize {
+        let bytes = |v: &V| {
+            let mut out = Vec::new();
+            self.values.encode(v, &mut out).map(|()| out).ok()
+        };
+        let changed = other
+            .iter()
+            .filter(|(k, v)| {
+                self.map
+                    .get(*k)
+                    .is_none_or(|held| bytes(held) != bytes(v))
+            })
+            .count();
+        changed + self.map.keys().filter(|k| !other.contains_key(*k)).count()
+    }
+
+    /// Coherence: installs the change log (if absent) and reads the version, before the
+    /// load that follows.
+    pub(crate) fn start_coherence(&mut self, keep: u64) -> Result<()> {
+        let mut store = lock(&self.store);
+        store.enable_changes().map_err(|e| match e {
+            Error::NotCoherent { reason, .. } => Error::NotCoherent {
+                table: self.table.name.clone(),
+                reason,
+            },
+            other => other,
+        })?;
+        let seen = store.version()?;
+        drop(store);
+        self.coherent = Some(Coherent {
+            seen,
+            ..Coherent::new(keep)
+        });
         Ok(())
     }
 
@@ -835,7 +1080,6 @@ where
     K: Eq + Hash,
     S: BuildHasher,
 {
-    let mut reencoded = Vec::new();
     let decode_err = |what, row: &[u8], source| Error::Decode {
         what,
         table: table.name.clone(),
@@ -843,17 +1087,7 @@ where
         source,
     };
     store.load(&mut |kb: &[u8], vb: &[u8]| {
-        let k = keys.decode(kb).map_err(|e| decode_err("key", kb, e))?;
-        reencoded.clear();
-        keys.encode_key(&k, &mut reencoded)
-            .map_err(|e| decode_err("key", kb, e))?;
-        if reencoded != kb {
-            return Err(Error::NonCanonicalKey {
-                table: table.name.clone(),
-                row: show_bytes(kb),
-                other: show_bytes(&reencoded),
-            });
-        }
+        let k = decode_key(keys, table, kb)?;
         let v = values.decode(vb).map_err(|e| decode_err("value", kb, e))?;
         match map.entry(k) {
             hash_map::Entry::Occupied(held) => {
@@ -872,6 +1106,28 @@ where
             }
         }
     })
+}
+
+/// Decodes a stored key, checking that the codec gives it back the bytes it was stored
+/// as: otherwise the map's writes would not reach that row.
+fn decode_key<K>(keys: &dyn Codec<K>, table: &TableSpec, kb: &[u8]) -> Result<K> {
+    let decode_err = |source| Error::Decode {
+        what: "key",
+        table: table.name.clone(),
+        row: show_bytes(kb),
+        source,
+    };
+    let k = keys.decode(kb).map_err(decode_err)?;
+    let mut reencoded = Vec::with_capacity(kb.len());
+    keys.encode_key(&k, &mut reencoded).map_err(decode_err)?;
+    if reencoded != kb {
+        return Err(Error::NonCanonicalKey {
+            table: table.name.clone(),
+            row: show_bytes(kb),
+            other: show_bytes(&reencoded),
+        });
+    }
+    Ok(k)
 }
 
 /// An insert staged by a [`Transaction`]: the value and the encodings of key and value.

@@ -137,7 +137,7 @@ impl Dialect {
         }
     }
 
-    fn mark(self, marks: Marks, n: usize) -> String {
+    pub(crate) fn mark(self, marks: Marks, n: usize) -> String {
         match marks {
             Marks::Native => self.placeholder(n),
             Marks::Question => "?".to_string(),

@@ -4,8 +4,15 @@
 use std::collections::HashMap;
 
 use crate::codec::Format;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
+#[cfg(any(
+    feature = "sqlite",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "odbc"
+))]
+pub(crate) mod changes;
 pub(crate) mod dialect;
 #[cfg(feature = "odbc")]
 pub(crate) mod odbc;
@@ -61,6 +68,10 @@ impl TableSpec {
 
 /// One row to load: the key's and the value's stored bytes.
 pub type RowSink<'a> = dyn FnMut(&[u8], &[u8]) -> Result<()> + 'a;
+
+/// One key another writer changed: its stored bytes, and the value's, or `None` when
+/// the table no longer holds the key.
+pub type ChangeSink<'a> = dyn FnMut(&[u8], Option<&[u8]>) -> Result<()> + 'a;
 
 /// A set of changes that a store applies atomically: first `clear` (delete every
 /// row) if set, then `deletes`, then `puts` (upserts). Keys are distinct across
@@ -195,6 +206,42 @@ pub trait Store: Send {
     fn reconnect(&mut self) -> Result<()> {
         Ok(())
     }
+
+    /// Coherence: keeps, from now on, what others need to learn which keys changed
+    /// (the crate's stores: a change log kept by triggers), installing it on the
+    /// opened table if absent. Called after [`open`](Store::open). A store that cannot
+    /// returns an error, which is the default.
+    fn enable_changes(&mut self) -> Result<()> {
+        Err(Error::NotCoherent {
+            table: String::new(),
+            reason: format!("the {} store keeps no change log", self.backend()),
+        })
+    }
+
+    /// Coherence: the version the table is at now. Read before a load, so that the
+    /// changes after it are not missed.
+    fn version(&mut self) -> Result<u64> {
+        Err(Error::NotCoherent {
+            table: String::new(),
+            reason: format!("the {} store keeps no change log", self.backend()),
+        })
+    }
+
+    /// Coherence: calls `sink` with every key changed since version `since`, as the
+    /// table holds it now, all read in one snapshot; returns the version reached, or
+    /// `None` when the changes since `since` were compacted away (the map then reloads
+    /// in full).
+    fn changes(&mut self, since: u64, sink: &mut ChangeSink<'_>) -> Result<Option<u64>> {
+        let _ = (since, sink);
+        self.version().map(Some)
+    }
+
+    /// Coherence: forgets the changes of the versions up to `upto`, if the log is
+    /// longer than `keep` versions.
+    fn compact(&mut self, keep: u64) -> Result<()> {
+        let _ = keep;
+        Ok(())
+    }
 }
 
 impl Store for Box<dyn Store> {
@@ -218,6 +265,18 @@ impl Store for Box<dyn Store> {
     }
     fn reconnect(&mut self) -> Result<()> {
         (**self).reconnect()
+    }
+    fn enable_changes(&mut self) -> Result<()> {
+        (**self).enable_changes()
+    }
+    fn version(&mut self) -> Result<u64> {
+        (**self).version()
+    }
+    fn changes(&mut self, since: u64, sink: &mut ChangeSink<'_>) -> Result<Option<u64>> {
+        (**self).changes(since, sink)
+    }
+    fn compact(&mut self, keep: u64) -> Result<()> {
+        (**self).compact(keep)
     }
 }
 

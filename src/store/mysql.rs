@@ -6,11 +6,12 @@ use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, TxOpts, Value};
 
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
+use crate::store::changes::{not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{open_table, Catalog};
+use crate::store::support::{open_table, Catalog, Field};
 use crate::store::{
-    cannot_reconnect, chunks, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store,
-    TableSpec,
+    cannot_reconnect, chunks, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink,
+    Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Mysql;
@@ -42,6 +43,8 @@ pub struct MysqlStore {
     /// The most bytes of keys and values one multi-row statement carries.
     chunk_bytes: usize,
     last_used: Instant,
+    /// Set by `enable_changes` (coherence).
+    coherence: Option<Coherence>,
 }
 
 impl std::fmt::Debug for MysqlStore {
@@ -65,6 +68,7 @@ impl MysqlStore {
             max_value: None,
             chunk_bytes: crate::store::support::CHUNK_BYTES,
             last_used: Instant::now(),
+            coherence: None,
         }
     }
 
@@ -183,6 +187,9 @@ impl MysqlStore {
             .map_err(|e| classify(e, false))?;
         // MySQL undoes only the failing statement: on any error the whole transaction
         // is rolled back explicitly (dropping `tx` does it).
+        if let Some(sql) = self.coherence.as_ref().and_then(Coherence::clock_lock) {
+            tx.query_drop(sql).map_err(|e| classify(e, false))?;
+        }
         if batch.clear {
             tx.query_drop(D.delete_all(t))
                 .map_err(|e| classify(e, false))?;
@@ -291,6 +298,42 @@ impl Store for MysqlStore {
         self.last_used = Instant::now();
         Ok(())
     }
+
+    fn enable_changes(&mut self) -> Result<()> {
+        let t = opened(&self.table, D.name())?.clone();
+        self.coherence = Some(Coherence::enable(
+            &mut self.conn,
+            &t,
+            D,
+            Marks::Native,
+            D.name(),
+        )?);
+        Ok(())
+    }
+
+    fn version(&mut self) -> Result<u64> {
+        let c = self
+            .coherence
+            .as_ref()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        c.version(&mut self.conn).map(|(v, _)| v)
+    }
+
+    fn changes(&mut self, since: u64, sink: &mut ChangeSink<'_>) -> Result<Option<u64>> {
+        let c = self
+            .coherence
+            .as_ref()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        c.changes(&mut self.conn, since, sink)
+    }
+
+    fn compact(&mut self, keep: u64) -> Result<()> {
+        let c = self
+            .coherence
+            .as_ref()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        c.compact(&mut self.conn, keep)
+    }
 }
 
 fn db_error_named(action: Action, table: &str, e: mysql::Error) -> Error {
@@ -303,7 +346,7 @@ fn db_error_named(action: Action, table: &str, e: mysql::Error) -> Error {
 }
 
 impl Catalog for Conn {
-    fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError> {
+    fn rows(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<Field>>, BoxError> {
         let rows: Vec<mysql::Row> = match param {
             Some(p) => Queryable::exec(self, sql, (p,))?,
             None => Queryable::query(self, sql)?,
@@ -314,19 +357,23 @@ impl Catalog for Conn {
                 row.unwrap()
                     .into_iter()
                     .map(|v| match v {
-                        Value::NULL => String::new(),
-                        Value::Bytes(b) => String::from_utf8_lossy(&b).into_owned(),
-                        Value::Int(i) => i.to_string(),
-                        Value::UInt(u) => u.to_string(),
-                        other => format!("{other:?}"),
+                        Value::NULL => None,
+                        Value::Bytes(b) => Some(b),
+                        Value::Int(i) => Some(i.to_string().into_bytes()),
+                        Value::UInt(u) => Some(u.to_string().into_bytes()),
+                        other => Some(format!("{other:?}").into_bytes()),
                     })
                     .collect()
             })
             .collect())
     }
 
-    fn exec(&mut self, sql: &str) -> Result<(), BoxError> {
-        Ok(self.query_drop(sql)?)
+    fn exec_with(&mut self, sql: &str, param: Option<&str>) -> Result<(), BoxError> {
+        match param {
+            None => self.query_drop(sql)?,
+            Some(p) => self.exec_drop(sql, (p,))?,
+        }
+        Ok(())
     }
 }
 

@@ -10,11 +10,12 @@ use odbc_api::{Connection, ConnectionOptions, Cursor, IntoParameter, ResultSetMe
 
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
+use crate::store::changes::{not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{open_table, wrong_key_kind, Catalog, CHUNK_BYTES};
+use crate::store::support::{open_table, wrong_key_kind, Catalog, Field, CHUNK_BYTES};
 use crate::store::{
-    cannot_reconnect, chunks, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store,
-    TableSpec,
+    cannot_reconnect, chunks, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink,
+    Store, TableSpec,
 };
 
 /// Rows per multi-row statement: 2 × 64 parameters suit every driver tested.
@@ -35,6 +36,8 @@ pub struct OdbcStore {
     max_value: Option<usize>,
     /// The most bytes of keys and values one multi-row statement carries.
     chunk_bytes: usize,
+    /// Set by `enable_changes` (coherence).
+    coherence: Option<Coherence>,
 }
 
 impl std::fmt::Debug for OdbcStore {
@@ -83,6 +86,7 @@ impl OdbcStore {
             broken: false,
             max_value: None,
             chunk_bytes: CHUNK_BYTES,
+            coherence: None,
         })
     }
 
@@ -160,12 +164,12 @@ impl OdbcStore {
         }
     }
 
-    /// Runs a query of at most one text parameter; every column is read as text.
-    fn texts_of(
+    /// Runs a query of at most one text parameter; every column is read as bytes.
+    fn rows_of(
         &self,
         sql: &str,
         param: Option<&str>,
-    ) -> std::result::Result<Vec<Vec<String>>, odbc_api::Error> {
+    ) -> std::result::Result<Vec<Vec<Field>>, odbc_api::Error> {
         let mut out = Vec::new();
         let cursor = match param {
             Some(p) => self.conn.execute(sql, &p.into_parameter(), None)?,
@@ -173,17 +177,36 @@ impl OdbcStore {
         };
         if let Some(mut cursor) = cursor {
             let columns = u16::try_from(cursor.num_result_cols()?).unwrap_or(0);
-            let mut buf = Vec::new();
             while let Some(mut row) = cursor.next_row()? {
                 let mut fields = Vec::with_capacity(usize::from(columns));
                 for c in 1..=columns {
-                    row.get_text(c, &mut buf)?;
-                    fields.push(String::from_utf8_lossy(&buf).into_owned());
+                    let mut buf = Vec::new();
+                    let present = row.get_binary(c, &mut buf)?;
+                    fields.push(present.then_some(buf));
                 }
                 out.push(fields);
             }
         }
         Ok(out)
+    }
+
+    /// [`rows_of`](Self::rows_of) read as text.
+    fn texts_of(
+        &self,
+        sql: &str,
+        param: Option<&str>,
+    ) -> std::result::Result<Vec<Vec<String>>, odbc_api::Error> {
+        Ok(self
+            .rows_of(sql, param)?
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|f| {
+                        f.map_or_else(String::new, |b| String::from_utf8_lossy(&b).into_owned())
+                    })
+                    .collect()
+            })
+            .collect())
     }
 
     /// Refuses a connection inside a transaction its caller began, where the dialect
@@ -242,13 +265,13 @@ impl OdbcStore {
             return Error::OutcomeUnknown {
                 table: t.name.clone(),
                 backend: self.name(),
-                source: e.into(),
+                source: e.into_source(),
             };
         }
         if !self.known {
             return self.unknown_dbms_refused(Action::Write, t, sql, e);
         }
-        db_error(Action::Write, t, self.name(), e)
+        db_error(Action::Write, t, self.name(), e.into_source())
     }
 
     /// A statement an unknown DBMS rejected: the error names the DBMS and the statement.
@@ -304,6 +327,9 @@ impl OdbcStore {
             self.exec(sql, params)
                 .map_err(|e| self.classify(t, e, sql, false))
         };
+        if let Some(sql) = self.coherence.as_ref().and_then(Coherence::clock_lock) {
+            exec(&sql, &[])?;
+        }
         if batch.clear {
             exec(&d.delete_all(t), &[])?;
         }
@@ -367,6 +393,16 @@ impl From<odbc_api::Error> for StatementError {
     }
 }
 
+impl StatementError {
+    /// The driver's own error as it is (downcastable), or the rejection.
+    fn into_source(self) -> BoxError {
+        match self {
+            StatementError::Odbc(e) => Box::new(e),
+            rejected => Box::new(rejected),
+        }
+    }
+}
+
 impl std::fmt::Display for StatementError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -390,13 +426,20 @@ impl std::error::Error for StatementError {
 }
 
 impl Catalog for OdbcStore {
-    fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError> {
-        Ok(self.texts_of(sql, param)?)
+    fn rows(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<Field>>, BoxError> {
+        Ok(self.rows_of(sql, param)?)
     }
 
-    fn exec(&mut self, sql: &str) -> Result<(), BoxError> {
+    fn exec_with(&mut self, sql: &str, param: Option<&str>) -> Result<(), BoxError> {
         // DDL: notes such as "table already exists" are no rejection here.
-        Ok(self.conn.execute(sql, (), None).map(drop)?)
+        match param {
+            None => self.conn.execute(sql, (), None).map(drop)?,
+            Some(p) => self
+                .conn
+                .execute(sql, &p.into_parameter(), None)
+                .map(drop)?,
+        }
+        Ok(())
     }
 }
 
@@ -518,6 +561,49 @@ impl Store for OdbcStore {
         self.conn = Self::dial(url)?;
         self.broken = false;
         Ok(())
+    }
+
+    fn enable_changes(&mut self) -> Result<()> {
+        let t = opened(&self.table, self.name())?.clone();
+        let (d, name) = (self.dialect, self.name());
+        if !self.known {
+            return Err(Error::NotCoherent {
+                table: t.name,
+                reason: format!("the ODBC data source's DBMS {:?} is not one this crate can keep a change log on", self.dbms),
+            });
+        }
+        self.coherence = Some(Coherence::enable(self, &t, d, Marks::Question, name)?);
+        Ok(())
+    }
+
+    fn version(&mut self) -> Result<u64> {
+        let c = self
+            .coherence
+            .take()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        let result = c.version(self);
+        self.coherence = Some(c);
+        result.map(|(v, _)| v)
+    }
+
+    fn changes(&mut self, since: u64, sink: &mut ChangeSink<'_>) -> Result<Option<u64>> {
+        let c = self
+            .coherence
+            .take()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        let result = c.changes(self, since, sink);
+        self.coherence = Some(c);
+        result
+    }
+
+    fn compact(&mut self, keep: u64) -> Result<()> {
+        let c = self
+            .coherence
+            .take()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        let result = c.compact(self, keep);
+        self.coherence = Some(c);
+        result
     }
 }
 

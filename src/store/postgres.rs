@@ -6,10 +6,12 @@ use postgres::{Client, NoTls, Statement};
 
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
+use crate::store::changes::{not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{not_opened, open_table, Catalog};
+use crate::store::support::{not_opened, open_table, Catalog, Field};
 use crate::store::{
-    cannot_reconnect, db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec,
+    cannot_reconnect, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink, Store,
+    TableSpec,
 };
 
 const D: Dialect = Dialect::Postgres;
@@ -24,6 +26,8 @@ pub struct PostgresStore {
     url: Option<String>,
     table: Option<TableSpec>,
     stmts: Option<Statements>,
+    /// Set by `enable_changes` (coherence).
+    coherence: Option<Coherence>,
 }
 
 struct Statements {
@@ -73,6 +77,7 @@ impl PostgresStore {
             url: None,
             table: None,
             stmts: None,
+            coherence: None,
         }
     }
 
@@ -83,6 +88,7 @@ impl PostgresStore {
             url: Some(url.to_string()),
             table: None,
             stmts: None,
+            coherence: None,
         })
     }
 
@@ -330,10 +336,46 @@ impl Store for PostgresStore {
         }
         Ok(())
     }
+
+    fn enable_changes(&mut self) -> Result<()> {
+        let t = opened(&self.table, D.name())?.clone();
+        self.coherence = Some(Coherence::enable(
+            &mut self.client,
+            &t,
+            D,
+            Marks::Native,
+            D.name(),
+        )?);
+        Ok(())
+    }
+
+    fn version(&mut self) -> Result<u64> {
+        let c = self
+            .coherence
+            .as_ref()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        c.version(&mut self.client).map(|(v, _)| v)
+    }
+
+    fn changes(&mut self, since: u64, sink: &mut ChangeSink<'_>) -> Result<Option<u64>> {
+        let c = self
+            .coherence
+            .as_ref()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        c.changes(&mut self.client, since, sink)
+    }
+
+    fn compact(&mut self, keep: u64) -> Result<()> {
+        let c = self
+            .coherence
+            .as_ref()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        c.compact(&mut self.client, keep)
+    }
 }
 
 impl Catalog for Client {
-    fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError> {
+    fn rows(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<Field>>, BoxError> {
         let rows = match param {
             Some(p) => self.query(sql, &[&p]),
             None => self.query(sql, &[]),
@@ -341,14 +383,23 @@ impl Catalog for Client {
         rows.iter()
             .map(|r| {
                 (0..r.len())
-                    .map(|i| Ok(r.try_get::<_, Option<String>>(i)?.unwrap_or_default()))
+                    .map(|i| {
+                        Ok(r.try_get::<_, Option<Raw<'_>>>(i)?
+                            .map(|raw| raw.0.to_vec()))
+                    })
                     .collect::<Result<Vec<_>, BoxError>>()
             })
             .collect()
     }
 
-    fn exec(&mut self, sql: &str) -> Result<(), BoxError> {
-        Ok(self.batch_execute(sql)?)
+    fn exec_with(&mut self, sql: &str, param: Option<&str>) -> Result<(), BoxError> {
+        match param {
+            None => self.batch_execute(sql)?,
+            Some(p) => {
+                self.execute(sql, &[&p])?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -7,9 +7,12 @@ use rusqlite::{Connection, TransactionBehavior};
 
 use crate::codec::Format;
 use crate::error::{show_bytes, Action, BoxError, Error, Result};
+use crate::store::changes::{not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{not_opened, open_table, wrong_key_kind, Catalog};
-use crate::store::{db_error, opened, Batch, Dialect, IntoStore, RowSink, Store, TableSpec};
+use crate::store::support::{not_opened, open_table, wrong_key_kind, Catalog, Field};
+use crate::store::{
+    db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink, Store, TableSpec,
+};
 
 const D: Dialect = Dialect::Sqlite;
 
@@ -19,6 +22,8 @@ pub struct SqliteStore {
     conn: Connection,
     table: Option<TableSpec>,
     sql: Sql,
+    /// Set by `enable_changes` (coherence).
+    coherence: Option<Coherence>,
 }
 
 /// Rows per multi-row upsert: one statement for many rows saves SQLite's per-statement
@@ -41,6 +46,7 @@ impl SqliteStore {
             conn,
             table: None,
             sql: Sql::default(),
+            coherence: None,
         }
     }
 
@@ -131,22 +137,19 @@ impl SqliteStore {
 }
 
 impl Catalog for Connection {
-    fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError> {
-        let mut stmt = self.prepare(sql)?;
+    fn rows(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<Field>>, BoxError> {
+        let mut stmt = self.prepare_cached(sql)?;
         let n = stmt.column_count();
-        let params: Vec<&str> = param.into_iter().collect();
-        let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(param))?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
             let mut fields = Vec::with_capacity(n);
             for i in 0..n {
                 fields.push(match row.get_ref(i)? {
-                    ValueRef::Null => String::new(),
-                    ValueRef::Integer(i) => i.to_string(),
-                    ValueRef::Real(f) => f.to_string(),
-                    ValueRef::Text(b) | ValueRef::Blob(b) => {
-                        String::from_utf8_lossy(b).into_owned()
-                    }
+                    ValueRef::Null => None,
+                    ValueRef::Integer(i) => Some(i.to_string().into_bytes()),
+                    ValueRef::Real(f) => Some(f.to_string().into_bytes()),
+                    ValueRef::Text(b) | ValueRef::Blob(b) => Some(b.to_vec()),
                 });
             }
             out.push(fields);
@@ -154,8 +157,14 @@ impl Catalog for Connection {
         Ok(out)
     }
 
-    fn exec(&mut self, sql: &str) -> Result<(), BoxError> {
-        Ok(self.execute_batch(sql)?)
+    fn exec_with(&mut self, sql: &str, param: Option<&str>) -> Result<(), BoxError> {
+        match param {
+            None => self.execute_batch(sql)?,
+            Some(p) => {
+                self.prepare_cached(sql)?.execute([p])?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -232,6 +241,42 @@ impl Store for SqliteStore {
             Some(t) => db_error(Action::Write, t, D.name(), e),
             None => not_opened(D.name()),
         })
+    }
+
+    fn enable_changes(&mut self) -> Result<()> {
+        let t = opened(&self.table, D.name())?.clone();
+        self.coherence = Some(Coherence::enable(
+            &mut self.conn,
+            &t,
+            D,
+            Marks::Native,
+            D.name(),
+        )?);
+        Ok(())
+    }
+
+    fn version(&mut self) -> Result<u64> {
+        let c = self
+            .coherence
+            .as_ref()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        c.version(&mut self.conn).map(|(v, _)| v)
+    }
+
+    fn changes(&mut self, since: u64, sink: &mut ChangeSink<'_>) -> Result<Option<u64>> {
+        let c = self
+            .coherence
+            .as_ref()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        c.changes(&mut self.conn, since, sink)
+    }
+
+    fn compact(&mut self, keep: u64) -> Result<()> {
+        let c = self
+            .coherence
+            .as_ref()
+            .ok_or_else(|| not_enabled(&self.table))?;
+        c.compact(&mut self.conn, keep)
     }
 }
 

@@ -15,12 +15,37 @@ pub(crate) type UniqueIndex = (String, String, String, String);
 
 /// The few catalog statements opening a table needs, over any backend's connection.
 pub(crate) trait Catalog {
-    /// Runs a query whose columns are all text, with `param` bound to its one
-    /// placeholder when given; NULL reads as an empty string.
-    fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError>;
+    /// Runs a query whose columns are text or bytes (numbers cast to text), with
+    /// `param` bound to its one placeholder when given; NULL reads as `None`.
+    fn rows(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<Field>>, BoxError>;
+
+    /// Runs a statement that returns no rows, with `param` bound to its one
+    /// placeholder when given.
+    fn exec_with(&mut self, sql: &str, param: Option<&str>) -> Result<(), BoxError>;
+
     /// Runs a statement that returns no rows.
-    fn exec(&mut self, sql: &str) -> Result<(), BoxError>;
+    fn exec(&mut self, sql: &str) -> Result<(), BoxError> {
+        self.exec_with(sql, None)
+    }
+
+    /// [`rows`](Self::rows) read as text; NULL reads as an empty string.
+    fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError> {
+        Ok(self
+            .rows(sql, param)?
+            .into_iter()
+            .map(|row| {
+                row.into_iter()
+                    .map(|f| {
+                        f.map_or_else(String::new, |b| String::from_utf8_lossy(&b).into_owned())
+                    })
+                    .collect()
+            })
+            .collect())
+    }
 }
+
+/// One field of a [`Catalog::rows`] row: its bytes, or `None` for NULL.
+pub(crate) type Field = Option<Vec<u8>>;
 
 /// Opens `t` through `conn`: refuses a name the backend cannot hold, looks the table
 /// up, creates it only when it is absent (so a user who may only read and write an

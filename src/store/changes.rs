@@ -1,0 +1,578 @@
+//! The SQL of coherence, for every dialect: a change log beside the table, kept by
+//! triggers, so that every writer (a map, or plain SQL from any client) is seen.
+//!
+//! Beside table `t` live `t__wth_log` (one row per key changed: the key and the version
+//! of its last change, indexed by version) and `t__wth_clock` (one row: the last
+//! version handed out, and the compaction horizon). Triggers on `t` write a log row for
+//! every key inserted, updated or deleted, with a version that follows commit order:
+//!
+//! - SQLite: the log's `AUTOINCREMENT` key. SQLite has one writer at a time, so row ids
+//!   are handed out in commit order (and never reused).
+//! - PostgreSQL: the clock row, bumped once per statement by as many versions as the
+//!   statement changed keys (statement triggers with transition tables); its row lock
+//!   is held until commit, so the next writer's versions come after this one's commit.
+//! - MySQL/MariaDB: the clock row, bumped once per row written, under the same lock.
+//!
+//! Every change of a key takes one version, so "the last N versions" is "the last N
+//! changes", which bounds the log.
+//!
+//! A reader asks for log rows above the version it has seen, joined with the table's
+//! current rows, in one statement: one snapshot, so it sees every transaction whole or
+//! not at all. Sequences and clocks are not used: they are not in commit order.
+
+use crate::codec::Format;
+use crate::error::{Action, Error, Result};
+use crate::store::dialect::Marks;
+use crate::store::support::{db_error, Catalog};
+use crate::store::{ChangeSink, Dialect, TableSpec};
+
+/// The names of what coherence adds beside a table.
+#[derive(Debug)]
+pub(crate) struct Names {
+    pub(crate) log: String,
+    pub(crate) clock: String,
+    /// The triggers: one per event (and PostgreSQL's for TRUNCATE).
+    pub(crate) triggers: Vec<String>,
+    pub(crate) function: String,
+}
+
+impl Names {
+    pub(crate) fn of(d: Dialect, t: &TableSpec) -> Result<Names> {
+        let name = |suffix: &str| format!("{}__wth_{suffix}", t.name);
+        let mut triggers = vec![name("ins"), name("upd"), name("del")];
+        if d == Dialect::Postgres {
+            triggers.push(name("truncate"));
+            triggers.push(name("lock"));
+        }
+        let names = Names {
+            log: name("log"),
+            clock: name("clock"),
+            triggers,
+            function: name("note"),
+        };
+        for n in [&names.log, &names.clock]
+            .into_iter()
+            .chain(&names.triggers)
+        {
+            d.check_table_name(n).map_err(|_| Error::InvalidTableName {
+                name: t.name.clone(),
+                backend: d.name(),
+                reason: format!(
+                    "coherence adds a table or trigger named {n:?} beside it, which {} cannot \
+                     hold; use a shorter name",
+                    d.name()
+                ),
+            })?;
+        }
+        Ok(names)
+    }
+}
+
+impl Dialect {
+    /// The one parameter, a version bound as text, as a number.
+    fn bigint_param(self, marks: Marks) -> String {
+        match self {
+            // A bare `CAST($1 AS BIGINT)` would make the parameter a bigint.
+            Dialect::Postgres => format!("CAST(CAST({} AS TEXT) AS BIGINT)", self.mark(marks, 1)),
+            _ => self.mark(marks, 1),
+        }
+    }
+
+    fn log_key_type(self, format: Format) -> &'static str {
+        match (self, format) {
+            (Dialect::Sqlite, Format::Text) => "TEXT",
+            (Dialect::Sqlite, Format::Binary) => "BLOB",
+            (Dialect::Postgres, Format::Text) => "TEXT COLLATE \"C\"",
+            (Dialect::Postgres, Format::Binary) => "BYTEA",
+            (Dialect::Mysql, _) => "VARBINARY(3072)",
+        }
+    }
+
+    /// The statements that install coherence on `t`: the log, the clock and the
+    /// triggers. Each may run again on an installed table and change nothing.
+    pub(crate) fn coherence_setup(self, t: &TableSpec, n: &Names) -> Vec<String> {
+        let q = |s: &str| self.quote(s);
+        let (table, log, clock, key) = (q(&t.name), q(&n.log), q(&n.clock), q("key"));
+        let key_type = self.log_key_type(t.key_format);
+        match self {
+            Dialect::Sqlite => {
+                // Not INSERT OR REPLACE: a user's `INSERT OR IGNORE` into the table would
+                // turn it into OR IGNORE, and the key's change would not be noted.
+                let note = |k: &str| {
+                    format!(
+                        "DELETE FROM {log} WHERE {key} = {k}; INSERT INTO {log} ({key}) VALUES ({k});"
+                    )
+                };
+                vec![
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {log} (v INTEGER PRIMARY KEY AUTOINCREMENT, \
+                         {key} {key_type} NOT NULL UNIQUE)"
+                    ),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {clock} (id INTEGER PRIMARY KEY CHECK (id = 1), \
+                         v INTEGER NOT NULL, horizon INTEGER NOT NULL)"
+                    ),
+                    format!("INSERT OR IGNORE INTO {clock} (id, v, horizon) VALUES (1, 0, 0)"),
+                    format!(
+                        "CREATE TRIGGER IF NOT EXISTS {} AFTER INSERT ON {table} BEGIN {} END",
+                        q(&n.triggers[0]),
+                        note(&format!("NEW.{key}"))
+                    ),
+                    format!(
+                        "CREATE TRIGGER IF NOT EXISTS {} AFTER UPDATE ON {table} BEGIN {} {} END",
+                        q(&n.triggers[1]),
+                        note(&format!("OLD.{key}")),
+                        note(&format!("NEW.{key}"))
+                    ),
+                    format!(
+                        "CREATE TRIGGER IF NOT EXISTS {} AFTER DELETE ON {table} BEGIN {} END",
+                        q(&n.triggers[2]),
+                        note(&format!("OLD.{key}"))
+                    ),
+                ]
+            }
+            Dialect::Postgres => {
+                let function = q(&n.function);
+                // Statement triggers with transition tables: one clock bump per
+                // statement, for as many versions as it changed keys, numbered in order.
+                let note = |keys: &str| {
+                    format!(
+                        "SELECT count(*) INTO n FROM ({keys}) AS k; \
+                         IF n > 0 THEN \
+                         UPDATE {clock} SET v = v + n WHERE id = 1 RETURNING v INTO top; \
+                         INSERT INTO {log} ({key}, v) \
+                         SELECT k.{key}, top - n + row_number() OVER () FROM ({keys}) AS k \
+                         ON CONFLICT ({key}) DO UPDATE SET v = excluded.v; \
+                         END IF;"
+                    )
+                };
+                let statements = [
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {log} ({key} {key_type} PRIMARY KEY, \
+                         v BIGINT NOT NULL)"
+                    ),
+                    format!(
+                        "CREATE INDEX IF NOT EXISTS {} ON {log} (v)",
+                        q(&format!("{}_v", n.log))
+                    ),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {clock} (id INT PRIMARY KEY CHECK (id = 1), \
+                         v BIGINT NOT NULL, horizon BIGINT NOT NULL)"
+                    ),
+                    format!(
+                        "INSERT INTO {clock} (id, v, horizon) VALUES (1, 0, 0) \
+                         ON CONFLICT (id) DO NOTHING"
+                    ),
+                    format!(
+                        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger \
+                         LANGUAGE plpgsql AS $wth$ DECLARE n bigint; top bigint; BEGIN \
+                         IF TG_WHEN = 'BEFORE' THEN \
+                         PERFORM v FROM {clock} WHERE id = 1 FOR UPDATE; \
+                         ELSIF TG_OP = 'TRUNCATE' THEN \
+                         UPDATE {clock} SET v = v + 1, horizon = v + 1 WHERE id = 1; \
+                         DELETE FROM {log}; \
+                         ELSIF TG_OP = 'INSERT' THEN {} \
+                         ELSIF TG_OP = 'UPDATE' THEN {} \
+                         ELSE {} END IF; \
+                         RETURN NULL; END $wth$",
+                        note(&format!("SELECT {key} FROM wth_new")),
+                        note(&format!(
+                            "SELECT {key} FROM wth_old UNION SELECT {key} FROM wth_new"
+                        )),
+                        note(&format!("SELECT {key} FROM wth_old")),
+                    ),
+                    format!(
+                        "CREATE OR REPLACE TRIGGER {} AFTER INSERT ON {table} \
+                         REFERENCING NEW TABLE AS wth_new \
+                         FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
+                        q(&n.triggers[0])
+                    ),
+                    format!(
+                        "CREATE OR REPLACE TRIGGER {} AFTER UPDATE ON {table} \
+                         REFERENCING OLD TABLE AS wth_old NEW TABLE AS wth_new \
+                         FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
+                        q(&n.triggers[1])
+                    ),
+                    format!(
+                        "CREATE OR REPLACE TRIGGER {} AFTER DELETE ON {table} \
+                         REFERENCING OLD TABLE AS wth_old \
+                         FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
+                        q(&n.triggers[2])
+                    ),
+                    // TRUNCATE fires no row triggers: it moves the horizon, so every map
+                    // reloads in full.
+                    format!(
+                        "CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {table} \
+                         FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
+                        q(&n.triggers[3])
+                    ),
+                    // Every writing transaction takes the clock's lock before its first
+                    // row lock in the table: writers queue on the clock instead of
+                    // deadlocking on rows they took in different orders.
+                    format!(
+                        "CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE OR DELETE \
+                         ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
+                        q(&n.triggers[4])
+                    ),
+                ];
+                // One batch is one transaction; the lock keeps two maps that install at
+                // once from tripping over each other's half-made objects.
+                vec![format!(
+                    "SELECT pg_advisory_xact_lock(hashtext('wth {}')); {}",
+                    t.name.replace('\'', "''"),
+                    statements.join("; ")
+                )]
+            }
+            Dialect::Mysql => {
+                let note = |k: &str| {
+                    format!(
+                        "INSERT INTO {log} ({key}, v) VALUES ({k}, LAST_INSERT_ID()) \
+                         ON DUPLICATE KEY UPDATE v = VALUES(v);"
+                    )
+                };
+                let bump = format!("UPDATE {clock} SET v = LAST_INSERT_ID(v + 1) WHERE id = 1;");
+                vec![
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {log} ({key} {key_type} NOT NULL PRIMARY KEY, \
+                         v BIGINT NOT NULL, INDEX (v)) ENGINE=InnoDB"
+                    ),
+                    format!(
+                        "CREATE TABLE IF NOT EXISTS {clock} (id INT PRIMARY KEY, \
+                         v BIGINT NOT NULL, horizon BIGINT NOT NULL) ENGINE=InnoDB"
+                    ),
+                    format!("INSERT IGNORE INTO {clock} (id, v, horizon) VALUES (1, 0, 0)"),
+                    format!(
+                        "CREATE TRIGGER IF NOT EXISTS {} AFTER INSERT ON {table} FOR EACH ROW \
+                         BEGIN {bump} {} END",
+                        q(&n.triggers[0]),
+                        note(&format!("NEW.{key}"))
+                    ),
+                    format!(
+                        "CREATE TRIGGER IF NOT EXISTS {} AFTER UPDATE ON {table} FOR EACH ROW \
+                         BEGIN {bump} {} {} END",
+                        q(&n.triggers[1]),
+                        note(&format!("OLD.{key}")),
+                        note(&format!("NEW.{key}"))
+                    ),
+                    format!(
+                        "CREATE TRIGGER IF NOT EXISTS {} AFTER DELETE ON {table} FOR EACH ROW \
+                         BEGIN {bump} {} END",
+                        q(&n.triggers[2]),
+                        note(&format!("OLD.{key}"))
+                    ),
+                ]
+            }
+        }
+    }
+
+    /// How many of coherence's triggers exist on the table (one text column); all of
+    /// them means coherence is installed, and nothing needs creating.
+    pub(crate) fn coherence_installed_query(self, t: &TableSpec, n: &Names) -> String {
+        let names: Vec<String> = n
+            .triggers
+            .iter()
+            .map(|name| format!("'{}'", name.replace('\'', "''")))
+            .collect();
+        let names = names.join(", ");
+        match self {
+            Dialect::Sqlite => format!(
+                "SELECT CAST(count(*) AS TEXT) FROM sqlite_master \
+                 WHERE type = 'trigger' AND name IN ({names})"
+            ),
+            Dialect::Postgres => format!(
+                "SELECT count(*)::text FROM pg_trigger \
+                 WHERE tgrelid = to_regclass('{}') AND tgname IN ({names})",
+                self.quote(&t.name).replace('\'', "''")
+            ),
+            Dialect::Mysql => format!(
+                "SELECT CAST(count(*) AS CHAR) FROM information_schema.triggers \
+                 WHERE trigger_schema = database() AND trigger_name IN ({})",
+                names.replace('\\', "\\\\")
+            ),
+        }
+    }
+
+    /// Takes the clock's lock, first in a transaction (MySQL: its triggers take it only
+    /// after the row they fire for, so a transaction of several statements takes it
+    /// first itself).
+    #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
+    pub(crate) fn clock_lock(self, n: &Names) -> Option<String> {
+        (self == Dialect::Mysql).then(|| {
+            format!(
+                "SELECT v FROM {} WHERE id = 1 FOR UPDATE",
+                self.quote(&n.clock)
+            )
+        })
+    }
+
+    /// One row of two texts: the version the table is at, and the compaction horizon.
+    pub(crate) fn version_query(self, n: &Names) -> String {
+        match self {
+            // The log's own counter: SQLite keeps it in sqlite_sequence.
+            Dialect::Sqlite => format!(
+                "SELECT CAST(max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{}'), 0), \
+                 c.horizon) AS TEXT), CAST(c.horizon AS TEXT) FROM {} c WHERE c.id = 1",
+                n.log.replace('\'', "''"),
+                self.quote(&n.clock)
+            ),
+            Dialect::Postgres => format!(
+                "SELECT v::text, horizon::text FROM {} WHERE id = 1",
+                self.quote(&n.clock)
+            ),
+            Dialect::Mysql => format!(
+                "SELECT CAST(v AS CHAR), CAST(horizon AS CHAR) FROM {} WHERE id = 1",
+                self.quote(&n.clock)
+            ),
+        }
+    }
+
+    /// The changes since a version (the one parameter, as text for PostgreSQL): rows of
+    /// the horizon, the change's version, the key, whether the table holds the key, and
+    /// its value; one row with only the horizon when nothing changed. One statement,
+    /// so one snapshot.
+    pub(crate) fn changes_query(self, t: &TableSpec, n: &Names, marks: Marks) -> String {
+        let q = |s: &str| self.quote(s);
+        let (table, log, clock, key, value) =
+            (q(&t.name), q(&n.log), q(&n.clock), q("key"), q("value"));
+        let since = self.bigint_param(marks);
+        // The log's key first: SQLite compares with the left operand's collation. A
+        // PostgreSQL key column may have a collation other than the log's.
+        let on = match (self, t.key_format) {
+            (Dialect::Sqlite, _) => format!("l.{key} = t.{key} COLLATE BINARY"),
+            (Dialect::Postgres, Format::Text) => format!("l.{key} = t.{key} COLLATE \"C\""),
+            _ => format!("l.{key} = t.{key}"),
+        };
+        let text = |e: &str| match self {
+            Dialect::Mysql => format!("CAST({e} AS CHAR)"),
+            _ => format!("CAST({e} AS TEXT)"),
+        };
+        format!(
+            "SELECT {}, {}, l.{key}, CASE WHEN t.{key} IS NULL THEN '0' ELSE '1' END, \
+             t.{value} FROM {clock} c \
+             LEFT JOIN ({log} l LEFT JOIN {table} t ON {on}) ON l.v > {since} \
+             WHERE c.id = 1 ORDER BY l.v",
+            text("c.horizon"),
+            text("l.v"),
+        )
+    }
+
+    /// Forgets the log below a version (the one parameter) and moves the horizon there:
+    /// a map that has seen less reloads in full.
+    pub(crate) fn compact_statements(self, n: &Names, marks: Marks) -> [String; 2] {
+        let p = self.bigint_param(marks);
+        let bigger = match self {
+            Dialect::Sqlite => "max",
+            _ => "greatest",
+        };
+        [
+            format!("DELETE FROM {} WHERE v <= {p}", self.quote(&n.log)),
+            format!(
+                "UPDATE {} SET horizon = {bigger}(horizon, {p}) WHERE id = 1",
+                self.quote(&n.clock)
+            ),
+        ]
+    }
+}
+
+/// Coherence on one table of one store: what its statements need.
+#[derive(Debug)]
+pub(crate) struct Coherence {
+    table: TableSpec,
+    names: Names,
+    dialect: Dialect,
+    marks: Marks,
+    backend: &'static str,
+}
+
+impl Coherence {
+    /// Installs coherence on an opened table, unless it is there already (then nothing
+    /// is created, so a read-only session or a user without DDL rights can use it).
+    pub(crate) fn enable(
+        conn: &mut dyn Catalog,
+        table: &TableSpec,
+        dialect: Dialect,
+        marks: Marks,
+        backend: &'static str,
+    ) -> Result<Coherence> {
+        let names = Names::of(dialect, table)?;
+        let fail = |e| db_error(Action::Open, table, backend, e);
+        let installed = conn
+            .texts(&dialect.coherence_installed_query(table, &names), None)
+            .map_err(fail)?;
+        let count = installed
+            .first()
+            .and_then(|r| r.first())
+            .and_then(|c| c.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        if count < names.triggers.len() {
+            for sql in dialect.coherence_setup(table, &names) {
+                conn.exec(&sql).map_err(fail)?;
+            }
+        }
+        Ok(Coherence {
+            table: table.clone(),
+            names,
+            dialect,
+            marks,
+            backend,
+        })
+    }
+
+    /// The statement that takes the clock's lock first in a transaction, where the
+    /// dialect needs one.
+    #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
+    pub(crate) fn clock_lock(&self) -> Option<String> {
+        self.dialect.clock_lock(&self.names)
+    }
+
+    /// The version the table is at, and its compaction horizon.
+    pub(crate) fn version(&self, conn: &mut dyn Catalog) -> Result<(u64, u64)> {
+        let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
+        let rows = conn
+            .texts(&self.dialect.version_query(&self.names), None)
+            .map_err(fail)?;
+        let number = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        match (number(0), number(1)) {
+            (Some(v), Some(h)) => Ok((v, h)),
+            _ => Err(fail(
+                format!(
+                    "the change log's clock {:?} has no row 1; open the map with coherent() \
+                     again to restore it",
+                    self.names.clock
+                )
+                .into(),
+            )),
+        }
+    }
+
+    /// Calls `sink` with every key changed since `since` (its value, or `None` when the
+    /// table no longer holds it), and returns the version reached, or `None` when
+    /// `since` is older than the horizon: those changes are forgotten.
+    pub(crate) fn changes(
+        &self,
+        conn: &mut dyn Catalog,
+        since: u64,
+        sink: &mut ChangeSink<'_>,
+    ) -> Result<Option<u64>> {
+        let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
+        let sql = self
+            .dialect
+            .changes_query(&self.table, &self.names, self.marks);
+        let rows = conn.rows(&sql, Some(&since.to_string())).map_err(fail)?;
+        let number = |f: &Option<Vec<u8>>| -> Option<u64> {
+            f.as_deref()
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|s| s.trim().parse().ok())
+        };
+        let mut reached = since;
+        for row in &rows {
+            let [horizon, version, key, present, value] = row.as_slice() else {
+                return Err(fail(
+                    "the change query returned a row of another shape".into(),
+                ));
+            };
+            if number(horizon).unwrap_or(0) > since {
+                return Ok(None);
+            }
+            // The clock's row alone: nothing changed.
+            let (Some(version), Some(key)) = (number(version), key) else {
+                continue;
+            };
+            let present = present.as_deref() == Some(b"1");
+            sink(key, if present { value.as_deref() } else { None })?;
+            reached = reached.max(version);
+        }
+        Ok(Some(reached))
+    }
+
+    /// Forgets the changes older than the last `keep` versions, once the log holds
+    /// twice as many. The horizon moves first, so a crash in between leaves only log
+    /// rows nobody needs.
+    pub(crate) fn compact(&self, conn: &mut dyn Catalog, keep: u64) -> Result<()> {
+        let (version, horizon) = self.version(conn)?;
+        if version.saturating_sub(horizon) < keep.saturating_mul(2) {
+            return Ok(());
+        }
+        let upto = (version - keep).to_string();
+        let [delete, horizon] = self.dialect.compact_statements(&self.names, self.marks);
+        for sql in [horizon, delete] {
+            conn.exec_with(&sql, Some(&upto))
+                .map_err(|e| db_error(Action::Write, &self.table, self.backend, e))?;
+        }
+        tracing::debug!(table = %self.table.name, upto = %upto, "change log compacted");
+        Ok(())
+    }
+}
+
+/// The error of a coherence call on a store opened without it.
+pub(crate) fn not_enabled(table: &Option<TableSpec>) -> Error {
+    Error::NotCoherent {
+        table: table.as_ref().map(|t| t.name.clone()).unwrap_or_default(),
+        reason: "the map was opened without `coherent()`: open it with \
+                 `DbHashMap::builder(…).coherent()`"
+            .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> TableSpec {
+        TableSpec::new(name, Format::Text, Format::Text)
+    }
+
+    #[test]
+    fn names_sit_beside_the_table_and_fit_the_backend() {
+        let n = Names::of(Dialect::Sqlite, &spec("h")).unwrap();
+        assert_eq!(
+            (n.log.as_str(), n.clock.as_str()),
+            ("h__wth_log", "h__wth_clock")
+        );
+        assert!(Names::of(Dialect::Postgres, &spec(&"p".repeat(60))).is_err());
+        assert!(Names::of(Dialect::Postgres, &spec(&"p".repeat(50))).is_ok());
+    }
+
+    #[test]
+    fn golden_changes_query() {
+        let t = spec("h");
+        let n = Names::of(Dialect::Sqlite, &t).unwrap();
+        assert_eq!(
+            Dialect::Sqlite.changes_query(&t, &n, Marks::Native),
+            "SELECT CAST(c.horizon AS TEXT), CAST(l.v AS TEXT), l.\"key\", \
+             CASE WHEN t.\"key\" IS NULL THEN '0' ELSE '1' END, t.\"value\" FROM \"h__wth_clock\" c LEFT JOIN (\"h__wth_log\" l LEFT JOIN \"h\" t \
+             ON l.\"key\" = t.\"key\" COLLATE BINARY) ON l.v > ?1 WHERE c.id = 1 ORDER BY l.v"
+        );
+        let n = Names::of(Dialect::Postgres, &t).unwrap();
+        assert!(Dialect::Postgres
+            .changes_query(&t, &n, Marks::Native)
+            .contains("l.v > CAST(CAST($1 AS TEXT) AS BIGINT)"));
+        let [delete, horizon] = Dialect::Mysql.compact_statements(&n, Marks::Native);
+        assert_eq!(delete, "DELETE FROM `h__wth_log` WHERE v <= ?");
+        assert_eq!(
+            horizon,
+            "UPDATE `h__wth_clock` SET horizon = greatest(horizon, ?) WHERE id = 1"
+        );
+    }
+
+    #[test]
+    fn setup_is_idempotent_sql() {
+        for d in [Dialect::Sqlite, Dialect::Postgres, Dialect::Mysql] {
+            let t = spec("h");
+            let n = Names::of(d, &t).unwrap();
+            for sql in d.coherence_setup(&t, &n) {
+                assert!(
+                    sql.contains("IF NOT EXISTS")
+                        || sql.contains("OR REPLACE")
+                        || sql.contains("IGNORE")
+                        || sql.contains("DO NOTHING"),
+                    "{d:?}: {sql}"
+                );
+            }
+        }
+    }
+}

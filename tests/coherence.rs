@@ -1,0 +1,303 @@
+//! Coherence: many maps on one table see each other's changes through `refresh()`, on
+//! every backend. Writers are maps (in threads, with their own connections, and in
+//! other processes) and plain SQL; after the writers stop and every map refreshes,
+//! every map equals a fresh open of the table.
+
+#[path = "conformance/env.rs"]
+#[allow(dead_code, unused_imports)]
+mod env;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use env::{chain, Env};
+use write_thru_hash::{DbHashMap, Dialect, Error};
+
+fn coherent<V>(url: &str, table: &str) -> DbHashMap<String, V>
+where
+    V: serde::Serialize + serde::de::DeserializeOwned + 'static,
+{
+    DbHashMap::builder_url(url)
+        .table(table)
+        .coherent()
+        .open()
+        .unwrap_or_else(|e| panic!("open {table} coherent: {}", chain(&e)))
+}
+
+fn fresh(url: &str, table: &str) -> DbHashMap<String, i64> {
+    DbHashMap::builder_url(url).table(table).open().unwrap()
+}
+
+/// `INSERT … ON CONFLICT` or `ON DUPLICATE KEY`, as plain SQL from another client.
+fn plain_upsert(env: &impl Env, table: &str, key: &str, value: i64) {
+    let (t, k, v) = (env.q(table), env.q("key"), env.q("value"));
+    let row = format!("('\"{key}\"', '{value}')");
+    env.exec(&match env.dialect() {
+        Dialect::Mysql => {
+            format!("INSERT INTO {t} ({k}, {v}) VALUES {row} ON DUPLICATE KEY UPDATE {v} = VALUES({v})")
+        }
+        _ => format!(
+            "INSERT INTO {t} ({k}, {v}) VALUES {row} ON CONFLICT ({k}) DO UPDATE SET {v} = excluded.{v}"
+        ),
+    });
+}
+
+fn plain_delete(env: &impl Env, table: &str, key: &str) {
+    env.exec(&format!(
+        "DELETE FROM {} WHERE {} = '\"{key}\"'",
+        env.q(table),
+        env.q("key")
+    ));
+}
+
+fn maps_see_each_others_changes(env: &impl Env) {
+    let url = env.url();
+    let mut a: DbHashMap<String, i64> = coherent(&url, "shared");
+    let mut b: DbHashMap<String, i64> = coherent(&url, "shared");
+    assert_eq!(b.refresh().unwrap(), 0);
+
+    a.insert("x".into(), 1).unwrap();
+    a.insert("y".into(), 2).unwrap();
+    assert_eq!(b.refresh().unwrap(), 2);
+    assert_eq!(b, a);
+    // Its own writes are in memory already: a refresh changes nothing.
+    assert_eq!(a.refresh().unwrap(), 0);
+
+    b.remove("x").unwrap();
+    b.insert("y".into(), 20).unwrap();
+    assert_eq!(a.refresh().unwrap(), 2);
+    assert_eq!(a, HashMap::from([("y".to_string(), 20)]));
+
+    a.insert_many((0..10).map(|i| (format!("k{i}"), i)))
+        .unwrap();
+    a.transaction(|tx| {
+        tx.remove("k0")?;
+        tx.insert("k1".into(), 100)
+    })
+    .unwrap();
+    // k0 came and went: b never held it. k1..k9 are new to b.
+    assert_eq!(b.refresh().unwrap(), 9);
+    assert_eq!(b, a);
+
+    // Plain SQL from another client is seen too: an upsert of a new key, an update
+    // and a delete.
+    plain_upsert(env, "shared", "sql", 7);
+    plain_upsert(env, "shared", "k2", 222);
+    plain_delete(env, "shared", "k3");
+    assert_eq!(a.refresh().unwrap(), 3);
+    assert_eq!(a["sql"], 7);
+    assert_eq!(a["k2"], 222);
+    assert!(!a.contains_key("k3"));
+
+    b.clear().unwrap();
+    let held = a.len();
+    assert_eq!(a.refresh().unwrap(), held);
+    assert!(a.is_empty());
+    b.insert("after".into(), 1).unwrap();
+    a.refresh().unwrap();
+    assert_eq!(a, b);
+    assert_eq!(fresh(&url, "shared"), a);
+}
+
+fn refresh_needs_coherent(env: &impl Env) {
+    let mut plain: DbHashMap<String, i64> = fresh(&env.url(), "plain");
+    let err = plain.refresh().unwrap_err();
+    assert!(matches!(err, Error::NotCoherent { .. }), "{err}");
+    assert!(err.to_string().contains("coherent()"), "{err}");
+}
+
+/// A table of the plain layout is upgraded in place, its rows kept; a map opened
+/// without `coherent()` still writes it, and coherent maps see those writes.
+fn plain_tables_are_upgraded_in_place(env: &impl Env) {
+    let url = env.url();
+    let mut plain: DbHashMap<String, i64> = fresh(&url, "upgraded");
+    plain
+        .insert_many([("a".to_string(), 1), ("b".into(), 2)])
+        .unwrap();
+    let mut c: DbHashMap<String, i64> = coherent(&url, "upgraded");
+    assert_eq!(c, plain, "rows kept");
+    // The plain map, and a plain map opened after the upgrade, write as before.
+    plain.insert("c".into(), 3).unwrap();
+    let mut later: DbHashMap<String, i64> = fresh(&url, "upgraded");
+    later.remove("a").unwrap();
+    assert_eq!(c.refresh().unwrap(), 2);
+    assert_eq!(c, later);
+    // A second coherent open changes nothing of the installation.
+    let again: DbHashMap<String, i64> = coherent(&url, "upgraded");
+    assert_eq!(again, c);
+}
+
+/// Another map writes pairs of keys in one transaction; every refresh shows both or
+/// neither, while the writer runs.
+fn transactions_are_seen_whole(env: &(impl Env + Sync)) {
+    let url = env.url();
+    let mut reader: DbHashMap<String, i64> = coherent(&url, "pairs");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (url, stop) = (url.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut w: DbHashMap<String, i64> = coherent(&url, "pairs");
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) && i < 400 {
+                let n = i % 10;
+                w.transaction(|tx| {
+                    tx.insert(format!("a{n}"), i)?;
+                    tx.insert(format!("b{n}"), i)
+                })
+                .unwrap();
+                i += 1;
+            }
+            i
+        })
+    };
+    let started = Instant::now();
+    let mut refreshes = 0;
+    while !writer.is_finished() && started.elapsed() < Duration::from_secs(10) {
+        reader.refresh().unwrap();
+        refreshes += 1;
+        for n in 0..10 {
+            assert_eq!(
+                reader.get(&format!("a{n}")),
+                reader.get(&format!("b{n}")),
+                "half of a transaction after {refreshes} refreshes"
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    reader.refresh().unwrap();
+    assert!(written > 0 && refreshes > 0);
+    assert_eq!(fresh(&url, "pairs"), reader);
+}
+
+/// Three maps, each in its own thread with its own connection, write random
+/// interleaved changes (some to the same keys) and refresh now and then; after they
+/// stop and refresh, all three equal a fresh open.
+fn three_maps_converge(env: &(impl Env + Sync)) {
+    let url = env.url();
+    let _: DbHashMap<String, i64> = coherent(&url, "three");
+    let handles: Vec<_> = (0..3u64)
+        .map(|w| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let mut m: DbHashMap<String, i64> = coherent(&url, "three");
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1);
+                let mut next = || {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x
+                };
+                for i in 0..150 {
+                    let key = format!("k{}", next() % 20);
+                    let value = (w * 1000 + i) as i64;
+                    let result = match next() % 10 {
+                        0..=3 => m.insert(key, value).map(drop),
+                        4 | 5 => m.remove(&key).map(drop),
+                        6 => m
+                            .insert_many((0..3).map(|j| (format!("k{}", (next() + j) % 20), value)))
+                            .map(drop),
+                        7 => m
+                            .transaction(|tx| {
+                                tx.insert(key.clone(), value)?;
+                                tx.remove(&format!("k{}", next() % 20))
+                            })
+                            .map(drop),
+                        8 if i % 50 == 49 => m.clear(),
+                        _ => m.refresh().map(drop),
+                    };
+                    if let Err(e) = result {
+                        assert!(e.is_retryable(), "{}", chain(&e));
+                    }
+                }
+                m
+            })
+        })
+        .collect();
+    let mut maps: Vec<DbHashMap<String, i64>> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let table = fresh(&url, "three");
+    for m in &mut maps {
+        m.refresh().unwrap();
+        assert_eq!(*m, table);
+    }
+}
+
+/// Many insert-then-remove cycles leave a bounded log; a map that fell behind the
+/// compaction reloads in full and is right.
+fn compaction_bounds_the_log(env: &impl Env) {
+    let url = env.url();
+    let window = 500;
+    let open = || -> DbHashMap<String, i64> {
+        DbHashMap::builder_url(&url)
+            .table("churn")
+            .change_window(window)
+            .open()
+            .unwrap()
+    };
+    let mut behind = open();
+    behind.insert("kept".into(), 1).unwrap();
+    let mut w = open();
+    for round in 0..20 {
+        let keys: Vec<String> = (0..250).map(|i| format!("r{round}k{i}")).collect();
+        w.insert_many(keys.iter().map(|k| (k.clone(), round)))
+            .unwrap();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        w.remove_many(refs).unwrap();
+    }
+    let log = env.count(&format!("SELECT count(*) FROM {}", env.q("churn__wth_log")));
+    assert!(
+        log <= 3 * window as i64,
+        "10,000 changes, a window of {window}: the log holds {log} rows"
+    );
+    w.insert("late".into(), 2).unwrap();
+    assert!(behind.refresh().unwrap() >= 1, "reloaded in full");
+    assert_eq!(behind, w);
+    assert_eq!(fresh(&url, "churn"), behind);
+}
+
+macro_rules! coherence {
+    ($backend:ident, $env:expr) => {
+        mod $backend {
+            use super::*;
+            #[test]
+            fn maps_see_each_others_changes() {
+                super::maps_see_each_others_changes(&$env);
+            }
+            #[test]
+            fn refresh_needs_coherent() {
+                super::refresh_needs_coherent(&$env);
+            }
+            #[test]
+            fn plain_tables_are_upgraded_in_place() {
+                super::plain_tables_are_upgraded_in_place(&$env);
+            }
+            #[test]
+            fn transactions_are_seen_whole() {
+                super::transactions_are_seen_whole(&$env);
+            }
+            #[test]
+            fn three_maps_converge() {
+                super::three_maps_converge(&$env);
+            }
+            #[test]
+            fn compaction_bounds_the_log() {
+                super::compaction_bounds_the_log(&$env);
+            }
+        }
+    };
+}
+
+coherence!(sqlite, env::SqliteEnv::new());
+#[cfg(feature = "postgres")]
+coherence!(postgres, env::PgEnv::new());
+#[cfg(feature = "mysql")]
+coherence!(mysql, env::MyEnv::new());
+#[cfg(feature = "odbc")]
+coherence!(odbc_sqlite, env::OdbcEnv::sqlite());
+#[cfg(feature = "odbc")]
+coherence!(odbc_postgres, env::OdbcEnv::postgres());
+#[cfg(feature = "odbc")]
+coherence!(odbc_mysql, env::OdbcEnv::mysql());
