@@ -534,7 +534,8 @@ mod tests {
             ("h__wth_log", "h__wth_clock")
         );
         assert!(Names::of(Dialect::Postgres, &spec(&"p".repeat(60))).is_err());
-        assert!(Names::of(Dialect::Postgres, &spec(&"p".repeat(50))).is_ok());
+        assert!(Names::of(Dialect::Postgres, &spec(&"p".repeat(49))).is_ok());
+        assert!(Names::of(Dialect::Postgres, &spec(&"p".repeat(50))).is_err());
     }
 
     #[test]
