@@ -998,11 +998,7 @@ where
         };
         let changed = other
             .iter()
-            .filter(|(k, v)| {
-                self.map
-                    .get(*k)
-                    .is_none_or(|held| bytes(held) != bytes(v))
-            })
+            .filter(|(k, v)| self.map.get(*k).is_none_or(|held| bytes(held) != bytes(v)))
             .count();
         changed + self.map.keys().filter(|k| !other.contains_key(*k)).count()
     }

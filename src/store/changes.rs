@@ -135,6 +135,8 @@ impl Dialect {
                 let function = q(&n.function);
                 // Statement triggers with transition tables: one clock bump per
                 // statement, for as many versions as it changed keys, numbered in order.
+                // The function runs with its owner's rights (as MySQL's triggers do), so a
+                // user who may only write the table is still noted in the log.
                 let note = |keys: &str| {
                     format!(
                         "SELECT count(*) INTO n FROM ({keys}) AS k; \
@@ -165,7 +167,8 @@ impl Dialect {
                     ),
                     format!(
                         "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger \
-                         LANGUAGE plpgsql AS $wth$ DECLARE n bigint; top bigint; BEGIN \
+                         LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT \
+                         AS $wth$ DECLARE n bigint; top bigint; BEGIN \
                          IF TG_WHEN = 'BEFORE' THEN \
                          PERFORM v FROM {clock} WHERE id = 1 FOR UPDATE; \
                          ELSIF TG_OP = 'TRUNCATE' THEN \

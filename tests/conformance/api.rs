@@ -14,7 +14,7 @@ where
     K: Eq + Hash + Serialize + serde::de::DeserializeOwned + 'static,
     V: Serialize + serde::de::DeserializeOwned + 'static,
 {
-    DbHashMap::builder_url(&env.url())
+    env.builder()
         .table(table)
         .open()
         .unwrap_or_else(|e| panic!("open {table}: {}", chain(&e)))

@@ -36,7 +36,7 @@ fn rows(env: &impl Env, table: &str) -> i64 {
 }
 
 fn open_ci(env: &impl Env, table: &str) -> DbHashMap<Ci, i64> {
-    DbHashMap::builder_url(&env.url())
+    env.builder()
         .table(table)
         .open()
         .unwrap_or_else(|e| panic!("open {table}: {e}"))
@@ -76,7 +76,8 @@ pub(crate) fn equal_keys_in_one_batch_are_refused(env: &impl Env) {
     assert_eq!(fresh, h);
     assert_eq!(rows(env, "ci"), 2);
 
-    let replaced = DbHashMap::<Ci, i64>::builder_url(&env.url())
+    let replaced = env
+        .builder::<Ci, i64>()
         .table("ci")
         .src([(ci("e"), 1), (ci("E"), 2)])
         .open();
@@ -233,7 +234,8 @@ pub(crate) fn tables_that_do_not_keep_keys_apart_are_refused(env: &impl Env) {
         "CREATE TABLE {table} ({k} {key_type} NOT NULL PRIMARY KEY, {v} TEXT NOT NULL)"
     ));
     env.exec(&format!("CREATE UNIQUE INDEX {index} ON {table} ({ci})"));
-    let err = DbHashMap::<String, String>::builder_url(&env.url())
+    let err = env
+        .builder::<String, String>()
         .table("user index")
         .codec(Text)
         .open()
@@ -253,7 +255,8 @@ pub(crate) fn tables_that_do_not_keep_keys_apart_are_refused(env: &impl Env) {
             env.q(&name),
             case.ddl
         ));
-        let err = DbHashMap::<String, String>::builder_url(&env.url())
+        let err = env
+            .builder::<String, String>()
             .table(&name)
             .codec(Text)
             .open()
@@ -306,21 +309,13 @@ pub(crate) fn user_tables_that_keep_keys_apart_work(env: &impl Env) {
         env.q("mine_key"),
         env.q("mine")
     ));
-    let mut h: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
-        .table("mine")
-        .codec(Text)
-        .open()
-        .unwrap();
+    let mut h: DbHashMap<String, String> = env.builder().table("mine").codec(Text).open().unwrap();
     for key in ["a", "A", "a "] {
         h.insert(key.into(), format!("{key}!  ")).unwrap();
     }
     h.remove("a").unwrap();
     assert_eq!(rows(env, "mine"), 2, "the delete removed only \"a\"");
-    let fresh: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
-        .table("mine")
-        .codec(Text)
-        .open()
-        .unwrap();
+    let fresh: DbHashMap<String, String> = env.builder().table("mine").codec(Text).open().unwrap();
     assert_eq!(fresh, h);
     assert_eq!(fresh["A"], "A!  ", "values come back as written");
 }
@@ -331,11 +326,7 @@ pub(crate) fn key_kind_must_match_the_codec(env: &impl Env) {
     if env.dialect() != Dialect::Sqlite {
         return;
     }
-    let mut t: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
-        .table("kinds")
-        .codec(Text)
-        .open()
-        .unwrap();
+    let mut t: DbHashMap<String, String> = env.builder().table("kinds").codec(Text).open().unwrap();
     t.insert("a".into(), "1".into()).unwrap();
     drop(t);
     let err = DbHashMap::<Vec<u8>, Vec<u8>>::builder_url(&env.url())
@@ -350,11 +341,7 @@ pub(crate) fn key_kind_must_match_the_codec(env: &impl Env) {
 /// Text the backend cannot carry byte for byte (a NUL inside) is stored exactly or
 /// refused with memory unchanged; never stored as something else.
 pub(crate) fn nul_in_text_is_kept_or_refused(env: &impl Env) {
-    let mut h: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
-        .table("nul")
-        .codec(Text)
-        .open()
-        .unwrap();
+    let mut h: DbHashMap<String, String> = env.builder().table("nul").codec(Text).open().unwrap();
     h.insert("k".into(), "plain".into()).unwrap();
     for (key, value) in [("k\0z", "x"), ("k2", "v\0w")] {
         match h.insert(key.into(), value.into()) {
@@ -369,11 +356,7 @@ pub(crate) fn nul_in_text_is_kept_or_refused(env: &impl Env) {
     if r.is_err() {
         assert!(!h.contains_key("m"), "the batch failed whole");
     }
-    let fresh: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
-        .table("nul")
-        .codec(Text)
-        .open()
-        .unwrap();
+    let fresh: DbHashMap<String, String> = env.builder().table("nul").codec(Text).open().unwrap();
     assert_eq!(fresh, h);
 }
 
@@ -390,11 +373,8 @@ pub(crate) fn server_reasons_are_shown(env: &impl Env) {
          CONSTRAINT short_values CHECK (length({v}) < 10))",
         env.q("checked")
     ));
-    let mut h: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
-        .table("checked")
-        .codec(Text)
-        .open()
-        .unwrap();
+    let mut h: DbHashMap<String, String> =
+        env.builder().table("checked").codec(Text).open().unwrap();
     let err = h
         .insert("a".into(), "far too long a value".into())
         .unwrap_err();
@@ -417,10 +397,7 @@ pub(crate) fn server_reasons_are_shown(env: &impl Env) {
 /// A user who may read and write a table but not create one opens it; a read-only
 /// session opens it too, and its writes fail with memory unchanged.
 pub(crate) fn existing_tables_open_without_create_rights(env: &impl Env) {
-    let mut h: DbHashMap<String, i64> = DbHashMap::builder_url(&env.url())
-        .table("granted")
-        .open()
-        .unwrap();
+    let mut h: DbHashMap<String, i64> = env.builder().table("granted").open().unwrap();
     h.insert("a".into(), 1).unwrap();
     drop(h);
     let Some(url) = env.restricted_url("granted") else {
@@ -434,7 +411,7 @@ pub(crate) fn existing_tables_open_without_create_rights(env: &impl Env) {
     r.insert("b".into(), 2).unwrap();
     r.remove("a").unwrap();
     assert_eq!(
-        DbHashMap::<String, i64>::builder_url(&env.url())
+        env.builder::<String, i64>()
             .table("granted")
             .open()
             .unwrap(),
@@ -453,14 +430,16 @@ pub(crate) fn existing_tables_open_without_create_rights(env: &impl Env) {
 /// every write it acknowledges is committed.
 pub(crate) fn connections_in_any_state(env: &impl Env) {
     if let Some(conn) = env.conn_in_failed_transaction() {
-        let err = DbHashMap::<String, i64>::builder(conn)
+        let err = env
+            .wrap::<String, i64>(conn)
             .table("states")
             .open()
             .unwrap_err();
         assert!(matches!(err, Error::ConnectionState { .. }), "{err}");
     }
     if let Some(conn) = env.conn_in_transaction() {
-        let err = DbHashMap::<String, i64>::builder(conn)
+        let err = env
+            .wrap::<String, i64>(conn)
             .table("states")
             .open()
             .unwrap_err();
@@ -468,18 +447,14 @@ pub(crate) fn connections_in_any_state(env: &impl Env) {
         assert!(err.to_string().contains("transaction"), "{err}");
     }
     if let Some(conn) = env.conn_autocommit_off() {
-        let mut h: DbHashMap<String, i64> =
-            DbHashMap::builder(conn).table("states").open().unwrap();
+        let mut h: DbHashMap<String, i64> = env.wrap(conn).table("states").open().unwrap();
         h.insert("single".into(), 1).unwrap();
         h.insert_many([("many".to_string(), 2), ("more".to_string(), 3)])
             .unwrap();
         h.remove("more").unwrap();
         h.transaction(|tx| tx.insert("tx".into(), 4)).unwrap();
         drop(h);
-        let fresh: DbHashMap<String, i64> = DbHashMap::builder_url(&env.url())
-            .table("states")
-            .open()
-            .unwrap();
+        let fresh: DbHashMap<String, i64> = env.builder().table("states").open().unwrap();
         let expected = HashMap::from([
             ("single".to_string(), 1),
             ("many".to_string(), 2),

@@ -3,7 +3,7 @@
 //! `WTH_MYSQL_URL` points to (`scripts/test.sh` starts them). A backend whose URL is
 //! missing fails its tests: it is never skipped.
 
-use write_thru_hash::{Dialect, IntoStore, Store};
+use write_thru_hash::{Builder, DbHashMap, Dialect, IntoStore, Store};
 
 pub(crate) trait Env {
     /// A URL for this test's own database.
@@ -25,6 +25,42 @@ pub(crate) trait Env {
     /// Runs a query that returns integers in its first column.
     fn ints(&self, sql: &str) -> Vec<i64>;
     fn dialect(&self) -> Dialect;
+
+    /// Whether this run opens every map with `coherent()`.
+    fn coherent(&self) -> bool {
+        false
+    }
+    /// A builder on this test's database, through its URL.
+    fn builder<K, V>(&self) -> Builder<K, V>
+    where
+        Self: Sized,
+    {
+        self.wrap_builder(DbHashMap::builder_url(&self.url()))
+    }
+    /// A builder on a new native connection to this test's database.
+    fn builder_conn<K, V>(&self) -> Builder<K, V>
+    where
+        Self: Sized,
+    {
+        self.wrap(self.conn())
+    }
+    /// A builder on a connection the test made.
+    fn wrap<K, V>(&self, conn: Box<dyn Store>) -> Builder<K, V>
+    where
+        Self: Sized,
+    {
+        self.wrap_builder(DbHashMap::builder(conn))
+    }
+    fn wrap_builder<K, V>(&self, b: Builder<K, V>) -> Builder<K, V>
+    where
+        Self: Sized,
+    {
+        if self.coherent() {
+            b.coherent()
+        } else {
+            b
+        }
+    }
 
     /// A URL for a user who may read and write `table` but create nothing, where the
     /// backend has users.
@@ -541,5 +577,42 @@ mod odbc {
             c.set_autocommit(false).unwrap();
             Some(c.into_store())
         }
+    }
+}
+
+/// The same database, every map opened with `coherent()`: the whole conformance suite
+/// holds in coherent mode too.
+pub(crate) struct Coherent<E>(pub(crate) E);
+
+impl<E: Env> Env for Coherent<E> {
+    fn url(&self) -> String {
+        self.0.url()
+    }
+    fn conn(&self) -> Box<dyn Store> {
+        self.0.conn()
+    }
+    fn try_exec(&self, sql: &str) -> Result<(), String> {
+        self.0.try_exec(sql)
+    }
+    fn ints(&self, sql: &str) -> Vec<i64> {
+        self.0.ints(sql)
+    }
+    fn dialect(&self) -> Dialect {
+        self.0.dialect()
+    }
+    fn coherent(&self) -> bool {
+        true
+    }
+    fn restricted_url(&self, table: &str) -> Option<String> {
+        self.0.restricted_url(table)
+    }
+    fn conn_in_transaction(&self) -> Option<Box<dyn Store>> {
+        self.0.conn_in_transaction()
+    }
+    fn conn_in_failed_transaction(&self) -> Option<Box<dyn Store>> {
+        self.0.conn_in_failed_transaction()
+    }
+    fn conn_autocommit_off(&self) -> Option<Box<dyn Store>> {
+        self.0.conn_autocommit_off()
     }
 }

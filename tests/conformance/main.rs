@@ -36,6 +36,11 @@ macro_rules! all_backends {
         conformance!(odbc_postgres, OdbcEnv::postgres(), [$($module::$test),*]);
         #[cfg(feature = "odbc")]
         conformance!(odbc_mysql, OdbcEnv::mysql(), [$($module::$test),*]);
+        conformance!(sqlite_coherent, Coherent(SqliteEnv::new()), [$($module::$test),*]);
+        #[cfg(feature = "postgres")]
+        conformance!(postgres_coherent, Coherent(PgEnv::new()), [$($module::$test),*]);
+        #[cfg(feature = "mysql")]
+        conformance!(mysql_coherent, Coherent(MyEnv::new()), [$($module::$test),*]);
     };
 }
 

@@ -13,7 +13,7 @@ where
     K: Eq + std::hash::Hash + Serialize + serde::de::DeserializeOwned + 'static,
     V: Serialize + serde::de::DeserializeOwned + 'static,
 {
-    DbHashMap::builder_url(&env.url())
+    env.builder()
         .table(table)
         .open()
         .unwrap_or_else(|e| panic!("open {table}: {e}"))
@@ -32,7 +32,7 @@ where
 // ---- The Racket original's tests.rkt, ported ----
 
 pub(crate) fn basic_operations(env: &impl Env) {
-    let mut h: DbHashMap<String, i64> = DbHashMap::open(env.conn()).unwrap();
+    let mut h: DbHashMap<String, i64> = env.builder_conn().open().unwrap();
     assert!(env.table_exists("hashtable"));
     h.insert("a".into(), 1).unwrap();
     h.insert("b".into(), 2).unwrap();
@@ -42,10 +42,10 @@ pub(crate) fn basic_operations(env: &impl Env) {
     assert_eq!(h["c"], 3);
     let expected = HashMap::from([("a".to_string(), 1), ("c".to_string(), 3)]);
     assert_eq!(h, expected);
-    let h2: DbHashMap<String, i64> = DbHashMap::open(env.conn()).unwrap();
+    let h2: DbHashMap<String, i64> = env.builder_conn().open().unwrap();
     assert_eq!(h2, expected);
     h.clear().unwrap();
-    let h3: DbHashMap<String, i64> = DbHashMap::open(env.conn()).unwrap();
+    let h3: DbHashMap<String, i64> = env.builder_conn().open().unwrap();
     assert_eq!(h3, HashMap::new());
 }
 
@@ -103,10 +103,7 @@ pub(crate) fn custom_table_name(env: &impl Env) {
 
 pub(crate) fn initial_src_then_replace(env: &impl Env) {
     let initial = HashMap::from([("abc".to_string(), 123), ("def".to_string(), 456)]);
-    let mut h: DbHashMap<String, i64> = DbHashMap::builder(env.conn())
-        .src(initial.clone())
-        .open()
-        .unwrap();
+    let mut h: DbHashMap<String, i64> = env.builder_conn().src(initial.clone()).open().unwrap();
     assert!(env.table_exists("hashtable"));
     assert_eq!(h, initial);
     h.insert("ghi".into(), 789).unwrap();
@@ -117,7 +114,8 @@ pub(crate) fn initial_src_then_replace(env: &impl Env) {
     ]);
     assert_eq!(h, expected);
     assert_persisted(env, "hashtable", &h);
-    let h3: DbHashMap<String, i64> = DbHashMap::builder(env.conn())
+    let h3: DbHashMap<String, i64> = env
+        .builder_conn()
         .src([("jkl".to_string(), 101)])
         .open()
         .unwrap();
@@ -159,7 +157,8 @@ pub(crate) fn unusable_table_names_are_refused_before_writing(env: &impl Env) {
         _ => names.push("sqlite_mine".into()),
     }
     for name in names {
-        let err = DbHashMap::<String, i64>::builder_url(&env.url())
+        let err = env
+            .builder::<String, i64>()
             .table(&name)
             .open()
             .unwrap_err();
@@ -173,10 +172,7 @@ pub(crate) fn unusable_table_names_are_refused_before_writing(env: &impl Env) {
         // Two names that PostgreSQL would truncate to the same 63 bytes stay distinct
         // because both are refused.
         let a = format!("{}a", "p".repeat(63));
-        assert!(DbHashMap::<String, i64>::builder_url(&env.url())
-            .table(&a)
-            .open()
-            .is_err());
+        assert!(env.builder::<String, i64>().table(&a).open().is_err());
     }
 }
 
@@ -193,19 +189,13 @@ pub(crate) fn keys_compare_byte_for_byte(env: &impl Env) {
     );
     assert_persisted(env, "keys", &h);
     // The same with raw text keys in a text column.
-    let mut t: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
-        .table("text keys")
-        .codec(Text)
-        .open()
-        .unwrap();
+    let mut t: DbHashMap<String, String> =
+        env.builder().table("text keys").codec(Text).open().unwrap();
     for k in keys {
         t.insert(k.to_string(), k.to_uppercase()).unwrap();
     }
-    let t2: DbHashMap<String, String> = DbHashMap::builder_url(&env.url())
-        .table("text keys")
-        .codec(Text)
-        .open()
-        .unwrap();
+    let t2: DbHashMap<String, String> =
+        env.builder().table("text keys").codec(Text).open().unwrap();
     assert_eq!(t, t2);
     assert_eq!(t2.len(), keys.len());
 }
@@ -350,7 +340,8 @@ pub(crate) fn server_rejection_rolls_back_everything(env: &impl Env) {
     assert_eq!(h, before);
     assert_persisted(env, "rejects", &h);
 
-    let replaced = DbHashMap::<String, String>::builder_url(&env.url())
+    let replaced = env
+        .builder::<String, String>()
         .table("rejects")
         .src([
             ("a".to_string(), "fine".to_string()),
@@ -403,7 +394,8 @@ pub(crate) fn undecodable_rows_are_errors(env: &impl Env) {
     env.exec(&format!(
         "INSERT INTO {t} ({k}, {v}) VALUES ('\"bad value\"', 'not json')"
     ));
-    let err = DbHashMap::<String, i64>::builder_url(&env.url())
+    let err = env
+        .builder::<String, i64>()
         .table("bad rows")
         .open()
         .unwrap_err();
@@ -418,7 +410,8 @@ pub(crate) fn undecodable_rows_are_errors(env: &impl Env) {
     env.exec(&format!(
         "INSERT INTO {t} ({k}, {v}) VALUES ('unquoted', '1')"
     ));
-    let err = DbHashMap::<String, i64>::builder_url(&env.url())
+    let err = env
+        .builder::<String, i64>()
         .table("bad rows")
         .open()
         .unwrap_err();
@@ -441,7 +434,8 @@ pub(crate) fn wrong_layout_is_refused(env: &impl Env) {
         "CREATE TABLE {} (id INTEGER PRIMARY KEY, name TEXT)",
         env.q("other")
     ));
-    let err = DbHashMap::<String, i64>::builder_url(&env.url())
+    let err = env
+        .builder::<String, i64>()
         .table("other")
         .open()
         .unwrap_err();
@@ -457,7 +451,8 @@ pub(crate) fn wrong_layout_is_refused(env: &impl Env) {
         env.q("key"),
         env.q("value")
     ));
-    let err = DbHashMap::<String, i64>::builder_url(&env.url())
+    let err = env
+        .builder::<String, i64>()
         .table("no pk")
         .open()
         .unwrap_err();
@@ -467,13 +462,15 @@ pub(crate) fn wrong_layout_is_refused(env: &impl Env) {
         env.exec(
             "CREATE TABLE folding (`key` VARCHAR(100) NOT NULL PRIMARY KEY, `value` TEXT NOT NULL)",
         );
-        let err = DbHashMap::<String, i64>::builder_url(&env.url())
+        let err = env
+            .builder::<String, i64>()
             .table("folding")
             .open()
             .unwrap_err();
         assert!(err.to_string().contains("VARBINARY"), "{err}");
         env.exec("CREATE TABLE myisam (`key` VARBINARY(100) NOT NULL PRIMARY KEY, `value` TEXT NOT NULL) ENGINE=MyISAM");
-        let err = DbHashMap::<String, i64>::builder_url(&env.url())
+        let err = env
+            .builder::<String, i64>()
             .table("myisam")
             .open()
             .unwrap_err();
@@ -495,7 +492,8 @@ pub(crate) fn non_canonical_key_codec_is_caught(env: &impl Env) {
         },
         |s: &str| s.parse::<u32>(),
     );
-    let mut h: DbHashMap<u32, String> = DbHashMap::builder_url(&env.url())
+    let mut h: DbHashMap<u32, String> = env
+        .builder()
         .table("loose")
         .key_codec(codec)
         .value_codec(Text)
@@ -527,8 +525,7 @@ pub(crate) fn codecs_and_column_types(env: &impl Env) {
     env.exec(&format!(
         "INSERT INTO {t} ({k}, {v}) VALUES ('greeting', 'hello, world')"
     ));
-    let mut h: DbHashMap<String, String> =
-        DbHashMap::builder(env.conn()).codec(Text).open().unwrap();
+    let mut h: DbHashMap<String, String> = env.builder_conn().codec(Text).open().unwrap();
     assert_eq!(h["greeting"], "hello, world");
     h.insert("name".into(), "Zoë \"quoted\" 'single'".into())
         .unwrap();
@@ -538,26 +535,20 @@ pub(crate) fn codecs_and_column_types(env: &impl Env) {
     assert_eq!(stored, 1, "text is stored as it is");
 
     // Raw bytes in binary columns, any byte values, large.
-    let mut b: DbHashMap<Vec<u8>, Vec<u8>> = DbHashMap::builder_url(&env.url())
-        .table("bytes")
-        .codec(Bytes)
-        .open()
-        .unwrap();
+    let mut b: DbHashMap<Vec<u8>, Vec<u8>> =
+        env.builder().table("bytes").codec(Bytes).open().unwrap();
     let all: Vec<u8> = (0..=255).collect();
     b.insert(all.clone(), all.repeat(4096)).unwrap(); // 1 MiB
     b.insert(vec![0], vec![]).unwrap();
     b.insert(vec![], vec![0]).unwrap();
-    let b2: DbHashMap<Vec<u8>, Vec<u8>> = DbHashMap::builder_url(&env.url())
-        .table("bytes")
-        .codec(Bytes)
-        .open()
-        .unwrap();
+    let b2: DbHashMap<Vec<u8>, Vec<u8>> = env.builder().table("bytes").codec(Bytes).open().unwrap();
     assert_eq!(b, b2);
 
     #[cfg(feature = "postcard")]
     {
         use write_thru_hash::Postcard;
-        let mut p: DbHashMap<(String, u64), Vec<Option<f64>>> = DbHashMap::builder_url(&env.url())
+        let mut p: DbHashMap<(String, u64), Vec<Option<f64>>> = env
+            .builder()
             .table("postcard")
             .codec(Postcard)
             .open()
@@ -565,7 +556,8 @@ pub(crate) fn codecs_and_column_types(env: &impl Env) {
         p.insert(("a".into(), 1), vec![Some(1.5), None]).unwrap();
         p.insert(("b".into(), u64::MAX), vec![Some(f64::NAN)])
             .unwrap();
-        let p2: DbHashMap<(String, u64), Vec<Option<f64>>> = DbHashMap::builder_url(&env.url())
+        let p2: DbHashMap<(String, u64), Vec<Option<f64>>> = env
+            .builder()
             .table("postcard")
             .codec(Postcard)
             .open()
@@ -573,7 +565,8 @@ pub(crate) fn codecs_and_column_types(env: &impl Env) {
         assert_eq!(p2.len(), 2);
         assert_eq!(p2[&("a".to_string(), 1)], vec![Some(1.5), None]);
         assert!(p2[&("b".to_string(), u64::MAX)][0].unwrap().is_nan());
-        let mut m: DbHashMap<BTreeMap<u8, u8>, u8> = DbHashMap::builder_url(&env.url())
+        let mut m: DbHashMap<BTreeMap<u8, u8>, u8> = env
+            .builder()
             .table("postcard maps")
             .codec(Postcard)
             .open()
@@ -592,7 +585,8 @@ pub(crate) fn codecs_and_column_types(env: &impl Env) {
 }
 
 pub(crate) fn long_keys_are_refused_or_stored_whole(env: &impl Env) {
-    let mut h: DbHashMap<Vec<u8>, i32> = DbHashMap::builder_url(&env.url())
+    let mut h: DbHashMap<Vec<u8>, i32> = env
+        .builder()
         .table("long keys")
         .codec(Bytes)
         .value_codec(write_thru_hash::Json)
@@ -633,7 +627,8 @@ pub(crate) fn long_keys_are_refused_or_stored_whole(env: &impl Env) {
 }
 
 fn assert_persisted_bytes(env: &impl Env, h: &DbHashMap<Vec<u8>, i32>) {
-    let fresh: DbHashMap<Vec<u8>, i32> = DbHashMap::builder_url(&env.url())
+    let fresh: DbHashMap<Vec<u8>, i32> = env
+        .builder()
         .table(h.table_name())
         .codec(Bytes)
         .value_codec(write_thru_hash::Json)
