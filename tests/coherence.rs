@@ -258,6 +258,76 @@ fn compaction_bounds_the_log(env: &impl Env) {
     assert_eq!(fresh(&url, "churn"), behind);
 }
 
+fn worker_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("crash_worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo test builds it",
+        bin.display()
+    );
+    bin
+}
+
+/// Three worker processes write random changes to one table through coherent maps,
+/// and a fourth is killed with SIGKILL mid-run; after the three finish, each refreshes
+/// and its map equals a fresh open of the table, as does a map of this process.
+fn processes_converge_and_survive_a_kill(env: &impl Env) {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let url = env.url();
+    let mut here: DbHashMap<String, i64> = coherent(&url, "procs");
+    let spawn = |seed: u64| {
+        Command::new(worker_bin())
+            .args([&url, "procs", &seed.to_string(), "120", "coherent"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let mut workers: Vec<_> = (1..=3).map(spawn).collect();
+    let mut victim = spawn(99);
+    std::thread::sleep(Duration::from_millis(150));
+    victim.kill().unwrap();
+    let _ = victim.wait();
+    let mut outputs: Vec<_> = workers
+        .iter_mut()
+        .map(|w| BufReader::new(w.stdout.take().unwrap()))
+        .collect();
+    for out in &mut outputs {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "a worker stopped early"
+            );
+            if line.trim() == "done" {
+                break;
+            }
+        }
+    }
+    let table = fresh(&url, "procs");
+    for (w, out) in workers.iter_mut().zip(&mut outputs) {
+        writeln!(w.stdin.take().unwrap(), "go").unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let seen: HashMap<String, i64> =
+            serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert_eq!(seen, *table, "a worker's map after its refresh");
+        assert!(w.wait().unwrap().success());
+    }
+    here.refresh().unwrap();
+    assert_eq!(here, table);
+}
+
 macro_rules! coherence {
     ($backend:ident, $env:expr) => {
         mod $backend {
@@ -285,6 +355,10 @@ macro_rules! coherence {
             #[test]
             fn compaction_bounds_the_log() {
                 super::compaction_bounds_the_log(&$env);
+            }
+            #[test]
+            fn processes_converge_and_survive_a_kill() {
+                super::processes_converge_and_survive_a_kill(&$env);
             }
         }
     };

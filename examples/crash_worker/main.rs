@@ -9,6 +9,12 @@
 //! With `behind`, the map is in write-behind mode and a call counts as acknowledged
 //! once a `flush()` after it returned: every fifth call flushes, and prints the
 //! numbers of the calls it made durable.
+//!
+//! With `coherent`, the map is coherent (several workers share one table): every
+//! tenth call refreshes, and a write that conflicted with another worker's is retried
+//! once more rather than fatal. After the last call the worker prints `done`, waits for
+//! a line on standard input, refreshes, and prints its map as one line of JSON with
+//! sorted keys, for the test to compare with the table.
 
 #[allow(dead_code)] // the test that kills this worker uses the rest
 mod ops;
@@ -21,14 +27,17 @@ use write_thru_hash::{DbHashMap, WriteBehind};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (url, table, seed, count, behind) = match &args[..] {
-        [url, table, seed, count] => (url, table, seed, count, false),
-        [url, table, seed, count, mode] if mode == "behind" => (url, table, seed, count, true),
+    let (url, table, seed, count, mode) = match &args[..] {
+        [url, table, seed, count] => (url, table, seed, count, ""),
+        [url, table, seed, count, mode] if mode == "behind" || mode == "coherent" => {
+            (url, table, seed, count, mode.as_str())
+        }
         _ => {
-            eprintln!("usage: crash_worker URL TABLE SEED COUNT [behind]");
+            eprintln!("usage: crash_worker URL TABLE SEED COUNT [behind|coherent]");
             std::process::exit(2);
         }
     };
+    let (behind, coherent) = (mode == "behind", mode == "coherent");
     let (seed, count): (u64, usize) = match (seed.parse(), count.parse()) {
         (Ok(s), Ok(c)) => (s, c),
         _ => {
@@ -39,6 +48,9 @@ fn main() {
     let mut builder = DbHashMap::builder_url(url).table(table);
     if behind {
         builder = builder.write_behind(WriteBehind::default().max_delay(Duration::from_millis(2)));
+    }
+    if coherent {
+        builder = builder.coherent();
     }
     let mut h: DbHashMap<String, i64> = match builder.open() {
         Ok(h) => h,
@@ -67,6 +79,11 @@ fn main() {
                 Ok(())
             }),
         };
+        let result = match result {
+            Err(e) if coherent && e.is_retryable() => Ok(()),
+            Ok(()) if coherent && i % 10 == 9 => h.refresh().map(drop),
+            other => other,
+        };
         if let Err(e) = result {
             eprintln!("crash_worker: operation {i}: {e}");
             std::process::exit(1);
@@ -89,5 +106,17 @@ fn main() {
             }
         }
         durable = upto;
+    }
+    if coherent {
+        let _ = writeln!(out, "done").and_then(|()| out.flush());
+        let mut go = String::new();
+        let _ = std::io::stdin().read_line(&mut go);
+        if let Err(e) = h.refresh() {
+            eprintln!("crash_worker: refresh: {e}");
+            std::process::exit(1);
+        }
+        let sorted: std::collections::BTreeMap<&String, &i64> = h.iter().collect();
+        let json = serde_json::to_string(&sorted).unwrap_or_default();
+        let _ = writeln!(out, "{json}").and_then(|()| out.flush());
     }
 }
