@@ -258,6 +258,127 @@ fn compaction_bounds_the_log(env: &impl Env) {
     assert_eq!(fresh(&url, "churn"), behind);
 }
 
+#[derive(Debug, Clone)]
+enum Op {
+    Insert(usize, u8, i16),
+    Remove(usize, u8),
+    InsertMany(usize, Vec<(u8, i16)>),
+    Transaction(usize, Vec<(u8, Option<i16>)>),
+    Clear(usize),
+    Refresh(usize),
+}
+
+fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+    use proptest::prelude::*;
+    let (m, k, v) = (0usize..2, 0u8..8, -50i16..50);
+    prop_oneof![
+        5 => (m.clone(), k.clone(), v.clone()).prop_map(|(m, k, v)| Op::Insert(m, k, v)),
+        3 => (m.clone(), k.clone()).prop_map(|(m, k)| Op::Remove(m, k)),
+        2 => (m.clone(), prop::collection::vec((k.clone(), v.clone()), 0..4))
+            .prop_map(|(m, p)| Op::InsertMany(m, p)),
+        2 => (m.clone(), prop::collection::vec((k, prop::option::of(v)), 0..4))
+            .prop_map(|(m, c)| Op::Transaction(m, c)),
+        1 => m.clone().prop_map(Op::Clear),
+        4 => m.prop_map(Op::Refresh),
+    ]
+}
+
+/// Random operations on two coherent maps of one table against a model of the table:
+/// a write changes the table as the writing map sees it (a key it does not hold is
+/// not removed), a refreshed map equals the model, and so do both maps and a fresh
+/// open at the end.
+fn random_operations_on_two_maps(env: &impl Env) {
+    use proptest::prelude::*;
+    let cases = std::env::var("WTH_PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    });
+    let url = env.url();
+    let counter = std::cell::Cell::new(0);
+    runner
+        .run(&prop::collection::vec(op(), 1..40), |ops| {
+            counter.set(counter.get() + 1);
+            let table = format!("model {}", counter.get());
+            let open = || -> DbHashMap<u8, i16> {
+                DbHashMap::builder_url(&url)
+                    .table(&table)
+                    .coherent()
+                    .open()
+                    .unwrap()
+            };
+            let mut maps = [open(), open()];
+            let mut model: HashMap<u8, i16> = HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Insert(m, k, v) => {
+                        maps[m].insert(k, v).unwrap();
+                        model.insert(k, v);
+                    }
+                    Op::Remove(m, k) => {
+                        if maps[m].remove(&k).unwrap().is_some() {
+                            model.remove(&k);
+                        }
+                    }
+                    Op::InsertMany(m, pairs) => {
+                        maps[m].insert_many(pairs.clone()).unwrap();
+                        model.extend(pairs);
+                    }
+                    Op::Transaction(m, changes) => {
+                        let held: Vec<u8> = maps[m].keys().copied().collect();
+                        let mut staged = HashMap::new();
+                        maps[m]
+                            .transaction(|tx| {
+                                for (k, v) in &changes {
+                                    match v {
+                                        Some(v) => tx.insert(*k, *v)?,
+                                        None => tx.remove(k)?,
+                                    };
+                                    staged.insert(*k, *v);
+                                }
+                                Ok(())
+                            })
+                            .unwrap();
+                        for (k, v) in staged {
+                            match v {
+                                Some(v) => {
+                                    model.insert(k, v);
+                                }
+                                // A delete reaches the table only for a key the map held:
+                                // for the others, the insert it staged was undone.
+                                None if held.contains(&k) => {
+                                    model.remove(&k);
+                                }
+                                None => {}
+                            }
+                        }
+                    }
+                    Op::Clear(m) => {
+                        maps[m].clear().unwrap();
+                        model.clear();
+                    }
+                    Op::Refresh(m) => {
+                        maps[m].refresh().unwrap();
+                        prop_assert_eq!(&*maps[m], &model);
+                    }
+                }
+            }
+            for m in &mut maps {
+                m.refresh().unwrap();
+                prop_assert_eq!(&**m, &model);
+            }
+            let fresh: DbHashMap<u8, i16> =
+                DbHashMap::builder_url(&url).table(&table).open().unwrap();
+            prop_assert_eq!(&*fresh, &model);
+            Ok(())
+        })
+        .unwrap();
+}
+
 fn worker_bin() -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe
@@ -355,6 +476,10 @@ macro_rules! coherence {
             #[test]
             fn compaction_bounds_the_log() {
                 super::compaction_bounds_the_log(&$env);
+            }
+            #[test]
+            fn random_operations_on_two_maps() {
+                super::random_operations_on_two_maps(&$env);
             }
             #[test]
             fn processes_converge_and_survive_a_kill() {
