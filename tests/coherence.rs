@@ -90,6 +90,15 @@ fn maps_see_each_others_changes(env: &impl Env) {
     assert_eq!(a["sql"], 7);
     assert_eq!(a["k2"], 222);
     assert!(!a.contains_key("k3"));
+    // An UPDATE that moves a row to another key: the old key goes, the new one comes.
+    env.exec(&format!(
+        "UPDATE {} SET {k} = '\"moved\"' WHERE {k} = '\"sql\"'",
+        env.q("shared"),
+        k = env.q("key")
+    ));
+    assert_eq!(b.refresh().unwrap(), 3); // k2, k3 and moved: b never held sql
+    assert_eq!(a.refresh().unwrap(), 2);
+    assert_eq!((a.get("sql"), a.get("moved")), (None, Some(&7)));
 
     b.clear().unwrap();
     let held = a.len();

@@ -505,6 +505,91 @@ fn server<C: Raw>(rows: &mut Vec<Row>, args: &Args, url: &str) {
     });
 }
 
+/// Coherence, on the backend at `url`: single inserts and a load with `coherent()`
+/// against the plain map (the "raw driver" column holds the plain map here), and the
+/// time of a refresh after 1 and after 1,000 changes on a large table.
+fn coherence(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, backend: &str, url: &str) {
+    let n1 = if args.quick { 100 } else { 1_000 };
+    let n3 = if args.quick { 20_000 } else { 1_000_000 };
+    let (typed, _) = data(n1);
+    let open = |table: &str, coherent: bool| -> DbHashMap<String, i64> {
+        let b = DbHashMap::builder_url(url).table(table);
+        if coherent { b.coherent() } else { b }.open().unwrap()
+    };
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |r| {
+            let mut h = open(&format!("coh_w1c{r}"), true);
+            h.clear().unwrap();
+            timed(|| {
+                for (k, v) in &typed {
+                    h.insert(k.clone(), *v).unwrap();
+                }
+            })
+        },
+        |r| {
+            let mut h = open(&format!("coh_w1p{r}"), false);
+            h.clear().unwrap();
+            timed(|| {
+                for (k, v) in &typed {
+                    h.insert(k.clone(), *v).unwrap();
+                }
+            })
+        },
+    );
+    rows.push(Row {
+        backend: backend.to_string(),
+        case: format!("W1 {n1} single inserts, coherent (vs. the plain map)"),
+        lib,
+        raw,
+    });
+
+    // A large table, made coherent before the timing so that the triggers exist.
+    let mut writer = open("coh_big", true);
+    if writer.len() != n3 {
+        writer.clear().unwrap();
+        let (big, _) = data(n3);
+        for chunk in big.chunks(50_000) {
+            writer.insert_many(chunk.iter().cloned()).unwrap();
+        }
+    }
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |_| timed(|| assert_eq!(open("coh_big", true).len(), n3)),
+        |_| timed(|| assert_eq!(open("coh_big", false).len(), n3)),
+    );
+    rows.push(Row {
+        backend: backend.to_string(),
+        case: format!("W3 open a table of {n3} rows, coherent (vs. the plain map)"),
+        lib,
+        raw,
+    });
+    let mut reader = open("coh_big", true);
+    for changes in [1usize, 1_000] {
+        let mut times = Vec::new();
+        for round in 0..args.rounds.max(3) {
+            let start = round * changes;
+            writer
+                .insert_many((start..start + changes).map(|i| (format!("key-{i:08}"), -1)))
+                .unwrap();
+            times.push(timed(|| assert_eq!(reader.refresh().unwrap(), changes)));
+            // Undo, and let the reader see it, off the clock.
+            writer
+                .insert_many(
+                    (start..start + changes).map(|i| (format!("key-{i:08}"), i as i64 * 7)),
+                )
+                .unwrap();
+            reader.refresh().unwrap();
+        }
+        notes.push(format!(
+            "{backend}: refresh after {changes} change(s) on a table of {n3} rows: {:.3} ms \
+             (median of {})",
+            median(times.clone()).as_secs_f64() * 1e3,
+            times.len()
+        ));
+    }
+}
+
 fn main() {
     let args = Args::parse();
     let mut rows = Vec::new();
@@ -522,6 +607,25 @@ fn main() {
         Err(_) => eprintln!(
             "WTH_MYSQL_URL not set: MariaDB not measured (scripts/bench.sh starts a server)"
         ),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lite = format!("sqlite:{}", dir.path().join("coherence.sqlite").display());
+    coherence(&mut rows, &mut notes, &args, "SQLite (WAL)", &lite);
+    if let Ok(url) = std::env::var("WTH_POSTGRES_URL") {
+        coherence(&mut rows, &mut notes, &args, "PostgreSQL", &url);
+    }
+    if let Ok(url) = std::env::var("WTH_MYSQL_URL") {
+        // Triggers cannot live in the `mysql` schema the test servers' URL names.
+        let mut c = <mysql::Conn as Raw>::connect(&url);
+        Raw::exec(&mut c, "CREATE DATABASE IF NOT EXISTS wth_bench");
+        let (base, _) = url.rsplit_once('/').unwrap();
+        coherence(
+            &mut rows,
+            &mut notes,
+            &args,
+            "MariaDB",
+            &format!("{base}/wth_bench"),
+        );
     }
     println!("| backend | case | write-thru-hash | raw driver | ratio |");
     println!("|---|---|---:|---:|---:|");

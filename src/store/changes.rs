@@ -82,7 +82,9 @@ impl Dialect {
         match (self, format) {
             (Dialect::Sqlite, Format::Text) => "TEXT",
             (Dialect::Sqlite, Format::Binary) => "BLOB",
-            (Dialect::Postgres, Format::Text) => "TEXT COLLATE \"C\"",
+            // The database's default collation (deterministic: equal means the same
+            // bytes), which gives way to the table's in a comparison.
+            (Dialect::Postgres, Format::Text) => "TEXT",
             (Dialect::Postgres, Format::Binary) => "BYTEA",
             (Dialect::Mysql, _) => "VARBINARY(3072)",
         }
@@ -118,10 +120,13 @@ impl Dialect {
                         q(&n.triggers[0]),
                         note(&format!("NEW.{key}"))
                     ),
+                    // The old key is noted too, when an UPDATE changed it.
                     format!(
-                        "CREATE TRIGGER IF NOT EXISTS {} AFTER UPDATE ON {table} BEGIN {} {} END",
+                        "CREATE TRIGGER IF NOT EXISTS {} AFTER UPDATE ON {table} BEGIN \
+                         DELETE FROM {log} WHERE {key} = OLD.{key}; \
+                         INSERT INTO {log} ({key}) SELECT OLD.{key} \
+                         WHERE OLD.{key} IS NOT NEW.{key} COLLATE BINARY; {} END",
                         q(&n.triggers[1]),
-                        note(&format!("OLD.{key}")),
                         note(&format!("NEW.{key}"))
                     ),
                     format!(
@@ -338,21 +343,24 @@ impl Dialect {
         let (table, log, clock, key, value) =
             (q(&t.name), q(&n.log), q(&n.clock), q("key"), q("value"));
         let since = self.bigint_param(marks);
-        // The log's key first: SQLite compares with the left operand's collation. A
-        // PostgreSQL key column may have a collation other than the log's.
-        let on = match (self, t.key_format) {
-            (Dialect::Sqlite, _) => format!("l.{key} = t.{key} COLLATE BINARY"),
-            (Dialect::Postgres, Format::Text) => format!("l.{key} = t.{key} COLLATE \"C\""),
-            _ => format!("l.{key} = t.{key}"),
+        // SQLite compares with the left operand's collation: the log's key first. On
+        // PostgreSQL the log's key has the database's default collation, so the
+        // comparison takes the table's and its key index serves.
+        let same = match self {
+            Dialect::Sqlite => format!("l.{key} = t.{key}"),
+            _ => format!("t.{key} = l.{key}"),
         };
         let text = |e: &str| match self {
             Dialect::Mysql => format!("CAST({e} AS CHAR)"),
             _ => format!("CAST({e} AS TEXT)"),
         };
+        // Correlated subqueries: one key lookup per change, whatever the table's size
+        // (a join may be planned as a scan of the table).
         format!(
-            "SELECT {}, {}, l.{key}, CASE WHEN t.{key} IS NULL THEN '0' ELSE '1' END, \
-             t.{value} FROM {clock} c \
-             LEFT JOIN ({log} l LEFT JOIN {table} t ON {on}) ON l.v > {since} \
+            "SELECT {}, {}, l.{key}, \
+             CASE WHEN EXISTS (SELECT 1 FROM {table} t WHERE {same}) THEN '1' ELSE '0' END, \
+             (SELECT t.{value} FROM {table} t WHERE {same}) \
+             FROM {clock} c LEFT JOIN {log} l ON l.v > {since} \
              WHERE c.id = 1 ORDER BY l.v",
             text("c.horizon"),
             text("l.v"),
@@ -548,8 +556,10 @@ mod tests {
         assert_eq!(
             Dialect::Sqlite.changes_query(&t, &n, Marks::Native),
             "SELECT CAST(c.horizon AS TEXT), CAST(l.v AS TEXT), l.\"key\", \
-             CASE WHEN t.\"key\" IS NULL THEN '0' ELSE '1' END, t.\"value\" FROM \"h__wth_clock\" c LEFT JOIN (\"h__wth_log\" l LEFT JOIN \"h\" t \
-             ON l.\"key\" = t.\"key\" COLLATE BINARY) ON l.v > ?1 WHERE c.id = 1 ORDER BY l.v"
+             CASE WHEN EXISTS (SELECT 1 FROM \"h\" t WHERE l.\"key\" = t.\"key\") \
+             THEN '1' ELSE '0' END, (SELECT t.\"value\" FROM \"h\" t WHERE l.\"key\" = t.\"key\") \
+             FROM \"h__wth_clock\" c LEFT JOIN \"h__wth_log\" l ON l.v > ?1 \
+             WHERE c.id = 1 ORDER BY l.v"
         );
         let n = Names::of(Dialect::Postgres, &t).unwrap();
         assert!(Dialect::Postgres
