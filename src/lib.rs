@@ -18,10 +18,12 @@
 //! `odbc_api` under their features), so the connection types `open` takes are always
 //! at hand at the right version.
 //!
-//! **One writer per table.** Without coherence, a map trusts that nothing else writes
-//! its table: two maps on one table, or a map and another program, silently diverge
-//! (one map's `clear()` deletes rows the other still holds in memory). Keep one map per
-//! table, or call [`reload`](DbHashMap::reload) after others wrote.
+//! **One writer per table, or coherence.** A map opened plainly trusts that nothing
+//! else writes its table: two maps on one table, or a map and another program, silently
+//! diverge (one map's `clear()` deletes rows the other still holds in memory). Keep one
+//! map per table, or call [`reload`](DbHashMap::reload) after others wrote, or open
+//! every map with [`Builder::coherent`] and call [`refresh`](DbHashMap::refresh): it
+//! brings in what every other writer (plain SQL included) committed since.
 //!
 //! **The write-through rule.** Every method that changes the map runs its statement
 //! first; memory changes only when the statement succeeded. When it fails, the error

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use env::{chain, Env};
+use env::{chain, worker_bin, Env};
 use write_thru_hash::{DbHashMap, Dialect, Error};
 
 fn coherent<V>(url: &str, table: &str) -> DbHashMap<String, V>
@@ -386,23 +386,6 @@ fn random_operations_on_two_maps(env: &impl Env) {
             Ok(())
         })
         .unwrap();
-}
-
-fn worker_bin() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("crash_worker");
-    assert!(
-        bin.exists(),
-        "{} is missing: cargo test builds it",
-        bin.display()
-    );
-    bin
 }
 
 /// Three worker processes write random changes to one table through coherent maps,

@@ -9,37 +9,19 @@
 #[path = "../examples/crash_worker/ops.rs"]
 mod ops;
 
-#[cfg(feature = "postgres")]
 #[path = "conformance/env.rs"]
 #[allow(dead_code, unused_imports)]
 mod env;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use env::worker_bin;
 use write_thru_hash::DbHashMap;
 
 const OPS: usize = 150;
-
-fn worker_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("crash_worker");
-    assert!(
-        bin.exists(),
-        "{} is missing: cargo test builds it",
-        bin.display()
-    );
-    bin
-}
 
 fn trials() -> u64 {
     std::env::var("WTH_CRASH_TRIALS")

@@ -26,6 +26,46 @@ use crate::store::dialect::Marks;
 use crate::store::support::{db_error, Catalog};
 use crate::store::{ChangeSink, Dialect, TableSpec};
 
+/// The coherence methods of a [`Store`](crate::Store) whose connection is the field
+/// `$conn` (a [`Catalog`]), for dialect `$d`: written once for the native stores.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+macro_rules! coherence_methods {
+    ($conn:ident, $d:expr) => {
+        fn enable_changes(&mut self) -> Result<()> {
+            let t = opened(&self.table, $d.name())?.clone();
+            let c = Coherence::enable(&mut self.$conn, &t, $d, Marks::Native, $d.name())?;
+            self.coherence = Some(c);
+            Ok(())
+        }
+
+        fn version(&mut self) -> Result<u64> {
+            let c = self
+                .coherence
+                .as_ref()
+                .ok_or_else(|| not_enabled(&self.table))?;
+            c.version(&mut self.$conn).map(|(v, _)| v)
+        }
+
+        fn changes(&mut self, since: u64, sink: &mut ChangeSink<'_>) -> Result<Option<u64>> {
+            let c = self
+                .coherence
+                .as_ref()
+                .ok_or_else(|| not_enabled(&self.table))?;
+            c.changes(&mut self.$conn, since, sink)
+        }
+
+        fn compact(&mut self, keep: u64) -> Result<()> {
+            let c = self
+                .coherence
+                .as_ref()
+                .ok_or_else(|| not_enabled(&self.table))?;
+            c.compact(&mut self.$conn, keep)
+        }
+    };
+}
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "mysql"))]
+pub(crate) use coherence_methods;
+
 /// The names of what coherence adds beside a table.
 #[derive(Debug)]
 pub(crate) struct Names {

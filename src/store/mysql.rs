@@ -6,7 +6,7 @@ use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, TxOpts, Value};
 
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
-use crate::store::changes::{not_enabled, Coherence};
+use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
 use crate::store::support::{open_table, Catalog, Field};
 use crate::store::{
@@ -299,41 +299,7 @@ impl Store for MysqlStore {
         Ok(())
     }
 
-    fn enable_changes(&mut self) -> Result<()> {
-        let t = opened(&self.table, D.name())?.clone();
-        self.coherence = Some(Coherence::enable(
-            &mut self.conn,
-            &t,
-            D,
-            Marks::Native,
-            D.name(),
-        )?);
-        Ok(())
-    }
-
-    fn version(&mut self) -> Result<u64> {
-        let c = self
-            .coherence
-            .as_ref()
-            .ok_or_else(|| not_enabled(&self.table))?;
-        c.version(&mut self.conn).map(|(v, _)| v)
-    }
-
-    fn changes(&mut self, since: u64, sink: &mut ChangeSink<'_>) -> Result<Option<u64>> {
-        let c = self
-            .coherence
-            .as_ref()
-            .ok_or_else(|| not_enabled(&self.table))?;
-        c.changes(&mut self.conn, since, sink)
-    }
-
-    fn compact(&mut self, keep: u64) -> Result<()> {
-        let c = self
-            .coherence
-            .as_ref()
-            .ok_or_else(|| not_enabled(&self.table))?;
-        c.compact(&mut self.conn, keep)
-    }
+    coherence_methods!(conn, D);
 }
 
 fn db_error_named(action: Action, table: &str, e: mysql::Error) -> Error {

@@ -12,7 +12,7 @@ use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{open_table, wrong_key_kind, Catalog, Field, CHUNK_BYTES};
+use crate::store::support::{as_texts, open_table, wrong_key_kind, Catalog, Field, CHUNK_BYTES};
 use crate::store::{
     cannot_reconnect, chunks, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink,
     Store, TableSpec,
@@ -196,17 +196,7 @@ impl OdbcStore {
         sql: &str,
         param: Option<&str>,
     ) -> std::result::Result<Vec<Vec<String>>, odbc_api::Error> {
-        Ok(self
-            .rows_of(sql, param)?
-            .into_iter()
-            .map(|row| {
-                row.into_iter()
-                    .map(|f| {
-                        f.map_or_else(String::new, |b| String::from_utf8_lossy(&b).into_owned())
-                    })
-                    .collect()
-            })
-            .collect())
+        Ok(as_texts(self.rows_of(sql, param)?))
     }
 
     /// Refuses a connection inside a transaction its caller began, where the dialect

@@ -6,7 +6,7 @@ use postgres::{Client, NoTls, Statement};
 
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
-use crate::store::changes::{not_enabled, Coherence};
+use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
 use crate::store::support::{not_opened, open_table, Catalog, Field};
 use crate::store::{
@@ -337,41 +337,7 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    fn enable_changes(&mut self) -> Result<()> {
-        let t = opened(&self.table, D.name())?.clone();
-        self.coherence = Some(Coherence::enable(
-            &mut self.client,
-            &t,
-            D,
-            Marks::Native,
-            D.name(),
-        )?);
-        Ok(())
-    }
-
-    fn version(&mut self) -> Result<u64> {
-        let c = self
-            .coherence
-            .as_ref()
-            .ok_or_else(|| not_enabled(&self.table))?;
-        c.version(&mut self.client).map(|(v, _)| v)
-    }
-
-    fn changes(&mut self, since: u64, sink: &mut ChangeSink<'_>) -> Result<Option<u64>> {
-        let c = self
-            .coherence
-            .as_ref()
-            .ok_or_else(|| not_enabled(&self.table))?;
-        c.changes(&mut self.client, since, sink)
-    }
-
-    fn compact(&mut self, keep: u64) -> Result<()> {
-        let c = self
-            .coherence
-            .as_ref()
-            .ok_or_else(|| not_enabled(&self.table))?;
-        c.compact(&mut self.client, keep)
-    }
+    coherence_methods!(client, D);
 }
 
 impl Catalog for Client {

@@ -30,18 +30,19 @@ pub(crate) trait Catalog {
 
     /// [`rows`](Self::rows) read as text; NULL reads as an empty string.
     fn texts(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<String>>, BoxError> {
-        Ok(self
-            .rows(sql, param)?
-            .into_iter()
-            .map(|row| {
-                row.into_iter()
-                    .map(|f| {
-                        f.map_or_else(String::new, |b| String::from_utf8_lossy(&b).into_owned())
-                    })
-                    .collect()
-            })
-            .collect())
+        Ok(as_texts(self.rows(sql, param)?))
     }
+}
+
+/// Rows of fields read as text; NULL reads as an empty string.
+pub(crate) fn as_texts(rows: Vec<Vec<Field>>) -> Vec<Vec<String>> {
+    rows.into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|f| f.map_or_else(String::new, |b| String::from_utf8_lossy(&b).into_owned()))
+                .collect()
+        })
+        .collect()
 }
 
 /// One field of a [`Catalog::rows`] row: its bytes, or `None` for NULL.

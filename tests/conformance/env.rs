@@ -616,3 +616,22 @@ impl<E: Env> Env for Coherent<E> {
         self.0.conn_autocommit_off()
     }
 }
+
+/// The crash harness's worker (`examples/crash_worker`), which `cargo test` builds.
+#[allow(dead_code)]
+pub(crate) fn worker_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("crash_worker");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo test builds it",
+        bin.display()
+    );
+    bin
+}
