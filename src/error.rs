@@ -492,6 +492,13 @@ pub(crate) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return redact_odbc(url);
     };
+    // The query's passwords first: one may hold an `@`, which must not be taken for
+    // the end of the credentials below.
+    let rest = match rest.split_once('?') {
+        Some((before, query)) => format!("{before}{}", redact_query(&format!("?{query}"))),
+        None => rest.to_string(),
+    };
+    let rest = rest.as_str();
     let (userinfo, after) = match rest.rfind('@') {
         Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
         None => (None, rest),
@@ -511,7 +518,7 @@ pub(crate) fn redact(url: &str) -> String {
             }
         }
     };
-    redact_odbc(&format!("{scheme}://{authority}{}", redact_query(after)))
+    redact_odbc(&format!("{scheme}://{authority}{after}"))
 }
 
 /// Splits an ODBC connection string at the `;` that end attributes (not those inside
@@ -560,10 +567,12 @@ fn redact_query(tail: &str) -> String {
     let query: Vec<String> = query
         .split('&')
         .map(|kv| match kv.split_once('=') {
+            // Drivers percent-decode the key (`pass%77ord` is `password`).
             Some((k, _))
-                if ["password", "pass", "pwd", "passwd"]
-                    .iter()
-                    .any(|p| k.trim().eq_ignore_ascii_case(p)) =>
+                if {
+                    let key = percent_decoded(k).to_ascii_lowercase();
+                    key.contains("pass") || key.contains("pwd")
+                } =>
             {
                 format!("{k}=***")
             }
@@ -571,6 +580,31 @@ fn redact_query(tail: &str) -> String {
         })
         .collect();
     format!("{path}?{}", query.join("&"))
+}
+
+/// `text` with its `%XX` escapes decoded (bytes that do not form UTF-8 shown lossily).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, ..) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -399,10 +399,34 @@ where
         Ok(out)
     }
 
+    /// Encodes a key about to be written, and checks that its bytes read back as that
+    /// key: a codec that writes two unequal keys alike (`None` and `Some(())` are both
+    /// JSON `null`) would make them one row while memory holds two.
+    fn encode_written_key(&self, key: &K) -> Result<Vec<u8>> {
+        let bytes = self.encode_key(key)?;
+        let refuse = |why: String| Error::Encode {
+            what: "key",
+            table: self.table.name.clone(),
+            source: why.into(),
+        };
+        match self.keys.decode(&bytes) {
+            Ok(back) if back == *key => Ok(bytes),
+            Ok(_) => Err(refuse(format!(
+                "the key codec writes this key as {}, which reads back as another key, so two \
+                 keys would share one row; use a codec (or a key type) that tells them apart",
+                show_bytes(&bytes)
+            ))),
+            Err(e) => Err(refuse(format!(
+                "the key codec writes this key as {}, which does not read back: {e}",
+                show_bytes(&bytes)
+            ))),
+        }
+    }
+
     /// Encodes `key` and, when an equal key is already held, checks that the codec
     /// gives it the same bytes: otherwise one key would become two rows.
     fn encode_new_key(&self, key: &K) -> Result<Vec<u8>> {
-        let bytes = self.encode_key(key)?;
+        let bytes = self.encode_written_key(key)?;
         if let Some((held, _)) = self.map.get_key_value(key) {
             self.same_bytes(&self.encode_key(held)?, &bytes)?;
         }
@@ -419,7 +443,7 @@ where
             let key = if held {
                 self.encode_new_key(k)?
             } else {
-                self.encode_key(k)?
+                self.encode_written_key(k)?
             };
             let value = self.encode_value(v)?;
             match index.entry(k) {
@@ -1338,7 +1362,7 @@ where
     /// differ: memory keeps one key object, the table must get the same bytes.
     fn encode_put(&self, key: &K, value: &V) -> Result<(Vec<u8>, Vec<u8>)> {
         let m = &*self.map;
-        let k = m.encode_key(key)?;
+        let k = m.encode_written_key(key)?;
         let held = m
             .map
             .get_key_value(key)

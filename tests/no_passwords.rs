@@ -51,6 +51,22 @@ fn urls_with_passwords_never_show_them() {
     ] {
         check(url);
     }
+    // A password in the query that holds `@`; a query key the driver percent-decodes.
+    #[cfg(feature = "postgres")]
+    for url in [
+        "postgres://127.0.0.1:1/db?password=a@s3cr3tpw",
+        "postgres://127.0.0.1:1/db?user=u&pass%77ord=s3cr3tpw",
+    ] {
+        check(url);
+    }
+    #[cfg(feature = "mysql")]
+    for url in [
+        "mysql://u@127.0.0.1:1/db?password=a@s3cr3tpw",
+        "mysql://u:123?s3cr3tpw@127.0.0.1:1/db",
+        "mariadb://u:123?s3cr3tpw@127.0.0.1:1/db",
+    ] {
+        check(url);
+    }
     #[cfg(feature = "mysql")]
     for url in [
         "mysql://app:s3cr3tpw/2@127.0.0.1:1/db",

@@ -169,13 +169,18 @@ impl Dialect {
         "SELECT CAST(@@autocommit AS CHAR), CAST(@@in_transaction AS CHAR)"
     }
 
-    /// Statements that make a session store values exactly as written: MySQL's strict
-    /// mode, so a value that does not fit is an error rather than silently cut.
+    /// Statements that make a session one where every write is committed and stored as
+    /// written, whatever the user's settings or the server's defaults: MySQL gets a mode
+    /// of its own (strict, so a value that does not fit is an error rather than cut;
+    /// and not EMPTY_STRING_IS_NULL, ORACLE, ...) and a COMMIT that ends a transaction
+    /// rather than chaining a new one that the next write would stay inside.
     #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
     pub(crate) fn session_setup(self) -> &'static [&'static str] {
         match self {
-            Dialect::Mysql => &["SET SESSION sql_mode = IF(@@sql_mode LIKE '%STRICT\\_%', \
-                 @@sql_mode, CONCAT_WS(',', NULLIF(@@sql_mode, ''), 'STRICT_ALL_TABLES'))"],
+            Dialect::Mysql => &[
+                "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION'",
+                "SET SESSION completion_type = 'NO_CHAIN'",
+            ],
             _ => &[],
         }
     }
@@ -441,7 +446,7 @@ impl Dialect {
             Dialect::Postgres => format!(
                 "SELECT a.attname::text, \
                  CASE WHEN a.attnum = ANY(i.indkey) THEN '1' ELSE '0' END, \
-                 format_type(a.atttypid, NULL), coalesce(c.collname::text || \
+                 format_type(a.atttypid, a.atttypmod), coalesce(c.collname::text || \
                  CASE WHEN (to_jsonb(c) ->> 'collisdeterministic') = 'false' \
                  THEN ' (nondeterministic)' ELSE '' END, '') \
                  FROM pg_attribute a \
@@ -457,6 +462,25 @@ impl Dialect {
                  WHERE table_schema = database() AND table_name = {}",
                 self.mark(marks, 1)
             ),
+        }
+    }
+
+    /// A query of one text parameter (as for [`layout_query`](Self::layout_query)) that
+    /// counts the temporary tables of that name on this connection; `None` for MySQL,
+    /// whose catalog lists none.
+    pub(crate) fn temporary_query(self, marks: Marks) -> Option<String> {
+        let p = self.mark(marks, 1);
+        match self {
+            // Table names compare ignoring ASCII case in SQLite.
+            Dialect::Sqlite => Some(format!(
+                "SELECT CAST(count(*) AS TEXT) FROM temp.sqlite_master \
+                 WHERE type = 'table' AND name = {p} COLLATE NOCASE"
+            )),
+            Dialect::Postgres => Some(format!(
+                "SELECT count(*)::text FROM pg_class \
+                 WHERE oid = to_regclass(CAST({p} AS text)) AND relpersistence = 't'"
+            )),
+            Dialect::Mysql => None,
         }
     }
 

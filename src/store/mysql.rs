@@ -107,6 +107,9 @@ impl MysqlStore {
         if autocommit.trim() != "1" {
             conn.query_drop("SET autocommit = 1").map_err(fail)?;
         }
+        // The driver sends and reads UTF-8: a session set to another character set
+        // (`SET NAMES latin1`) would store other characters than those written.
+        conn.query_drop("SET NAMES utf8mb4").map_err(fail)?;
         for sql in D.session_setup() {
             conn.query_drop(sql).map_err(fail)?;
         }
@@ -122,7 +125,13 @@ impl MysqlStore {
         let url = url
             .strip_prefix("mariadb://")
             .map_or_else(|| url.to_string(), |rest| format!("mysql://{rest}"));
-        let opts = Opts::from_url(&url).map_err(|e| fail(e.into()))?;
+        // The driver's own message quotes parts of the URL, which may be the password.
+        let opts = Opts::from_url(&url).map_err(|_| Error::Url {
+            url: redact(&url),
+            reason: "the mysql driver does not accept it: check its syntax, and percent-encode \
+                     characters such as `?`, `/`, `#` and `@` in the user name and password"
+                .into(),
+        })?;
         Conn::new(opts).map_err(fail)
     }
 

@@ -12,7 +12,9 @@ use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{as_texts, open_table, wrong_key_kind, Catalog, Field, CHUNK_BYTES};
+use crate::store::support::{
+    all_rows_written, as_texts, open_table, wrong_key_kind, Catalog, Field, CHUNK_BYTES,
+};
 use crate::store::{
     cannot_reconnect, chunks, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink,
     Store, TableSpec,
@@ -124,7 +126,7 @@ impl OdbcStore {
         &self,
         sql: &str,
         params: &[Box<dyn InputParameter + '_>],
-    ) -> std::result::Result<(), StatementError> {
+    ) -> std::result::Result<u64, StatementError> {
         let mut prealloc = self.conn.preallocate()?;
         let mut stmt = prealloc.as_stmt_ref();
         for (i, p) in params.iter().enumerate() {
@@ -153,10 +155,14 @@ impl OdbcStore {
         }
         // A DELETE that matched no rows answers SQL_NO_DATA.
         let result = result.on_no_data(|| ()).into_result_without_logging(&stmt);
+        let rows = match &result {
+            Ok(()) => stmt.row_count().into_result(&stmt).unwrap_or(0),
+            Err(_) => 0,
+        };
         let _ = stmt.reset_parameters();
         result?;
         if warnings.is_empty() {
-            Ok(())
+            Ok(u64::try_from(rows).unwrap_or(0))
         } else {
             Err(StatementError::Rejected {
                 diagnostics: warnings.join("; "),
@@ -317,6 +323,7 @@ impl OdbcStore {
             self.exec(sql, params)
                 .map_err(|e| self.classify(t, e, sql, false))
         };
+        let mut written = 0;
         if let Some(sql) = self.coherence.as_ref().and_then(Coherence::clock_lock) {
             exec(&sql, &[])?;
         }
@@ -339,7 +346,13 @@ impl OdbcStore {
                 params.push(Self::param(t.key_format, k));
                 params.push(Self::param(t.value_format, v));
             }
-            exec(&d.upsert_marked(t, rows.len(), Marks::Question), &params)?;
+            written += exec(&d.upsert_marked(t, rows.len(), Marks::Question), &params)?;
+        }
+        // MySQL counts an updated row twice, and one set to its own value not at all:
+        // its count says nothing of dropped rows (nor can its triggers drop any).
+        if d != Dialect::Mysql && self.known {
+            all_rows_written(written, batch.puts.len())
+                .map_err(|e| db_error(Action::Write, t, self.name(), e))?;
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{not_opened, open_table, Catalog, Field};
+use crate::store::support::{all_rows_written, not_opened, open_table, Catalog, Field};
 use crate::store::{
     cannot_reconnect, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink, Store,
     TableSpec,
@@ -129,6 +129,9 @@ impl PostgresStore {
     fn check_not_in_transaction(&mut self) -> Result<()> {
         let sql = "SELECT CASE WHEN transaction_timestamp() = statement_timestamp() \
                    THEN 'idle' ELSE 'in transaction' END";
+        // The driver sends and reads UTF-8: a session set to another encoding
+        // (`SET client_encoding`) would store other characters than those written.
+        let encoding = "SET client_encoding TO 'UTF8'";
         let fail = |e: postgres::Error| Error::Database {
             action: Action::Open,
             table: String::new(),
@@ -149,6 +152,12 @@ impl PostgresStore {
             }
             Err(e) => return Err(fail(e)),
         };
+        if !state.iter().any(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("in transaction"),
+            _ => false,
+        }) {
+            self.client.batch_execute(encoding).map_err(fail)?;
+        }
         let in_tx = state.iter().any(|m| match m {
             postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("in transaction"),
             _ => false,
@@ -187,9 +196,13 @@ impl PostgresStore {
         if single {
             if let Some((k, v)) = batch.puts.first() {
                 let (k, v) = (binds(t.key_format, k)?, binds(t.value_format, v)?);
-                self.client
+                let written = self
+                    .client
                     .execute(&s.upsert, &[&k, &v])
                     .map_err(|e| classify(e, true))?;
+                // A statement on its own: what it did not write is not there either.
+                all_rows_written(written, 1)
+                    .map_err(|e| db_error(Action::Write, t, D.name(), e))?;
             } else if let Some(k) = batch.deletes.first() {
                 let k = binds(t.key_format, k)?;
                 self.client
@@ -219,8 +232,12 @@ impl PostgresStore {
                 keys.push(binds(t.key_format, k)?);
                 values.push(binds(t.value_format, v)?);
             }
-            tx.execute(&s.upsert_many, &[&keys, &values])
+            let written = tx
+                .execute(&s.upsert_many, &[&keys, &values])
                 .map_err(|e| classify(e, false))?;
+            // Dropping `tx` rolls the rest back.
+            all_rows_written(written, batch.puts.len())
+                .map_err(|e| db_error(Action::Write, t, D.name(), e))?;
         }
         // Dropping `tx` on any error above rolls the transaction back.
         tx.commit().map_err(|e| classify(e, true))

@@ -9,7 +9,9 @@ use crate::codec::Format;
 use crate::error::{show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{not_opened, open_table, wrong_key_kind, Catalog, Field};
+use crate::store::support::{
+    all_rows_written, not_opened, open_table, wrong_key_kind, Catalog, Field,
+};
 use crate::store::{
     db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink, Store, TableSpec,
 };
@@ -114,6 +116,7 @@ impl SqliteStore {
         }
         let chunks = batch.puts.chunks_exact(CHUNK);
         let rest = chunks.remainder();
+        let mut written = 0;
         if batch.puts.len() >= CHUNK {
             let mut stmt = conn.prepare_cached(&sql.upsert_chunk)?;
             let mut params = Vec::with_capacity(2 * CHUNK);
@@ -123,16 +126,16 @@ impl SqliteStore {
                     params.push(Self::bind(kf, key)?);
                     params.push(Self::bind(vf, value)?);
                 }
-                stmt.execute(rusqlite::params_from_iter(params.iter()))?;
+                written += stmt.execute(rusqlite::params_from_iter(params.iter()))?;
             }
         }
         if !rest.is_empty() {
             let mut stmt = conn.prepare_cached(&sql.upsert)?;
             for (key, value) in rest {
-                stmt.execute([Self::bind(kf, key)?, Self::bind(vf, value)?])?;
+                written += stmt.execute([Self::bind(kf, key)?, Self::bind(vf, value)?])?;
             }
         }
-        Ok(())
+        all_rows_written(written as u64, batch.puts.len())
     }
 }
 

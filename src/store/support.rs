@@ -60,6 +60,16 @@ pub(crate) fn open_table(
 ) -> Result<()> {
     d.check_table_name(&t.name)?;
     let fail = |e| db_error(Action::Open, t, backend, e);
+    if hidden_by_temporary(conn, t, d, marks) {
+        return Err(Error::Schema {
+            table: t.name.clone(),
+            backend,
+            reason: "a temporary table of the same name hides it on this connection, so the \
+                     map's writes would go there and a fresh open would not see them; drop the \
+                     temporary table or hand over another connection"
+                .into(),
+        });
+    }
     let param = d.layout_param(t);
     let mut cols = columns(
         conn.texts(&d.layout_query(marks), Some(&param))
@@ -87,6 +97,26 @@ pub(crate) fn open_table(
         .map(quad)
         .collect();
     check_layout(t, d, backend, &cols, &indexes)
+}
+
+/// Whether a temporary table of the table's name exists on this connection (it would
+/// take the statements). MySQL lists no temporary table in its catalog, but says
+/// `CREATE TEMPORARY TABLE` when asked to show one.
+fn hidden_by_temporary(conn: &mut dyn Catalog, t: &TableSpec, d: Dialect, marks: Marks) -> bool {
+    match d.temporary_query(marks) {
+        Some(sql) => conn
+            .texts(&sql, Some(&d.layout_param(t)))
+            .ok()
+            .and_then(|rows| rows.into_iter().next())
+            .and_then(|row| row.into_iter().next())
+            .is_some_and(|n| n.trim() != "0"),
+        None => conn
+            .texts(&format!("SHOW CREATE TABLE {}", d.quote(&t.name)), None)
+            .ok()
+            .and_then(|rows| rows.into_iter().next())
+            .and_then(|row| row.into_iter().nth(1))
+            .is_some_and(|ddl| ddl.trim_start().starts_with("CREATE TEMPORARY")),
+    }
 }
 
 fn quad(mut r: Vec<String>) -> (String, String, String, String) {
@@ -217,11 +247,16 @@ fn check_column(
             )),
         },
         Dialect::Postgres => match (format, ty.as_str()) {
-            (_, "character") => Some(
+            (_, ty) if ty == "character" || ty.starts_with("character(") => Some(
                 "is char(n), which pads with spaces (\"a\" and \"a \" are one key, values \
                  come back padded); use text or varchar"
                     .into(),
             ),
+            (_, ty) if ty.starts_with("character varying(") => Some(format!(
+                "is {ty}, whose length limit PostgreSQL enforces by silently cutting trailing \
+                 spaces (\"abc \" would be stored as \"abc\"); use text or varchar without a \
+                 length"
+            )),
             (Format::Text, "text" | "character varying") | (Format::Binary, "bytea") => {
                 if is_key && collation.ends_with("(nondeterministic)") {
                     Some(format!(
@@ -260,16 +295,22 @@ fn mysql_column_problem(ty: &str, collation: &str, format: Format, is_key: bool)
         "varbinary" | "tinyblob" | "blob" | "mediumblob" | "longblob"
     );
     if is_key {
-        let exact = ty == "varbinary"
-            || (ty == "varchar"
-                && (collation.ends_with("_nopad_bin") || collation.ends_with("_0900_bin")));
-        return (!exact).then(|| {
+        // Not even VARCHAR with a byte-exact collation: past its length, MySQL cuts
+        // trailing spaces with a mere note, in strict mode too ("abc " becomes "abc").
+        return (ty != "varbinary").then(|| {
             format!(
-                "is {ty} with collation {collation:?}, which compares keys ignoring case or \
-                 trailing spaces, or pads them, so distinct keys could collide; \
-                 use a VARBINARY key column"
+                "is {ty} with collation {collation:?}: text key columns compare ignoring case \
+                 or trailing spaces, pad, or cut trailing spaces past their length, so distinct \
+                 keys could collide; use a VARBINARY key column"
             )
         });
+    }
+    if text && ty != "longtext" {
+        return Some(format!(
+            "is {ty}, whose length MySQL enforces by silently cutting trailing spaces (in \
+             strict mode too), so a value may not come back as written; use LONGTEXT (or a \
+             binary type)"
+        ));
     }
     if ty == "char" || ty == "binary" {
         return Some(format!(
@@ -292,6 +333,11 @@ fn mysql_column_problem(ty: &str, collation: &str, format: Format, is_key: bool)
 /// MySQL: refuses a table whose engine ignores transactions.
 fn check_engine(t: &TableSpec, backend: &'static str, engine: Option<String>) -> Result<()> {
     match engine {
+        Some(engine) if engine.trim().is_empty() => Err(Error::Schema {
+            table: t.name.clone(),
+            backend,
+            reason: "it is a view, not a table; open the table the view shows".into(),
+        }),
         Some(engine) if !engine.eq_ignore_ascii_case("InnoDB") => Err(Error::Schema {
             table: t.name.clone(),
             backend,
@@ -322,6 +368,22 @@ pub(crate) fn wrong_key_kind(t: &TableSpec, row: &[u8]) -> Error {
         )
         .into(),
     }
+}
+
+/// Checks that the statements wrote every row they were given: a trigger or rule of the
+/// table may drop one silently (SQLite's `RAISE(IGNORE)`, PostgreSQL's `DO INSTEAD
+/// NOTHING`, a `BEFORE` trigger returning NULL), and then the table would not hold what
+/// memory does.
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "odbc"))]
+pub(crate) fn all_rows_written(written: u64, given: usize) -> Result<(), BoxError> {
+    if written >= given as u64 {
+        return Ok(());
+    }
+    Err(format!(
+        "the table took {written} of the {given} rows written: a trigger or rule of the table \
+         dropped the others; nothing of this write was kept"
+    )
+    .into())
 }
 
 /// A driver error during `action` on `table`.

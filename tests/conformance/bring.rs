@@ -167,6 +167,14 @@ pub(crate) fn tables_that_do_not_keep_keys_apart_are_refused(env: &impl Env) {
                     format!("{k} text, {v} text NOT NULL, PRIMARY KEY ({k}, {v})"),
                     "primary key",
                 ),
+                (
+                    format!("{k} varchar(3) PRIMARY KEY, {v} text NOT NULL"),
+                    "length",
+                ),
+                (
+                    format!("{k} text PRIMARY KEY, {v} varchar(10) NOT NULL"),
+                    "length",
+                ),
             ] {
                 cases.push(refused(cols, says));
             }
@@ -217,6 +225,21 @@ pub(crate) fn tables_that_do_not_keep_keys_apart_are_refused(env: &impl Env) {
                 (
                     format!("{k} VARBINARY(100) PRIMARY KEY, {v} INT NOT NULL"),
                     "int",
+                ),
+                (
+                    format!(
+                        "{k} VARCHAR(3) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin \
+                         PRIMARY KEY, {v} LONGTEXT NOT NULL"
+                    ),
+                    "VARBINARY",
+                ),
+                (
+                    format!("{k} VARBINARY(100) PRIMARY KEY, {v} TINYTEXT NOT NULL"),
+                    "LONGTEXT",
+                ),
+                (
+                    format!("{k} VARBINARY(100) PRIMARY KEY, {v} VARCHAR(100) NOT NULL"),
+                    "LONGTEXT",
                 ),
             ] {
                 cases.push(refused(cols, says));
@@ -284,11 +307,11 @@ pub(crate) fn user_tables_that_keep_keys_apart_work(env: &impl Env) {
              PRIMARY KEY ({k} COLLATE BINARY)"
         ),
         Dialect::Postgres => {
-            format!("{k} varchar(200) COLLATE \"C\" PRIMARY KEY, {v} text NOT NULL, note text")
+            format!("{k} varchar COLLATE \"C\" PRIMARY KEY, {v} text NOT NULL, note text")
         }
         _ => format!(
-            "{k} VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin PRIMARY KEY, \
-             {v} MEDIUMTEXT CHARACTER SET utf8mb4 NOT NULL, note TEXT"
+            "{k} VARBINARY(200) PRIMARY KEY, {v} LONGTEXT CHARACTER SET utf8mb4 NOT NULL, \
+             note TEXT"
         ),
     };
     env.exec(&format!("CREATE TABLE {} ({cols})", env.q("mine")));
@@ -369,9 +392,10 @@ pub(crate) fn server_reasons_are_shown(env: &impl Env) {
         _ => "TEXT",
     };
     env.exec(&format!(
-        "CREATE TABLE {} ({k} {key_type} NOT NULL PRIMARY KEY, {v} TEXT NOT NULL, \
+        "CREATE TABLE {} ({k} {key_type} NOT NULL PRIMARY KEY, {v} {} NOT NULL, \
          CONSTRAINT short_values CHECK (length({v}) < 10))",
-        env.q("checked")
+        env.q("checked"),
+        env.text_type()
     ));
     let mut h: DbHashMap<String, String> =
         env.builder().table("checked").codec(Text).open().unwrap();
@@ -462,4 +486,106 @@ pub(crate) fn connections_in_any_state(env: &impl Env) {
         ]);
         assert_eq!(fresh, expected, "every acknowledged write was committed");
     }
+}
+
+/// A temporary table of the same name hides the table on the connection handed over:
+/// writes would go to it, and a fresh open would not see them. Refused at open.
+pub(crate) fn temporary_tables_that_hide_the_table_are_refused(env: &impl Env) {
+    let (k, v) = (env.q("key"), env.q("value"));
+    let (key_type, temp) = match env.dialect() {
+        Dialect::Mysql => ("VARBINARY(100)", "TEMPORARY"),
+        _ => ("TEXT", "TEMP"),
+    };
+    let mut h: DbHashMap<String, String> =
+        env.builder().table("hidden").codec(Text).open().unwrap();
+    h.insert("base".into(), "1".into()).unwrap();
+    let conn = env.conn_after(&format!(
+        "CREATE {temp} TABLE {} ({k} {key_type} NOT NULL PRIMARY KEY, {v} TEXT NOT NULL)",
+        env.q("hidden")
+    ));
+    let err = env
+        .wrap::<String, String>(conn)
+        .table("hidden")
+        .codec(Text)
+        .open()
+        .unwrap_err();
+    assert!(matches!(err, Error::Schema { .. }), "{err}");
+    assert!(err.to_string().contains("temporary"), "{err}");
+}
+
+/// Session settings a user may have made, or a server may default to: the map's writes
+/// still end committed, and the table holds what was written.
+pub(crate) fn session_settings_do_not_change_what_is_stored(env: &impl Env) {
+    let settings: &[&str] = match (env.dialect(), env.url().starts_with("odbc:")) {
+        (Dialect::Mysql, false) => &[
+            "SET SESSION completion_type = 'CHAIN'",
+            "SET NAMES latin1",
+            "SET SESSION sql_mode = 'EMPTY_STRING_IS_NULL'",
+            "SET SESSION sql_mode = 'ORACLE'",
+        ],
+        (Dialect::Mysql, true) => &[
+            "SET SESSION completion_type = 'CHAIN'",
+            "SET SESSION sql_mode = 'EMPTY_STRING_IS_NULL'",
+        ],
+        (Dialect::Postgres, false) => &["SET client_encoding = 'LATIN1'"],
+        _ => &[],
+    };
+    for (i, setting) in settings.iter().enumerate() {
+        let table = format!("session {i}");
+        let conn = env.conn_after(setting);
+        let mut h: DbHashMap<String, String> =
+            env.wrap(conn).table(&table).codec(Text).open().unwrap();
+        h.insert_many([
+            ("batch".to_string(), "é".to_string()),
+            ("b2".into(), "2".into()),
+        ])
+        .unwrap();
+        h.insert("single".into(), String::new()).unwrap();
+        h.insert("ünï".into(), "日本".into()).unwrap();
+        h.remove("b2").unwrap();
+        // Another connection sees it all while the map is still open.
+        let seen: DbHashMap<String, String> =
+            env.builder().table(&table).codec(Text).open().unwrap();
+        assert_eq!(seen, h, "after {setting}");
+    }
+}
+
+/// A key codec that writes two unequal keys as the same bytes (`None` and `Some(())`
+/// are both JSON `null`) would make them one row: the second is refused.
+pub(crate) fn keys_that_read_back_as_others_are_refused(env: &impl Env) {
+    let mut h: DbHashMap<Option<()>, i32> = env.builder().table("collide").open().unwrap();
+    h.insert(None, 1).unwrap();
+    let err = h.insert(Some(()), 2).unwrap_err();
+    assert!(matches!(err, Error::Encode { what: "key", .. }), "{err}");
+    assert!(h.insert_many([(Some(()), 3)]).is_err());
+    assert!(h.upsert(Some(()), |_| 4).is_err());
+    assert!(h.transaction(|tx| tx.insert(Some(()), 5)).is_err());
+    assert_eq!(h.len(), 1);
+    let fresh: DbHashMap<Option<()>, i32> = env.builder().table("collide").open().unwrap();
+    assert_eq!(fresh, h);
+}
+
+/// A trigger or rule that silently drops a written row: the write fails, memory is
+/// unchanged (SQLite `RAISE(IGNORE)`, PostgreSQL `DO INSTEAD NOTHING`).
+pub(crate) fn rows_dropped_by_the_table_are_errors(env: &impl Env) {
+    let mut h: DbHashMap<String, i64> = env.builder().table("dropper").open().unwrap();
+    let (t, v) = (env.q("dropper"), env.q("value"));
+    match env.dialect() {
+        Dialect::Sqlite => env.exec(&format!(
+            "CREATE TRIGGER drop13 BEFORE INSERT ON {t} WHEN NEW.{v} = '13' \
+             BEGIN SELECT RAISE(IGNORE); END"
+        )),
+        Dialect::Postgres => env.exec(&format!(
+            "CREATE RULE drop13 AS ON INSERT TO {t} WHERE NEW.{v} = '13' DO INSTEAD NOTHING"
+        )),
+        _ => return,
+    }
+    h.insert("a".into(), 1).unwrap();
+    assert!(h.insert("b".into(), 13).is_err());
+    assert!(h
+        .insert_many([("c".to_string(), 1), ("d".into(), 13)])
+        .is_err());
+    assert_eq!(h, HashMap::from([("a".to_string(), 1)]));
+    let fresh: DbHashMap<String, i64> = env.builder().table("dropper").open().unwrap();
+    assert_eq!(fresh, h);
 }

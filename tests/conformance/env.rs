@@ -80,9 +80,20 @@ pub(crate) trait Env {
     fn conn_autocommit_off(&self) -> Option<Box<dyn Store>> {
         None
     }
+    /// A new connection on which `sql` ran first, as a user might prepare it.
+    fn conn_after(&self, sql: &str) -> Box<dyn Store>;
 
     fn q(&self, ident: &str) -> String {
         self.dialect().quote(ident)
+    }
+
+    /// The text type a user's value column would have: on MySQL, LONGTEXT (shorter text
+    /// types cut trailing spaces past their length, and are refused).
+    fn text_type(&self) -> &'static str {
+        match self.dialect() {
+            Dialect::Mysql => "LONGTEXT",
+            _ => "TEXT",
+        }
     }
 
     fn table_exists(&self, table: &str) -> bool {
@@ -200,6 +211,12 @@ impl Env for SqliteEnv {
         c.execute_batch("BEGIN; CREATE TABLE IF NOT EXISTS users_own (x)")
             .unwrap();
         Some(c.into_store())
+    }
+    fn conn_after(&self, sql: &str) -> Box<dyn Store> {
+        let c = self.raw();
+        c.execute_batch(sql)
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        c.into_store()
     }
 }
 
@@ -327,6 +344,12 @@ mod pg {
             c.batch_execute("BEGIN; SELECT 1").unwrap();
             Some(c.into_store())
         }
+        fn conn_after(&self, sql: &str) -> Box<dyn Store> {
+            let mut c = self.raw();
+            c.batch_execute(sql)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            c.into_store()
+        }
         fn conn_in_failed_transaction(&self) -> Option<Box<dyn Store>> {
             let mut c = self.raw();
             c.batch_execute("BEGIN").unwrap();
@@ -417,6 +440,11 @@ mod my {
             c.query_drop("SELECT count(*) FROM information_schema.tables")
                 .unwrap();
             Some(c.into_store())
+        }
+        fn conn_after(&self, sql: &str) -> Box<dyn Store> {
+            let mut c = self.raw();
+            c.query_drop(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+            c.into_store()
         }
         fn conn_autocommit_off(&self) -> Option<Box<dyn Store>> {
             let opts = mysql::OptsBuilder::from_opts(mysql::Opts::from_url(&self.url).unwrap())
@@ -577,6 +605,12 @@ mod odbc {
             c.set_autocommit(false).unwrap();
             Some(c.into_store())
         }
+        fn conn_after(&self, sql: &str) -> Box<dyn Store> {
+            let c = connect(&self.conn_string);
+            c.execute(sql, (), None)
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            c.into_store()
+        }
     }
 }
 
@@ -614,6 +648,9 @@ impl<E: Env> Env for Coherent<E> {
     }
     fn conn_autocommit_off(&self) -> Option<Box<dyn Store>> {
         self.0.conn_autocommit_off()
+    }
+    fn conn_after(&self, sql: &str) -> Box<dyn Store> {
+        self.0.conn_after(sql)
     }
 }
 

@@ -520,7 +520,8 @@ pub(crate) fn codecs_and_column_types(env: &impl Env) {
         "text"
     };
     env.exec(&format!(
-        "CREATE TABLE {t} ({k} {text_type} NOT NULL, {v} text NOT NULL, PRIMARY KEY ({k}))"
+        "CREATE TABLE {t} ({k} {text_type} NOT NULL, {v} {} NOT NULL, PRIMARY KEY ({k}))",
+        env.text_type()
     ));
     env.exec(&format!(
         "INSERT INTO {t} ({k}, {v}) VALUES ('greeting', 'hello, world')"
@@ -693,8 +694,9 @@ pub(crate) fn bad_input_is_refused_cleanly(env: &impl Env) {
         "TEXT"
     };
     env.exec(&format!(
-        "CREATE TABLE {} ({k} {key_type} NOT NULL PRIMARY KEY, {v} TEXT NOT NULL, {} INTEGER NOT NULL)",
+        "CREATE TABLE {} ({k} {key_type} NOT NULL PRIMARY KEY, {v} {} NOT NULL, {} INTEGER NOT NULL)",
         env.q("extra"),
+        env.text_type(),
         env.q("extra")
     ));
     let mut x: DbHashMap<String, i64> = open(env, "extra");
@@ -703,8 +705,9 @@ pub(crate) fn bad_input_is_refused_cleanly(env: &impl Env) {
     assert!(x.is_empty());
     // A nullable extra column is fine.
     env.exec(&format!(
-        "CREATE TABLE {} ({k} {key_type} NOT NULL PRIMARY KEY, {v} TEXT NOT NULL, {} INTEGER)",
+        "CREATE TABLE {} ({k} {key_type} NOT NULL PRIMARY KEY, {v} {} NOT NULL, {} INTEGER)",
         env.q("extra ok"),
+        env.text_type(),
         env.q("note")
     ));
     let mut y: DbHashMap<String, i64> = open(env, "extra ok");
