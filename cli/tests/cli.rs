@@ -1,0 +1,235 @@
+//! The `wth` binary, run as a process, on SQLite, PostgreSQL and MariaDB: the servers
+//! that `WTH_POSTGRES_URL` and `WTH_MYSQL_URL` point to (`scripts/test.sh` starts them);
+//! a missing server fails its tests.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use write_thru_hash::mysql::prelude::Queryable;
+
+fn wth(db: &str, args: &[&str], input: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wth"))
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env_remove("WTH_DB")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    if let Some(text) = input {
+        stdin.write_all(text.as_bytes()).unwrap();
+    }
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// Runs `wth` and expects success; returns its standard output.
+fn ok(db: &str, args: &[&str]) -> String {
+    let out = wth(db, args, None);
+    assert!(
+        out.status.success(),
+        "wth {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stderr.is_empty(), "nothing on stderr: {:?}", out.stderr);
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `wth` and expects failure with a one-line message; returns it.
+fn fails(db: &str, args: &[&str], input: Option<&str>) -> String {
+    let out = wth(db, args, input);
+    assert!(!out.status.success(), "wth {args:?} should fail");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.starts_with("wth: "), "{err}");
+    err
+}
+
+fn server(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run `bash scripts/test.sh`, which starts the test servers")
+    })
+}
+
+fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A fresh PostgreSQL database, as a URL.
+fn postgres_db() -> String {
+    use write_thru_hash::postgres;
+    let admin = server("WTH_POSTGRES_URL");
+    let db = unique("wth_cli");
+    postgres::Client::connect(&admin, postgres::NoTls)
+        .unwrap()
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .unwrap();
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    format!("{base}/{db}")
+}
+
+/// A fresh MariaDB database, as a URL.
+fn mysql_db() -> String {
+    use write_thru_hash::mysql;
+    let admin = server("WTH_MYSQL_URL");
+    let db = unique("wth_cli");
+    mysql::Conn::new(mysql::Opts::from_url(&admin).unwrap())
+        .unwrap()
+        .query_drop(format!("CREATE DATABASE {db}"))
+        .unwrap();
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    format!("{base}/{db}")
+}
+
+fn sqlite_db(dir: &tempfile::TempDir, name: &str) -> String {
+    format!("sqlite:{}", dir.path().join(name).display())
+}
+
+fn basic_commands(db: &str) {
+    ok(db, &["set", "\"alice\"", "{\"age\": 3}"]);
+    ok(db, &["set", "\"bob\"", "[1, 2]"]);
+    assert_eq!(ok(db, &["get", "\"alice\""]), "{\"age\":3}\n");
+    assert_eq!(ok(db, &["count"]), "2\n");
+    assert_eq!(ok(db, &["ls"]), "\"alice\"\n\"bob\"\n");
+    ok(db, &["rm", "\"bob\""]);
+    assert!(fails(db, &["get", "\"bob\""], None).contains("no key"));
+    assert!(fails(db, &["rm", "\"bob\""], None).contains("no key"));
+    assert!(fails(db, &["get", "alice"], None).contains("not JSON"));
+    assert!(ok(db, &["tables"]).lines().any(|t| t == "hashtable"));
+    // Text codec: taken as it is.
+    ok(
+        db,
+        &["--table", "plain", "--codec", "text", "set", "k", "v v"],
+    );
+    assert_eq!(
+        ok(db, &["--table", "plain", "--codec", "text", "get", "k"]),
+        "v v\n"
+    );
+    // A missing table is not made by a command that only reads.
+    assert!(fails(db, &["--table", "nosuch", "count"], None).contains("no table"));
+    assert!(!ok(db, &["tables"]).lines().any(|t| t == "nosuch"));
+    // A table read with a codec of the other kind.
+    let err = fails(db, &["--codec", "bytes", "count"], None);
+    assert!(err.contains("hashtable"), "{err}");
+    ok(db, &["clear"]);
+    assert_eq!(ok(db, &["count"]), "0\n");
+}
+
+/// Bad lines write nothing and are named.
+fn bad_input(db: &str) {
+    ok(db, &["set", "\"keep\"", "1"]);
+    for (input, says) in [
+        ("{\"key\": \"a\", \"value\": 1}\nnot json\n", "line 2"),
+        ("{\"value\": 1}\n", "line 1"),
+        ("{\"key\": 1, \"value\": 2}\n[1]\n", "line 2"),
+    ] {
+        let err = fails(db, &["load"], Some(input));
+        assert!(
+            err.contains(says) && err.contains("nothing was written"),
+            "{err}"
+        );
+    }
+    let err = fails(
+        db,
+        &["--table", "plain", "--codec", "text", "load"],
+        Some("{\"key\": 7, \"value\": \"x\"}\n"),
+    );
+    assert!(
+        err.contains("line 1") && err.contains("not a string"),
+        "{err}"
+    );
+    assert_eq!(ok(db, &["dump"]), "{\"key\":\"keep\",\"value\":1}\n");
+}
+
+const ENTRIES: &str = concat!(
+    "{\"key\":\"ünïcödé 日本\",\"value\":{\"nested\":[1,2.5,null,true]}}\n",
+    "{\"key\":{\"b\":1,\"a\":[\"x\"]},\"value\":\"a map as a key\"}\n",
+    "{\"key\":[1,\"two\"],\"value\":\"with \\\"quotes\\\" and \\\\ back\"}\n",
+    "{\"key\":42,\"value\":-0.5}\n",
+);
+
+#[test]
+fn sqlite_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    basic_commands(&sqlite_db(&dir, "a.db"));
+    bad_input(&sqlite_db(&dir, "b.db"));
+}
+
+#[test]
+fn postgres_commands() {
+    basic_commands(&postgres_db());
+    bad_input(&postgres_db());
+}
+
+#[test]
+fn mysql_commands() {
+    basic_commands(&mysql_db());
+    bad_input(&mysql_db());
+}
+
+/// SQLite → PostgreSQL → MariaDB → SQLite by dump and load, and by copy: every dump
+/// is the same bytes.
+#[test]
+fn sqlite_postgres_mysql_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, pg, my, last) = (
+        sqlite_db(&dir, "first.db"),
+        postgres_db(),
+        mysql_db(),
+        sqlite_db(&dir, "last.db"),
+    );
+    let out = wth(&first, &["load"], Some(ENTRIES));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dump = ok(&first, &["dump"]);
+    assert_eq!(dump.lines().count(), 4);
+    let mut previous = dump.clone();
+    for db in [&pg, &my, &last] {
+        let file = dir.path().join("dump.jsonl");
+        std::fs::write(&file, &previous).unwrap();
+        ok(db, &["load", "--replace", file.to_str().unwrap()]);
+        let again = ok(db, &["dump"]);
+        assert_eq!(again, dump, "through {db}");
+        previous = again;
+    }
+    // copy, with another table name
+    ok(&first, &["copy", "--to", &pg, "--to-table", "copied"]);
+    assert_eq!(ok(&pg, &["--table", "copied", "dump"]), dump);
+    // dump to a file
+    let file = dir.path().join("out.jsonl");
+    ok(&my, &["dump", file.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), dump);
+}
+
+#[test]
+fn unreachable_servers_are_one_line_without_the_password() {
+    for db in [
+        "postgres://app:s3cr3t/pw@127.0.0.1:1/db",
+        "mysql://app:s3cr3t?pw@127.0.0.1:1/db",
+        "nosuch://app:s3cr3t@h/db",
+    ] {
+        for args in [&["count"][..], &["tables"], &["set", "1", "2"]] {
+            let err = fails(db, args, None);
+            assert!(!err.contains("s3cr3t"), "{err}");
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_wth"))
+        .args(["count"])
+        .env_remove("WTH_DB")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WTH_DB"));
+}
