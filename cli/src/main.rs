@@ -216,7 +216,8 @@ impl Kind for JsonKind {
                 ))
             };
             let key: Value = serde_json::from_str(k).map_err(|e| bad("key", k, e.to_string()))?;
-            if key.to_string() != *k {
+            let canonical = key.to_string();
+            if canonical != *k {
                 return Err(bad("key", k, "not in canonical form".into()));
             }
             serde_json::from_str::<serde::de::IgnoredAny>(v)
