@@ -26,52 +26,6 @@ pub(crate) enum Marks {
     Question,
 }
 
-/// A SQLite column's type affinity, from its declared type by SQLite's own rules
-/// (<https://sqlite.org/datatype3.html#determination_of_column_affinity>).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(
-    not(any(
-        feature = "sqlite",
-        feature = "postgres",
-        feature = "mysql",
-        feature = "odbc"
-    )),
-    allow(dead_code)
-)]
-pub(crate) enum Affinity {
-    Integer,
-    Text,
-    Blob,
-    Real,
-    Numeric,
-}
-
-#[cfg_attr(
-    not(any(
-        feature = "sqlite",
-        feature = "postgres",
-        feature = "mysql",
-        feature = "odbc"
-    )),
-    allow(dead_code)
-)]
-impl Affinity {
-    pub(crate) fn of(declared: &str) -> Affinity {
-        let t = declared.to_ascii_uppercase();
-        if t.contains("INT") {
-            Affinity::Integer
-        } else if ["CHAR", "CLOB", "TEXT"].iter().any(|s| t.contains(s)) {
-            Affinity::Text
-        } else if t.contains("BLOB") || t.trim().is_empty() {
-            Affinity::Blob
-        } else if ["REAL", "FLOA", "DOUB"].iter().any(|s| t.contains(s)) {
-            Affinity::Real
-        } else {
-            Affinity::Numeric
-        }
-    }
-}
-
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1); longer names are silently
 /// truncated by the server, so two long names could become one table.
 const PG_MAX_IDENT_BYTES: usize = 63;

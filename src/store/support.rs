@@ -3,8 +3,36 @@
 
 use crate::codec::Format;
 use crate::error::{Action, BoxError, Error, Result};
-use crate::store::dialect::{Affinity, Marks};
+use crate::store::dialect::Marks;
 use crate::store::{Dialect, TableSpec};
+
+/// A SQLite column's type affinity, from its declared type by SQLite's own rules
+/// (<https://sqlite.org/datatype3.html#determination_of_column_affinity>).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Affinity {
+    Integer,
+    Text,
+    Blob,
+    Real,
+    Numeric,
+}
+
+impl Affinity {
+    pub(crate) fn of(declared: &str) -> Affinity {
+        let t = declared.to_ascii_uppercase();
+        if t.contains("INT") {
+            Affinity::Integer
+        } else if ["CHAR", "CLOB", "TEXT"].iter().any(|s| t.contains(s)) {
+            Affinity::Text
+        } else if t.contains("BLOB") || t.trim().is_empty() {
+            Affinity::Blob
+        } else if ["REAL", "FLOA", "DOUB"].iter().any(|s| t.contains(s)) {
+            Affinity::Real
+        } else {
+            Affinity::Numeric
+        }
+    }
+}
 
 /// One row of [`Dialect::layout_query`]: name, primary key (`"1"`), type, collation.
 pub(crate) type Column = (String, String, String, String);
