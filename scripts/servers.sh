@@ -1,6 +1,7 @@
 # Sourced by scripts/test.sh (and usable by hand: `. scripts/servers.sh; start_servers`).
-# Starts throwaway PostgreSQL and MariaDB servers on 127.0.0.1 and exports
-# WTH_POSTGRES_URL and WTH_MYSQL_URL, unless they are set already; writes a private
+# Starts throwaway PostgreSQL and MariaDB servers on 127.0.0.1, and a hot standby of the
+# PostgreSQL one, and exports WTH_POSTGRES_URL, WTH_POSTGRES_STANDBY_URL and
+# WTH_MYSQL_URL, unless they are set already; writes a private
 # unixODBC driver list (ODBCSYSINI) and exports WTH_ODBC_POSTGRES, WTH_ODBC_MYSQL and
 # WTH_ODBC_SQLITE, ODBC connection strings for the same servers and for SQLite files.
 
@@ -55,6 +56,22 @@ start_postgres() {
   export WTH_POSTGRES_URL="postgres://postgres:wth-secret@127.0.0.1:$port/postgres"
   WTH_PG_PORT=$port
   echo "PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
+}
+
+# A hot standby of the PostgreSQL server started above, by streaming replication
+# (pg_basebackup -R), on a port of its own: exports WTH_POSTGRES_STANDBY_URL.
+start_postgres_standby() {
+  local dir=$WTH_SERVER_DIR/pgstandby port
+  port=$(free_port)
+  mkdir -p "$dir"
+  [ "$(id -u)" -eq 0 ] && chown postgres "$dir"
+  as_user postgres env PGPASSWORD=wth-secret "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$WTH_PG_PORT" \
+    -U postgres -D "$dir/data" -R -X stream >"$dir.log" 2>&1 || { cat "$dir.log" >&2; return 1; }
+  as_user postgres "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start \
+    -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c hot_standby=on -c max_connections=200 -c fsync=off" >/dev/null \
+    || { cat "$dir/server.log" >&2; return 1; }
+  export WTH_POSTGRES_STANDBY_URL="postgres://postgres:wth-secret@127.0.0.1:$port/postgres"
+  echo "PostgreSQL hot standby on 127.0.0.1:$port"
 }
 
 start_mariadb() {
@@ -122,13 +139,19 @@ start_servers() {
   install_packages
   WTH_SERVER_DIR=$(mktemp -d /tmp/wth-servers.XXXXXX)
   chmod 755 "$WTH_SERVER_DIR"
-  [ -n "${WTH_POSTGRES_URL:-}" ] || start_postgres
+  if [ -z "${WTH_POSTGRES_URL:-}" ]; then
+    start_postgres
+    [ -n "${WTH_POSTGRES_STANDBY_URL:-}" ] || start_postgres_standby
+  fi
   [ -n "${WTH_MYSQL_URL:-}" ] || start_mariadb
   setup_odbc
 }
 
 stop_servers() {
   [ -n "$WTH_SERVER_DIR" ] || return 0
+  if [ -d "$WTH_SERVER_DIR/pgstandby/data" ]; then
+    as_user postgres "$PG_BIN/pg_ctl" -D "$WTH_SERVER_DIR/pgstandby/data" -m immediate stop >/dev/null 2>&1 || true
+  fi
   if [ -d "$WTH_SERVER_DIR/pg/data" ]; then
     as_user postgres "$PG_BIN/pg_ctl" -D "$WTH_SERVER_DIR/pg/data" -m immediate stop >/dev/null 2>&1 || true
   fi

@@ -3,7 +3,9 @@
 #   bash scripts/test.sh
 # - installs PostgreSQL 15 and MariaDB from Debian's packages when they are missing
 #   (as root), starts both on 127.0.0.1 in temporary directories, and stops them at exit;
-# - or uses the servers that WTH_POSTGRES_URL and WTH_MYSQL_URL point to;
+#   and a PostgreSQL hot standby of the first (pg_basebackup -R) for tests/standby.rs;
+# - or uses the servers that WTH_POSTGRES_URL, WTH_POSTGRES_STANDBY_URL and
+#   WTH_MYSQL_URL point to;
 # - installs unixODBC and the psqlODBC, MariaDB and SQLite ODBC drivers, and runs the
 #   conformance suite over ODBC too;
 # - runs every test of every feature against them and prints how many ran per backend.

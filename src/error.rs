@@ -439,8 +439,20 @@ fn server_says(source: &BoxError) -> String {
 
 /// A remedy appended to some driver messages that are otherwise cryptic.
 fn hint(source: &BoxError) -> &'static str {
-    let text = source.to_string().to_ascii_lowercase();
-    if text.contains("readonly") || text.contains("read-only") || text.contains("read only") {
+    // The whole chain: some drivers keep the server's words a level down.
+    let mut text = source.to_string();
+    let mut next = source.source();
+    while let Some(cause) = next {
+        text.push(' ');
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    let text = text.to_ascii_lowercase();
+    if text.contains("read-only transaction") || text.contains("read_only") {
+        "; the server takes no writes in this session (a hot standby, or a read-only \
+         transaction): write through the primary server"
+    } else if text.contains("readonly") || text.contains("read-only") || text.contains("read only")
+    {
         "; the database is read-only: open it writable or check the file's permissions"
     } else if text.contains("locked") || text.contains("busy") {
         "; another connection holds a lock: retry later or raise the busy timeout"

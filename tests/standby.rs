@@ -1,0 +1,102 @@
+//! A map on a PostgreSQL hot standby (streaming replication, `scripts/servers.sh`
+//! starts one): it loads the table, refuses writes with an error that says the server
+//! is read-only, memory unchanged, and a coherent map refreshes from it.
+#![cfg(feature = "postgres")]
+
+use std::time::{Duration, Instant};
+
+use write_thru_hash::{DbHashMap, Error};
+
+fn url(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run `bash scripts/test.sh`, which starts the servers")
+    })
+}
+
+/// Polls until `f` holds, for at most 10 s: the standby replays the primary's writes a
+/// moment later.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{what}: not within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn postgres_standby_loads_refuses_writes_and_refreshes() {
+    let (primary, standby) = (url("WTH_POSTGRES_URL"), url("WTH_POSTGRES_STANDBY_URL"));
+    let db = format!("wth_standby_{}", std::process::id());
+    let mut admin = postgres::Client::connect(&primary, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .unwrap();
+    let on = |url: &str| format!("{}/{db}", url.rsplit_once('/').unwrap().0);
+    let (primary, standby) = (on(&primary), on(&standby));
+
+    let mut writer: DbHashMap<String, i64> = DbHashMap::builder_url(&primary)
+        .table("replicated")
+        .coherent()
+        .open()
+        .unwrap();
+    writer
+        .insert_many([("a".to_string(), 1), ("b".into(), 2)])
+        .unwrap();
+
+    // The standby replays the database, the table, its change log and the rows.
+    let mut reader: Option<DbHashMap<String, i64>> = None;
+    eventually(
+        "the table on the standby",
+        || match DbHashMap::builder_url(&standby)
+            .table("replicated")
+            .coherent()
+            .open()
+        {
+            Ok(h) if h.len() == 2 => {
+                reader = Some(h);
+                true
+            }
+            _ => false,
+        },
+    );
+    let mut reader = reader.unwrap();
+    assert_eq!(reader, writer);
+
+    // Writes are refused, clearly, and change nothing.
+    let err = reader.insert("c".into(), 3).unwrap_err();
+    assert!(matches!(err, Error::Database { .. }), "{err}");
+    let shown = err.to_string();
+    assert!(
+        shown.contains("25006") && shown.contains("primary"),
+        "{shown}"
+    );
+    assert!(!err.is_retryable());
+    assert!(reader.remove("a").is_err());
+    assert!(reader.insert_many([("d".to_string(), 4)]).is_err());
+    assert_eq!(reader, writer);
+
+    // The primary's writes reach the standby map through refresh (polling).
+    writer.insert("c".into(), 3).unwrap();
+    writer.remove("a").unwrap();
+    let mut seen = 0;
+    eventually("the changes on the standby", || {
+        seen += reader.refresh().unwrap();
+        reader == writer
+    });
+    assert_eq!(seen, 2);
+
+    // A plain map opens on the standby too: the table exists, nothing is created.
+    let plain: DbHashMap<String, i64> = DbHashMap::builder_url(&standby)
+        .table("replicated")
+        .open()
+        .unwrap();
+    assert_eq!(plain, writer);
+    drop((reader, plain, writer));
+    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+}
