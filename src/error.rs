@@ -214,8 +214,13 @@ pub enum Error {
 
     /// Connecting to the database failed. The driver's error is the source.
     #[error(
-        "connecting to {url} ({backend}) failed; check that the server is running and \
-         that the URL's host, port, database, user and password are right"
+        "connecting to {url} ({backend}) failed; {}",
+        if *.backend == "SQLite" {
+            "check the path, that its directory exists, and its permissions"
+        } else {
+            "check that the server is running and that the URL's host, port, database, \
+             user and password are right"
+        }
     )]
     Connect {
         /// The URL, path or connection string, with any password replaced by `***`.
@@ -374,8 +379,9 @@ fn retryable(source: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
     if let Some(e) = source.downcast_ref::<postgres::Error>() {
         return match e.code() {
             // serialization_failure, deadlock_detected, lock_not_available,
-            // query_canceled (a statement or lock timeout)
-            Some(code) => ["40001", "40P01", "55P03", "57014"].contains(&code.code()),
+            // query_canceled (a statement or lock timeout), admin_shutdown (the server
+            // ended the connection between calls: a URL map reconnects)
+            Some(code) => ["40001", "40P01", "55P03", "57014", "57P01"].contains(&code.code()),
             // No answer: the connection is gone, and nothing was in doubt.
             None => e.is_closed() || e.as_db_error().is_none(),
         };

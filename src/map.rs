@@ -954,8 +954,15 @@ where
             store.reconnect()?;
             let (map, keys, values, table) = (&self.map, &*self.keys, &*self.values, &self.table);
             let mut current = Vec::new();
+            let mut again = Vec::new();
             store.changes(coherent.seen, &mut |kb, vb| {
-                let key = decode_key(keys, table, kb)?;
+                let key = match (decode_key(keys, table, kb), vb) {
+                    (Ok(key), _) => key,
+                    // A row that came and went: a key that does not decode was never in
+                    // memory, and is not in the table now.
+                    (Err(_), None) => return Ok(()),
+                    (Err(e), Some(_)) => return Err(e),
+                };
                 let value = match vb {
                     Some(vb) => Some(values.decode(vb).map_err(|e| Error::Decode {
                         what: "value",
@@ -965,14 +972,17 @@ where
                     })?),
                     None => None,
                 };
-                // Changed in memory: the value differs from what the map holds.
-                let differs = match (map.get(&key), vb) {
+                // Changed in memory: the value differs from what the map holds, as the
+                // codec writes them (" 7" and "7" are one JSON value).
+                let differs = match (map.get(&key), &value) {
                     (None, None) => false,
-                    (Some(held), Some(vb)) => {
+                    (Some(held), Some(value)) => {
                         current.clear();
-                        values
+                        again.clear();
+                        let both = values
                             .encode(held, &mut current)
-                            .map_or(true, |()| current != vb)
+                            .and_then(|()| values.encode(value, &mut again));
+                        both.map_or(true, |()| current != again)
                     }
                     _ => true,
                 };

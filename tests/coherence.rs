@@ -391,6 +391,63 @@ fn random_operations_on_two_maps(env: &impl Env) {
 /// Three worker processes write random changes to one table through coherent maps,
 /// and a fourth is killed with SIGKILL mid-run; after the three finish, each refreshes
 /// and its map equals a fresh open of the table, as does a map of this process.
+/// Table names that hold quotes, `$wth$` (PostgreSQL's dollar quote in the trigger
+/// function) or SQL: coherence installs and works, and nothing else runs.
+fn odd_names_are_coherent(env: &impl Env) {
+    let url = env.url();
+    for name in [
+        "a$wth$b",
+        "q\"uote's",
+        "x$wth$;CREATE TABLE pwned(i int);--",
+    ] {
+        let mut a: DbHashMap<String, i64> = coherent(&url, name);
+        let mut b: DbHashMap<String, i64> = coherent(&url, name);
+        a.insert("k".into(), 1).unwrap();
+        assert_eq!(b.refresh().unwrap(), 1, "{name}");
+        assert_eq!(fresh(&url, name), b);
+    }
+    assert!(!env.table_exists("pwned"));
+}
+
+/// A row that does not decode, added and removed by plain SQL, does not stop later
+/// refreshes; a value stored in another form of an equal value is no change.
+fn odd_rows_from_plain_sql(env: &impl Env) {
+    let url = env.url();
+    let mut m: DbHashMap<String, i64> = coherent(&url, "odd rows");
+    m.insert("a".into(), 7).unwrap();
+    let (t, k, v) = (env.q("odd rows"), env.q("key"), env.q("value"));
+    env.exec(&format!(
+        "INSERT INTO {t} ({k}, {v}) VALUES (' \"a\"', '2')"
+    ));
+    env.exec(&format!("DELETE FROM {t} WHERE {k} = ' \"a\"'"));
+    env.exec(&format!("UPDATE {t} SET {v} = ' 7' WHERE {k} = '\"a\"'"));
+    assert_eq!(m.refresh().unwrap(), 0);
+    plain_upsert(env, "odd rows", "b", 2);
+    assert_eq!(m.refresh().unwrap(), 1);
+    assert_eq!(fresh(&url, "odd rows"), m);
+}
+
+/// Four maps opening one new table at once all open it.
+fn concurrent_first_opens(env: &(impl Env + Sync)) {
+    let url = env.url();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let url = &url;
+                s.spawn(move || {
+                    let b = DbHashMap::<String, i64>::builder_url(url).table("raced");
+                    if i % 2 == 0 { b.coherent() } else { b }.open()
+                })
+            })
+            .collect();
+        for h in handles {
+            if let Err(e) = h.join().unwrap() {
+                panic!("{}", chain(&e));
+            }
+        }
+    });
+}
+
 fn processes_converge_and_survive_a_kill(env: &impl Env) {
     use std::io::{BufRead, BufReader, Write};
     use std::process::{Command, Stdio};
@@ -474,11 +531,39 @@ macro_rules! coherence {
                 super::random_operations_on_two_maps(&$env);
             }
             #[test]
+            fn odd_names_are_coherent() {
+                super::odd_names_are_coherent(&$env);
+            }
+            #[test]
+            fn odd_rows_from_plain_sql() {
+                super::odd_rows_from_plain_sql(&$env);
+            }
+            #[test]
+            fn concurrent_first_opens() {
+                super::concurrent_first_opens(&$env);
+            }
+            #[test]
             fn processes_converge_and_survive_a_kill() {
                 super::processes_converge_and_survive_a_kill(&$env);
             }
         }
     };
+}
+
+/// PostgreSQL: a session that skips ordinary triggers (a replica's, a restore's) is
+/// still noted.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_replica_sessions_are_noted() {
+    let env = env::PgEnv::new();
+    let url = env.url();
+    let mut m: DbHashMap<String, i64> = coherent(&url, "replicated");
+    env.exec(
+        "SET session_replication_role = replica; \
+         INSERT INTO replicated (key, value) VALUES ('\"r\"', '1')",
+    );
+    assert_eq!(m.refresh().unwrap(), 1);
+    assert_eq!(fresh(&url, "replicated"), m);
 }
 
 coherence!(sqlite, env::SqliteEnv::new());

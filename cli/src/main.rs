@@ -140,16 +140,26 @@ impl From<write_thru_hash::Error> for Failure {
         let mut text = e.to_string();
         let mut next = std::error::Error::source(&e);
         while let Some(cause) = next {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
+            let said = cause.to_string();
+            // A cause the message already tells (PostgreSQL's report) is not repeated.
+            let core = said.trim_start_matches("ERROR: ");
+            if !text.contains(core.lines().next().unwrap_or(core)) {
+                text.push_str(": ");
+                text.push_str(&said);
+            }
             next = cause.source();
         }
         Failure(text)
     }
 }
 
+const BROKEN_PIPE: &str = "broken pipe";
+
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Failure(BROKEN_PIPE.into());
+        }
         Failure(e.to_string())
     }
 }
@@ -168,18 +178,24 @@ trait Kind {
     fn show(t: &Self::T) -> String;
     /// For `dump`: the JSON text of a key or value.
     fn to_json(t: &Self::T) -> String;
-    /// For `load`.
-    fn from_json(v: Value) -> Result<Self::T, String>;
+    /// For `load`: from a member of a line, as its JSON text.
+    fn from_raw(raw: &str) -> Result<Self::T, String>;
+    /// The key the table holds that equals `key`, if its text differs (the json codec:
+    /// `{"a": 1}` and `{ "a":1 }` are one key).
+    fn equal_held(_h: &DbHashMap<Self::T, Self::T>, _key: &Self::T) -> Option<Self::T> {
+        None
+    }
     /// Checks the rows of an opened table, where the codec leaves that to the tool.
     fn check(_table: &str, _h: &DbHashMap<Self::T, Self::T>) -> Outcome {
         Ok(())
     }
 }
 
-/// The json codec, kept as the JSON text it stores: canonical text (compact, object
-/// members sorted) is exactly what the library's `Json` codec writes for a
-/// `serde_json::Value`, and holding text rather than decoded values keeps a large
-/// table's dump or load small and fast. Rows are checked at open as `Json` would.
+/// The json codec, kept as the JSON text it stores, with the whitespace between tokens
+/// removed and nothing else changed: the order of members and the digits of numbers
+/// stay as the program's codec wrote them (a struct's fields in declaration order, an
+/// `u128` whole), so a dump and a load give the table back as it was. Rows are checked
+/// at open to be JSON.
 struct JsonKind;
 impl Kind for JsonKind {
     type T = String;
@@ -188,43 +204,72 @@ impl Kind for JsonKind {
         Text
     }
     fn parse(arg: &str) -> Result<String, String> {
-        serde_json::from_str::<Value>(arg)
-            .map(|v| v.to_string())
-            .map_err(|e| {
-                format!(
-                    "{arg:?} is not JSON text ({e}); with the json codec, quote strings: \
-                     '\"{arg}\"'"
-                )
-            })
+        // One level deeper, as a dump line holds it, so that every value set loads back.
+        serde_json::from_str::<serde::de::IgnoredAny>(&format!("[{arg}]")).map_err(|e| {
+            format!(
+                "{arg:?} is not JSON text ({e}); with the json codec, quote strings: \
+                 '\"{arg}\"'"
+            )
+        })?;
+        Ok(minify(arg))
     }
     fn show(t: &String) -> String {
-        t.clone()
+        minify(t)
     }
     fn to_json(t: &String) -> String {
-        t.clone()
+        minify(t)
     }
-    fn from_json(v: Value) -> Result<String, String> {
-        Ok(v.to_string())
+    fn from_raw(raw: &str) -> Result<String, String> {
+        Ok(minify(raw))
+    }
+    fn equal_held(h: &DbHashMap<String, String>, key: &String) -> Option<String> {
+        if h.contains_key(key) {
+            return None;
+        }
+        let wanted: Value = serde_json::from_str(key).ok()?;
+        h.keys()
+            .find(|held| serde_json::from_str::<Value>(held).is_ok_and(|v| v == wanted))
+            .cloned()
     }
     fn check(table: &str, h: &DbHashMap<String, String>) -> Outcome {
         for (k, v) in h.iter() {
-            let bad = |what: &str, text: &str, e: String| {
-                Failure(format!(
-                    "table {table:?}: a {what} does not decode as JSON ({e}): {}; is it a \
-                     table of another codec?",
-                    text.chars().take(60).collect::<String>()
-                ))
-            };
-            let key: Value = serde_json::from_str(k).map_err(|e| bad("key", k, e.to_string()))?;
-            let canonical = key.to_string();
-            if canonical != *k {
-                return Err(bad("key", k, "not in canonical form".into()));
+            for (what, text) in [("key", k), ("value", v)] {
+                serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| {
+                    Failure(format!(
+                        "table {table:?}: a {what} does not decode as JSON ({e}): {}; is it \
+                         a table of another codec?",
+                        text.chars().take(60).collect::<String>()
+                    ))
+                })?;
             }
-            serde_json::from_str::<serde::de::IgnoredAny>(v)
-                .map_err(|e| bad("value", v, e.to_string()))?;
         }
         Ok(())
     }
+}
+
+/// JSON text without the whitespace between its tokens (valid JSON in, so strings are
+/// whole and a newline can only be whitespace outside them).
+fn minify(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    out
 }
 
 struct TextKind;
@@ -243,11 +288,9 @@ impl Kind for TextKind {
     fn to_json(t: &String) -> String {
         Value::String(t.clone()).to_string()
     }
-    fn from_json(v: Value) -> Result<String, String> {
-        match v {
-            Value::String(s) => Ok(s),
-            other => Err(format!("{other} is not a string, as the text codec needs")),
-        }
+    fn from_raw(raw: &str) -> Result<String, String> {
+        serde_json::from_str(raw)
+            .map_err(|_| format!("{raw} is not a string, as the text codec needs"))
     }
 }
 
@@ -269,13 +312,10 @@ impl Kind for BytesKind {
     fn to_json(t: &Vec<u8>) -> String {
         Value::String(Self::show(t)).to_string()
     }
-    fn from_json(v: Value) -> Result<Vec<u8>, String> {
-        match v {
-            Value::String(s) => Self::parse(&s),
-            other => Err(format!(
-                "{other} is not a base64 string, as the bytes codec needs"
-            )),
-        }
+    fn from_raw(raw: &str) -> Result<Vec<u8>, String> {
+        let text: String = serde_json::from_str(raw)
+            .map_err(|_| format!("{raw} is not a base64 string, as the bytes codec needs"))?;
+        Self::parse(&text)
     }
 }
 
@@ -307,8 +347,18 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
     // Opening a map makes its table when absent: only the commands that write may.
     let writes = matches!(cli.command, Command::Set { .. } | Command::Load { .. });
     if !writes {
+        if let Some(path) = sqlite_path(db).filter(|p| *p != ":memory:") {
+            if !std::path::Path::new(path).exists() {
+                return Err(Failure(format!("no database file {path:?}")));
+            }
+        }
         if let Ok(names) = tables(db) {
-            if !names.iter().any(|n| n == table) {
+            // SQLite compares table names ignoring ASCII case.
+            let same = |n: &String| match sqlite_path(db) {
+                Some(_) => n.eq_ignore_ascii_case(table),
+                None => n == table,
+            };
+            if !names.iter().any(same) {
                 return Err(Failure(format!(
                     "no table {table:?} with `key` and `value` columns in {}; `wth tables` \
                      lists those there are",
@@ -331,18 +381,24 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
         }
         Command::Get { key } => {
             let h = open::<K>(db, table)?;
-            match h.get(&parse(key)?) {
+            let k = parse(key)?;
+            let k = K::equal_held(&h, &k).unwrap_or(k);
+            match h.get(&k) {
                 Some(v) => writeln!(out, "{}", K::show(v))?,
                 None => return Err(Failure(format!("no key {key} in table {table:?}"))),
             }
         }
         Command::Set { key, value } => {
             let (k, v) = (parse(key)?, parse(value)?);
-            open::<K>(db, table)?.insert(k, v)?;
+            let mut h = open::<K>(db, table)?;
+            let k = K::equal_held(&h, &k).unwrap_or(k);
+            h.insert(k, v)?;
         }
         Command::Rm { key } => {
             let k = parse(key)?;
-            if open::<K>(db, table)?.remove(&k)?.is_none() {
+            let mut h = open::<K>(db, table)?;
+            let k = K::equal_held(&h, &k).unwrap_or(k);
+            if h.remove(&k)?.is_none() {
                 return Err(Failure(format!("no key {key} in table {table:?}")));
             }
         }
@@ -400,9 +456,18 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
     Ok(())
 }
 
+/// One line of a dump: its members as the JSON text they are.
+#[derive(serde::Deserialize)]
+struct Line<'a> {
+    #[serde(borrow)]
+    key: Option<&'a serde_json::value::RawValue>,
+    #[serde(borrow)]
+    value: Option<&'a serde_json::value::RawValue>,
+}
+
 /// Reads `{"key": K, "value": V}` lines; the first bad one fails the whole load.
 fn read_lines<K: Kind>(file: Option<&PathBuf>) -> Outcome<Vec<(K::T, K::T)>> {
-    let input: Box<dyn BufRead> = match file {
+    let mut input: Box<dyn BufRead> = match file {
         Some(path) => {
             Box::new(BufReader::new(File::open(path).map_err(|e| {
                 Failure(format!("cannot read {}: {e}", path.display()))
@@ -411,29 +476,39 @@ fn read_lines<K: Kind>(file: Option<&PathBuf>) -> Outcome<Vec<(K::T, K::T)>> {
         None => Box::new(BufReader::new(std::io::stdin().lock())),
     };
     let mut entries = Vec::new();
-    for (i, line) in input.lines().enumerate() {
-        let n = i + 1;
-        let line = line?;
+    let mut bytes = Vec::new();
+    for n in 1.. {
+        bytes.clear();
+        if input.read_until(b'\n', &mut bytes)? == 0 {
+            break;
+        }
+        let bad = |why: String| Failure(format!("line {n}: {why}; nothing was written"));
+        let line = std::str::from_utf8(&bytes).map_err(|e| bad(format!("not UTF-8 ({e})")))?;
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |why: String| Failure(format!("line {n}: {why}; nothing was written"));
-        let Value::Object(mut entry) =
-            serde_json::from_str::<Value>(&line).map_err(|e| bad(format!("not JSON ({e})")))?
-        else {
-            return Err(bad("not a JSON object {\"key\": …, \"value\": …}".into()));
-        };
-        let key = entry
-            .remove("key")
-            .ok_or_else(|| bad("no \"key\" member".into()))?;
-        let value = entry
-            .remove("value")
+        let parsed: Line<'_> = serde_json::from_str(line).map_err(|e| {
+            bad(format!(
+                "not a JSON object {{\"key\": …, \"value\": …}} ({e})"
+            ))
+        })?;
+        let key = parsed.key.ok_or_else(|| bad("no \"key\" member".into()))?;
+        let value = parsed
+            .value
             .ok_or_else(|| bad("no \"value\" member".into()))?;
-        let key = K::from_json(key).map_err(|e| bad(format!("the key: {e}")))?;
-        let value = K::from_json(value).map_err(|e| bad(format!("the value: {e}")))?;
+        let key = K::from_raw(key.get()).map_err(|e| bad(format!("the key: {e}")))?;
+        let value = K::from_raw(value.get()).map_err(|e| bad(format!("the value: {e}")))?;
         entries.push((key, value));
     }
     Ok(entries)
+}
+
+/// The file of a `sqlite:` URL.
+fn sqlite_path(db: &str) -> Option<&str> {
+    let (scheme, rest) = db.split_once(':')?;
+    scheme
+        .eq_ignore_ascii_case("sqlite")
+        .then(|| rest.strip_prefix("//").unwrap_or(rest))
 }
 
 /// The tables of the database that have `key` and `value` columns.
@@ -442,7 +517,7 @@ fn tables(db: &str) -> Outcome<Vec<String>> {
     let (scheme, rest) = db.split_once(':').unwrap_or(("", db));
     match scheme.to_ascii_lowercase().as_str() {
         "sqlite" => {
-            let path = rest.strip_prefix("//").unwrap_or(rest);
+            let path = sqlite_path(db).unwrap_or(rest);
             let conn = write_thru_hash::rusqlite::Connection::open(path).map_err(|e| fail(&e))?;
             let mut stmt = conn
                 .prepare(
@@ -519,7 +594,21 @@ fn connect_error(backend: &str, e: &dyn std::fmt::Display) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line, as every other failure.
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ");
+            eprintln!("wth: {first}; see wth --help");
+            return ExitCode::from(2);
+        }
+    };
     let Some(db) = cli.db.clone() else {
         eprintln!("wth: no database: give --db URL, or set WTH_DB");
         return ExitCode::from(2);
@@ -538,6 +627,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`wth dump | head`): nothing to say.
+        Err(Failure(message)) if message == BROKEN_PIPE => ExitCode::SUCCESS,
         Err(Failure(message)) => {
             eprintln!("wth: {}", message.replace('\n', " "));
             ExitCode::FAILURE

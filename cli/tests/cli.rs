@@ -233,3 +233,105 @@ fn unreachable_servers_are_one_line_without_the_password() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("WTH_DB"));
 }
+
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Eq, Hash, Debug)]
+struct Point {
+    y: i64,
+    x: i64,
+}
+
+/// A table the library's own codec wrote (a struct's fields in declaration order, a
+/// number beyond 64 bits): `wth` reads it, and a dump and a load give it back as it was.
+#[test]
+fn sqlite_tables_written_by_the_library_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, other) = (sqlite_db(&dir, "lib.db"), sqlite_db(&dir, "other.db"));
+    {
+        let mut h: write_thru_hash::DbHashMap<Point, u128> =
+            write_thru_hash::DbHashMap::open_url(&db).unwrap();
+        h.insert(Point { y: 1, x: 2 }, u128::MAX).unwrap();
+    }
+    let dump = ok(&db, &["dump"]);
+    assert_eq!(
+        dump,
+        "{\"key\":{\"y\":1,\"x\":2},\"value\":340282366920938463463374607431768211455}\n"
+    );
+    assert_eq!(ok(&db, &["count"]), "1\n");
+    let file = dir.path().join("lib.jsonl");
+    std::fs::write(&file, &dump).unwrap();
+    ok(&other, &["load", file.to_str().unwrap()]);
+    assert_eq!(ok(&other, &["dump"]), dump);
+    let back: write_thru_hash::DbHashMap<Point, u128> =
+        write_thru_hash::DbHashMap::open_url(&other).unwrap();
+    assert_eq!(back[&Point { y: 1, x: 2 }], u128::MAX);
+    // The same key written otherwise is the same key, not a second row.
+    ok(&db, &["set", "{ \"x\": 2, \"y\": 1 }", "5"]);
+    assert_eq!(ok(&db, &["count"]), "1\n");
+    assert_eq!(ok(&db, &["get", "{\"x\":2,\"y\":1}"]), "5\n");
+}
+
+/// Odd input and output: a value with a newline stored by another client is dumped on
+/// one line; a line that is not UTF-8 is named; a usage error is one line; a reader
+/// that stops early is no failure; a read command on a missing SQLite file makes none.
+#[test]
+fn sqlite_odd_input_and_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite_db(&dir, "odd.db");
+    ok(&db, &["set", "\"k\"", "1"]);
+    let conn = write_thru_hash::rusqlite::Connection::open(dir.path().join("odd.db")).unwrap();
+    conn.execute_batch("UPDATE hashtable SET value = '[1,\n 2]'")
+        .unwrap();
+    drop(conn);
+    assert_eq!(ok(&db, &["dump"]), "{\"key\":\"k\",\"value\":[1,2]}\n");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wth"))
+        .args(["--db", &db, "load"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"key\":\"a\",\"value\":1}\n{\"key\":\"\xff\",\"value\":2}\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("line 2") && err.contains("UTF-8"),
+        "{err}"
+    );
+
+    let err = fails(&db, &["frobnicate"], None);
+    assert!(err.contains("--help"), "{err}");
+
+    let many: String = (0..20_000)
+        .map(|i| format!("{{\"key\":{i},\"value\":\"{}\"}}\n", "v".repeat(50)))
+        .collect();
+    assert!(wth(&db, &["load"], Some(&many)).status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wth"))
+        .args(["--db", &db, "dump"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let missing = dir.path().join("missing.db");
+    let url = format!("sqlite:{}", missing.display());
+    assert!(fails(&url, &["count"], None).contains("no database file"));
+    assert!(!missing.exists());
+}

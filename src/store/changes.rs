@@ -210,10 +210,13 @@ impl Dialect {
                         "INSERT INTO {clock} (id, v, horizon) VALUES (1, 0, 0) \
                          ON CONFLICT (id) DO NOTHING"
                     ),
-                    format!(
-                        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger \
-                         LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT \
-                         AS $wth$ DECLARE n bigint; top bigint; BEGIN \
+                    dollar_quoted(
+                        &format!(
+                            "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger \
+                             LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS"
+                        ),
+                        &format!(
+                            "DECLARE n bigint; top bigint; BEGIN \
                          IF TG_WHEN = 'BEFORE' THEN \
                          PERFORM v FROM {clock} WHERE id = 1 FOR UPDATE; \
                          ELSIF TG_OP = 'TRUNCATE' THEN \
@@ -222,12 +225,13 @@ impl Dialect {
                          ELSIF TG_OP = 'INSERT' THEN {} \
                          ELSIF TG_OP = 'UPDATE' THEN {} \
                          ELSE {} END IF; \
-                         RETURN NULL; END $wth$",
-                        note(&format!("SELECT {key} FROM wth_new")),
-                        note(&format!(
-                            "SELECT {key} FROM wth_old UNION SELECT {key} FROM wth_new"
-                        )),
-                        note(&format!("SELECT {key} FROM wth_old")),
+                         RETURN NULL; END",
+                            note(&format!("SELECT {key} FROM wth_new")),
+                            note(&format!(
+                                "SELECT {key} FROM wth_old UNION SELECT {key} FROM wth_new"
+                            )),
+                            note(&format!("SELECT {key} FROM wth_old")),
+                        ),
                     ),
                     format!(
                         "CREATE OR REPLACE TRIGGER {} AFTER INSERT ON {table} \
@@ -263,6 +267,14 @@ impl Dialect {
                         q(&n.triggers[4])
                     ),
                 ];
+                // Fire in every session, those of replicas and restores
+                // (`session_replication_role = replica`) included.
+                let statements: Vec<String> = statements
+                    .into_iter()
+                    .chain(n.triggers.iter().map(|name| {
+                        format!("ALTER TABLE {table} ENABLE ALWAYS TRIGGER {}", q(name))
+                    }))
+                    .collect();
                 // One batch is one transaction; the lock keeps two maps that install at
                 // once from tripping over each other's half-made objects.
                 vec![format!(
@@ -423,6 +435,16 @@ impl Dialect {
             ),
         ]
     }
+}
+
+/// `head $tag$ body $tag$`, with a dollar-quote tag that occurs nowhere in the body:
+/// the body holds the table's names, which may hold any text, `$wth$` included.
+fn dollar_quoted(head: &str, body: &str) -> String {
+    let mut tag = String::from("wth");
+    while body.contains(&format!("${tag}$")) {
+        tag.push('_');
+    }
+    format!("{head} ${tag}$ {body} ${tag}$")
 }
 
 /// Coherence on one table of one store: what its statements need.

@@ -104,11 +104,16 @@ pub(crate) fn open_table(
             .map_err(fail)?,
     );
     if cols.is_empty() {
-        conn.exec(&d.create_table(t)).map_err(fail)?;
+        // Another connection may make the table at the same moment (PostgreSQL then
+        // fails one of two `CREATE TABLE IF NOT EXISTS`): what counts is that it exists.
+        let created = conn.exec(&d.create_table(t));
         cols = columns(
             conn.texts(&d.layout_query(marks), Some(&param))
                 .map_err(fail)?,
         );
+        if cols.is_empty() {
+            created.map_err(fail)?;
+        }
     }
     if let Some(sql) = d.engine_query(marks) {
         let engine = conn.texts(&sql, Some(&t.name)).map_err(fail)?;
