@@ -135,10 +135,17 @@ struct Failure(String);
 
 impl From<write_thru_hash::Error> for Failure {
     fn from(e: write_thru_hash::Error) -> Self {
+        Failure::from_ref(&e)
+    }
+}
+
+impl Failure {
+    /// The error and its causes, each once, on one line.
+    fn from_ref(e: &write_thru_hash::Error) -> Self {
         // Each cause once, on one line: the library's messages say what to do, the
         // drivers' say what the server said.
         let mut text = e.to_string();
-        let mut next = std::error::Error::source(&e);
+        let mut next = std::error::Error::source(e);
         while let Some(cause) = next {
             let said = cause.to_string();
             // A cause the message already tells (PostgreSQL's report) is not repeated.
@@ -185,6 +192,8 @@ trait Kind {
     fn equal_held(_h: &DbHashMap<Self::T, Self::T>, _key: &Self::T) -> Option<Self::T> {
         None
     }
+    /// The bytes the codec stores.
+    fn bytes(t: &Self::T) -> &[u8];
     /// Checks the rows of an opened table, where the codec leaves that to the tool.
     fn check(_table: &str, _h: &DbHashMap<Self::T, Self::T>) -> Outcome {
         Ok(())
@@ -202,6 +211,9 @@ impl Kind for JsonKind {
     type C = Text;
     fn codec() -> Text {
         Text
+    }
+    fn bytes(t: &String) -> &[u8] {
+        t.as_bytes()
     }
     fn parse(arg: &str) -> Result<String, String> {
         // One level deeper, as a dump line holds it, so that every value set loads back.
@@ -279,6 +291,9 @@ impl Kind for TextKind {
     fn codec() -> Text {
         Text
     }
+    fn bytes(t: &String) -> &[u8] {
+        t.as_bytes()
+    }
     fn parse(arg: &str) -> Result<String, String> {
         Ok(arg.to_string())
     }
@@ -300,6 +315,9 @@ impl Kind for BytesKind {
     type C = Bytes;
     fn codec() -> Bytes {
         Bytes
+    }
+    fn bytes(t: &Vec<u8>) -> &[u8] {
+        t
     }
     fn parse(arg: &str) -> Result<Vec<u8>, String> {
         base64::engine::general_purpose::STANDARD
@@ -426,18 +444,45 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
             bar.finish_and_clear();
         }
         Command::Load { file, replace } => {
-            let entries = read_lines::<K>(file.as_ref())?;
+            let (entries, lines) = read_lines::<K>(file.as_ref())?;
+            // What only the database or the codec can refuse (a key too long for the
+            // server, a NUL the server takes in no text), said with the line it is on.
+            let culprit = |e: &write_thru_hash::Error| -> Option<usize> {
+                if let write_thru_hash::Error::KeyTooLong { len, .. } = e {
+                    return entries.iter().position(|(k, _)| K::bytes(k).len() == *len);
+                }
+                let Failure(said) = Failure::from_ref(e);
+                (said.contains("0x00") || said.contains("NUL character")).then_some(())?;
+                entries
+                    .iter()
+                    .position(|(k, v)| K::bytes(k).contains(&0) || K::bytes(v).contains(&0))
+            };
             let bar = progress(entries.len() as u64, "load");
-            if *replace {
+            let result = if *replace {
+                let mut first = None;
                 DbHashMap::builder_url(db)
                     .table(table)
                     .codec(K::codec())
-                    .src(entries)
-                    .open()?;
+                    .src(entries.iter().cloned())
+                    .open()
+                    .map(drop)
+                    .inspect_err(|e| first = culprit(e))
+                    .map_err(|e| (e, first))
             } else {
-                open::<K>(db, table)?.insert_many(entries)?;
-            }
+                let mut h = open::<K>(db, table)?;
+                h.insert_many(entries.iter().cloned()).map_err(|e| {
+                    let at = culprit(&e);
+                    (e, at)
+                })
+            };
             bar.finish_and_clear();
+            if let Err((e, at)) = result {
+                let Failure(message) = Failure::from(e);
+                return Err(Failure(match at {
+                    Some(i) => format!("line {}: {message}; nothing was written", lines[i]),
+                    None => format!("{message}; nothing was written"),
+                }));
+            }
         }
         Command::Copy { to, to_table } => {
             let h = open::<K>(db, table)?;
@@ -466,7 +511,8 @@ struct Line<'a> {
 }
 
 /// Reads `{"key": K, "value": V}` lines; the first bad one fails the whole load.
-fn read_lines<K: Kind>(file: Option<&PathBuf>) -> Outcome<Vec<(K::T, K::T)>> {
+/// The entries, and the line each came from.
+fn read_lines<K: Kind>(file: Option<&PathBuf>) -> Outcome<(Vec<(K::T, K::T)>, Vec<usize>)> {
     let mut input: Box<dyn BufRead> = match file {
         Some(path) => {
             Box::new(BufReader::new(File::open(path).map_err(|e| {
@@ -476,6 +522,7 @@ fn read_lines<K: Kind>(file: Option<&PathBuf>) -> Outcome<Vec<(K::T, K::T)>> {
         None => Box::new(BufReader::new(std::io::stdin().lock())),
     };
     let mut entries = Vec::new();
+    let mut lines = Vec::new();
     let mut bytes = Vec::new();
     for n in 1.. {
         bytes.clear();
@@ -499,8 +546,9 @@ fn read_lines<K: Kind>(file: Option<&PathBuf>) -> Outcome<Vec<(K::T, K::T)>> {
         let key = K::from_raw(key.get()).map_err(|e| bad(format!("the key: {e}")))?;
         let value = K::from_raw(value.get()).map_err(|e| bad(format!("the value: {e}")))?;
         entries.push((key, value));
+        lines.push(n);
     }
-    Ok(entries)
+    Ok((entries, lines))
 }
 
 /// The file of a `sqlite:` URL.

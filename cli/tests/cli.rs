@@ -168,6 +168,28 @@ fn sqlite_commands() {
 fn postgres_commands() {
     basic_commands(&postgres_db());
     bad_input(&postgres_db());
+    server_refusals_name_the_line(&postgres_db());
+}
+
+/// What only the server refuses (a key longer than it can index, a NUL in text) is
+/// named by its line too, and nothing is written.
+fn server_refusals_name_the_line(db: &str) {
+    ok(db, &["set", "\"keep\"", "1"]);
+    let long = format!(
+        "{{\"key\":\"a\",\"value\":1}}\n{{\"key\":\"{}\",\"value\":2}}\n",
+        "k".repeat(5000)
+    );
+    let err = fails(db, &["load"], Some(&long));
+    assert!(err.contains("line 2") && err.contains("too long"), "{err}");
+    let nul = "{\"key\":\"a\",\"value\":\"1\"}\n{\"key\":\"b\",\"value\":\"x\\u0000y\"}\n";
+    // With the json codec a NUL is the text `\u0000`; with text it is a NUL.
+    let err = fails(
+        db,
+        &["--table", "plain", "--codec", "text", "load"],
+        Some(nul),
+    );
+    assert!(err.contains("line 2"), "{err}");
+    assert_eq!(ok(db, &["dump"]), "{\"key\":\"keep\",\"value\":1}\n");
 }
 
 #[test]
