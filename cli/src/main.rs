@@ -511,8 +511,11 @@ struct Line<'a> {
 }
 
 /// Reads `{"key": K, "value": V}` lines; the first bad one fails the whole load.
+/// The entries of a load, and the line each came from.
+type Lines<T> = (Vec<(T, T)>, Vec<usize>);
+
 /// The entries, and the line each came from.
-fn read_lines<K: Kind>(file: Option<&PathBuf>) -> Outcome<(Vec<(K::T, K::T)>, Vec<usize>)> {
+fn read_lines<K: Kind>(file: Option<&PathBuf>) -> Outcome<Lines<K::T>> {
     let mut input: Box<dyn BufRead> = match file {
         Some(path) => {
             Box::new(BufReader::new(File::open(path).map_err(|e| {
