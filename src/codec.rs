@@ -38,6 +38,13 @@ pub trait Codec<T>: Send + Sync {
 
     /// Decodes what [`encode`](Codec::encode) wrote.
     fn decode(&self, bytes: &[u8]) -> Result<T, BoxError>;
+
+    /// Whether unequal keys always encode to different bytes, so that the map need not
+    /// decode every key it writes to check it (it does for codecs that say `false`, the
+    /// default: JSON writes `None` and `Some(())` alike).
+    fn keys_distinct(&self) -> bool {
+        false
+    }
 }
 
 /// The default codec: JSON text, human readable, through serde.
@@ -116,6 +123,10 @@ impl Codec<String> for Text {
     fn decode(&self, bytes: &[u8]) -> Result<String, BoxError> {
         Ok(std::str::from_utf8(bytes)?.to_owned())
     }
+
+    fn keys_distinct(&self) -> bool {
+        true
+    }
 }
 
 /// Stores `Vec<u8>`s as they are, in a binary column.
@@ -134,6 +145,10 @@ impl Codec<Vec<u8>> for Bytes {
 
     fn decode(&self, bytes: &[u8]) -> Result<Vec<u8>, BoxError> {
         Ok(bytes.to_vec())
+    }
+
+    fn keys_distinct(&self) -> bool {
+        true
     }
 }
 

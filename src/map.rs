@@ -404,6 +404,9 @@ where
     /// JSON `null`) would make them one row while memory holds two.
     fn encode_written_key(&self, key: &K) -> Result<Vec<u8>> {
         let bytes = self.encode_key(key)?;
+        if self.keys.keys_distinct() {
+            return Ok(bytes);
+        }
         let refuse = |why: String| Error::Encode {
             what: "key",
             table: self.table.name.clone(),

