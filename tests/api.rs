@@ -102,3 +102,29 @@ fn debug_output_shows_no_password_and_what_is_staged() {
     })
     .unwrap();
 }
+
+/// Maps opening one new SQLite file at once (the switch to WAL needs the file to
+/// itself) all open it: 30 rounds of four, two of them coherent.
+#[test]
+fn a_new_sqlite_file_opened_by_four_at_once() {
+    for _ in 0..30 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("new.db").display());
+        std::thread::scope(|s| {
+            let opens: Vec<_> = (0..4)
+                .map(|i| {
+                    let url = &url;
+                    s.spawn(move || {
+                        let b = DbHashMap::<String, i64>::builder_url(url).table("raced");
+                        if i % 2 == 0 { b.coherent() } else { b }.open().map(drop)
+                    })
+                })
+                .collect();
+            for open in opens {
+                if let Err(e) = open.join().unwrap() {
+                    panic!("{e}: {:?}", e.source());
+                }
+            }
+        });
+    }
+}

@@ -427,7 +427,7 @@ fn odd_rows_from_plain_sql(env: &impl Env) {
     assert_eq!(fresh(&url, "odd rows"), m);
 }
 
-/// Four maps opening one new table at once all open it.
+/// Four maps opening one new table (on SQLite, one new file) at once all open it.
 fn concurrent_first_opens(env: &(impl Env + Sync)) {
     let url = env.url();
     std::thread::scope(|s| {

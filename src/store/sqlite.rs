@@ -62,13 +62,25 @@ impl SqliteStore {
             source: e.into(),
         };
         let conn = Connection::open(path).map_err(fail)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(fail)?;
         if path != Path::new(":memory:") {
-            conn.pragma_update(None, "journal_mode", "WAL")
-                .map_err(fail)?;
+            // Switching to WAL needs the file to itself: another connection opening it
+            // at the same moment may hold it, and the switch then fails at once.
+            let mut tries = 0;
+            while let Err(e) = conn.pragma_update(None, "journal_mode", "WAL") {
+                let busy = matches!(
+                    e.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                );
+                if !busy || tries == 200 {
+                    return Err(fail(e));
+                }
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
         }
         conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(fail)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(fail)?;
         Ok(SqliteStore::new(conn))
     }
