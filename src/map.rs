@@ -879,12 +879,18 @@ where
     {
         self.flush()?;
         let (map, version) = self.load_fresh()?;
+        self.take_fresh(map, version);
+        Ok(())
+    }
+
+    /// Takes a map just read from the table as its content, at `version` for a coherent
+    /// map: nothing is in doubt any more.
+    fn take_fresh(&mut self, map: HashMap<K, V, S>, version: Option<u64>) {
         self.map = map;
         self.poisoned = false;
         if let (Some(c), Some(v)) = (&mut self.coherent, version) {
             c.seen = v;
         }
-        Ok(())
     }
 
     /// The whole table read into a new map (reconnecting first when the store knows
@@ -1001,11 +1007,7 @@ where
                 "the map fell behind the change log's compaction; reloading in full");
             let (fresh, version) = self.load_fresh()?;
             let count = self.differences(&fresh);
-            self.map = fresh;
-            self.poisoned = false;
-            if let (Some(c), Some(v)) = (&mut self.coherent, version) {
-                c.seen = v;
-            }
+            self.take_fresh(fresh, version);
             return Ok(count);
         };
         for (key, value) in changed {

@@ -176,7 +176,7 @@ type Outcome<T = ()> = Result<T, Failure>;
 /// What differs between codecs: the type of keys and values, and how they are read
 /// from the command line and written as JSON.
 trait Kind {
-    type T: Eq + Hash + Clone + 'static;
+    type T: Eq + Hash + Clone + AsRef<[u8]> + 'static;
     type C: Codec<Self::T> + Clone + 'static;
     fn codec() -> Self::C;
     /// From a command-line argument.
@@ -193,7 +193,9 @@ trait Kind {
         None
     }
     /// The bytes the codec stores.
-    fn bytes(t: &Self::T) -> &[u8];
+    fn bytes(t: &Self::T) -> &[u8] {
+        t.as_ref()
+    }
     /// Checks the rows of an opened table, where the codec leaves that to the tool.
     fn check(_table: &str, _h: &DbHashMap<Self::T, Self::T>) -> Outcome {
         Ok(())
@@ -211,9 +213,6 @@ impl Kind for JsonKind {
     type C = Text;
     fn codec() -> Text {
         Text
-    }
-    fn bytes(t: &String) -> &[u8] {
-        t.as_bytes()
     }
     fn parse(arg: &str) -> Result<String, String> {
         // One level deeper, as a dump line holds it, so that every value set loads back.
@@ -291,9 +290,6 @@ impl Kind for TextKind {
     fn codec() -> Text {
         Text
     }
-    fn bytes(t: &String) -> &[u8] {
-        t.as_bytes()
-    }
     fn parse(arg: &str) -> Result<String, String> {
         Ok(arg.to_string())
     }
@@ -315,9 +311,6 @@ impl Kind for BytesKind {
     type C = Bytes;
     fn codec() -> Bytes {
         Bytes
-    }
-    fn bytes(t: &Vec<u8>) -> &[u8] {
-        t
     }
     fn parse(arg: &str) -> Result<Vec<u8>, String> {
         base64::engine::general_purpose::STANDARD

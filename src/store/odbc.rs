@@ -13,7 +13,7 @@ use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{not_enabled, Coherence};
 use crate::store::dialect::Marks;
 use crate::store::support::{
-    all_rows_written, as_texts, open_table, wrong_key_kind, Catalog, Field, CHUNK_BYTES,
+    all_rows_written, open_table, wrong_key_kind, Catalog, Field, CHUNK_BYTES,
 };
 use crate::store::{
     cannot_reconnect, chunks, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink,
@@ -196,23 +196,13 @@ impl OdbcStore {
         Ok(out)
     }
 
-    /// [`rows_of`](Self::rows_of) read as text.
-    fn texts_of(
-        &self,
-        sql: &str,
-        param: Option<&str>,
-    ) -> std::result::Result<Vec<Vec<String>>, odbc_api::Error> {
-        Ok(as_texts(self.rows_of(sql, param)?))
-    }
-
     /// Refuses a connection inside a transaction its caller began, where the dialect
     /// can tell (MariaDB's `@@in_transaction`), and makes the session store values as
     /// written (MySQL's strict mode).
     fn prepare_session(&mut self, t: &TableSpec) -> Result<()> {
-        let fail = |s: &Self, e| db_error(Action::Open, t, s.name(), e);
+        let fail = |s: &Self, e: BoxError| db_error(Action::Open, t, s.name(), e);
         if self.known && self.dialect == Dialect::Mysql {
-            let state = self
-                .texts_of(self.dialect.session_state_query(), None)
+            let state = Catalog::texts(self, self.dialect.session_state_query(), None)
                 .map_err(|e| fail(self, e))?;
             if state.first().and_then(|r| r.get(1)).map(|s| s.trim()) == Some("1") {
                 return Err(Error::ConnectionState {
@@ -226,7 +216,7 @@ impl OdbcStore {
         for sql in self.dialect.session_setup().iter().filter(|_| self.known) {
             self.conn
                 .execute(sql, (), None)
-                .map_err(|e| fail(self, e))?;
+                .map_err(|e| fail(self, e.into()))?;
         }
         Ok(())
     }
@@ -471,8 +461,9 @@ impl Store for OdbcStore {
                 .map_err(|e| self.unknown_dbms_refused(Action::Open, t, &sql, e))?;
         }
         if let Some(sql) = self.dialect.packet_query().filter(|_| self.known) {
-            let fail = |e| db_error(Action::Open, t, self.name(), e);
-            let rows = self.texts_of(sql, None).map_err(fail)?;
+            let name = self.name();
+            let rows =
+                Catalog::texts(self, sql, None).map_err(|e| db_error(Action::Open, t, name, e))?;
             let packet = rows.first().and_then(|r| r[0].trim().parse().ok());
             if let Some(packet) = packet {
                 self.max_value = Some(self.dialect.max_value_len(packet));
