@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 
 use crate::codec::{Codec, Json};
-use crate::error::Result;
-use crate::map::DbHashMap;
+use crate::error::{Error, Result};
+use crate::map::{DbHashMap, SharedDbHashMap, WatchConfig};
 use crate::store::{Store, TableSpec};
 use crate::write_behind::WriteBehind;
 
@@ -40,6 +40,8 @@ pub struct Builder<K, V, S = RandomState, KC = Json, VC = Json> {
     write_behind: Option<WriteBehind>,
     /// Coherence, with how many versions of changes the log keeps.
     coherent: Option<u64>,
+    /// Refreshing by itself in the background (a shared map).
+    watch: Option<WatchConfig>,
     table: String,
     src: Option<Vec<(K, V)>>,
     keys: KC,
@@ -67,6 +69,7 @@ impl<K, V, S, KC, VC> std::fmt::Debug for Builder<K, V, S, KC, VC> {
             )
             .field("write_behind", &self.write_behind)
             .field("coherent", &self.coherent)
+            .field("watch", &self.watch)
             .finish_non_exhaustive()
     }
 }
@@ -83,6 +86,7 @@ impl<K, V> Builder<K, V> {
             store,
             write_behind: None,
             coherent: None,
+            watch: None,
             table: DEFAULT_TABLE.to_string(),
             src: None,
             keys: Json,
@@ -134,12 +138,53 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         self
     }
 
+    /// For [`open_shared`](Self::open_shared): the map refreshes itself in the
+    /// background when others change the table, and tells
+    /// [`subscribe`](SharedDbHashMap::subscribe) receivers which keys changed. Implies
+    /// [`coherent`](Self::coherent).
+    ///
+    /// How it learns of changes: PostgreSQL sends a notification (`LISTEN`/`NOTIFY`,
+    /// on a connection of its own, when the map was opened from a URL); SQLite is
+    /// polled with `PRAGMA data_version` on a connection of its own (a file opened by
+    /// URL, path or connection); otherwise, and on a PostgreSQL hot standby (which
+    /// cannot `LISTEN`), the table's version is polled every
+    /// [`watch_every`](Self::watch_every) (5 ms unless set). Even with a signal the
+    /// version is looked at every 250 ms. A lost connection is retried with a growing
+    /// pause and logged with `tracing`. The watcher stops when the last handle is
+    /// dropped.
+    ///
+    /// ```
+    /// # use write_thru_hash::{DbHashMap, SharedDbHashMap};
+    /// let dir = tempfile::tempdir()?;
+    /// let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
+    /// let seen: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url).watch().open_shared()?;
+    /// let changes = seen.subscribe();
+    /// let mut writer: DbHashMap<String, i64> = DbHashMap::builder_url(&url).coherent().open()?;
+    /// writer.insert("x".into(), 1)?;
+    /// let keys = changes.recv_timeout(std::time::Duration::from_secs(5))?;
+    /// assert_eq!(keys, ["x".to_string()]);
+    /// assert_eq!(seen.get("x"), Some(1));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn watch(mut self) -> Self {
+        self.watch.get_or_insert_with(WatchConfig::default);
+        self.coherent()
+    }
+
+    /// For [`watch`](Self::watch) (which it implies): how often SQLite's
+    /// `data_version`, or the table's version where nothing signals changes, is polled.
+    pub fn watch_every(mut self, every: std::time::Duration) -> Self {
+        self.watch = Some(WatchConfig { every });
+        self.coherent()
+    }
+
     /// One codec for keys and values.
     pub fn codec<C: Clone>(self, codec: C) -> Builder<K, V, S, C, C> {
         Builder {
             store: self.store,
             write_behind: self.write_behind,
             coherent: self.coherent,
+            watch: self.watch,
             table: self.table,
             src: self.src,
             keys: codec.clone(),
@@ -154,6 +199,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             store: self.store,
             write_behind: self.write_behind,
             coherent: self.coherent,
+            watch: self.watch,
             table: self.table,
             src: self.src,
             keys: codec,
@@ -168,6 +214,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             store: self.store,
             write_behind: self.write_behind,
             coherent: self.coherent,
+            watch: self.watch,
             table: self.table,
             src: self.src,
             keys: self.keys,
@@ -182,6 +229,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             store: self.store,
             write_behind: self.write_behind,
             coherent: self.coherent,
+            watch: self.watch,
             table: self.table,
             src: self.src,
             keys: self.keys,
@@ -199,6 +247,14 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         KC: Codec<K> + 'static,
         VC: Codec<V> + 'static,
     {
+        if self.watch.is_some() {
+            return Err(Error::NotCoherent {
+                table: self.table,
+                reason: "`watch()` refreshes a map in the background, which needs a shared \
+                         map: open it with `open_shared()`, or call `refresh()` on this one"
+                    .into(),
+            });
+        }
         let mut store = match self.store {
             Source::Store(store) => store,
             Source::Url(url) => crate::url::connect(&url)?,
@@ -228,5 +284,24 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             h.start_write_behind(config)?;
         }
         Ok(h)
+    }
+
+    /// Opens the map as [`open`](Self::open) does, as a [`SharedDbHashMap`] that
+    /// threads and tasks share, with a watcher thread if [`watch`](Self::watch) was
+    /// asked for.
+    pub fn open_shared(mut self) -> Result<SharedDbHashMap<K, V, S>>
+    where
+        K: Eq + Hash + Send + Sync + 'static,
+        V: Send + Sync + 'static,
+        S: BuildHasher + Clone + Send + Sync + 'static,
+        KC: Codec<K> + 'static,
+        VC: Codec<V> + 'static,
+    {
+        let watch = self.watch.take();
+        let shared = SharedDbHashMap::from_map(self.open()?);
+        if let Some(config) = watch {
+            crate::map::start_watch(&shared, config)?;
+        }
+        Ok(shared)
     }
 }

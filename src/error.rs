@@ -22,6 +22,8 @@ pub enum Action {
     Replace,
     /// Connecting to the database.
     Connect,
+    /// Watching the table for changes (`Builder::watch`).
+    Watch,
 }
 
 impl fmt::Display for Action {
@@ -32,6 +34,7 @@ impl fmt::Display for Action {
             Action::Write => "writing to",
             Action::Replace => "replacing the content of",
             Action::Connect => "connecting for",
+            Action::Watch => "watching for changes to",
         })
     }
 }

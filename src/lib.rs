@@ -57,7 +57,7 @@ pub use builder::{Builder, DEFAULT_TABLE};
 pub use codec::Postcard;
 pub use codec::{Bytes, Codec, FnCodec, Format, Json, Text};
 pub use error::{Action, BoxError, Error, Result};
-pub use map::{DbHashMap, Transaction};
+pub use map::{DbHashMap, ReadGuard, SharedDbHashMap, Transaction};
 #[cfg(feature = "mysql")]
 pub use store::mysql::MysqlStore;
 #[cfg(feature = "odbc")]
@@ -66,7 +66,7 @@ pub use store::odbc::OdbcStore;
 pub use store::postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::SqliteStore;
-pub use store::{Batch, ChangeSink, Dialect, IntoStore, RowSink, Store, TableSpec};
+pub use store::{Batch, ChangeSignal, ChangeSink, Dialect, IntoStore, RowSink, Store, TableSpec};
 pub use write_behind::WriteBehind;
 
 // The drivers, so users name exactly the types `open` takes, at the version it takes.

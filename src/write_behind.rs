@@ -184,15 +184,7 @@ impl Behind {
                 return Err(failure);
             }
         }
-        if batch.clear {
-            state.pending.clear();
-        }
-        for key in batch.deletes {
-            state.pending.delete(key);
-        }
-        for (key, value) in batch.puts {
-            state.pending.put(key, value);
-        }
+        state.pending.add(batch);
         state.enqueued += 1;
         state.pending_since.get_or_insert_with(Instant::now);
         // Waking the thread costs a system call: only when it sleeps with nothing to do

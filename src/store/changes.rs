@@ -225,6 +225,9 @@ impl Dialect {
                          ELSIF TG_OP = 'INSERT' THEN {} \
                          ELSIF TG_OP = 'UPDATE' THEN {} \
                          ELSE {} END IF; \
+                         IF TG_WHEN = 'AFTER' THEN \
+                         PERFORM pg_notify('wth_' || md5(TG_TABLE_NAME::text), ''); \
+                         END IF; \
                          RETURN NULL; END",
                             note(&format!("SELECT {key} FROM wth_new")),
                             note(&format!(

@@ -2,6 +2,7 @@
 //! of changes that is its one way to write.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::codec::Format;
 use crate::error::{Error, Result};
@@ -133,6 +134,19 @@ impl BatchBuilder {
         self.set(key, None);
     }
 
+    /// Adds the changes of `batch`, after those held.
+    pub(crate) fn add(&mut self, batch: Batch) {
+        if batch.clear {
+            self.clear();
+        }
+        for key in batch.deletes {
+            self.delete(key);
+        }
+        for (key, value) in batch.puts {
+            self.put(key, value);
+        }
+    }
+
     fn set(&mut self, key: Vec<u8>, change: Option<Vec<u8>>) {
         match self.index.get(&key) {
             Some(&i) => self.ops[i].1 = change,
@@ -242,6 +256,23 @@ pub trait Store: Send {
         let _ = keep;
         Ok(())
     }
+
+    /// Coherence, for [`Builder::watch`](crate::Builder::watch): a way to wait for a
+    /// sign that the table changed, on a connection of its own; `None` (the default)
+    /// when the store has none, and then the watcher polls [`version`](Store::version)
+    /// every `every`. The crate's SQLite store polls `PRAGMA data_version` every
+    /// `every`; its PostgreSQL store listens for the notification its triggers send.
+    fn change_signal(&mut self, every: Duration) -> Result<Option<Box<dyn ChangeSignal>>> {
+        let _ = every;
+        Ok(None)
+    }
+}
+
+/// A sign that a table may have changed, for [`Builder::watch`](crate::Builder::watch):
+/// made by [`Store::change_signal`], used by the watcher thread only.
+pub trait ChangeSignal: Send {
+    /// Waits up to `timeout` for a sign of a change; `Ok(true)` when one came.
+    fn wait(&mut self, timeout: Duration) -> Result<bool>;
 }
 
 impl Store for Box<dyn Store> {
@@ -277,6 +308,9 @@ impl Store for Box<dyn Store> {
     }
     fn compact(&mut self, keep: u64) -> Result<()> {
         (**self).compact(keep)
+    }
+    fn change_signal(&mut self, every: Duration) -> Result<Option<Box<dyn ChangeSignal>>> {
+        (**self).change_signal(every)
     }
 }
 

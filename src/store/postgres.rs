@@ -3,6 +3,7 @@
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{FromSql, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
+use std::time::Duration;
 
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
@@ -10,8 +11,8 @@ use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
 use crate::store::support::{all_rows_written, not_opened, open_table, Catalog, Field};
 use crate::store::{
-    cannot_reconnect, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink, Store,
-    TableSpec,
+    cannot_reconnect, db_error, opened, Batch, ChangeSignal, ChangeSink, Dialect, IntoStore,
+    RowSink, Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Postgres;
@@ -355,6 +356,48 @@ impl Store for PostgresStore {
     }
 
     coherence_methods!(client, D);
+
+    fn change_signal(&mut self, _every: Duration) -> Result<Option<Box<dyn ChangeSignal>>> {
+        // Listening needs a connection of its own, made from the URL.
+        let Some(url) = self.url.clone() else {
+            return Ok(None);
+        };
+        let t = opened(&self.table, D.name())?.clone();
+        let mut client = Self::dial(&url)?;
+        let fail = |e| db_error(Action::Watch, &t, D.name(), e);
+        // The channel the triggers notify: the table's name hashed into a short,
+        // plain identifier.
+        let channel: String = client
+            .query_one("SELECT 'wth_' || md5($1::text)", &[&t.name])
+            .map_err(fail)?
+            .get(0);
+        if let Err(e) = client.batch_execute(&format!("LISTEN \"{channel}\"")) {
+            // A hot standby cannot listen (and gets no notifications): poll there.
+            tracing::info!(table = %t.name, error = %e, "watch: LISTEN refused; polling the version instead");
+            return Ok(None);
+        }
+        Ok(Some(Box::new(Listener { client, table: t })))
+    }
+}
+
+/// PostgreSQL's change signal: `LISTEN` on a connection of its own, for the
+/// notification the table's triggers send when a writing transaction commits.
+struct Listener {
+    client: Client,
+    table: TableSpec,
+}
+
+impl ChangeSignal for Listener {
+    fn wait(&mut self, timeout: Duration) -> Result<bool> {
+        let mut notes = self.client.notifications();
+        let first = notes.timeout_iter(timeout).next();
+        let came = first.map_err(|e| db_error(Action::Watch, &self.table, D.name(), e))?;
+        if came.is_some() {
+            // Those that came meanwhile are the same news.
+            while let Ok(Some(_)) = notes.iter().next() {}
+        }
+        Ok(came.is_some())
+    }
 }
 
 impl Catalog for Client {

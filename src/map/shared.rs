@@ -1,0 +1,747 @@
+//! `SharedDbHashMap`: one map that threads and tasks share. Readers take a read lock on
+//! the entries for as long as a `HashMap` read lasts; writers plan their change under
+//! that read lock, commit it without holding anything readers use, then apply it in
+//! one short step under the write lock. Writes that arrive while a commit is in flight
+//! queue up and are committed together by the next writer to get the store (group
+//! commit).
+
+use std::borrow::Borrow;
+use std::collections::hash_map::RandomState;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::transaction::Transaction;
+use super::writer::{apply_changes, Encoder, Refreshed, Writer};
+use super::DbHashMap;
+use crate::error::{Error, Result};
+use crate::store::{Batch, BatchBuilder};
+
+/// A [`DbHashMap`] that threads and async tasks share: a cheap [`Clone`] handle, `Send`
+/// and `Sync` when `K`, `V` and `S` are. Made by
+/// [`Builder::open_shared`](crate::Builder::open_shared).
+///
+/// **Reads never wait for the database.** [`read`](Self::read) gives a guard that
+/// derefs to the `HashMap`, a consistent view while it is held; [`get`](Self::get),
+/// [`contains_key`](Self::contains_key), [`len`](Self::len) are shortcuts. A write
+/// commits first, holding nothing readers use, then applies its change in memory in
+/// one short step: a reader sees all of a batch or transaction, or none of it.
+///
+/// **Writes take `&self`** and keep `DbHashMap`'s write-through rule: each call
+/// returns once its change is committed, and memory changes only if it was. Calls
+/// made by one thread take effect in the order it made them.
+///
+/// **Group commit.** `insert`, `remove`, `remove_entry`, `clear` and `insert_many` from
+/// many threads that arrive while a commit is in flight are committed together, as one
+/// transaction, by the next of them to reach the database; a change the database
+/// rejects fails its own call only (the group is then tried one change at a time).
+/// Read-modify-write calls (`upsert`, `update`, `retain`, `transaction`, ...) read and
+/// commit with the store to themselves, so no other write comes between.
+///
+/// ```
+/// use write_thru_hash::{DbHashMap, SharedDbHashMap};
+///
+/// let dir = tempfile::tempdir()?;
+/// let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
+/// let h: SharedDbHashMap<u32, u64> = DbHashMap::builder_url(&url).open_shared()?;
+/// std::thread::scope(|s| {
+///     for t in 0..4 {
+///         let h = h.clone();
+///         s.spawn(move || {
+///             for i in 0..25 {
+///                 h.insert(t * 100 + i, u64::from(i)).unwrap();
+///             }
+///         });
+///     }
+/// });
+/// assert_eq!(h.len(), 100);
+/// assert_eq!(h.get(&301), Some(1));
+/// assert_eq!(h.read().values().sum::<u64>(), 4 * (0..25).sum::<u64>());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct SharedDbHashMap<K, V, S = RandomState> {
+    inner: Arc<Inner<K, V, S>>,
+}
+
+/// What every handle of a shared map points to.
+pub(crate) struct Inner<K, V, S> {
+    map: RwLock<HashMap<K, V, S>>,
+    enc: Arc<Encoder<K, V>>,
+    /// The write path. Whoever holds it is the only one to change `map`.
+    writer: Mutex<Writer<K, V>>,
+    /// Group commit: changes waiting for the next writer to reach the store.
+    queue: Mutex<Vec<Request<K, V>>>,
+    table: String,
+    backend: &'static str,
+    /// Database transactions committed, and write calls made.
+    commits: AtomicU64,
+    calls: AtomicU64,
+    /// Receivers of the keys each refresh changed.
+    subscribers: Mutex<Vec<mpsc::Sender<Vec<K>>>>,
+}
+
+/// A change waiting in the group commit queue: its batch, what it changes in memory,
+/// and where its caller waits for the outcome.
+struct Request<K, V> {
+    batch: Batch,
+    change: Change<K, V>,
+    done: mpsc::SyncSender<Result<Done<K, V>>>,
+}
+
+/// The memory side of a queued change, applied once its batch is committed.
+enum Change<K, V> {
+    Insert(K, V),
+    InsertMany(Vec<(K, V)>),
+    Remove(K),
+    Clear,
+}
+
+/// What a queued change gives back to its caller.
+enum Done<K, V> {
+    Value(Option<V>),
+    Entry(Option<(K, V)>),
+    Nothing,
+}
+
+impl<K, V> Change<K, V>
+where
+    K: Eq + Hash,
+{
+    fn apply<S: BuildHasher>(self, map: &mut HashMap<K, V, S>) -> Done<K, V> {
+        match self {
+            Change::Insert(k, v) => Done::Value(map.insert(k, v)),
+            Change::InsertMany(pairs) => {
+                map.reserve(pairs.len());
+                map.extend(pairs);
+                Done::Nothing
+            }
+            Change::Remove(k) => Done::Entry(map.remove_entry(&k)),
+            Change::Clear => {
+                map.clear();
+                Done::Nothing
+            }
+        }
+    }
+}
+
+/// A read lock on a shared map's entries: a consistent view while it is held. Writers
+/// wait for it only to apply a change already committed; hold it briefly.
+pub struct ReadGuard<'a, K, V, S = RandomState> {
+    guard: RwLockReadGuard<'a, HashMap<K, V, S>>,
+}
+
+impl<K, V, S> Deref for ReadGuard<'_, K, V, S> {
+    type Target = HashMap<K, V, S>;
+
+    fn deref(&self) -> &HashMap<K, V, S> {
+        &self.guard
+    }
+}
+
+impl<K: fmt::Debug, V: fmt::Debug, S> fmt::Debug for ReadGuard<'_, K, V, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.guard.iter()).finish()
+    }
+}
+
+impl<K, V, S> Clone for SharedDbHashMap<K, V, S> {
+    /// Another handle to the same map.
+    fn clone(&self) -> Self {
+        SharedDbHashMap {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K: fmt::Debug, V: fmt::Debug, S> fmt::Debug for SharedDbHashMap<K, V, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.inner.read().iter()).finish()
+    }
+}
+
+fn unpoisoned<G>(result: std::sync::LockResult<G>) -> G {
+    // Whoever panicked left the entries or the queue whole: every change to them is
+    // one `HashMap` or `Vec` call made after its commit. Go on with them.
+    result.unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<K, V, S> Inner<K, V, S> {
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<K, V, S>> {
+        unpoisoned(self.map.read())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<K, V, S>> {
+        unpoisoned(self.map.write())
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Writer<K, V>> {
+        unpoisoned(self.writer.lock())
+    }
+
+    pub(crate) fn writer_store(&self) -> Arc<Mutex<Box<dyn crate::store::Store>>> {
+        Arc::clone(&self.writer().store)
+    }
+}
+
+impl<K, V, S> Inner<K, V, S>
+where
+    K: Eq + Hash,
+    S: BuildHasher,
+{
+    /// Commits a group of queued changes as one transaction, applies those committed
+    /// to memory in call order, and hands each caller its outcome. When the database
+    /// refuses the group, each change is tried alone, so that only the changes it
+    /// refuses fail.
+    fn commit_group(&self, w: &mut Writer<K, V>, mut group: Vec<Request<K, V>>) {
+        if group.is_empty() {
+            return;
+        }
+        self.calls.fetch_add(group.len() as u64, Ordering::Relaxed);
+        let alone = |w: &mut Writer<K, V>, group: &mut Vec<Request<K, V>>| -> Vec<Result<()>> {
+            group
+                .iter_mut()
+                .map(|r| {
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                    w.persist(std::mem::take(&mut r.batch))
+                })
+                .collect()
+        };
+        let results = if group.len() == 1 {
+            alone(w, &mut group)
+        } else {
+            let mut merged = BatchBuilder::default();
+            for r in &group {
+                merged.add(r.batch.clone());
+            }
+            self.commits.fetch_add(1, Ordering::Relaxed);
+            match w.persist(merged.finish()) {
+                Ok(()) => group.iter().map(|_| Ok(())).collect(),
+                Err(e @ Error::OutcomeUnknown { .. }) => {
+                    let mut results: Vec<Result<()>> = (1..group.len())
+                        .map(|_| Err(outcome_unknown_too(&e)))
+                        .collect();
+                    results.insert(0, Err(e));
+                    results
+                }
+                Err(e) => {
+                    tracing::debug!(table = %self.table, error = %e, changes = group.len(),
+                        "a group commit failed; committing its changes one by one");
+                    alone(w, &mut group)
+                }
+            }
+        };
+        let mut outcomes = Vec::with_capacity(group.len());
+        {
+            let mut map = self.write();
+            for (r, result) in group.into_iter().zip(results) {
+                outcomes.push((r.done, result.map(|()| r.change.apply(&mut map))));
+            }
+        }
+        for (done, outcome) in outcomes {
+            // The caller waits on the other end for as long as the request lives.
+            let _ = done.send(outcome);
+        }
+    }
+
+    /// Takes the store for a read-modify-write: commits what is queued first (so that
+    /// queued callers do not wait behind a run of exclusive writers), then runs `f`
+    /// with no other writer in between.
+    fn exclusive<R>(&self, f: impl FnOnce(&mut Writer<K, V>) -> Result<R>) -> Result<R> {
+        let mut w = self.writer();
+        let queued = std::mem::take(&mut *unpoisoned(self.queue.lock()));
+        self.commit_group(&mut w, queued);
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        f(&mut w)
+    }
+
+    /// Applies what others committed since the last look (see
+    /// [`DbHashMap::refresh`]), and tells subscribers which keys changed.
+    pub(crate) fn refresh(&self) -> Result<usize>
+    where
+        S: Clone,
+    {
+        self.exclusive(|w| {
+            let read = w.read_changes(&self.read())?;
+            let keys = match read {
+                Refreshed::Changes(changed, reached) => {
+                    let keys: Vec<Vec<u8>> = changed.iter().map(|c| c.bytes.clone()).collect();
+                    apply_changes(&mut self.write(), changed);
+                    w.refreshed_to(reached);
+                    keys
+                }
+                Refreshed::FellBehind => {
+                    let hasher = self.read().hasher().clone();
+                    let (fresh, version) = w.load_fresh(hasher)?;
+                    let keys = w.differences(&self.read(), &fresh);
+                    // The old map is dropped after the lock is released.
+                    let old = std::mem::replace(&mut *self.write(), fresh);
+                    drop(old);
+                    w.took_fresh(version);
+                    keys
+                }
+            };
+            self.notify(w, &keys);
+            Ok(keys.len())
+        })
+    }
+
+    /// The version of the table this map has seen (coherence).
+    pub(crate) fn seen(&self) -> Option<u64> {
+        self.writer().coherent.map(|c| c.seen)
+    }
+
+    fn notify(&self, w: &Writer<K, V>, keys: &[Vec<u8>]) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut subscribers = unpoisoned(self.subscribers.lock());
+        subscribers.retain(|to| {
+            let decoded = keys.iter().filter_map(|b| w.keys.decode(b).ok()).collect();
+            to.send(decoded).is_ok()
+        });
+    }
+}
+
+/// The error of each other change of a group whose commit had an unknown outcome.
+fn outcome_unknown_too(e: &Error) -> Error {
+    match e {
+        Error::OutcomeUnknown {
+            table,
+            backend,
+            source,
+        } => Error::OutcomeUnknown {
+            table: table.clone(),
+            backend,
+            source: format!("the commit of the group this change was part of: {source}").into(),
+        },
+        other => Error::Poisoned {
+            table: other.to_string(),
+        },
+    }
+}
+
+impl<K, V, S> SharedDbHashMap<K, V, S> {
+    pub(crate) fn from_map(h: DbHashMap<K, V, S>) -> Self {
+        let (map, w) = h.into_parts();
+        SharedDbHashMap {
+            inner: Arc::new(Inner {
+                table: w.table.name.clone(),
+                backend: w.backend,
+                enc: Arc::clone(&w.enc),
+                map: RwLock::new(map),
+                writer: Mutex::new(w),
+                queue: Mutex::new(Vec::new()),
+                commits: AtomicU64::new(0),
+                calls: AtomicU64::new(0),
+                subscribers: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner<K, V, S>> {
+        &self.inner
+    }
+
+    /// A read lock on the entries: a consistent view of the map while it is held,
+    /// derefs to the `HashMap`. Writers wait for it only to apply a change they have
+    /// committed already; do not hold it across I/O of your own.
+    pub fn read(&self) -> ReadGuard<'_, K, V, S> {
+        ReadGuard {
+            guard: self.inner.read(),
+        }
+    }
+
+    /// The number of entries.
+    pub fn len(&self) -> usize {
+        self.inner.read().len()
+    }
+
+    /// Whether the map holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.inner.read().is_empty()
+    }
+
+    /// The name of the table the map writes to.
+    pub fn table_name(&self) -> &str {
+        &self.inner.table
+    }
+
+    /// The backend's name (`"SQLite"`, `"PostgreSQL"`, ...).
+    pub fn backend(&self) -> &'static str {
+        self.inner.backend
+    }
+
+    /// How many writes were tried again after a conflict with another writer (see
+    /// [`DbHashMap::conflicts_retried`]).
+    pub fn conflicts_retried(&self) -> u64 {
+        self.inner.writer().conflicts_retried
+    }
+
+    /// How many database transactions the map's writes have taken so far, and how many
+    /// write calls were made: with group commit the first is smaller.
+    pub fn commits(&self) -> (u64, u64) {
+        (
+            self.inner.commits.load(Ordering::Relaxed),
+            self.inner.calls.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Write-behind: the changes not yet in the table (one per key). Write-through: 0.
+    pub fn pending_writes(&self) -> usize {
+        self.inner.writer().pending()
+    }
+
+    /// Write-behind: waits until every change made so far (by any handle) is in the
+    /// table. Write-through: returns at once.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.writer().flush()
+    }
+
+    /// Flushes what this handle and the others wrote; the last handle also stops the
+    /// write-behind thread and reports what could not be written (see
+    /// [`DbHashMap::close`]). The other handles go on working.
+    pub fn close(self) -> Result<()> {
+        let mut w = self.inner.writer();
+        if Arc::strong_count(&self.inner) == 1 {
+            w.close()
+        } else {
+            w.flush()
+        }
+    }
+
+    /// Receives, after every refresh that changed memory (by [`refresh`](Self::refresh)
+    /// or by the watcher of [`Builder::watch`](crate::Builder::watch)), the keys it
+    /// changed. A receiver that is dropped is forgotten.
+    ///
+    /// ```
+    /// # use write_thru_hash::{DbHashMap, SharedDbHashMap};
+    /// let dir = tempfile::tempdir()?;
+    /// let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
+    /// let a: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url).coherent().open_shared()?;
+    /// let mut b: DbHashMap<String, i64> = DbHashMap::builder_url(&url).coherent().open()?;
+    /// let changes = a.subscribe();
+    /// b.insert("x".into(), 1)?;
+    /// a.refresh()?;
+    /// assert_eq!(changes.recv()?, ["x".to_string()]);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn subscribe(&self) -> mpsc::Receiver<Vec<K>> {
+        let (to, from) = mpsc::channel();
+        unpoisoned(self.inner.subscribers.lock()).push(to);
+        from
+    }
+}
+
+impl<K, V, S> SharedDbHashMap<K, V, S>
+where
+    K: Eq + Hash,
+    S: BuildHasher,
+{
+    /// A copy of the value of `key`.
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+        V: Clone,
+    {
+        self.inner.read().get(key).cloned()
+    }
+
+    /// Whether the map holds `key`.
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.inner.read().contains_key(key)
+    }
+
+    /// A copy of the map's content as a plain `HashMap`, never persisted.
+    pub fn to_hash_map(&self) -> HashMap<K, V, S>
+    where
+        K: Clone,
+        V: Clone,
+        S: Clone,
+    {
+        self.inner.read().clone()
+    }
+
+    /// Queues a change for the next group commit and waits for its outcome. Whoever gets
+    /// the store next commits everything queued, this change included; a caller whose
+    /// change someone else committed returns as soon as it gets the store, or before.
+    fn submit(&self, batch: Batch, change: Change<K, V>) -> Result<Done<K, V>> {
+        let (done, outcome) = mpsc::sync_channel(1);
+        unpoisoned(self.inner.queue.lock()).push(Request {
+            batch,
+            change,
+            done,
+        });
+        let ready = || match outcome.try_recv() {
+            Ok(result) => Some(result),
+            Err(TryRecvError::Empty) => None,
+            // The thread committing the group panicked: whether it committed is not
+            // known.
+            Err(TryRecvError::Disconnected) => Some(Err(Error::OutcomeUnknown {
+                table: self.inner.table.clone(),
+                backend: self.inner.backend,
+                source: "the thread committing this change's group panicked".into(),
+            })),
+        };
+        loop {
+            if let Some(result) = ready() {
+                return result;
+            }
+            let mut w = self.inner.writer();
+            if let Some(result) = ready() {
+                return result;
+            }
+            // Not taken by anyone yet: this caller commits the group, its change in it.
+            let group = std::mem::take(&mut *unpoisoned(self.inner.queue.lock()));
+            self.inner.commit_group(&mut w, group);
+        }
+    }
+
+    /// Inserts a key-value pair, returning the value the key had (see
+    /// [`DbHashMap::insert`]). Group-committed.
+    pub fn insert(&self, key: K, value: V) -> Result<Option<V>> {
+        let batch = self
+            .inner
+            .writer_free_plan(|w, map| w.plan_insert(map, &key, &value))?;
+        match self.submit(batch, Change::Insert(key, value))? {
+            Done::Value(previous) => Ok(previous),
+            _ => Ok(None),
+        }
+    }
+
+    /// Removes a key, returning its value (see [`DbHashMap::remove`]). Group-committed.
+    pub fn remove<Q>(&self, key: &Q) -> Result<Option<V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        Ok(self.remove_entry(key)?.map(|(_, v)| v))
+    }
+
+    /// Removes a key, returning the stored key and its value (see
+    /// [`DbHashMap::remove_entry`]). Group-committed.
+    pub fn remove_entry<Q>(&self, key: &Q) -> Result<Option<(K, V)>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let planned = self.inner.writer_free_plan(|w, map| {
+            let Some((batch, held)) = w.plan_remove(map, key)? else {
+                return Ok(None);
+            };
+            Ok(Some((batch, w.copy_key(held)?.0)))
+        })?;
+        let Some((batch, owned)) = planned else {
+            return Ok(None);
+        };
+        match self.submit(batch, Change::Remove(owned))? {
+            Done::Entry(entry) => Ok(entry),
+            _ => Ok(None),
+        }
+    }
+
+    /// Removes every entry (see [`DbHashMap::clear`]). Group-committed.
+    pub fn clear(&self) -> Result<()> {
+        let batch = Batch {
+            clear: true,
+            ..Batch::default()
+        };
+        self.submit(batch, Change::Clear).map(|_| ())
+    }
+
+    /// Inserts every pair, as one transaction (see [`DbHashMap::insert_many`]).
+    /// Group-committed: its pairs and other calls' changes may share a transaction,
+    /// and all of its pairs are in it.
+    pub fn insert_many(&self, pairs: impl IntoIterator<Item = (K, V)>) -> Result<()> {
+        let pairs: Vec<(K, V)> = pairs.into_iter().collect();
+        let batch = self
+            .inner
+            .writer_free_plan(|w, map| w.encode_pairs(Some(map), &pairs))?;
+        self.submit(batch, Change::InsertMany(pairs)).map(|_| ())
+    }
+
+    /// Keeps only the entries for which `f` returns `true`, and says how many it
+    /// removed (see [`DbHashMap::retain`]).
+    pub fn retain(&self, f: impl FnMut(&K, &V) -> bool) -> Result<usize> {
+        self.inner.exclusive(|w| {
+            w.check_writable()?;
+            let (batch, doomed) = w.plan_retain(&self.inner.read(), f)?;
+            if doomed.is_empty() {
+                return Ok(0);
+            }
+            w.persist(batch)?;
+            // Nobody else changes the map while the writer is held: the keys are where
+            // they were when chosen.
+            self.inner
+                .write()
+                .retain(|k, _| !doomed.contains(&(k as *const K)));
+            Ok(doomed.len())
+        })
+    }
+
+    /// Removes every key given that the map holds, as one transaction, and says how
+    /// many it removed (see [`DbHashMap::remove_many`]).
+    pub fn remove_many<'q, Q>(&self, keys: impl IntoIterator<Item = &'q Q>) -> Result<usize>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized + 'q,
+    {
+        self.inner.exclusive(|w| {
+            w.check_writable()?;
+            let (batch, held) = w.plan_remove_many(&self.inner.read(), keys)?;
+            if held.is_empty() {
+                return Ok(0);
+            }
+            w.persist(batch)?;
+            let mut map = self.inner.write();
+            for q in &held {
+                map.remove(*q);
+            }
+            Ok(held.len())
+        })
+    }
+
+    /// Sets the value of `key` to what `f` makes of its current value, and returns a
+    /// copy of it (see [`DbHashMap::upsert`]). No other write comes between the read
+    /// and the commit.
+    pub fn upsert(&self, key: K, f: impl FnOnce(Option<&V>) -> V) -> Result<V>
+    where
+        V: Clone,
+    {
+        self.inner.exclusive(|w| {
+            w.check_writable()?;
+            let (batch, value) = w.plan_upsert(&self.inner.read(), &key, f)?;
+            w.persist(batch)?;
+            self.inner.write().insert(key, value.clone());
+            Ok(value)
+        })
+    }
+
+    /// A copy of the value of `key`; if the key is absent, first inserts the value `f`
+    /// makes (see [`DbHashMap::get_or_insert_with`]).
+    pub fn get_or_insert_with(&self, key: K, f: impl FnOnce() -> V) -> Result<V>
+    where
+        V: Clone,
+    {
+        if let Some(value) = self.get(&key) {
+            return Ok(value);
+        }
+        self.upsert(key, |held| match held {
+            Some(value) => value.clone(),
+            None => f(),
+        })
+    }
+
+    /// Folds every pair into the map as one transaction (see
+    /// [`DbHashMap::upsert_many`]).
+    pub fn upsert_many(
+        &self,
+        pairs: impl IntoIterator<Item = (K, V)>,
+        f: impl FnMut(Option<&V>, V) -> V,
+    ) -> Result<()> {
+        self.inner.exclusive(|w| {
+            w.check_writable()?;
+            let (batch, entries) = w.plan_upsert_many(&self.inner.read(), pairs, f)?;
+            w.persist(batch)?;
+            self.inner.write().extend(entries);
+            Ok(())
+        })
+    }
+
+    /// Changes the value of `key` with `f`, returning whether the key was present (see
+    /// [`DbHashMap::update`]). No other write comes between the read and the commit.
+    pub fn update<Q>(&self, key: &Q, f: impl FnOnce(&mut V)) -> Result<bool>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+        V: Clone,
+    {
+        self.inner.exclusive(|w| {
+            w.check_writable()?;
+            let Some((batch, value)) = w.plan_update(&self.inner.read(), key, f)? else {
+                return Ok(false);
+            };
+            w.persist(batch)?;
+            if let Some(slot) = self.inner.write().get_mut(key) {
+                *slot = value;
+            }
+            Ok(true)
+        })
+    }
+
+    /// Runs `f` with a [`Transaction`] and commits what it staged as one database
+    /// transaction (see [`DbHashMap::transaction`]). Readers see the map as it was until
+    /// the commit, then all of the transaction at once. No other write comes between.
+    ///
+    /// Inside `f`, read and write through the transaction: a write through the map
+    /// itself would wait for the transaction, which waits for `f`.
+    pub fn transaction<R>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_, K, V, S>) -> Result<R>,
+    ) -> Result<R> {
+        self.inner.exclusive(|w| {
+            w.check_writable()?;
+            let (result, batch, staged) = {
+                let map = self.inner.read();
+                let mut tx = Transaction::new(&map, w);
+                let result = f(&mut tx)?;
+                let (batch, staged) = tx.finish();
+                (result, batch, staged)
+            };
+            w.persist(batch)?;
+            staged.apply(&mut self.inner.write());
+            Ok(result)
+        })
+    }
+
+    /// Re-reads the whole table (see [`DbHashMap::reload`]); readers see the old
+    /// content until the new one replaces it in one step.
+    pub fn reload(&self) -> Result<()>
+    where
+        S: Clone,
+    {
+        self.inner.exclusive(|w| {
+            w.flush()?;
+            let hasher = self.inner.read().hasher().clone();
+            let (fresh, version) = w.load_fresh(hasher)?;
+            let old = std::mem::replace(&mut *self.inner.write(), fresh);
+            drop(old);
+            w.took_fresh(version);
+            Ok(())
+        })
+    }
+
+    /// Applies, as one step, what others committed since the last refresh, and returns
+    /// how many keys changed (see [`DbHashMap::refresh`]); [`subscribe`](Self::subscribe)
+    /// receivers hear which.
+    pub fn refresh(&self) -> Result<usize>
+    where
+        S: Clone,
+    {
+        self.inner.refresh()
+    }
+}
+
+impl<K, V, S> Inner<K, V, S>
+where
+    K: Eq + Hash,
+    S: BuildHasher,
+{
+    /// Plans a group-committed change under the read lock, without taking the writer
+    /// (which may be committing): the encoder does not change after opening. Whether
+    /// the map refuses writes is checked when the group is committed.
+    fn writer_free_plan<R>(
+        &self,
+        plan: impl FnOnce(&Encoder<K, V>, &HashMap<K, V, S>) -> Result<R>,
+    ) -> Result<R> {
+        plan(&self.enc, &self.read())
+    }
+}

@@ -1,0 +1,146 @@
+//! `Builder::watch`: a thread that refreshes a shared map when its table changes.
+//!
+//! It holds the map weakly, so that it stops once the last handle is dropped, and the
+//! store strongly, to look at the table's version without taking the map's writer.
+
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::shared::{Inner, SharedDbHashMap};
+use super::writer::lock;
+use crate::error::{Error, Result};
+use crate::store::{ChangeSignal, Store};
+
+/// How a watcher looks for changes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WatchConfig {
+    /// How often `data_version` or the version is polled.
+    pub(crate) every: Duration,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            every: Duration::from_millis(5),
+        }
+    }
+}
+
+/// How long a signal is waited for before the version is looked at anyway: a missed
+/// notification (a lost connection, a table whose triggers predate them) costs at most
+/// this much delay.
+const LOOK_ANYWAY: Duration = Duration::from_millis(250);
+
+/// The longest pause between tries while the database fails.
+const MAX_PAUSE: Duration = Duration::from_secs(2);
+
+/// Starts the watcher thread of `map`.
+pub(crate) fn start<K, V, S>(map: &SharedDbHashMap<K, V, S>, config: WatchConfig) -> Result<()>
+where
+    K: Eq + Hash + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Clone + Send + Sync + 'static,
+{
+    let inner = map.inner();
+    let store = Arc::clone(&inner.writer_store());
+    let table = map.table_name().to_string();
+    let weak = Arc::downgrade(inner);
+    let name = table.clone();
+    std::thread::Builder::new()
+        .name(format!("write-thru-hash watch {table}"))
+        .spawn(move || run(&weak, &store, config, &name))
+        .map(|_| ())
+        .map_err(|e| Error::Background {
+            table,
+            pending: 0,
+            abandoned: false,
+            source: format!("starting the watcher thread: {e}").into(),
+        })
+}
+
+fn run<K, V, S>(
+    weak: &Weak<Inner<K, V, S>>,
+    store: &Mutex<Box<dyn Store>>,
+    config: WatchConfig,
+    table: &str,
+) where
+    K: Eq + Hash,
+    S: BuildHasher + Clone,
+{
+    let mut signal: Option<Box<dyn ChangeSignal>> = None;
+    // When to try (again) to get a signal; `None`: the store has none, poll.
+    let mut try_signal = Some(Instant::now());
+    let mut failures = 0u32;
+    loop {
+        if try_signal.is_some_and(|at| at <= Instant::now()) {
+            match lock(store).change_signal(config.every) {
+                Ok(Some(s)) => {
+                    signal = Some(s);
+                    try_signal = None;
+                }
+                Ok(None) => try_signal = None,
+                Err(e) => {
+                    tracing::warn!(table, error = %e, "watch: no change signal; polling the version meanwhile");
+                    try_signal = Some(Instant::now() + MAX_PAUSE);
+                }
+            }
+        }
+        match &mut signal {
+            Some(s) => {
+                if let Err(e) = s.wait(LOOK_ANYWAY) {
+                    tracing::warn!(table, error = %e, "watch: the change signal failed; making it again");
+                    signal = None;
+                    try_signal = Some(Instant::now() + MAX_PAUSE);
+                }
+            }
+            None => std::thread::sleep(config.every),
+        }
+        let Some(map) = weak.upgrade() else {
+            return;
+        };
+        match look(&map, store, failures > 0) {
+            Ok(()) => {
+                if failures > 0 {
+                    tracing::info!(table, "watch: the database answers again");
+                }
+                failures = 0;
+            }
+            Err(e) => {
+                failures += 1;
+                if failures.is_power_of_two() {
+                    tracing::warn!(table, error = %e, failures, "watch: refreshing failed; trying again");
+                }
+                drop(map);
+                std::thread::sleep(pause(failures));
+            }
+        }
+    }
+}
+
+/// Refreshes the map if the table's version moved since it last looked.
+fn look<K, V, S>(map: &Inner<K, V, S>, store: &Mutex<Box<dyn Store>>, reconnect: bool) -> Result<()>
+where
+    K: Eq + Hash,
+    S: BuildHasher + Clone,
+{
+    let Some(seen) = map.seen() else {
+        return Ok(());
+    };
+    let now = {
+        let mut store = lock(store);
+        if reconnect {
+            store.reconnect()?;
+        }
+        store.version()?
+    };
+    if now != seen {
+        map.refresh()?;
+    }
+    Ok(())
+}
+
+/// The pause after `failures` failures in a row: 50 ms, doubling, at most `MAX_PAUSE`.
+fn pause(failures: u32) -> Duration {
+    (Duration::from_millis(50) * 2u32.saturating_pow(failures.min(10))).min(MAX_PAUSE)
+}

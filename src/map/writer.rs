@@ -1,0 +1,809 @@
+//! The write path both maps share: encoding keys and values with their checks, the one
+//! way into the store (`persist`), and the plans of each write: the batch it sends and
+//! what it will change in memory once that batch is committed.
+//!
+//! A plan reads the map's memory but never changes it; `DbHashMap` applies it to its
+//! own `HashMap`, `SharedDbHashMap` to the one behind its lock.
+
+use std::borrow::Borrow;
+use std::collections::hash_map::{self, HashMap};
+use std::collections::HashSet;
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::codec::Codec;
+use crate::error::{show_bytes, Action, Error, Result};
+use crate::store::{Batch, BatchBuilder, Store, TableSpec};
+use crate::write_behind::{Behind, WriteBehind};
+
+/// How many times a write that conflicted with another writer is tried again.
+const CONFLICT_RETRIES: u32 = 8;
+
+/// Changes written between two looks at whether the change log needs compacting.
+const COMPACT_EVERY: u64 = 1024;
+
+/// The pause before try `tries` (from 1) of a conflicting write: about 1 ms, doubling,
+/// with a jitter so that two writers that conflicted do not meet again.
+fn conflict_pause(tries: u32) -> std::time::Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let base = 500u64 << tries.min(10);
+    std::time::Duration::from_micros(base + u64::from(nanos) % base)
+}
+
+/// A coherent map's state: the table version it has seen, how many versions of changes
+/// the log keeps, and writes since the log was last looked at for compaction.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Coherent {
+    pub(crate) seen: u64,
+    pub(crate) keep: u64,
+    writes: u64,
+}
+
+/// A key another writer changed, as a refresh found it: its encoding, the key, and its
+/// value now (`None`: deleted).
+pub(crate) struct Changed<K, V> {
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) key: K,
+    pub(crate) value: Option<V>,
+}
+
+/// What a refresh read: the changed keys and the version reached, or that the map fell
+/// behind the change log's compaction and must reload.
+pub(crate) enum Refreshed<K, V> {
+    Changes(Vec<Changed<K, V>>, u64),
+    FellBehind,
+}
+
+/// What encodes a map's keys and values: fixed once the map is open, so a shared map's
+/// writers use it without taking the store.
+pub(crate) struct Encoder<K, V> {
+    pub(crate) backend: &'static str,
+    max_key_len: Option<usize>,
+    max_value_len: Option<usize>,
+    pub(crate) keys: Box<dyn Codec<K>>,
+    pub(crate) values: Box<dyn Codec<V>>,
+    pub(crate) table: TableSpec,
+}
+
+/// Everything of a map but its entries.
+pub(crate) struct Writer<K, V> {
+    pub(crate) enc: Arc<Encoder<K, V>>,
+    // Shared with the write-behind thread (and a watcher) when there is one; otherwise
+    // only writers lock it, so the lock is not contended.
+    pub(crate) store: Arc<Mutex<Box<dyn Store>>>,
+    pub(crate) behind: Option<Behind>,
+    pub(crate) poisoned: bool,
+    /// Coherence: the version of the table this map has seen, and its settings.
+    pub(crate) coherent: Option<Coherent>,
+    /// Writes tried again after a conflict with another writer, so far.
+    pub(crate) conflicts_retried: u64,
+}
+
+impl<K, V> std::ops::Deref for Writer<K, V> {
+    type Target = Encoder<K, V>;
+
+    fn deref(&self) -> &Encoder<K, V> {
+        &self.enc
+    }
+}
+
+pub(crate) fn lock(store: &Mutex<Box<dyn Store>>) -> MutexGuard<'_, Box<dyn Store>> {
+    // A panic in a store method leaves the store as it was; go on with it.
+    store
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<K, V> Writer<K, V> {
+    pub(crate) fn new(
+        store: Box<dyn Store>,
+        keys: Box<dyn Codec<K>>,
+        values: Box<dyn Codec<V>>,
+        table: TableSpec,
+    ) -> Self {
+        Writer {
+            enc: Arc::new(Encoder {
+                backend: store.backend(),
+                max_key_len: store.max_key_len(),
+                max_value_len: store.max_value_len(),
+                keys,
+                values,
+                table,
+            }),
+            store: Arc::new(Mutex::new(store)),
+            behind: None,
+            poisoned: false,
+            coherent: None,
+            conflicts_retried: 0,
+        }
+    }
+
+    pub(crate) fn store(&self) -> MutexGuard<'_, Box<dyn Store>> {
+        lock(&self.store)
+    }
+
+    /// Switches to write-behind: from now on a background thread writes the changes.
+    pub(crate) fn start_write_behind(&mut self, config: WriteBehind) -> Result<()> {
+        self.behind = Some(Behind::start(
+            config,
+            self.table.name.clone(),
+            Arc::clone(&self.store),
+        )?);
+        Ok(())
+    }
+
+    pub(crate) fn flush(&self) -> Result<()> {
+        self.behind.as_ref().map_or(Ok(()), Behind::flush)
+    }
+
+    pub(crate) fn close(&mut self) -> Result<()> {
+        self.behind.as_mut().map_or(Ok(()), Behind::close)
+    }
+
+    pub(crate) fn pending(&self) -> usize {
+        self.behind.as_ref().map_or(0, Behind::pending)
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.poisoned {
+            Err(Error::Poisoned {
+                table: self.table.name.clone(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The one way into the store: applies `batch` atomically, and marks the map
+    /// poisoned when the outcome is unknown.
+    pub(crate) fn persist(&mut self, batch: Batch) -> Result<()> {
+        self.check_writable()?;
+        if let Some(behind) = &self.behind {
+            let changes = batch.len();
+            behind.enqueue(batch)?;
+            self.after_write(changes);
+            return Ok(());
+        }
+        let mut result = self.store().apply(&batch);
+        // A transaction the server rolled back for a conflict with another writer (a
+        // deadlock, a serialization or certification failure) is tried again a few
+        // times, after a short, growing, jittered pause.
+        let mut tries = 0;
+        while tries < CONFLICT_RETRIES && result.as_ref().is_err_and(Error::is_conflict) {
+            tries += 1;
+            std::thread::sleep(conflict_pause(tries));
+            self.conflicts_retried += 1;
+            tracing::debug!(table = %self.table.name, tries, "write conflicted with another; retrying");
+            result = self.store().apply(&batch);
+        }
+        if let Err(Error::OutcomeUnknown { .. }) = &result {
+            self.poisoned = true;
+            tracing::error!(table = %self.table.name, "write outcome unknown; map refuses writes until reload()");
+        }
+        if result.is_ok() {
+            self.after_write(batch.len());
+        }
+        result
+    }
+
+    /// Coherence: now and then a writer looks at the change log's length and compacts
+    /// it, so that the log stays bounded even when no map refreshes. A failure here
+    /// does not fail the write, which is committed: it is logged.
+    fn after_write(&mut self, changes: usize) {
+        let Some(c) = &mut self.coherent else {
+            return;
+        };
+        c.writes += changes as u64;
+        if c.writes < COMPACT_EVERY {
+            return;
+        }
+        c.writes = 0;
+        let keep = c.keep;
+        if let Err(e) = lock(&self.store).compact(keep) {
+            tracing::warn!(table = %self.table.name, error = %e, "change log compaction failed");
+        }
+    }
+
+    /// Coherence: installs the change log (if absent) and reads the version, before the
+    /// load that follows.
+    pub(crate) fn start_coherence(&mut self, keep: u64) -> Result<()> {
+        let mut store = lock(&self.store);
+        store.enable_changes().map_err(|e| match e {
+            Error::NotCoherent { reason, .. } => Error::NotCoherent {
+                table: self.table.name.clone(),
+                reason,
+            },
+            other => other,
+        })?;
+        let seen = store.version()?;
+        drop(store);
+        self.coherent = Some(Coherent {
+            seen,
+            keep,
+            writes: 0,
+        });
+        Ok(())
+    }
+
+    /// A map just read from the table is taken, at `version` for a coherent map:
+    /// nothing is in doubt any more.
+    pub(crate) fn took_fresh(&mut self, version: Option<u64>) {
+        self.poisoned = false;
+        if let (Some(c), Some(v)) = (&mut self.coherent, version) {
+            c.seen = v;
+        }
+    }
+}
+
+impl<K, V> Writer<K, V>
+where
+    K: Eq + Hash,
+{
+    /// Replaces the table's content with `src`, as the batch of opening with `src`.
+    pub(crate) fn replace_all(&mut self, src: &[(K, V)]) -> Result<()> {
+        let batch = Batch {
+            clear: true,
+            ..self.encode_pairs::<std::collections::hash_map::RandomState>(None, src)?
+        };
+        self.persist(batch).map_err(|e| match e {
+            Error::Database {
+                table,
+                backend,
+                source,
+                ..
+            } => Error::Database {
+                action: Action::Replace,
+                table,
+                backend,
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Fills `map` from the table.
+    pub(crate) fn load_into<S: BuildHasher>(&mut self, map: &mut HashMap<K, V, S>) -> Result<()> {
+        let mut store = lock(&self.store);
+        load(&mut **store, &self.table, &*self.keys, &*self.values, map)
+    }
+
+    /// The whole table read into a new map (reconnecting first when the store knows
+    /// how), and for a coherent map the version it was read at.
+    pub(crate) fn load_fresh<S: BuildHasher>(
+        &mut self,
+        hasher: S,
+    ) -> Result<(HashMap<K, V, S>, Option<u64>)> {
+        let mut store = lock(&self.store);
+        store.reconnect()?;
+        // Coherence: the version first, so that a change made during the load is
+        // applied again by the next refresh rather than missed.
+        let version = match &self.coherent {
+            Some(_) => Some(store.version()?),
+            None => None,
+        };
+        let mut map = HashMap::with_hasher(hasher);
+        load(
+            &mut **store,
+            &self.table,
+            &*self.keys,
+            &*self.values,
+            &mut map,
+        )?;
+        Ok((map, version))
+    }
+
+    /// Coherence: reads every change others committed since the version this map has
+    /// seen, keeping those that differ from what `map` holds. Changes nothing.
+    pub(crate) fn read_changes<S: BuildHasher>(
+        &mut self,
+        map: &HashMap<K, V, S>,
+    ) -> Result<Refreshed<K, V>> {
+        let Some(coherent) = self.coherent else {
+            return Err(self.not_coherent());
+        };
+        // Changes still queued would be overwritten by the table's older rows.
+        self.flush()?;
+        let mut changed = Vec::new();
+        let mut store = lock(&self.store);
+        store.reconnect()?;
+        let (keys, values, table) = (&*self.keys, &*self.values, &self.table);
+        let mut current = Vec::new();
+        let mut again = Vec::new();
+        let reached = store.changes(coherent.seen, &mut |kb, vb| {
+            let key = match (decode_key(keys, table, kb), vb) {
+                (Ok(key), _) => key,
+                // A row that came and went: a key that does not decode was never in
+                // memory, and is not in the table now.
+                (Err(_), None) => return Ok(()),
+                (Err(e), Some(_)) => return Err(e),
+            };
+            let value = match vb {
+                Some(vb) => Some(values.decode(vb).map_err(|e| Error::Decode {
+                    what: "value",
+                    table: table.name.clone(),
+                    row: show_bytes(kb),
+                    source: e,
+                })?),
+                None => None,
+            };
+            // Changed in memory: the value differs from what the map holds, as the codec
+            // writes them (" 7" and "7" are one JSON value).
+            let differs = match (map.get(&key), &value) {
+                (None, None) => false,
+                (Some(held), Some(value)) => {
+                    current.clear();
+                    again.clear();
+                    let both = values
+                        .encode(held, &mut current)
+                        .and_then(|()| values.encode(value, &mut again));
+                    both.map_or(true, |()| current != again)
+                }
+                _ => true,
+            };
+            if differs {
+                changed.push(Changed {
+                    bytes: kb.to_vec(),
+                    key,
+                    value,
+                });
+            }
+            Ok(())
+        })?;
+        Ok(match reached {
+            Some(reached) => Refreshed::Changes(changed, reached),
+            None => {
+                tracing::info!(table = %self.table.name, seen = coherent.seen,
+                    "the map fell behind the change log's compaction; reloading in full");
+                Refreshed::FellBehind
+            }
+        })
+    }
+
+    /// Coherence: the changes a refresh read are in memory, at version `reached`; every
+    /// key changed since the last look is as the table holds it, the one whose write
+    /// had an unknown outcome included.
+    pub(crate) fn refreshed_to(&mut self, reached: u64) {
+        if let Some(c) = &mut self.coherent {
+            c.seen = reached;
+        }
+        self.poisoned = false;
+    }
+}
+
+impl<K, V> Encoder<K, V> {
+    pub(crate) fn not_coherent(&self) -> Error {
+        Error::NotCoherent {
+            table: self.table.name.clone(),
+            reason: "the map was opened without `coherent()`; open it with \
+                     `DbHashMap::builder(…).coherent()` to see other writers' changes"
+                .into(),
+        }
+    }
+
+    pub(crate) fn encode_key(&self, key: &K) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.keys
+            .encode_key(key, &mut out)
+            .map_err(|source| Error::Encode {
+                what: "key",
+                table: self.table.name.clone(),
+                source,
+            })?;
+        if let Some(max) = self.max_key_len {
+            if out.len() > max {
+                return Err(Error::KeyTooLong {
+                    table: self.table.name.clone(),
+                    backend: self.backend,
+                    len: out.len(),
+                    max,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn encode_value(&self, value: &V) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.values
+            .encode(value, &mut out)
+            .map_err(|source| Error::Encode {
+                what: "value",
+                table: self.table.name.clone(),
+                source,
+            })?;
+        if let Some(max) = self.max_value_len.filter(|max| out.len() > *max) {
+            return Err(Error::ValueTooLong {
+                table: self.table.name.clone(),
+                backend: self.backend,
+                len: out.len(),
+                max,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A copy of a value the map holds, read back from its encoding: what a transaction
+    /// gives back without `V: Clone`.
+    pub(crate) fn copy_value(&self, key: &K, value: &V) -> Result<V> {
+        let mut bytes = Vec::new();
+        let copy = self
+            .values
+            .encode(value, &mut bytes)
+            .and_then(|()| self.values.decode(&bytes));
+        copy.map_err(|source| Error::Decode {
+            what: "value",
+            table: self.table.name.clone(),
+            row: self
+                .encode_key(key)
+                .map_or_else(|_| "(a key)".into(), |k| show_bytes(&k)),
+            source,
+        })
+    }
+
+    /// A copy of a key the map holds, with its encoding. Every held key reads back as
+    /// itself: loaded keys came from their bytes, written keys were checked to.
+    pub(crate) fn copy_key(&self, key: &K) -> Result<(K, Vec<u8>)> {
+        let bytes = self.encode_key(key)?;
+        let copy = self.keys.decode(&bytes).map_err(|source| Error::Decode {
+            what: "key",
+            table: self.table.name.clone(),
+            row: show_bytes(&bytes),
+            source,
+        })?;
+        Ok((copy, bytes))
+    }
+
+    /// Refuses two encodings of equal keys that differ.
+    pub(crate) fn same_bytes(&self, first: &[u8], second: &[u8]) -> Result<()> {
+        if first == second {
+            Ok(())
+        } else {
+            Err(Error::NonCanonicalKey {
+                table: self.table.name.clone(),
+                row: show_bytes(first),
+                other: show_bytes(second),
+            })
+        }
+    }
+}
+
+impl<K, V> Encoder<K, V>
+where
+    K: Eq + Hash,
+{
+    /// Encodes a key about to be written, and checks that its bytes read back as that
+    /// key: a codec that writes two unequal keys alike (`None` and `Some(())` are both
+    /// JSON `null`) would make them one row while memory holds two.
+    pub(crate) fn encode_written_key(&self, key: &K) -> Result<Vec<u8>> {
+        let bytes = self.encode_key(key)?;
+        if self.keys.keys_distinct() {
+            return Ok(bytes);
+        }
+        let refuse = |why: String| Error::Encode {
+            what: "key",
+            table: self.table.name.clone(),
+            source: why.into(),
+        };
+        match self.keys.decode(&bytes) {
+            Ok(back) if back == *key => Ok(bytes),
+            Ok(_) => Err(refuse(format!(
+                "the key codec writes this key as {}, which reads back as another key, so two \
+                 keys would share one row; use a codec (or a key type) that tells them apart",
+                show_bytes(&bytes)
+            ))),
+            Err(e) => Err(refuse(format!(
+                "the key codec writes this key as {}, which does not read back: {e}",
+                show_bytes(&bytes)
+            ))),
+        }
+    }
+
+    /// Encodes `key` and, when an equal key is already held, checks that the codec
+    /// gives it the same bytes: otherwise one key would become two rows.
+    pub(crate) fn encode_new_key<S: BuildHasher>(
+        &self,
+        map: &HashMap<K, V, S>,
+        key: &K,
+    ) -> Result<Vec<u8>> {
+        let bytes = self.encode_written_key(key)?;
+        if let Some((held, _)) = map.get_key_value(key) {
+            self.same_bytes(&self.encode_key(held)?, &bytes)?;
+        }
+        Ok(bytes)
+    }
+
+    /// Encodes `pairs` as upserts, the last pair of each key winning. Equal keys must
+    /// encode to the same bytes, within `pairs` and (when `held` is given) against the
+    /// keys the map holds: otherwise memory would keep one key while the table got
+    /// another.
+    pub(crate) fn encode_pairs<S: BuildHasher>(
+        &self,
+        held: Option<&HashMap<K, V, S>>,
+        pairs: &[(K, V)],
+    ) -> Result<Batch> {
+        let mut index: HashMap<&K, usize> = HashMap::with_capacity(pairs.len());
+        let mut puts: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            let key = match held {
+                Some(map) => self.encode_new_key(map, k)?,
+                None => self.encode_written_key(k)?,
+            };
+            let value = self.encode_value(v)?;
+            match index.entry(k) {
+                hash_map::Entry::Occupied(seen) => {
+                    let slot = &mut puts[*seen.get()];
+                    self.same_bytes(&slot.0, &key)?;
+                    slot.1 = value;
+                }
+                hash_map::Entry::Vacant(slot) => {
+                    slot.insert(puts.len());
+                    puts.push((key, value));
+                }
+            }
+        }
+        Ok(Batch {
+            puts,
+            ..Batch::default()
+        })
+    }
+
+    /// The batch of `insert(key, value)`.
+    pub(crate) fn plan_insert<S: BuildHasher>(
+        &self,
+        map: &HashMap<K, V, S>,
+        key: &K,
+        value: &V,
+    ) -> Result<Batch> {
+        let k = self.encode_new_key(map, key)?;
+        let v = self.encode_value(value)?;
+        Ok(put(k, v))
+    }
+
+    /// The batch of `remove(key)`, with the held key; `None` if the key is absent.
+    pub(crate) fn plan_remove<'m, Q, S>(
+        &self,
+        map: &'m HashMap<K, V, S>,
+        key: &Q,
+    ) -> Result<Option<(Batch, &'m K)>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+        S: BuildHasher,
+    {
+        let Some((held, _)) = map.get_key_value(key) else {
+            return Ok(None);
+        };
+        let batch = Batch {
+            deletes: vec![self.encode_key(held)?],
+            ..Batch::default()
+        };
+        Ok(Some((batch, held)))
+    }
+
+    /// The batch of `retain(f)` and the keys it removes, by address: nothing changes the
+    /// map between the plan and its application, so the addresses name the keys
+    /// without calling `f` a second time.
+    pub(crate) fn plan_retain<S: BuildHasher>(
+        &self,
+        map: &HashMap<K, V, S>,
+        mut f: impl FnMut(&K, &V) -> bool,
+    ) -> Result<(Batch, HashSet<*const K>)> {
+        let mut doomed: HashSet<*const K> = HashSet::new();
+        let mut batch = Batch::default();
+        for (k, v) in map {
+            if !f(k, v) {
+                batch.deletes.push(self.encode_key(k)?);
+                doomed.insert(k);
+            }
+        }
+        Ok((batch, doomed))
+    }
+
+    /// The batch of `remove_many(keys)` and the keys it removes (each once).
+    pub(crate) fn plan_remove_many<'q, Q, S>(
+        &self,
+        map: &HashMap<K, V, S>,
+        keys: impl IntoIterator<Item = &'q Q>,
+    ) -> Result<(Batch, Vec<&'q Q>)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized + 'q,
+        S: BuildHasher,
+    {
+        let mut held: Vec<&'q Q> = Vec::new();
+        let mut batch = BatchBuilder::default();
+        for q in keys {
+            if let Some((k, _)) = map.get_key_value(q) {
+                // A key given twice is deleted once.
+                let bytes = self.encode_key(k)?;
+                if !batch.contains(&bytes) {
+                    batch.delete(bytes);
+                    held.push(q);
+                }
+            }
+        }
+        Ok((batch.finish(), held))
+    }
+
+    /// The batch of `upsert(key, f)` and the value it stores.
+    pub(crate) fn plan_upsert<S: BuildHasher>(
+        &self,
+        map: &HashMap<K, V, S>,
+        key: &K,
+        f: impl FnOnce(Option<&V>) -> V,
+    ) -> Result<(Batch, V)> {
+        let k = self.encode_new_key(map, key)?;
+        let value = f(map.get(key));
+        let v = self.encode_value(&value)?;
+        Ok((put(k, v), value))
+    }
+
+    /// The batch of `upsert_many(pairs, f)` and the entries it stores.
+    pub(crate) fn plan_upsert_many<S: BuildHasher>(
+        &self,
+        map: &HashMap<K, V, S>,
+        pairs: impl IntoIterator<Item = (K, V)>,
+        mut f: impl FnMut(Option<&V>, V) -> V,
+    ) -> Result<(Batch, Vec<(K, V)>)> {
+        // Key -> (the value so far, the bytes of the key as it first came).
+        let mut folded: HashMap<K, (V, Vec<u8>)> = HashMap::new();
+        for (key, new) in pairs {
+            let bytes = self.encode_new_key(map, &key)?;
+            match folded.get_mut(&key) {
+                Some((value, seen)) => {
+                    self.same_bytes(seen, &bytes)?;
+                    let next = f(Some(&*value), new);
+                    *value = next;
+                }
+                None => {
+                    let value = f(map.get(&key), new);
+                    folded.insert(key, (value, bytes));
+                }
+            }
+        }
+        let mut batch = Batch::default();
+        batch.puts.reserve(folded.len());
+        let mut entries = Vec::with_capacity(folded.len());
+        for (key, (value, bytes)) in folded {
+            batch.puts.push((bytes, self.encode_value(&value)?));
+            entries.push((key, value));
+        }
+        Ok((batch, entries))
+    }
+
+    /// The batch of `update(key, f)` and the new value; `None` if the key is absent.
+    pub(crate) fn plan_update<Q, S>(
+        &self,
+        map: &HashMap<K, V, S>,
+        key: &Q,
+        f: impl FnOnce(&mut V),
+    ) -> Result<Option<(Batch, V)>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+        V: Clone,
+        S: BuildHasher,
+    {
+        let Some((held, value)) = map.get_key_value(key) else {
+            return Ok(None);
+        };
+        let mut value = value.clone();
+        f(&mut value);
+        let k = self.encode_key(held)?;
+        let v = self.encode_value(&value)?;
+        Ok(Some((put(k, v), value)))
+    }
+
+    /// The encodings of the keys whose entries differ between `map` and `fresh`.
+    pub(crate) fn differences<S: BuildHasher>(
+        &self,
+        map: &HashMap<K, V, S>,
+        fresh: &HashMap<K, V, S>,
+    ) -> Vec<Vec<u8>> {
+        let bytes = |v: &V| {
+            let mut out = Vec::new();
+            self.values.encode(v, &mut out).map(|()| out).ok()
+        };
+        let changed = fresh
+            .iter()
+            .filter(|(k, v)| map.get(*k).is_none_or(|held| bytes(held) != bytes(v)))
+            .map(|(k, _)| k);
+        let gone = map.keys().filter(|k| !fresh.contains_key(*k));
+        changed
+            .chain(gone)
+            .map(|k| self.encode_key(k).unwrap_or_default())
+            .collect()
+    }
+}
+
+/// Applies the changes a refresh read to memory.
+pub(crate) fn apply_changes<K, V, S>(map: &mut HashMap<K, V, S>, changed: Vec<Changed<K, V>>)
+where
+    K: Eq + Hash,
+    S: BuildHasher,
+{
+    for Changed { key, value, .. } in changed {
+        match value {
+            Some(value) => {
+                map.insert(key, value);
+            }
+            None => {
+                map.remove(&key);
+            }
+        }
+    }
+}
+
+/// A batch of one upsert.
+fn put(key: Vec<u8>, value: Vec<u8>) -> Batch {
+    Batch {
+        puts: vec![(key, value)],
+        ..Batch::default()
+    }
+}
+
+/// Reads every row of the table into `map`, checking that each decodes, that the
+/// key codec gives each key back the bytes it was stored as, and that no two rows hold
+/// equal keys.
+fn load<K, V, S>(
+    store: &mut dyn Store,
+    table: &TableSpec,
+    keys: &dyn Codec<K>,
+    values: &dyn Codec<V>,
+    map: &mut HashMap<K, V, S>,
+) -> Result<()>
+where
+    K: Eq + Hash,
+    S: BuildHasher,
+{
+    let decode_err = |what, row: &[u8], source| Error::Decode {
+        what,
+        table: table.name.clone(),
+        row: show_bytes(row),
+        source,
+    };
+    store.load(&mut |kb: &[u8], vb: &[u8]| {
+        let k = decode_key(keys, table, kb)?;
+        let v = values.decode(vb).map_err(|e| decode_err("value", kb, e))?;
+        match map.entry(k) {
+            hash_map::Entry::Occupied(held) => {
+                let mut first = Vec::new();
+                keys.encode_key(held.key(), &mut first)
+                    .map_err(|e| decode_err("key", kb, e))?;
+                Err(Error::DuplicateKey {
+                    table: table.name.clone(),
+                    first: show_bytes(&first),
+                    second: show_bytes(kb),
+                })
+            }
+            hash_map::Entry::Vacant(slot) => {
+                slot.insert(v);
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Decodes a stored key, checking that the codec gives it back the bytes it was stored
+/// as: otherwise the map's writes would not reach that row.
+pub(crate) fn decode_key<K>(keys: &dyn Codec<K>, table: &TableSpec, kb: &[u8]) -> Result<K> {
+    let decode_err = |source| Error::Decode {
+        what: "key",
+        table: table.name.clone(),
+        row: show_bytes(kb),
+        source,
+    };
+    let k = keys.decode(kb).map_err(decode_err)?;
+    let mut reencoded = Vec::with_capacity(kb.len());
+    keys.encode_key(&k, &mut reencoded).map_err(decode_err)?;
+    if reencoded != kb {
+        return Err(Error::NonCanonicalKey {
+            table: table.name.clone(),
+            row: show_bytes(kb),
+            other: show_bytes(&reencoded),
+        });
+    }
+    Ok(k)
+}
