@@ -1,5 +1,7 @@
 //! `DbHashMap`: reads served from memory through `Deref`, writes sent to the store first.
 
+#[cfg(feature = "tokio")]
+mod asynchronous;
 mod shared;
 mod transaction;
 mod watch;
@@ -533,7 +535,7 @@ where
 
     /// Runs `f` with a [`Transaction`] that stages inserts and removes, then commits
     /// them as one database transaction: all or nothing, in the database and in memory
-    /// alike. An `Err` from `f` (such as [`Error::abort`]) or a panic in `f` leaves
+    /// alike. An `Err` from `f` (such as [`Error::abort`](crate::Error::abort)) or a panic in `f` leaves
     /// both as they were.
     ///
     /// **Storage:** nothing while `f` runs; one transaction when it returns `Ok`.

@@ -77,8 +77,7 @@ pub(crate) struct Inner<K, V, S> {
     queue: Mutex<Vec<Request<K, V>>>,
     table: String,
     backend: &'static str,
-    /// Database transactions committed, and write calls made.
-    commits: AtomicU64,
+    /// Write calls made.
     calls: AtomicU64,
     /// Receivers of the keys each refresh changed.
     subscribers: Mutex<Vec<mpsc::Sender<Vec<K>>>>,
@@ -204,10 +203,7 @@ where
         let alone = |w: &mut Writer<K, V>, group: &mut Vec<Request<K, V>>| -> Vec<Result<()>> {
             group
                 .iter_mut()
-                .map(|r| {
-                    self.commits.fetch_add(1, Ordering::Relaxed);
-                    w.persist(std::mem::take(&mut r.batch))
-                })
+                .map(|r| w.persist(std::mem::take(&mut r.batch)))
                 .collect()
         };
         let results = if group.len() == 1 {
@@ -217,7 +213,6 @@ where
             for r in &group {
                 merged.add(r.batch.clone());
             }
-            self.commits.fetch_add(1, Ordering::Relaxed);
             match w.persist(merged.finish()) {
                 Ok(()) => group.iter().map(|_| Ok(())).collect(),
                 Err(e @ Error::OutcomeUnknown { .. }) => {
@@ -335,7 +330,6 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
                 map: RwLock::new(map),
                 writer: Mutex::new(w),
                 queue: Mutex::new(Vec::new()),
-                commits: AtomicU64::new(0),
                 calls: AtomicU64::new(0),
                 subscribers: Mutex::new(Vec::new()),
             }),
@@ -381,13 +375,12 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
         self.inner.writer().conflicts_retried
     }
 
-    /// How many database transactions the map's writes have taken so far, and how many
+    /// How many database transactions the map's writes have taken so far (conflicts
+    /// retried included; none with write-behind, whose thread writes), and how many
     /// write calls were made: with group commit the first is smaller.
     pub fn commits(&self) -> (u64, u64) {
-        (
-            self.inner.commits.load(Ordering::Relaxed),
-            self.inner.calls.load(Ordering::Relaxed),
-        )
+        let commits = self.inner.writer().commits;
+        (commits, self.inner.calls.load(Ordering::Relaxed))
     }
 
     /// Write-behind: the changes not yet in the table (one per key). Write-through: 0.

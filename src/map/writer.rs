@@ -79,6 +79,8 @@ pub(crate) struct Writer<K, V> {
     pub(crate) coherent: Option<Coherent>,
     /// Writes tried again after a conflict with another writer, so far.
     pub(crate) conflicts_retried: u64,
+    /// Database transactions tried, so far.
+    pub(crate) commits: u64,
 }
 
 impl<K, V> std::ops::Deref for Writer<K, V> {
@@ -117,6 +119,7 @@ impl<K, V> Writer<K, V> {
             poisoned: false,
             coherent: None,
             conflicts_retried: 0,
+            commits: 0,
         }
     }
 
@@ -166,6 +169,7 @@ impl<K, V> Writer<K, V> {
             self.after_write(changes);
             return Ok(());
         }
+        self.commits += 1;
         let mut result = self.store().apply(&batch);
         // A transaction the server rolled back for a conflict with another writer (a
         // deadlock, a serialization or certification failure) is tried again a few
@@ -175,6 +179,7 @@ impl<K, V> Writer<K, V> {
             tries += 1;
             std::thread::sleep(conflict_pause(tries));
             self.conflicts_retried += 1;
+            self.commits += 1;
             tracing::debug!(table = %self.table.name, tries, "write conflicted with another; retrying");
             result = self.store().apply(&batch);
         }

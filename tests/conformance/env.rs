@@ -3,6 +3,9 @@
 //! `WTH_MYSQL_URL` points to (`scripts/test.sh` starts them). A backend whose URL is
 //! missing fails its tests: it is never skipped.
 
+use std::thread::JoinHandle;
+use std::time::Duration;
+
 use write_thru_hash::{Builder, DbHashMap, Dialect, IntoStore, Store};
 
 pub(crate) trait Env {
@@ -116,6 +119,14 @@ pub(crate) trait Env {
         self.count(&sql) > 0
     }
 
+    /// Takes a lock that keeps every other writer off `table` for `hold`, on a
+    /// connection of its own in another thread; returns once the lock is held.
+    #[allow(dead_code)]
+    fn hold_write_lock(&self, table: &str, hold: Duration) -> JoinHandle<()> {
+        let _ = (table, hold);
+        unimplemented!("no write lock for this backend's tests")
+    }
+
     /// Makes the server reject any insert or update of `table` whose value column holds
     /// exactly `value`: a statement that fails part-way through a batch.
     fn reject_value(&self, table: &str, value: &str) {
@@ -159,6 +170,26 @@ pub(crate) trait Env {
 }
 
 /// An error and its sources, as an error reporter prints them.
+/// Runs `take` on `conn` in a thread, returns once it did, and runs `release` `hold`
+/// later.
+#[allow(dead_code)]
+fn held_lock<C: Send + 'static>(
+    mut conn: C,
+    hold: Duration,
+    take: impl FnOnce(&mut C) + Send + 'static,
+    release: impl FnOnce(&mut C) + Send + 'static,
+) -> JoinHandle<()> {
+    let (taken, wait) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        take(&mut conn);
+        taken.send(()).unwrap();
+        std::thread::sleep(hold);
+        release(&mut conn);
+    });
+    wait.recv().expect("the lock was taken");
+    thread
+}
+
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut next = e.source();
@@ -205,6 +236,14 @@ impl Env for SqliteEnv {
     }
     fn dialect(&self) -> Dialect {
         Dialect::Sqlite
+    }
+    fn hold_write_lock(&self, _table: &str, hold: Duration) -> JoinHandle<()> {
+        held_lock(
+            self.raw(),
+            hold,
+            |c| c.execute_batch("BEGIN IMMEDIATE").unwrap(),
+            |c| c.execute_batch("COMMIT").unwrap(),
+        )
     }
     fn conn_in_transaction(&self) -> Option<Box<dyn Store>> {
         let c = self.raw();
@@ -328,6 +367,15 @@ mod pg {
         fn dialect(&self) -> Dialect {
             Dialect::Postgres
         }
+        fn hold_write_lock(&self, table: &str, hold: Duration) -> JoinHandle<()> {
+            let lock = format!("BEGIN; LOCK TABLE {} IN EXCLUSIVE MODE", self.q(table));
+            held_lock(
+                self.raw(),
+                hold,
+                move |c| c.batch_execute(&lock).unwrap(),
+                |c| c.batch_execute("COMMIT").unwrap(),
+            )
+        }
         fn restricted_url(&self, table: &str) -> Option<String> {
             let role = format!("{}_dml", self.db);
             self.exec(&format!(
@@ -420,6 +468,15 @@ mod my {
         }
         fn dialect(&self) -> Dialect {
             Dialect::Mysql
+        }
+        fn hold_write_lock(&self, table: &str, hold: Duration) -> JoinHandle<()> {
+            let lock = format!("LOCK TABLES {} WRITE", self.q(table));
+            held_lock(
+                self.raw(),
+                hold,
+                move |c| c.query_drop(&lock).unwrap(),
+                |c| c.query_drop("UNLOCK TABLES").unwrap(),
+            )
         }
         fn restricted_url(&self, table: &str) -> Option<String> {
             let user = format!("{}_dml", self.db);

@@ -1,0 +1,160 @@
+//! Feature `tokio`: `SharedDbHashMap`'s write methods for async code. Each runs the
+//! blocking method on tokio's blocking threads, so a write waiting on the database
+//! never holds up the runtime's worker threads; reads stay synchronous (they are
+//! memory reads).
+
+use std::borrow::Borrow;
+use std::hash::{BuildHasher, Hash};
+
+use super::shared::SharedDbHashMap;
+use super::transaction::Transaction;
+use crate::error::{Error, Result};
+
+impl<K, V, S> SharedDbHashMap<K, V, S>
+where
+    K: Eq + Hash + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Send + Sync + 'static,
+{
+    /// Runs `f` on this map on a blocking thread. A future that is dropped does not
+    /// stop the write: it completes, and its outcome is dropped with the future.
+    async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Self) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || f(&this)).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(Error::Background {
+                table: self.table_name().to_string(),
+                pending: 0,
+                abandoned: true,
+                source: format!("the runtime is shutting down: {e}").into(),
+            }),
+        }
+    }
+
+    /// [`insert`](Self::insert) for async code.
+    ///
+    /// ```
+    /// # use write_thru_hash::{DbHashMap, SharedDbHashMap};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
+    /// let h: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url).open_shared()?;
+    /// let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    /// rt.block_on(async {
+    ///     h.insert_async("a".into(), 1).await?;
+    ///     assert_eq!(h.get("a"), Some(1));
+    ///     Ok::<(), write_thru_hash::Error>(())
+    /// })?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub async fn insert_async(&self, key: K, value: V) -> Result<Option<V>> {
+        self.blocking(move |h| h.insert(key, value)).await
+    }
+
+    /// [`remove`](Self::remove) for async code; the key is given by value.
+    pub async fn remove_async<Q>(&self, key: Q) -> Result<Option<V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + Send + 'static,
+    {
+        self.blocking(move |h| h.remove(&key)).await
+    }
+
+    /// [`remove_entry`](Self::remove_entry) for async code; the key is given by value.
+    pub async fn remove_entry_async<Q>(&self, key: Q) -> Result<Option<(K, V)>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + Send + 'static,
+    {
+        self.blocking(move |h| h.remove_entry(&key)).await
+    }
+
+    /// [`clear`](Self::clear) for async code.
+    pub async fn clear_async(&self) -> Result<()> {
+        self.blocking(|h| h.clear()).await
+    }
+
+    /// [`insert_many`](Self::insert_many) for async code.
+    pub async fn insert_many_async(
+        &self,
+        pairs: impl IntoIterator<Item = (K, V)> + Send + 'static,
+    ) -> Result<()> {
+        self.blocking(move |h| h.insert_many(pairs)).await
+    }
+
+    /// [`retain`](Self::retain) for async code.
+    pub async fn retain_async(
+        &self,
+        f: impl FnMut(&K, &V) -> bool + Send + 'static,
+    ) -> Result<usize> {
+        self.blocking(move |h| h.retain(f)).await
+    }
+
+    /// [`upsert`](Self::upsert) for async code.
+    pub async fn upsert_async(
+        &self,
+        key: K,
+        f: impl FnOnce(Option<&V>) -> V + Send + 'static,
+    ) -> Result<V>
+    where
+        V: Clone,
+    {
+        self.blocking(move |h| h.upsert(key, f)).await
+    }
+
+    /// [`upsert_many`](Self::upsert_many) for async code.
+    pub async fn upsert_many_async(
+        &self,
+        pairs: impl IntoIterator<Item = (K, V)> + Send + 'static,
+        f: impl FnMut(Option<&V>, V) -> V + Send + 'static,
+    ) -> Result<()> {
+        self.blocking(move |h| h.upsert_many(pairs, f)).await
+    }
+
+    /// [`update`](Self::update) for async code; the key is given by value.
+    pub async fn update_async<Q>(
+        &self,
+        key: Q,
+        f: impl FnOnce(&mut V) + Send + 'static,
+    ) -> Result<bool>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + Send + 'static,
+        V: Clone,
+    {
+        self.blocking(move |h| h.update(&key, f)).await
+    }
+
+    /// [`transaction`](Self::transaction) for async code: `f` runs on a blocking
+    /// thread, so it cannot `.await`.
+    pub async fn transaction_async<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Transaction<'_, K, V, S>) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        self.blocking(move |h| h.transaction(f)).await
+    }
+
+    /// [`refresh`](Self::refresh) for async code.
+    pub async fn refresh_async(&self) -> Result<usize>
+    where
+        S: Clone,
+    {
+        self.blocking(|h| h.refresh()).await
+    }
+
+    /// [`reload`](Self::reload) for async code.
+    pub async fn reload_async(&self) -> Result<()>
+    where
+        S: Clone,
+    {
+        self.blocking(|h| h.reload()).await
+    }
+
+    /// [`flush`](Self::flush) for async code.
+    pub async fn flush_async(&self) -> Result<()> {
+        self.blocking(|h| h.flush()).await
+    }
+}

@@ -1,0 +1,531 @@
+//! `SharedDbHashMap`: threads share one map. Writers of every kind run at once while
+//! readers check what only whole batches and transactions keep; a reader is not held
+//! up while a writer waits on a lock; group commit fails only the change the database
+//! rejects; the map ends equal to a fresh open of its table. `watch()` brings others'
+//! changes in by itself.
+
+#[path = "conformance/env.rs"]
+#[allow(dead_code, unused_imports)]
+mod env;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use env::{chain, Env};
+use write_thru_hash::{DbHashMap, Error, SharedDbHashMap, WriteBehind};
+
+fn shared(env: &impl Env, table: &str) -> SharedDbHashMap<String, i64> {
+    env.builder()
+        .table(table)
+        .open_shared()
+        .unwrap_or_else(|e| panic!("open_shared {table}: {}", chain(&e)))
+}
+
+fn fresh(env: &impl Env, table: &str) -> HashMap<String, i64> {
+    let h: DbHashMap<String, i64> = env.builder().table(table).open().unwrap();
+    h.into_inner()
+}
+
+/// A small deterministic generator: the tests' runs differ by seed only.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Four writers, each on keys of its own, call every write method; four readers read
+/// all along. Each writer keeps a model of its keys and checks the map against it after
+/// every call (its own writes are in memory when the call returns); at the end the map
+/// equals the models together, and a fresh open of the table.
+fn eight_threads_converge(env: &impl Env, rounds: u64) {
+    let h = shared(env, "mixed");
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let models: Vec<HashMap<String, i64>> = std::thread::scope(|s| {
+        for _ in 0..4 {
+            let (h, stop, reads) = (h.clone(), Arc::clone(&stop), Arc::clone(&reads));
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let g = h.read();
+                    // Writer 0's keys are never negative: no half-applied change shows one.
+                    assert!(g.iter().all(|(k, v)| !k.starts_with("w0-") || *v >= 0));
+                    drop(g);
+                    let _ = h.get("w1-3");
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let h = h.clone();
+                s.spawn(move || {
+                    let mut rng = Rng(t + 1);
+                    let mut model: HashMap<String, i64> = HashMap::new();
+                    let key = |rng: &mut Rng| format!("w{t}-{}", rng.below(12));
+                    let mine = move |k: &String| k.starts_with(&format!("w{t}-"));
+                    for round in 0..rounds {
+                        let k = key(&mut rng);
+                        let v = round as i64;
+                        match rng.below(10) {
+                            0 | 1 => {
+                                assert_eq!(
+                                    h.insert(k.clone(), v).unwrap(),
+                                    model.insert(k.clone(), v)
+                                );
+                            }
+                            2 => {
+                                assert_eq!(h.remove(&k).unwrap(), model.remove(&k));
+                            }
+                            3 => {
+                                let pairs: Vec<(String, i64)> =
+                                    (0..3).map(|i| (key(&mut rng), v + i)).collect();
+                                h.insert_many(pairs.clone()).unwrap();
+                                model.extend(pairs);
+                            }
+                            4 => {
+                                let new =
+                                    h.upsert(k.clone(), |old| old.map_or(1, |o| o + 1)).unwrap();
+                                let expect = model.get(&k).map_or(1, |o| o + 1);
+                                model.insert(k.clone(), expect);
+                                assert_eq!(new, expect);
+                            }
+                            5 => {
+                                let present = h.update(&k, |v| *v *= 2).unwrap();
+                                assert_eq!(present, model.contains_key(&k));
+                                if let Some(m) = model.get_mut(&k) {
+                                    *m *= 2;
+                                }
+                            }
+                            6 => {
+                                let other = key(&mut rng);
+                                h.transaction(|tx| {
+                                    let moved = tx.remove(&k)?.unwrap_or(0);
+                                    tx.insert(other.clone(), moved + 1)?;
+                                    Ok(())
+                                })
+                                .unwrap();
+                                let moved = model.remove(&k).unwrap_or(0);
+                                model.insert(other.clone(), moved + 1);
+                            }
+                            7 => {
+                                let removed = h.retain(|k, v| !(mine(k) && v % 5 == 0)).unwrap();
+                                let before = model.len();
+                                model.retain(|_, v| *v % 5 != 0);
+                                assert_eq!(removed, before - model.len());
+                            }
+                            8 => {
+                                let other = key(&mut rng);
+                                let n = h.remove_many([&k, &other]).unwrap();
+                                let expect = [&k, &other]
+                                    .iter()
+                                    .collect::<std::collections::HashSet<_>>()
+                                    .iter()
+                                    .filter(|q| model.remove(**q as &String).is_some())
+                                    .count();
+                                assert_eq!(n, expect);
+                            }
+                            _ => {
+                                let pairs = vec![(k.clone(), 3), (k.clone(), 4)];
+                                h.upsert_many(pairs, |old, n| old.copied().unwrap_or(0) + n)
+                                    .unwrap();
+                                *model.entry(k.clone()).or_insert(0) += 7;
+                            }
+                        }
+                        assert_eq!(h.get(&k), model.get(&k).copied(), "writer {t}, key {k}");
+                    }
+                    model
+                })
+            })
+            .collect();
+        let models = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        stop.store(true, Ordering::Relaxed);
+        models
+    });
+    let expected: HashMap<String, i64> = models.into_iter().flatten().collect();
+    assert_eq!(h.to_hash_map(), expected);
+    assert_eq!(fresh(env, "mixed"), expected);
+    let (commits, calls) = h.commits();
+    eprintln!(
+        "{} reads while {calls} write calls took {commits} transactions",
+        reads.load(Ordering::Relaxed)
+    );
+    assert!(reads.load(Ordering::Relaxed) > 0);
+}
+
+/// Pairs of keys that every write keeps equal: two writers rewrite all of them with
+/// `insert_many` (group-committed) and transactions, while readers check, under one
+/// read guard, that every pair is equal and every key has the same value.
+fn readers_see_whole_batches(env: &impl Env, rounds: i64) {
+    let h = shared(env, "pairs");
+    let keys: Vec<String> = (0..8)
+        .flat_map(|i| [format!("a{i}"), format!("b{i}")])
+        .collect();
+    h.insert_many(keys.iter().map(|k| (k.clone(), 0))).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let checks = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            let (h, stop, checks, keys) =
+                (h.clone(), Arc::clone(&stop), Arc::clone(&checks), &keys);
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let g = h.read();
+                    let first = g[&keys[0]];
+                    for k in keys {
+                        assert_eq!(g[k], first, "a reader saw part of a batch: {:?}", *g);
+                    }
+                    checks.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        let writers: Vec<_> = (0..3i64)
+            .map(|w| {
+                let (h, keys) = (h.clone(), &keys);
+                s.spawn(move || {
+                    for n in 0..rounds {
+                        let v = n * 3 + w + 1;
+                        if w == 2 {
+                            h.transaction(|tx| {
+                                for k in keys {
+                                    tx.insert(k.clone(), v)?;
+                                }
+                                Ok(())
+                            })
+                            .unwrap();
+                        } else {
+                            h.insert_many(keys.iter().map(|k| (k.clone(), v))).unwrap();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    assert!(checks.load(Ordering::Relaxed) > 0);
+    assert_eq!(fresh(env, "pairs"), h.to_hash_map());
+}
+
+/// A writer waits for a second on a lock another connection holds; a reader meanwhile
+/// reads at memory speed: `read()` and `get` stay under 1 ms at the 99.9th percentile.
+fn readers_do_not_wait_for_a_blocked_writer(env: &impl Env) {
+    let h = shared(env, "blocked");
+    h.insert_many((0..1000).map(|i| (format!("k{i}"), i)))
+        .unwrap();
+    let lock = env.hold_write_lock("blocked", Duration::from_secs(1));
+    let started = Instant::now();
+    let writer = {
+        let h = h.clone();
+        std::thread::spawn(move || h.insert("x".into(), 1))
+    };
+    // Let the writer reach the lock.
+    std::thread::sleep(Duration::from_millis(50));
+    let mut times = Vec::new();
+    let mut sum = 0i64;
+    while !writer.is_finished() {
+        let t = Instant::now();
+        sum += h.read().get("k7").copied().unwrap_or(0);
+        sum += h.get("k8").unwrap_or(0);
+        times.push(t.elapsed());
+    }
+    writer.join().unwrap().unwrap();
+    lock.join().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the writer did not wait"
+    );
+    assert!(sum > 0);
+    times.sort();
+    let p999 = times[times.len() * 999 / 1000];
+    eprintln!(
+        "{} reads while the writer waited; p99.9 {p999:?}, max {:?}",
+        times.len(),
+        times.last().unwrap()
+    );
+    assert!(times.len() > 1000);
+    assert!(p999 < Duration::from_millis(1), "p99.9 read took {p999:?}");
+    assert_eq!(h.get("x"), Some(1));
+}
+
+/// Eight callers queue behind a lock another connection holds: once it is released
+/// their changes go in one or two transactions. With the database rejecting one of
+/// them (a trigger), that call alone fails and the others are committed.
+fn group_commit_fails_only_the_rejected_change(env: &impl Env) {
+    let h = shared(env, "group");
+    let insert_eight = |table: &str, bad: Option<usize>| {
+        let lock = env.hold_write_lock(table, Duration::from_millis(400));
+        let barrier = Arc::new(Barrier::new(8));
+        let results: Vec<Result<Option<i64>, Error>> = std::thread::scope(|s| {
+            let calls: Vec<_> = (0..8)
+                .map(|i| {
+                    let (h, barrier) = (h.clone(), Arc::clone(&barrier));
+                    s.spawn(move || {
+                        barrier.wait();
+                        let value = if Some(i) == bad { 666 } else { i as i64 };
+                        h.insert(format!("k{i}"), value)
+                    })
+                })
+                .collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        lock.join().unwrap();
+        results
+    };
+    let (before, _) = h.commits();
+    for r in insert_eight("group", None) {
+        assert_eq!(r.unwrap(), None);
+    }
+    let (after, calls) = h.commits();
+    eprintln!("{calls} calls, {} transactions", after - before);
+    assert_eq!(calls, 8);
+    assert!(
+        after - before <= 3,
+        "{} transactions for 8 calls",
+        after - before
+    );
+
+    env.reject_value("group", "666");
+    let results = insert_eight("group", Some(5));
+    for (i, r) in results.iter().enumerate() {
+        match (i, r) {
+            (5, Err(e)) => assert!(matches!(e, Error::Database { .. }), "{}", chain(e)),
+            (5, Ok(_)) => panic!("the rejected change was committed"),
+            (_, Err(e)) => panic!("call {i} failed with the rejected one: {}", chain(e)),
+            (_, Ok(previous)) => assert_eq!(*previous, Some(i as i64)),
+        }
+    }
+    let expected: HashMap<String, i64> = (0..8).map(|i| (format!("k{i}"), i)).collect();
+    assert_eq!(h.to_hash_map(), expected);
+    assert_eq!(fresh(env, "group"), expected);
+}
+
+/// Memory equals the table in the end, when many threads write at once and group
+/// commit merges writes to the same key: the last call wins, in memory and table.
+fn same_keys_from_many_threads(env: &impl Env) {
+    let h = shared(env, "same");
+    std::thread::scope(|s| {
+        for t in 0..6 {
+            let h = h.clone();
+            s.spawn(move || {
+                for i in 0..40 {
+                    let k = format!("k{}", i % 5);
+                    match (t + i) % 4 {
+                        0 => {
+                            h.remove(&k).unwrap();
+                        }
+                        1 => h.insert_many([(k, i), ("z".to_string(), t)]).unwrap(),
+                        _ => {
+                            h.insert(k, t * 100 + i).unwrap();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(fresh(env, "same"), h.to_hash_map());
+}
+
+/// Write-behind under a shared map: changes reach memory at once and the table on
+/// `flush`.
+fn shared_write_behind(env: &impl Env) {
+    let h: SharedDbHashMap<String, i64> = env
+        .builder()
+        .table("behind")
+        .write_behind(WriteBehind::default())
+        .open_shared()
+        .unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let h = h.clone();
+            s.spawn(move || {
+                for i in 0..50 {
+                    h.insert(format!("k{t}-{i}"), i).unwrap();
+                }
+            });
+        }
+    });
+    h.flush().unwrap();
+    assert_eq!(fresh(env, "behind"), h.to_hash_map());
+    h.close().unwrap();
+}
+
+/// `watch()`: a shared map refreshes itself when another map writes, and tells
+/// subscribers which keys changed; dropping its last handle stops the watcher thread.
+fn watch_brings_changes_in(env: &impl Env) {
+    let url = env.url();
+    let seen: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url)
+        .table("watched")
+        .watch()
+        .open_shared()
+        .unwrap();
+    let changes = seen.subscribe();
+    let mut writer: DbHashMap<String, i64> = DbHashMap::builder_url(&url)
+        .table("watched")
+        .coherent()
+        .open()
+        .unwrap();
+    let mut delays = Vec::new();
+    for i in 0..20 {
+        // Every fifth change removes the key the one before wrote.
+        let k = format!("k{}", if i % 5 == 4 { i - 1 } else { i } % 7);
+        let t = Instant::now();
+        if i % 5 == 4 {
+            writer.remove(&k).unwrap();
+        } else {
+            writer.insert(k.clone(), i).unwrap();
+        }
+        loop {
+            let keys = changes
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the change arrives within 10 s");
+            if keys.contains(&k) && seen.get(&k) == writer.get(&k).copied() {
+                break;
+            }
+        }
+        delays.push(t.elapsed());
+    }
+    assert_eq!(seen.to_hash_map(), *writer);
+    delays.sort();
+    eprintln!(
+        "change to visible: median {:?}, max {:?}",
+        delays[delays.len() / 2],
+        delays.last().unwrap()
+    );
+    let name = "write-thru-hash watch watched";
+    assert!(thread_named(name), "the watcher thread runs");
+    drop(seen);
+    let t = Instant::now();
+    while thread_named(name) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the watcher did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a thread of this process has this name (Linux cuts names to 15 bytes).
+fn thread_named(name: &str) -> bool {
+    let short = &name.as_bytes()[..15.min(name.len())];
+    std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
+        let comm = std::fs::read(t.unwrap().path().join("comm")).unwrap_or_default();
+        comm.strip_suffix(b"\n").unwrap_or(&comm) == short
+    })
+}
+
+macro_rules! shared_tests {
+    ($backend:ident, $env:expr, $rounds:expr) => {
+        mod $backend {
+            #[allow(unused_imports)]
+            use super::env;
+            #[test]
+            fn eight_threads_converge() {
+                super::eight_threads_converge(&$env, $rounds);
+            }
+            #[test]
+            fn readers_see_whole_batches() {
+                super::readers_see_whole_batches(&$env, $rounds as i64 / 4);
+            }
+            #[test]
+            fn readers_do_not_wait_for_a_blocked_writer() {
+                super::readers_do_not_wait_for_a_blocked_writer(&$env);
+            }
+            #[test]
+            fn group_commit_fails_only_the_rejected_change() {
+                super::group_commit_fails_only_the_rejected_change(&$env);
+            }
+            #[test]
+            fn same_keys_from_many_threads() {
+                super::same_keys_from_many_threads(&$env);
+            }
+            #[test]
+            fn shared_write_behind() {
+                super::shared_write_behind(&$env);
+            }
+            #[test]
+            fn watch_brings_changes_in() {
+                super::watch_brings_changes_in(&$env);
+            }
+        }
+    };
+}
+
+shared_tests!(sqlite, env::SqliteEnv::new(), 200);
+#[cfg(feature = "postgres")]
+shared_tests!(postgres, env::PgEnv::new(), 200);
+#[cfg(feature = "mysql")]
+shared_tests!(mysql, env::MyEnv::new(), 200);
+
+/// Feature `tokio`: on a current-thread runtime, while a write waits half a second on
+/// a locked SQLite file, another task keeps ticking every 10 ms. The other async write
+/// methods reach the table too.
+#[cfg(feature = "tokio")]
+#[test]
+fn sqlite_async_writes_do_not_block_the_runtime() {
+    let env = env::SqliteEnv::new();
+    let h = shared(&env, "async");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let lock = env.hold_write_lock("async", Duration::from_millis(500));
+        let ticks = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let ticks = Arc::clone(&ticks);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let t = Instant::now();
+        h.insert_async("a".into(), 1).await.unwrap();
+        let waited = t.elapsed();
+        let ticked = ticks.load(Ordering::Relaxed);
+        ticker.abort();
+        lock.join().unwrap();
+        eprintln!("the write waited {waited:?}; the other task ticked {ticked} times");
+        assert!(waited >= Duration::from_millis(400), "{waited:?}");
+        assert!(
+            ticked >= 30,
+            "the runtime was blocked: {ticked} ticks in {waited:?}"
+        );
+
+        h.insert_many_async((0..10).map(|i| (format!("k{i}"), i)))
+            .await
+            .unwrap();
+        assert_eq!(h.remove_async("k0".to_string()).await.unwrap(), Some(0));
+        assert_eq!(
+            h.upsert_async("k1".into(), |v| v.map_or(0, |v| v + 10))
+                .await
+                .unwrap(),
+            11
+        );
+        assert!(h.update_async("k2".to_string(), |v| *v = 20).await.unwrap());
+        assert_eq!(h.retain_async(|_, v| *v != 3).await.unwrap(), 1);
+        let moved = h
+            .transaction_async(|tx| {
+                let v = tx.remove("k4")?.unwrap();
+                tx.insert("k40".into(), v)?;
+                Ok(v)
+            })
+            .await
+            .unwrap();
+        assert_eq!(moved, 4);
+        h.flush_async().await.unwrap();
+    });
+    assert_eq!(fresh(&env, "async"), h.to_hash_map());
+    assert_eq!(h.len(), 9);
+}
