@@ -20,7 +20,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use clap::Parser;
 use mysql::prelude::Queryable;
-use write_thru_hash::{DbHashMap, Dialect, Format, TableSpec, WriteBehind};
+use std::sync::atomic::AtomicBool;
+
+use write_thru_hash::{DbHashMap, Dialect, Format, SharedDbHashMap, TableSpec, WriteBehind};
 
 /// Counts the bytes the process holds, and the most it held since the last reset.
 struct Counting;
@@ -67,18 +69,51 @@ struct Args {
     /// Rounds of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Only these parts (comma-separated): sqlite, server, coherence, shared.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+impl Args {
+    fn runs(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
 }
 
 struct Row {
     backend: String,
     case: String,
-    lib: Duration,
-    raw: Duration,
+    lib: Sample,
+    raw: Sample,
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+/// The times of one side over the rounds.
+struct Sample(Vec<Duration>);
+
+impl Sample {
+    fn median(&self) -> Duration {
+        let mut v = self.0.clone();
+        v.sort();
+        v[v.len() / 2]
+    }
+
+    /// `median (min-max)` in milliseconds.
+    fn show(&self) -> String {
+        let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+        let min = self.0.iter().min().map_or(0.0, ms);
+        let max = self.0.iter().max().map_or(0.0, ms);
+        if self.0.len() > 1 {
+            format!("{:.1} ms ({min:.1}-{max:.1})", ms(&self.median()))
+        } else {
+            format!("{:.1} ms", ms(&self.median()))
+        }
+    }
+}
+
+impl From<Duration> for Sample {
+    fn from(d: Duration) -> Self {
+        Sample(vec![d])
+    }
 }
 
 /// Runs `lib` and `raw` alternately, `rounds` times each, each on a fresh table.
@@ -86,13 +121,13 @@ fn side_by_side(
     rounds: usize,
     mut lib: impl FnMut(usize) -> Duration,
     mut raw: impl FnMut(usize) -> Duration,
-) -> (Duration, Duration) {
+) -> (Sample, Sample) {
     let (mut l, mut r) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         l.push(lib(round));
         r.push(raw(round));
     }
-    (median(l), median(r))
+    (Sample(l), Sample(r))
 }
 
 /// Typed pairs, and the same pairs as the library's JSON codec stores them.
@@ -365,13 +400,246 @@ fn sqlite(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, journal: &s
     rows.push(Row {
         backend,
         case: format!("W5 {n5} write-behind inserts until durable"),
-        lib,
-        raw,
+        lib: lib.into(),
+        raw: raw.into(),
     });
 }
 
 fn serde_json_from<T: serde::de::DeserializeOwned>(s: &str) -> T {
     serde_json::from_str(s).unwrap()
+}
+
+// ---- Shared map ----
+
+/// W6: `threads` threads each inserting `each` keys of their own, every call durable
+/// on return: one shared map against one connection per thread, an autocommit upsert
+/// per insert.
+fn w6<C: Send>(
+    rows: &mut Vec<Row>,
+    args: &Args,
+    backend: &str,
+    lib_map: &dyn Fn(usize) -> SharedDbHashMap<String, i64>,
+    raw_conn: &(dyn Fn(usize) -> C + Sync),
+    raw_insert: &(dyn Fn(&mut C, &str, &str) + Sync),
+) {
+    let threads = 8;
+    let each = if args.quick { 200 } else { 2_000 };
+    let (typed, encoded) = data(threads * each);
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |r| {
+            let h = lib_map(r);
+            let took = timed(|| {
+                std::thread::scope(|s| {
+                    for part in typed.chunks(each) {
+                        let h = h.clone();
+                        s.spawn(move || {
+                            for (k, v) in part {
+                                h.insert(k.clone(), *v).unwrap();
+                            }
+                        });
+                    }
+                })
+            });
+            let (commits, calls) = h.commits();
+            eprintln!("W6 {backend}: {calls} inserts in {commits} transactions");
+            took
+        },
+        |r| {
+            let conns: Vec<C> = (0..threads).map(|_| raw_conn(r)).collect();
+            timed(|| {
+                std::thread::scope(|s| {
+                    for (mut c, part) in conns.into_iter().zip(encoded.chunks(each)) {
+                        s.spawn(move || {
+                            for (k, v) in part {
+                                raw_insert(&mut c, k, v);
+                            }
+                        });
+                    }
+                })
+            })
+        },
+    );
+    rows.push(Row {
+        backend: backend.into(),
+        case: format!(
+            "W6 {threads} threads × {each} inserts, each durable on return (raw: a connection \
+             per thread, a commit per insert)"
+        ),
+        lib,
+        raw,
+    });
+}
+
+/// W6 on SQLite (WAL, `synchronous = FULL`) and W7: `get`s of two reader threads on a
+/// shared map, with and without a writer running flat out, and on a bare
+/// `RwLock<HashMap>`.
+fn shared(rows: &mut Vec<Row>, args: &Args) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Dialect::Sqlite;
+    let table = spec("hashtable");
+    let path = |side: &str, r: usize| dir.path().join(format!("w6{side}{r}"));
+    w6(
+        rows,
+        args,
+        "SQLite (WAL)",
+        &|r| {
+            DbHashMap::builder(sqlite_conn(&path("l", r), "WAL"))
+                .open_shared()
+                .unwrap()
+        },
+        &|r| {
+            let c = sqlite_conn(&path("r", r), "WAL");
+            c.busy_timeout(Duration::from_secs(60)).unwrap();
+            c.execute_batch(&d.create_table(&table)).unwrap();
+            c
+        },
+        &|c, k, v| {
+            c.prepare_cached(&d.upsert(&table, 1))
+                .unwrap()
+                .execute([k, v])
+                .unwrap();
+        },
+    );
+
+    // W7: 100,000 entries; each reader gets `n7` random keys.
+    let n7 = if args.quick { 200_000 } else { 2_000_000 };
+    let (typed, _) = data(100_000);
+    let h: SharedDbHashMap<String, i64> = DbHashMap::builder(sqlite_conn(&path("w7", 0), "WAL"))
+        .src(typed.clone())
+        .open_shared()
+        .unwrap();
+    let bare = std::sync::RwLock::new(typed.iter().cloned().collect::<HashMap<_, _>>());
+    let keys: Vec<Vec<String>> = (0..2u64)
+        .map(|t| {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ t;
+            (0..n7)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    typed[(x % typed.len() as u64) as usize].0.clone()
+                })
+                .collect()
+        })
+        .collect();
+    let readers = |get: &(dyn Fn(&str) -> Option<i64> + Sync),
+                   writer: Option<&(dyn Fn(&AtomicBool) + Sync)>| {
+        let stop = AtomicBool::new(false);
+        timed(|| {
+            std::thread::scope(|s| {
+                if let Some(w) = writer {
+                    let stop = &stop;
+                    s.spawn(move || w(stop));
+                }
+                let readers: Vec<_> = keys
+                    .iter()
+                    .map(|keys| s.spawn(move || keys.iter().map(|k| get(k).unwrap()).sum::<i64>()))
+                    .collect();
+                for r in readers {
+                    assert!(r.join().unwrap() > 0);
+                }
+                stop.store(true, Ordering::Relaxed);
+            })
+        })
+    };
+    let shared_get = |k: &str| h.get(k);
+    let bare_get = |k: &str| bare.read().unwrap().get(k).copied();
+    // The same writer on another map: as much work for the CPUs, no lock in common.
+    let other: SharedDbHashMap<String, i64> =
+        DbHashMap::builder(sqlite_conn(&path("w7other", 0), "WAL"))
+            .open_shared()
+            .unwrap();
+    let written = AtomicUsize::new(0);
+    let writer_on = |m: &SharedDbHashMap<String, i64>, stop: &AtomicBool| {
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            m.insert(format!("new-{i}"), i).unwrap();
+            i += 1;
+        }
+        written.fetch_add(i as usize, Ordering::Relaxed);
+    };
+    let writer = |stop: &AtomicBool| writer_on(&h, stop);
+    let elsewhere = |stop: &AtomicBool| writer_on(&other, stop);
+    let (with, without) = side_by_side(
+        args.rounds,
+        |_| readers(&shared_get, Some(&writer)),
+        |_| readers(&shared_get, None),
+    );
+    let case = format!("W7 2 readers × {n7} gets");
+    rows.push(Row {
+        backend: "shared map".into(),
+        case: format!("{case}, a writer inserting flat out (raw: no writer)"),
+        lib: with,
+        raw: without,
+    });
+    let (here, there) = side_by_side(
+        args.rounds,
+        |_| readers(&shared_get, Some(&writer)),
+        |_| readers(&shared_get, Some(&elsewhere)),
+    );
+    rows.push(Row {
+        backend: "shared map".into(),
+        case: format!(
+            "{case}, a writer inserting flat out (raw: the same writer on another map, \
+             which shares the CPUs but no lock)"
+        ),
+        lib: here,
+        raw: there,
+    });
+    let (alone, rwlock) = side_by_side(
+        args.rounds,
+        |_| readers(&shared_get, None),
+        |_| readers(&bare_get, None),
+    );
+    rows.push(Row {
+        backend: "shared map".into(),
+        case: format!("{case}, no writer (raw: a bare RwLock<HashMap>)"),
+        lib: alone,
+        raw: rwlock,
+    });
+    let (commits, calls) = h.commits();
+    eprintln!(
+        "W7: the writers committed {} inserts ({calls} calls in {commits} transactions on the \
+         map read)",
+        written.load(Ordering::Relaxed)
+    );
+}
+
+/// W6 on PostgreSQL.
+fn shared_postgres(rows: &mut Vec<Row>, args: &Args, url: &str) {
+    let d = Dialect::Postgres;
+    let fresh = |name: &str| {
+        let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+        c.batch_execute(&format!("DROP TABLE IF EXISTS {}", d.quote(name)))
+            .unwrap();
+        c
+    };
+    let raw_table = spec("bench_w6_raw");
+    w6(
+        rows,
+        args,
+        "PostgreSQL",
+        &|_| {
+            fresh("bench_w6_lib");
+            DbHashMap::builder_url(url)
+                .table("bench_w6_lib")
+                .open_shared()
+                .unwrap()
+        },
+        &|_| {
+            let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+            c.batch_execute(&d.create_table(&raw_table)).unwrap();
+            c.batch_execute(&format!("DELETE FROM {}", d.quote("bench_w6_raw")))
+                .unwrap();
+            let st = c.prepare(&d.upsert(&raw_table, 1)).unwrap();
+            (c, st)
+        },
+        &|(c, st), k, v| {
+            c.execute(&*st, &[&k, &v]).unwrap();
+        },
+    );
+    drop(fresh("bench_w6_raw"));
 }
 
 // ---- Server backends ----
@@ -584,7 +852,7 @@ fn coherence(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, backend:
         notes.push(format!(
             "{backend}: refresh after {changes} change(s) on a table of {n3} rows: {:.3} ms \
              (median of {})",
-            median(times.clone()).as_secs_f64() * 1e3,
+            Sample(times.clone()).median().as_secs_f64() * 1e3,
             times.len()
         ));
     }
@@ -594,15 +862,25 @@ fn main() {
     let args = Args::parse();
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    sqlite(&mut rows, &mut notes, &args, "WAL");
-    sqlite(&mut rows, &mut notes, &args, "DELETE");
+    if args.runs("sqlite") {
+        sqlite(&mut rows, &mut notes, &args, "WAL");
+        sqlite(&mut rows, &mut notes, &args, "DELETE");
+    }
+    if args.runs("shared") {
+        shared(&mut rows, &args);
+        if let Ok(url) = std::env::var("WTH_POSTGRES_URL") {
+            shared_postgres(&mut rows, &args, &url);
+        }
+    }
     match std::env::var("WTH_POSTGRES_URL") {
+        Ok(_) if !args.runs("server") => {}
         Ok(url) => server::<postgres::Client>(&mut rows, &args, &url),
         Err(_) => eprintln!(
             "WTH_POSTGRES_URL not set: PostgreSQL not measured (scripts/bench.sh starts a server)"
         ),
     }
     match std::env::var("WTH_MYSQL_URL") {
+        Ok(_) if !args.runs("server") => {}
         Ok(url) => server::<mysql::Conn>(&mut rows, &args, &url),
         Err(_) => eprintln!(
             "WTH_MYSQL_URL not set: MariaDB not measured (scripts/bench.sh starts a server)"
@@ -610,11 +888,14 @@ fn main() {
     }
     let dir = tempfile::tempdir().unwrap();
     let lite = format!("sqlite:{}", dir.path().join("coherence.sqlite").display());
-    coherence(&mut rows, &mut notes, &args, "SQLite (WAL)", &lite);
-    if let Ok(url) = std::env::var("WTH_POSTGRES_URL") {
+    let coherent = args.runs("coherence");
+    if coherent {
+        coherence(&mut rows, &mut notes, &args, "SQLite (WAL)", &lite);
+    }
+    if let Some(url) = std::env::var("WTH_POSTGRES_URL").ok().filter(|_| coherent) {
         coherence(&mut rows, &mut notes, &args, "PostgreSQL", &url);
     }
-    if let Ok(url) = std::env::var("WTH_MYSQL_URL") {
+    if let Some(url) = std::env::var("WTH_MYSQL_URL").ok().filter(|_| coherent) {
         // Triggers cannot live in the `mysql` schema the test servers' URL names.
         let mut c = <mysql::Conn as Raw>::connect(&url);
         Raw::exec(&mut c, "CREATE DATABASE IF NOT EXISTS wth_bench");
@@ -627,16 +908,31 @@ fn main() {
             &format!("{base}/wth_bench"),
         );
     }
-    println!("| backend | case | write-thru-hash | raw driver | ratio |");
+    println!("| backend | case | write-thru-hash, median (min-max) | raw driver | ratio (min-max of rounds) |");
     println!("|---|---|---:|---:|---:|");
     for r in rows {
+        let ratio = |l: Duration, r: Duration| l.as_secs_f64() / r.as_secs_f64();
+        let spread = if r.lib.0.len() == r.raw.0.len() && r.lib.0.len() > 1 {
+            let each: Vec<f64> = r
+                .lib
+                .0
+                .iter()
+                .zip(&r.raw.0)
+                .map(|(l, r)| ratio(*l, *r))
+                .collect();
+            let lo = each.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = each.iter().copied().fold(0.0, f64::max);
+            format!(" ({lo:.2}-{hi:.2})")
+        } else {
+            String::new()
+        };
         println!(
-            "| {} | {} | {:.1} ms | {:.1} ms | {:.2}x |",
+            "| {} | {} | {} | {} | {:.2}x{spread} |",
             r.backend,
             r.case,
-            r.lib.as_secs_f64() * 1e3,
-            r.raw.as_secs_f64() * 1e3,
-            r.lib.as_secs_f64() / r.raw.as_secs_f64()
+            r.lib.show(),
+            r.raw.show(),
+            ratio(r.lib.median(), r.raw.median()),
         );
     }
     println!();

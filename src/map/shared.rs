@@ -13,7 +13,7 @@ use std::hash::{BuildHasher, Hash};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::transaction::Transaction;
 use super::writer::{apply_changes, Encoder, Refreshed, Writer};
@@ -74,13 +74,22 @@ pub(crate) struct Inner<K, V, S> {
     /// The write path. Whoever holds it is the only one to change `map`.
     writer: Mutex<Writer<K, V>>,
     /// Group commit: changes waiting for the next writer to reach the store.
-    queue: Mutex<Vec<Request<K, V>>>,
+    queue: Mutex<Queue<K, V>>,
+    /// Wakes callers waiting in the queue: a group was committed.
+    turn: Condvar,
     table: String,
     backend: &'static str,
     /// Write calls made.
     calls: AtomicU64,
     /// Receivers of the keys each refresh changed.
     subscribers: Mutex<Vec<mpsc::Sender<Vec<K>>>>,
+}
+
+/// Changes waiting to be committed, and whether a caller is committing a group now
+/// (the leader: the others wait for it rather than for the store).
+struct Queue<K, V> {
+    pending: Vec<Request<K, V>>,
+    leading: bool,
 }
 
 /// A change waiting in the group commit queue: its batch, what it changes in memory,
@@ -247,10 +256,19 @@ where
     /// with no other writer in between.
     fn exclusive<R>(&self, f: impl FnOnce(&mut Writer<K, V>) -> Result<R>) -> Result<R> {
         let mut w = self.writer();
-        let queued = std::mem::take(&mut *unpoisoned(self.queue.lock()));
-        self.commit_group(&mut w, queued);
+        let queued = std::mem::take(&mut self.queue().pending);
+        if !queued.is_empty() {
+            self.commit_group(&mut w, queued);
+            // Under the queue's lock, so that no waiter misses the news.
+            let _queue = self.queue();
+            self.turn.notify_all();
+        }
         self.calls.fetch_add(1, Ordering::Relaxed);
         f(&mut w)
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue<K, V>> {
+        unpoisoned(self.queue.lock())
     }
 
     /// Applies what others committed since the last look (see
@@ -301,6 +319,17 @@ where
     }
 }
 
+/// A leader's term: ends when dropped, even by a panic.
+struct Leading<'a, K, V, S>(&'a Inner<K, V, S>);
+
+impl<K, V, S> Drop for Leading<'_, K, V, S> {
+    fn drop(&mut self) {
+        let mut queue = unpoisoned(self.0.queue.lock());
+        queue.leading = false;
+        self.0.turn.notify_all();
+    }
+}
+
 /// The error of each other change of a group whose commit had an unknown outcome.
 fn outcome_unknown_too(e: &Error) -> Error {
     match e {
@@ -329,7 +358,11 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
                 enc: Arc::clone(&w.enc),
                 map: RwLock::new(map),
                 writer: Mutex::new(w),
-                queue: Mutex::new(Vec::new()),
+                queue: Mutex::new(Queue {
+                    pending: Vec::new(),
+                    leading: false,
+                }),
+                turn: Condvar::new(),
                 calls: AtomicU64::new(0),
                 subscribers: Mutex::new(Vec::new()),
             }),
@@ -463,38 +496,51 @@ where
         self.inner.read().clone()
     }
 
-    /// Queues a change for the next group commit and waits for its outcome. Whoever gets
-    /// the store next commits everything queued, this change included; a caller whose
-    /// change someone else committed returns as soon as it gets the store, or before.
+    /// Queues a change for the next group commit and waits for its outcome. When no
+    /// caller is committing, this one becomes the leader: it takes everything queued,
+    /// its own change included, commits it as one group, and wakes the others; callers
+    /// whose changes came meanwhile wait for the next leader, one of themselves.
     fn submit(&self, batch: Batch, change: Change<K, V>) -> Result<Done<K, V>> {
+        let inner = &*self.inner;
         let (done, outcome) = mpsc::sync_channel(1);
-        unpoisoned(self.inner.queue.lock()).push(Request {
+        let mut queue = inner.queue();
+        queue.pending.push(Request {
             batch,
             change,
             done,
         });
-        let ready = || match outcome.try_recv() {
-            Ok(result) => Some(result),
-            Err(TryRecvError::Empty) => None,
-            // The thread committing the group panicked: whether it committed is not
-            // known.
-            Err(TryRecvError::Disconnected) => Some(Err(Error::OutcomeUnknown {
-                table: self.inner.table.clone(),
-                backend: self.inner.backend,
-                source: "the thread committing this change's group panicked".into(),
-            })),
-        };
         loop {
-            if let Some(result) = ready() {
-                return result;
+            match outcome.try_recv() {
+                Ok(result) => return result,
+                Err(TryRecvError::Empty) => {}
+                // The leader that took this change panicked: whether its group was
+                // committed is not known.
+                Err(TryRecvError::Disconnected) => {
+                    return Err(Error::OutcomeUnknown {
+                        table: inner.table.clone(),
+                        backend: inner.backend,
+                        source: "the thread committing this change's group panicked".into(),
+                    })
+                }
             }
-            let mut w = self.inner.writer();
-            if let Some(result) = ready() {
-                return result;
+            if queue.leading {
+                queue = unpoisoned(inner.turn.wait(queue));
+                continue;
             }
-            // Not taken by anyone yet: this caller commits the group, its change in it.
-            let group = std::mem::take(&mut *unpoisoned(self.inner.queue.lock()));
-            self.inner.commit_group(&mut w, group);
+            queue.leading = true;
+            drop(queue);
+            // Whatever happens in the commit, leadership is handed back and the waiters
+            // woken, so that none waits for a leader that is gone.
+            let lead = Leading(inner);
+            let mut w = inner.writer();
+            // The callers the last commit released are making their next change: let
+            // them queue it, so that it joins this group rather than wait for the next.
+            std::thread::yield_now();
+            let group = std::mem::take(&mut inner.queue().pending);
+            inner.commit_group(&mut w, group);
+            drop(w);
+            drop(lead);
+            queue = inner.queue();
         }
     }
 
