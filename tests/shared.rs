@@ -423,6 +423,27 @@ fn thread_named(name: &str) -> bool {
     })
 }
 
+/// A panic inside a transaction's closure leaves the map and the table as they were,
+/// and the map goes on working for every handle.
+fn panic_in_a_transaction_changes_nothing(env: &impl Env) {
+    let h = shared(env, "panics");
+    h.insert("a".into(), 1).unwrap();
+    let other = h.clone();
+    let caught = std::thread::spawn(move || {
+        other.transaction(|tx| -> Result<(), Error> {
+            tx.insert("a".into(), 2)?;
+            tx.insert("b".into(), 2)?;
+            panic!("in the middle of a transaction");
+        })
+    })
+    .join();
+    assert!(caught.is_err());
+    assert_eq!(h.to_hash_map(), HashMap::from([("a".to_string(), 1)]));
+    h.insert("c".into(), 3).unwrap();
+    assert_eq!(h.upsert("a".into(), |v| v.unwrap() + 1).unwrap(), 2);
+    assert_eq!(fresh(env, "panics"), h.to_hash_map());
+}
+
 macro_rules! shared_tests {
     ($backend:ident, $env:expr, $rounds:expr) => {
         mod $backend {
@@ -451,6 +472,10 @@ macro_rules! shared_tests {
             #[test]
             fn shared_write_behind() {
                 super::shared_write_behind(&$env);
+            }
+            #[test]
+            fn panic_in_a_transaction_changes_nothing() {
+                super::panic_in_a_transaction_changes_nothing(&$env);
             }
             #[test]
             fn watch_brings_changes_in() {

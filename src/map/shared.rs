@@ -12,8 +12,9 @@ use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, TryRecvError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use super::transaction::Transaction;
 use super::writer::{apply_changes, Encoder, Refreshed, Writer};
@@ -75,8 +76,6 @@ pub(crate) struct Inner<K, V, S> {
     writer: Mutex<Writer<K, V>>,
     /// Group commit: changes waiting for the next writer to reach the store.
     queue: Mutex<Queue<K, V>>,
-    /// Wakes callers waiting in the queue: a group was committed.
-    turn: Condvar,
     table: String,
     backend: &'static str,
     /// Write calls made.
@@ -90,6 +89,11 @@ pub(crate) struct Inner<K, V, S> {
 struct Queue<K, V> {
     pending: Vec<Request<K, V>>,
     leading: bool,
+    /// Callers seen around the last group commit: those it committed, and those that
+    /// queued while it ran.
+    callers: usize,
+    /// How long the last group commit took.
+    last_commit: Duration,
 }
 
 /// A change waiting in the group commit queue: its batch, what it changes in memory,
@@ -97,7 +101,13 @@ struct Queue<K, V> {
 struct Request<K, V> {
     batch: Batch,
     change: Change<K, V>,
-    done: mpsc::SyncSender<Result<Done<K, V>>>,
+    done: mpsc::SyncSender<Word<K, V>>,
+}
+
+/// What a waiting caller hears: its outcome, or that it leads the next group.
+enum Word<K, V> {
+    Outcome(Result<Done<K, V>>),
+    Lead,
 }
 
 /// The memory side of a queued change, applied once its batch is committed.
@@ -247,7 +257,7 @@ where
         }
         for (done, outcome) in outcomes {
             // The caller waits on the other end for as long as the request lives.
-            let _ = done.send(outcome);
+            let _ = done.send(Word::Outcome(outcome));
         }
     }
 
@@ -257,18 +267,49 @@ where
     fn exclusive<R>(&self, f: impl FnOnce(&mut Writer<K, V>) -> Result<R>) -> Result<R> {
         let mut w = self.writer();
         let queued = std::mem::take(&mut self.queue().pending);
-        if !queued.is_empty() {
-            self.commit_group(&mut w, queued);
-            // Under the queue's lock, so that no waiter misses the news.
-            let _queue = self.queue();
-            self.turn.notify_all();
-        }
+        self.commit_group(&mut w, queued);
         self.calls.fetch_add(1, Ordering::Relaxed);
         f(&mut w)
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue<K, V>> {
         unpoisoned(self.queue.lock())
+    }
+
+    /// One term as leader: commits everything queued (the leader's own change
+    /// included) as one group, then hands the lead to the first caller queued since.
+    fn lead(&self) {
+        let term = Leading(self);
+        let mut w = self.writer();
+        // The callers the last commit released are making their next change: wait
+        // (briefly) for as many changes as there were callers around the last commit,
+        // so that they join this group rather than wait for the next.
+        self.gather();
+        let group = std::mem::take(&mut self.queue().pending);
+        let size = group.len();
+        let started = Instant::now();
+        self.commit_group(&mut w, group);
+        {
+            let mut after = self.queue();
+            after.callers = size + after.pending.len();
+            after.last_commit = started.elapsed();
+        }
+        drop(w);
+        drop(term);
+    }
+
+    /// A leader's wait before taking its group: until as many changes are queued as
+    /// there were callers around the last commit, for at most a quarter of that
+    /// commit's time. A lone writer does not wait.
+    fn gather(&self) {
+        let (want, limit) = {
+            let queue = self.queue();
+            (queue.callers, queue.last_commit / GATHER_SHARE)
+        };
+        let start = Instant::now();
+        while self.queue().pending.len() < want && start.elapsed() < limit {
+            std::thread::yield_now();
+        }
     }
 
     /// Applies what others committed since the last look (see
@@ -319,14 +360,29 @@ where
     }
 }
 
-/// A leader's term: ends when dropped, even by a panic.
+/// The longest a leader waits for changes to gather, as a share of the last commit's
+/// time: a wait longer than that would cost more than a second commit.
+const GATHER_SHARE: u32 = 4;
+
+/// A leader's term. It ends when dropped, even by a panic: the first caller still
+/// queued is told to lead next, or, with none, nobody leads until the next change.
 struct Leading<'a, K, V, S>(&'a Inner<K, V, S>);
 
 impl<K, V, S> Drop for Leading<'_, K, V, S> {
     fn drop(&mut self) {
         let mut queue = unpoisoned(self.0.queue.lock());
-        queue.leading = false;
-        self.0.turn.notify_all();
+        loop {
+            let Some(next) = queue.pending.first() else {
+                queue.leading = false;
+                return;
+            };
+            if next.done.try_send(Word::Lead).is_ok() {
+                return;
+            }
+            // Its caller is gone (it cannot be, while the request is queued; but a
+            // request nobody waits for must not stall the queue).
+            queue.pending.remove(0);
+        }
     }
 }
 
@@ -361,8 +417,9 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
                 queue: Mutex::new(Queue {
                     pending: Vec::new(),
                     leading: false,
+                    callers: 0,
+                    last_commit: Duration::ZERO,
                 }),
-                turn: Condvar::new(),
                 calls: AtomicU64::new(0),
                 subscribers: Mutex::new(Vec::new()),
             }),
@@ -502,20 +559,27 @@ where
     /// whose changes came meanwhile wait for the next leader, one of themselves.
     fn submit(&self, batch: Batch, change: Change<K, V>) -> Result<Done<K, V>> {
         let inner = &*self.inner;
-        let (done, outcome) = mpsc::sync_channel(1);
-        let mut queue = inner.queue();
-        queue.pending.push(Request {
-            batch,
-            change,
-            done,
-        });
+        // Room for the word to lead and the outcome, so that neither sender waits.
+        let (done, words) = mpsc::sync_channel(2);
+        let leads = {
+            let mut queue = inner.queue();
+            queue.pending.push(Request {
+                batch,
+                change,
+                done,
+            });
+            !std::mem::replace(&mut queue.leading, true)
+        };
+        if leads {
+            inner.lead();
+        }
         loop {
-            match outcome.try_recv() {
-                Ok(result) => return result,
-                Err(TryRecvError::Empty) => {}
+            match words.recv() {
+                Ok(Word::Outcome(result)) => return result,
+                Ok(Word::Lead) => inner.lead(),
                 // The leader that took this change panicked: whether its group was
                 // committed is not known.
-                Err(TryRecvError::Disconnected) => {
+                Err(_) => {
                     return Err(Error::OutcomeUnknown {
                         table: inner.table.clone(),
                         backend: inner.backend,
@@ -523,24 +587,6 @@ where
                     })
                 }
             }
-            if queue.leading {
-                queue = unpoisoned(inner.turn.wait(queue));
-                continue;
-            }
-            queue.leading = true;
-            drop(queue);
-            // Whatever happens in the commit, leadership is handed back and the waiters
-            // woken, so that none waits for a leader that is gone.
-            let lead = Leading(inner);
-            let mut w = inner.writer();
-            // The callers the last commit released are making their next change: let
-            // them queue it, so that it joins this group rather than wait for the next.
-            std::thread::yield_now();
-            let group = std::mem::take(&mut inner.queue().pending);
-            inner.commit_group(&mut w, group);
-            drop(w);
-            drop(lead);
-            queue = inner.queue();
         }
     }
 

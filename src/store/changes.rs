@@ -43,7 +43,7 @@ macro_rules! coherence_methods {
                 .coherence
                 .as_ref()
                 .ok_or_else(|| not_enabled(&self.table))?;
-            c.version(&mut self.$conn).map(|(v, _)| v)
+            c.version(&mut self.$conn)
         }
 
         fn changes(&mut self, since: u64, sink: &mut ChangeSink<'_>) -> Result<Option<u64>> {
@@ -132,7 +132,7 @@ impl Dialect {
 
     /// The statements that install coherence on `t`: the log, the clock and the
     /// triggers. Each may run again on an installed table and change nothing.
-    pub(crate) fn coherence_setup(self, t: &TableSpec, n: &Names) -> Vec<String> {
+    pub(crate) fn coherence_setup(self, t: &TableSpec, n: &Names, origin: &str) -> Vec<String> {
         let q = |s: &str| self.quote(s);
         let (table, log, clock, key) = (q(&t.name), q(&n.log), q(&n.clock), q("key"));
         let key_type = self.log_key_type(t.key_format);
@@ -293,7 +293,16 @@ impl Dialect {
                          ON DUPLICATE KEY UPDATE v = VALUES(v);"
                     )
                 };
-                let bump = format!("UPDATE {clock} SET v = LAST_INSERT_ID(v + 1) WHERE id = 1;");
+                // Versions per origin (a Galera node; 0 elsewhere): origin `o` counts in
+                // its own clock row `o + 1`, from `o << 40`, so that writers on two nodes
+                // never write one row (which Galera would refuse as a conflict), and a
+                // version says which origin it counts for.
+                let bump = format!(
+                    "INSERT INTO {clock} (id, v, horizon) \
+                     VALUES (o + 1, LAST_INSERT_ID((o << {ORIGIN_BITS}) + 1), o << {ORIGIN_BITS}) \
+                     ON DUPLICATE KEY UPDATE v = LAST_INSERT_ID(v + 1);"
+                );
+                let bump = format!("DECLARE o BIGINT DEFAULT {origin}; {bump}");
                 vec![
                     format!(
                         "CREATE TABLE IF NOT EXISTS {log} ({key} {key_type} NOT NULL PRIMARY KEY, \
@@ -359,13 +368,48 @@ impl Dialect {
     /// after the row they fire for, so a transaction of several statements takes it
     /// first itself).
     #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
-    pub(crate) fn clock_lock(self, n: &Names) -> Option<String> {
+    pub(crate) fn clock_lock(self, n: &Names, origin: &str) -> Option<String> {
         (self == Dialect::Mysql).then(|| {
             format!(
-                "SELECT v FROM {} WHERE id = 1 FOR UPDATE",
+                "SELECT v FROM {} WHERE id = {origin} + 1 FOR UPDATE",
                 self.quote(&n.clock)
             )
         })
+    }
+
+    /// MySQL: the changes since the versions `since` (origin, version), in ranges of
+    /// the log's index: above each known origin's version, and all of every origin not
+    /// known yet; with the clock's rows (horizon and version, no key) in the same
+    /// snapshot.
+    pub(crate) fn origin_changes_query(
+        self,
+        t: &TableSpec,
+        n: &Names,
+        since: &[(u64, u64)],
+    ) -> String {
+        let q = |s: &str| self.quote(s);
+        let (table, log, clock, key, value) =
+            (q(&t.name), q(&n.log), q(&n.clock), q("key"), q("value"));
+        let mut ranges = Vec::new();
+        let mut unknown_from = 0u64;
+        for &(origin, seen) in since {
+            let start = origin << ORIGIN_BITS;
+            if start > unknown_from {
+                ranges.push(format!("(l.v >= {unknown_from} AND l.v < {start})"));
+            }
+            unknown_from = (origin + 1) << ORIGIN_BITS;
+            ranges.push(format!("(l.v > {seen} AND l.v < {unknown_from})"));
+        }
+        ranges.push(format!("l.v >= {unknown_from}"));
+        format!(
+            "SELECT CAST(c.horizon AS CHAR), CAST(c.v AS CHAR), NULL, NULL, NULL FROM {clock} c \
+             UNION ALL \
+             SELECT NULL, CAST(l.v AS CHAR), l.{key}, \
+             CASE WHEN EXISTS (SELECT 1 FROM {table} t WHERE t.{key} = l.{key}) THEN '1' ELSE '0' END, \
+             (SELECT t.{value} FROM {table} t WHERE t.{key} = l.{key}) \
+             FROM {log} l WHERE {}",
+            ranges.join(" OR ")
+        )
     }
 
     /// One row of two texts: the version the table is at, and the compaction horizon.
@@ -440,6 +484,13 @@ impl Dialect {
     }
 }
 
+/// MySQL: the bits of a version below its origin's (see `coherence_setup`).
+const ORIGIN_BITS: u32 = 40;
+
+/// MySQL: the origin a writing session counts for: on a Galera node a number made from
+/// the node's name, elsewhere 0.
+const GALERA_ORIGIN: &str = "IF(@@wsrep_on, 1 + CRC32(@@wsrep_node_name) % 8000000, 0)";
+
 /// `head $tag$ body $tag$`, with a dollar-quote tag that occurs nowhere in the body:
 /// the body holds the table's names, which may hold any text, `$wth$` included.
 fn dollar_quoted(head: &str, body: &str) -> String {
@@ -458,6 +509,42 @@ pub(crate) struct Coherence {
     dialect: Dialect,
     marks: Marks,
     backend: &'static str,
+    /// MySQL: the SQL of the origin a session counts for.
+    origin: &'static str,
+    /// MySQL: the versions per origin handed out, under the numbers the map keeps.
+    positions: std::sync::Mutex<Positions>,
+}
+
+/// MySQL's versions are one per origin; the map keeps one number. The store hands out
+/// numbers for the sets of versions it read, and remembers the last few.
+#[derive(Debug, Default)]
+struct Positions {
+    next: u64,
+    known: Vec<(u64, Vec<(u64, u64)>)>,
+}
+
+impl Positions {
+    /// How many sets are remembered: the map's own and the ones read since.
+    const KEEP: usize = 8;
+
+    fn number(&mut self, versions: Vec<(u64, u64)>) -> u64 {
+        if let Some((n, _)) = self.known.iter().find(|(_, v)| *v == versions) {
+            return *n;
+        }
+        self.next += 1;
+        if self.known.len() == Self::KEEP {
+            self.known.remove(0);
+        }
+        self.known.push((self.next, versions));
+        self.next
+    }
+
+    fn versions(&self, number: u64) -> Option<Vec<(u64, u64)>> {
+        self.known
+            .iter()
+            .find(|(n, _)| *n == number)
+            .map(|(_, v)| v.clone())
+    }
 }
 
 impl Coherence {
@@ -480,8 +567,13 @@ impl Coherence {
             .and_then(|r| r.first())
             .and_then(|c| c.trim().parse::<usize>().ok())
             .unwrap_or(0);
+        // MariaDB knows Galera's variables (on a node or not); Oracle's MySQL does not.
+        let origin = match dialect {
+            Dialect::Mysql if conn.texts("SELECT @@wsrep_on", None).is_ok() => GALERA_ORIGIN,
+            _ => "0",
+        };
         if count < names.triggers.len() {
-            for sql in dialect.coherence_setup(table, &names) {
+            for sql in dialect.coherence_setup(table, &names, origin) {
                 conn.exec(&sql).map_err(fail)?;
             }
         }
@@ -491,6 +583,8 @@ impl Coherence {
             dialect,
             marks,
             backend,
+            origin,
+            positions: std::sync::Mutex::default(),
         })
     }
 
@@ -498,11 +592,157 @@ impl Coherence {
     /// dialect needs one.
     #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
     pub(crate) fn clock_lock(&self) -> Option<String> {
-        self.dialect.clock_lock(&self.names)
+        self.dialect.clock_lock(&self.names, self.origin)
     }
 
-    /// The version the table is at, and its compaction horizon.
-    pub(crate) fn version(&self, conn: &mut dyn Catalog) -> Result<(u64, u64)> {
+    /// The version the table is at: MySQL's set of versions per origin goes by a
+    /// number the store hands out.
+    pub(crate) fn version(&self, conn: &mut dyn Catalog) -> Result<u64> {
+        if self.dialect != Dialect::Mysql {
+            return self.clock(conn).map(|(v, _)| v);
+        }
+        let versions = self
+            .origins(conn)?
+            .into_iter()
+            .map(|(o, v, _)| (o, v))
+            .collect();
+        Ok(self.positions().number(versions))
+    }
+
+    /// Calls `sink` with every key changed since `since` (its value, or `None` when the
+    /// table no longer holds it), and returns the version reached, or `None` when
+    /// `since` is older than the horizon: those changes are forgotten.
+    pub(crate) fn changes(
+        &self,
+        conn: &mut dyn Catalog,
+        since: u64,
+        sink: &mut ChangeSink<'_>,
+    ) -> Result<Option<u64>> {
+        if self.dialect != Dialect::Mysql {
+            return self.changes_one(conn, since, sink);
+        }
+        // A number this store did not hand out (or forgot): start again from a load.
+        let Some(since) = self.positions().versions(since) else {
+            return Ok(None);
+        };
+        let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
+        let sql = self
+            .dialect
+            .origin_changes_query(&self.table, &self.names, &since);
+        let rows = conn.rows(&sql, None).map_err(fail)?;
+        let number = |f: &Option<Vec<u8>>| -> Option<u64> {
+            f.as_deref()
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|s| s.trim().parse().ok())
+        };
+        let seen = |o: u64| {
+            since
+                .iter()
+                .find(|(origin, _)| *origin == o)
+                .map_or(o << ORIGIN_BITS, |(_, v)| *v)
+        };
+        let mut reached: std::collections::BTreeMap<u64, u64> = since.iter().copied().collect();
+        for row in &rows {
+            let [horizon, version, key, present, value] = row.as_slice() else {
+                return Err(fail(
+                    "the change query returned a row of another shape".into(),
+                ));
+            };
+            let Some(version) = number(version) else {
+                continue;
+            };
+            let origin = version >> ORIGIN_BITS;
+            match key {
+                // A clock row: the changes of its origin since `since` are all in the
+                // log, unless compaction took some.
+                None => {
+                    if number(horizon).unwrap_or(0) > seen(origin) {
+                        return Ok(None);
+                    }
+                    reached.entry(origin).or_insert(origin << ORIGIN_BITS);
+                }
+                Some(key) => {
+                    let present = present.as_deref() == Some(b"1");
+                    sink(key, if present { value.as_deref() } else { None })?;
+                    let at = reached.entry(origin).or_insert(0);
+                    *at = (*at).max(version);
+                }
+            }
+        }
+        Ok(Some(self.positions().number(reached.into_iter().collect())))
+    }
+
+    /// Forgets the changes older than the last `keep` versions (of each origin), once
+    /// the log holds twice as many.
+    pub(crate) fn compact(&self, conn: &mut dyn Catalog, keep: u64) -> Result<()> {
+        if self.dialect != Dialect::Mysql {
+            return self.compact_one(conn, keep);
+        }
+        let (log, clock) = (
+            self.dialect.quote(&self.names.log),
+            self.dialect.quote(&self.names.clock),
+        );
+        for (origin, version, horizon) in self.origins(conn)? {
+            if version.saturating_sub(horizon) < keep.saturating_mul(2) {
+                continue;
+            }
+            let upto = version - keep;
+            let from = origin << ORIGIN_BITS;
+            for sql in [
+                format!(
+                    "UPDATE {clock} SET horizon = greatest(horizon, {upto}) WHERE id = {}",
+                    origin + 1
+                ),
+                format!("DELETE FROM {log} WHERE v >= {from} AND v <= {upto}"),
+            ] {
+                conn.exec(&sql)
+                    .map_err(|e| db_error(Action::Write, &self.table, self.backend, e))?;
+            }
+            tracing::debug!(table = %self.table.name, origin, upto, "change log compacted");
+        }
+        Ok(())
+    }
+
+    /// MySQL: every origin's version and horizon, from the clock's rows.
+    fn origins(&self, conn: &mut dyn Catalog) -> Result<Vec<(u64, u64, u64)>> {
+        let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
+        let sql = format!(
+            "SELECT CAST(id AS CHAR), CAST(v AS CHAR), CAST(horizon AS CHAR) FROM {} ORDER BY id",
+            self.dialect.quote(&self.names.clock)
+        );
+        let mut origins = Vec::new();
+        for row in conn.texts(&sql, None).map_err(fail)? {
+            let n: Vec<Option<u64>> = row.iter().map(|f| f.trim().parse().ok()).collect();
+            match n.as_slice() {
+                [Some(id), Some(v), Some(h)] if *id > 0 => origins.push((id - 1, *v, *h)),
+                _ => {
+                    return Err(fail(
+                        "the change log's clock holds a row of another shape".into(),
+                    ))
+                }
+            }
+        }
+        if origins.is_empty() {
+            return Err(fail(
+                format!(
+                    "the change log's clock {:?} has no row; open the map with coherent() \
+                     again to restore it",
+                    self.names.clock
+                )
+                .into(),
+            ));
+        }
+        Ok(origins)
+    }
+
+    fn positions(&self) -> std::sync::MutexGuard<'_, Positions> {
+        self.positions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The version the table is at, and its compaction horizon (one origin).
+    fn clock(&self, conn: &mut dyn Catalog) -> Result<(u64, u64)> {
         let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
         let rows = conn
             .texts(&self.dialect.version_query(&self.names), None)
@@ -528,7 +768,7 @@ impl Coherence {
     /// Calls `sink` with every key changed since `since` (its value, or `None` when the
     /// table no longer holds it), and returns the version reached, or `None` when
     /// `since` is older than the horizon: those changes are forgotten.
-    pub(crate) fn changes(
+    fn changes_one(
         &self,
         conn: &mut dyn Catalog,
         since: u64,
@@ -568,8 +808,8 @@ impl Coherence {
     /// Forgets the changes older than the last `keep` versions, once the log holds
     /// twice as many. The horizon moves first, so a crash in between leaves only log
     /// rows nobody needs.
-    pub(crate) fn compact(&self, conn: &mut dyn Catalog, keep: u64) -> Result<()> {
-        let (version, horizon) = self.version(conn)?;
+    fn compact_one(&self, conn: &mut dyn Catalog, keep: u64) -> Result<()> {
+        let (version, horizon) = self.clock(conn)?;
         if version.saturating_sub(horizon) < keep.saturating_mul(2) {
             return Ok(());
         }
@@ -643,7 +883,7 @@ mod tests {
         for d in [Dialect::Sqlite, Dialect::Postgres, Dialect::Mysql] {
             let t = spec("h");
             let n = Names::of(d, &t).unwrap();
-            for sql in d.coherence_setup(&t, &n) {
+            for sql in d.coherence_setup(&t, &n, "0") {
                 assert!(
                     sql.contains("IF NOT EXISTS")
                         || sql.contains("OR REPLACE")

@@ -577,7 +577,7 @@ impl Store for OdbcStore {
             .ok_or_else(|| not_enabled(&self.table))?;
         let result = c.version(self);
         self.coherence = Some(c);
-        result.map(|(v, _)| v)
+        result
     }
 
     fn changes(&mut self, since: u64, sink: &mut ChangeSink<'_>) -> Result<Option<u64>> {
