@@ -3,7 +3,8 @@
 #   bash scripts/test.sh
 # - installs PostgreSQL 15 and MariaDB from Debian's packages when they are missing
 #   (as root), starts both on 127.0.0.1 in temporary directories, and stops them at exit;
-#   and a PostgreSQL hot standby of the first (pg_basebackup -R) for tests/standby.rs;
+#   and a PostgreSQL hot standby of the first (pg_basebackup -R) for tests/standby.rs,
+#   and a 3-node MariaDB Galera cluster (scripts/galera.sh) for tests/galera.rs;
 # - or uses the servers that WTH_POSTGRES_URL, WTH_POSTGRES_STANDBY_URL and
 #   WTH_MYSQL_URL point to;
 # - installs unixODBC and the psqlODBC, MariaDB and SQLite ODBC drivers, and runs the
@@ -13,9 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/servers.sh
+. scripts/galera.sh
 
 start_servers
-trap stop_servers EXIT
+trap 'stop_galera; stop_servers' EXIT
+# Unless the caller points at a cluster of its own.
+if [ -z "${WTH_GALERA_URL_1:-}" ]; then
+  start_galera
+fi
 
 log=$(mktemp)
 status=0
@@ -23,7 +29,7 @@ cargo test --all-features --workspace 2>&1 | tee "$log" || status=$?
 
 echo
 echo "tests run per backend (conformance and backend-specific):"
-for backend in sqlite postgres mysql odbc_sqlite odbc_postgres odbc_mysql; do
+for backend in sqlite postgres mysql odbc_sqlite odbc_postgres odbc_mysql galera; do
   # A test belongs to a backend by a path segment (`mysql::…`) or a name prefix (`mysql_…`).
   pattern="^test ([a-z0-9_]+::)*${backend}(::|_)[a-z0-9_:]*"
   passed=$(grep -cE "$pattern \.\.\. ok$" "$log" || true)

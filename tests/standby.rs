@@ -1,11 +1,12 @@
 //! A map on a PostgreSQL hot standby (streaming replication, `scripts/servers.sh`
 //! starts one): it loads the table, refuses writes with an error that says the server
-//! is read-only, memory unchanged, and a coherent map refreshes from it.
+//! is read-only, memory unchanged, and a coherent map refreshes from it; a watching
+//! shared map there polls, and hears of every change the primary commits.
 #![cfg(feature = "postgres")]
 
 use std::time::{Duration, Instant};
 
-use write_thru_hash::{DbHashMap, Error};
+use write_thru_hash::{DbHashMap, Error, SharedDbHashMap};
 
 fn url(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
@@ -97,6 +98,37 @@ fn postgres_standby_loads_refuses_writes_and_refreshes() {
         .open()
         .unwrap();
     assert_eq!(plain, writer);
-    drop((reader, plain, writer));
+
+    // A watching shared map on the standby (which cannot LISTEN: it polls) hears of
+    // every change the primary commits.
+    let watched: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&standby)
+        .table("replicated")
+        .watch()
+        .open_shared()
+        .unwrap();
+    let changes = watched.subscribe();
+    let mut delays = Vec::new();
+    for i in 0..20 {
+        let key = format!("w{}", i % 6);
+        let t = Instant::now();
+        writer.insert(key.clone(), i).unwrap();
+        loop {
+            let keys = changes
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the change reaches the standby's map within 10 s");
+            if keys.contains(&key) && watched.get(&key) == Some(i) {
+                break;
+            }
+        }
+        delays.push(t.elapsed());
+    }
+    assert_eq!(watched.to_hash_map(), *writer);
+    delays.sort();
+    eprintln!(
+        "primary commit to the standby's watching map: median {:?}, max {:?}",
+        delays[delays.len() / 2],
+        delays.last().unwrap()
+    );
+    drop((reader, plain, writer, watched));
     let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }

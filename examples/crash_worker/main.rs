@@ -14,7 +14,8 @@
 //! tenth call refreshes, and a write that conflicted with another worker's is retried
 //! once more rather than fatal. After the last call the worker prints `done`, waits for
 //! a line on standard input, refreshes, and prints its map as one line of JSON with
-//! sorted keys, for the test to compare with the table.
+//! sorted keys, for the test to compare with the table, then `conflicts N`: how many
+//! writes it retried after a conflict.
 
 #[allow(dead_code)] // the test that kills this worker uses the rest
 mod ops;
@@ -117,6 +118,7 @@ fn main() {
         }
         let sorted: std::collections::BTreeMap<&String, &i64> = h.iter().collect();
         let json = serde_json::to_string(&sorted).unwrap_or_default();
-        let _ = writeln!(out, "{json}").and_then(|()| out.flush());
+        let conflicts = h.conflicts_retried();
+        let _ = writeln!(out, "{json}\nconflicts {conflicts}").and_then(|()| out.flush());
     }
 }
