@@ -69,7 +69,7 @@ struct Args {
     /// Rounds of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Only these parts (comma-separated): sqlite, server, coherence, shared.
+    /// Only these parts (comma-separated): sqlite, server, coherence, shared, galera.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -642,6 +642,83 @@ fn shared_postgres(rows: &mut Vec<Row>, args: &Args, url: &str) {
     drop(fresh("bench_w6_raw"));
 }
 
+// ---- Galera ----
+
+/// A 3-node Galera cluster (`WTH_GALERA_URL_1..3`): coherent maps writing single
+/// inserts, 3 writers on 3 nodes against 1 writer on 1 node, with disjoint keys and
+/// with keys all three share; and how many writes were retried after error 1213.
+fn galera(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, urls: &[String]) {
+    let n = if args.quick { 200 } else { 1_000 };
+    let mut round = 0;
+    let mut open = |url: &str| -> DbHashMap<String, i64> {
+        round += 1;
+        DbHashMap::builder_url(url)
+            .table(format!("bench_galera_{round}"))
+            .coherent()
+            .open()
+            .unwrap()
+    };
+    let key = |writer: usize, i: usize, shared: bool| {
+        if shared {
+            format!("k{}", i % 50)
+        } else {
+            format!("w{writer}-{i}")
+        }
+    };
+    let run = |maps: &mut [DbHashMap<String, i64>], shared: bool, batch: usize| {
+        let took = timed(|| {
+            std::thread::scope(|s| {
+                for (w, m) in maps.iter_mut().enumerate() {
+                    s.spawn(move || {
+                        for i in (0..n).step_by(batch) {
+                            // Beyond its retries a conflict is an error: counted, not fatal.
+                            let _ = if batch == 1 {
+                                m.insert(key(w, i, shared), i as i64).map(drop)
+                            } else {
+                                m.insert_many((i..i + batch).map(|j| (key(w, j, shared), j as i64)))
+                            };
+                        }
+                    });
+                }
+            })
+        });
+        (took, maps.iter().map(DbHashMap::conflicts_retried).sum::<u64>())
+    };
+    for (shared, batch) in [(false, 1), (true, 1), (false, 5), (true, 5)] {
+        let (mut three, mut one) = (Vec::new(), Vec::new());
+        let (mut retried, mut calls) = (0, 0);
+        for _ in 0..args.rounds {
+            let mut maps: Vec<_> = urls.iter().map(|u| open(u)).collect();
+            let (t, r) = run(&mut maps, shared, batch);
+            three.push(t);
+            retried += r;
+            calls += 3 * (n / batch) as u64;
+            let mut single = vec![open(&urls[0])];
+            one.push(run(&mut single, shared, batch).0);
+        }
+        let keys = if shared { "50 keys all share" } else { "keys of their own" };
+        let what = if batch == 1 {
+            format!("single inserts, {keys}")
+        } else {
+            format!("insert_many of {batch}, {keys}")
+        };
+        notes.push(format!(
+            "Galera, {what}: {retried} retries after error 1213 for {calls} writes by 3 \
+             writers on 3 nodes ({:.1} %)",
+            retried as f64 * 100.0 / calls as f64
+        ));
+        rows.push(Row {
+            backend: "Galera (3 nodes)".into(),
+            case: format!(
+                "3 writers on 3 nodes × {n} keys, coherent, {what} (raw: 1 writer on 1 \
+                 node, {n} keys; a ratio under 3 is a gain in throughput)"
+            ),
+            lib: Sample(three),
+            raw: Sample(one),
+        });
+    }
+}
+
 // ---- Server backends ----
 
 /// What the benchmark needs of a server driver, the raw side of the comparison.
@@ -907,6 +984,12 @@ fn main() {
             "MariaDB",
             &format!("{base}/wth_bench"),
         );
+    }
+    let galera_urls: Vec<String> = (1..=3)
+        .filter_map(|n| std::env::var(format!("WTH_GALERA_URL_{n}")).ok())
+        .collect();
+    if args.runs("galera") && galera_urls.len() == 3 {
+        galera(&mut rows, &mut notes, &args, &galera_urls);
     }
     println!("| backend | case | write-thru-hash, median (min-max) | raw driver | ratio (min-max of rounds) |");
     println!("|---|---|---:|---:|---:|");
