@@ -682,7 +682,10 @@ fn galera(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, urls: &[Str
                 }
             })
         });
-        (took, maps.iter().map(DbHashMap::conflicts_retried).sum::<u64>())
+        (
+            took,
+            maps.iter().map(DbHashMap::conflicts_retried).sum::<u64>(),
+        )
     };
     for (shared, batch) in [(false, 1), (true, 1), (false, 5), (true, 5)] {
         let (mut three, mut one) = (Vec::new(), Vec::new());
@@ -696,7 +699,11 @@ fn galera(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, urls: &[Str
             let mut single = vec![open(&urls[0])];
             one.push(run(&mut single, shared, batch).0);
         }
-        let keys = if shared { "50 keys all share" } else { "keys of their own" };
+        let keys = if shared {
+            "50 keys all share"
+        } else {
+            "keys of their own"
+        };
         let what = if batch == 1 {
             format!("single inserts, {keys}")
         } else {
