@@ -66,7 +66,9 @@ pub use store::odbc::OdbcStore;
 pub use store::postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use store::sqlite::SqliteStore;
-pub use store::{Batch, ChangeSignal, ChangeSink, Dialect, IntoStore, RowSink, Store, TableSpec};
+pub use store::{
+    Batch, ChangeSignal, ChangeSink, Dialect, IntoStore, PutSource, Puts, RowSink, Store, TableSpec,
+};
 pub use write_behind::WriteBehind;
 
 // The drivers, so users name exactly the types `open` takes, at the version it takes.

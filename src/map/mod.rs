@@ -526,6 +526,10 @@ where
     pub fn insert_many(&mut self, pairs: impl IntoIterator<Item = (K, V)>) -> Result<()> {
         self.w.check_writable()?;
         let pairs: Vec<(K, V)> = pairs.into_iter().collect();
+        // Big enough for the overlap to pay for a thread.
+        if pairs.len() >= 1024 && self.w.behind.is_none() && self.w.store().streams_puts() {
+            return self.w.stream_insert(&mut self.map, pairs);
+        }
         let batch = self.w.encode_pairs(Some(&self.map), &pairs)?;
         self.w.persist(batch)?;
         self.map.reserve(pairs.len());

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::codec::Codec;
 use crate::error::{show_bytes, Action, Error, Result};
-use crate::store::{Batch, BatchBuilder, Store, TableSpec};
+use crate::store::{Batch, BatchBuilder, Puts, Store, TableSpec};
 use crate::write_behind::{Behind, WriteBehind};
 
 /// How many times a write that conflicted with another writer is tried again.
@@ -266,6 +266,109 @@ where
             },
             other => other,
         })
+    }
+
+    /// `insert_many` on a store that streams: the pairs go to the store in chunks, from
+    /// a thread of their own, while this one encodes the next chunk and puts the pairs
+    /// in `map`. Nothing can see `map` meanwhile (the caller holds it mutably); if the
+    /// store does not commit, or encoding fails, or a codec panics, the map is put back
+    /// as it was before the call returns or unwinds.
+    pub(crate) fn stream_insert<S: BuildHasher>(
+        &mut self,
+        map: &mut HashMap<K, V, S>,
+        pairs: Vec<(K, V)>,
+    ) -> Result<()> {
+        let enc = Arc::clone(&self.enc);
+        let store = Arc::clone(&self.store);
+        let mut guard = lock(&store);
+        let store: &mut dyn Store = &mut **guard;
+        // Room for every pair: no key moves while the pairs go in, so a key's address
+        // names it for the undo.
+        map.reserve(pairs.len());
+        let n = pairs.len();
+        // What each pair changed: the key's address, and the value it replaced.
+        let mut undo: Vec<(*const K, Option<V>)> = Vec::with_capacity(n);
+        let (to_store, chunks) = std::sync::mpsc::sync_channel::<Option<Result<Puts>>>(2);
+        let (spent, recycled) = std::sync::mpsc::channel::<Puts>();
+        let (fed, written) = std::thread::scope(|s| {
+            let writer = s.spawn(move || {
+                store.apply_puts(&mut |back| {
+                    if let Some(mut back) = back {
+                        back.clear();
+                        let _ = spent.send(back);
+                    }
+                    // The feeding side gone without a word: it panicked. Roll back.
+                    chunks.recv().unwrap_or_else(|_| {
+                        Some(Err(Error::Aborted(
+                            "the caller of insert_many panicked".into(),
+                        )))
+                    })
+                })
+            });
+            let feed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let mut chunk: Puts = Vec::with_capacity(STREAM_CHUNK);
+                for (k, v) in pairs {
+                    let kb = enc.encode_written_key(&k)?;
+                    let vb = enc.encode_value(&v)?;
+                    match map.entry(k) {
+                        hash_map::Entry::Occupied(mut held) => {
+                            enc.same_bytes(&enc.encode_key(held.key())?, &kb)?;
+                            let address: *const K = held.key();
+                            undo.push((address, Some(held.insert(v))));
+                        }
+                        hash_map::Entry::Vacant(slot) => {
+                            let placed = slot.insert_entry(v);
+                            let address: *const K = placed.key();
+                            undo.push((address, None));
+                        }
+                    }
+                    chunk.push((kb, vb));
+                    if chunk.len() == STREAM_CHUNK {
+                        let next = recycled.try_recv().unwrap_or_default();
+                        let full = std::mem::replace(&mut chunk, next);
+                        // The store failed: its error is the call's.
+                        if to_store.send(Some(Ok(full))).is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                if !chunk.is_empty() {
+                    let _ = to_store.send(Some(Ok(chunk)));
+                }
+                Ok(())
+            }));
+            let end = match &feed {
+                Ok(Ok(())) => None,
+                _ => Some(Err(Error::Aborted("insert_many gave up".into()))),
+            };
+            let _ = to_store.send(end);
+            drop(to_store);
+            let written = writer
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (feed, written)
+        });
+        drop(guard);
+        let result = match fed {
+            Ok(Ok(())) => written,
+            // The encoding error, not the store's word that it rolled back.
+            Ok(Err(e)) => Err(e),
+            Err(panic) => {
+                undo_inserts(map, undo);
+                std::panic::resume_unwind(panic);
+            }
+        };
+        self.commits += 1;
+        match &result {
+            Ok(()) => self.after_write(n),
+            Err(e) => {
+                if let Error::OutcomeUnknown { .. } = e {
+                    self.poisoned = true;
+                }
+                undo_inserts(map, undo);
+            }
+        }
+        result
     }
 
     /// Fills `map` from the table.
@@ -723,6 +826,29 @@ where
     }
 }
 
+/// Rows a chunk of a streamed `insert_many`: as many as the SQLite store writes in one
+/// statement.
+const STREAM_CHUNK: usize = 256;
+
+/// Puts back what a streamed `insert_many` changed in `map`: each key to the value it
+/// had before the call, or away if it had none. `undo` lists, in call order, each
+/// pair's key (by address: the map was not resized meanwhile) and the value it
+/// replaced; the first entry of a key says how it was.
+fn undo_inserts<K, V, S>(map: &mut HashMap<K, V, S>, undo: Vec<(*const K, Option<V>)>) {
+    let mut before: HashMap<*const K, Option<V>> = HashMap::with_capacity(undo.len());
+    for (address, old) in undo.into_iter().rev() {
+        before.insert(address, old);
+    }
+    map.retain(|k, v| match before.remove(&(k as *const K)) {
+        Some(Some(old)) => {
+            *v = old;
+            true
+        }
+        Some(None) => false,
+        None => true,
+    });
+}
+
 /// Applies the changes a refresh read to memory.
 pub(crate) fn apply_changes<K, V, S>(map: &mut HashMap<K, V, S>, changed: Vec<Changed<K, V>>)
 where
@@ -749,9 +875,48 @@ fn put(key: Vec<u8>, value: Vec<u8>) -> Batch {
     }
 }
 
+/// Rows read from the store, handed from the reading thread to the decoding one: the
+/// bytes of every key and value one after the other, and where each ends.
+#[derive(Default)]
+struct Rows {
+    data: Vec<u8>,
+    ends: Vec<(usize, usize)>,
+}
+
+impl Rows {
+    /// Rows, or bytes, in one hand-over: enough to make the hand-over cheap, little
+    /// enough to keep the memory in flight small.
+    const ROWS: usize = 4096;
+    const BYTES: usize = 1 << 20;
+
+    fn push(&mut self, key: &[u8], value: &[u8]) {
+        self.data.extend_from_slice(key);
+        let k = self.data.len();
+        self.data.extend_from_slice(value);
+        self.ends.push((k, self.data.len()));
+    }
+
+    fn full(&self) -> bool {
+        self.ends.len() >= Self::ROWS || self.data.len() >= Self::BYTES
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(k, v)| {
+            let row = (&self.data[start..k], &self.data[k..v]);
+            start = v;
+            row
+        })
+    }
+}
+
 /// Reads every row of the table into `map`, checking that each decodes, that the
 /// key codec gives each key back the bytes it was stored as, and that no two rows hold
 /// equal keys.
+///
+/// Two threads share the work: one steps through the rows and copies their bytes, the
+/// other (this one, which holds the map) decodes them and fills the map, a few
+/// thousand rows behind.
 fn load<K, V, S>(
     store: &mut dyn Store,
     table: &TableSpec,
@@ -763,32 +928,84 @@ where
     K: Eq + Hash,
     S: BuildHasher,
 {
+    let (full, filled) = std::sync::mpsc::sync_channel::<Rows>(2);
+    let (spent, empties) = std::sync::mpsc::channel::<Rows>();
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let mut rows = Rows::default();
+            let result = store.load(&mut |kb: &[u8], vb: &[u8]| {
+                rows.push(kb, vb);
+                if rows.full() {
+                    let next = empties.try_recv().unwrap_or_default();
+                    let done = std::mem::replace(&mut rows, next);
+                    // The decoding side stopped: it has an error of its own to report.
+                    full.send(done)
+                        .map_err(|_| Error::Aborted("the load stopped".into()))?;
+                }
+                Ok(())
+            });
+            if result.is_ok() && !rows.ends.is_empty() {
+                let _ = full.send(rows);
+            }
+            result
+        });
+        let decoded = (|| {
+            for mut rows in filled.iter() {
+                for (kb, vb) in rows.iter() {
+                    insert_row(keys, values, table, map, kb, vb)?;
+                }
+                rows.data.clear();
+                rows.ends.clear();
+                let _ = spent.send(rows);
+            }
+            Ok(())
+        })();
+        // On an error here, dropping the receiver stops the reading thread.
+        drop(filled);
+        let read = reader
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        decoded.and(read)
+    })
+}
+
+/// Decodes one row into `map`.
+fn insert_row<K, V, S>(
+    keys: &dyn Codec<K>,
+    values: &dyn Codec<V>,
+    table: &TableSpec,
+    map: &mut HashMap<K, V, S>,
+    kb: &[u8],
+    vb: &[u8],
+) -> Result<()>
+where
+    K: Eq + Hash,
+    S: BuildHasher,
+{
     let decode_err = |what, row: &[u8], source| Error::Decode {
         what,
         table: table.name.clone(),
         row: show_bytes(row),
         source,
     };
-    store.load(&mut |kb: &[u8], vb: &[u8]| {
-        let k = decode_key(keys, table, kb)?;
-        let v = values.decode(vb).map_err(|e| decode_err("value", kb, e))?;
-        match map.entry(k) {
-            hash_map::Entry::Occupied(held) => {
-                let mut first = Vec::new();
-                keys.encode_key(held.key(), &mut first)
-                    .map_err(|e| decode_err("key", kb, e))?;
-                Err(Error::DuplicateKey {
-                    table: table.name.clone(),
-                    first: show_bytes(&first),
-                    second: show_bytes(kb),
-                })
-            }
-            hash_map::Entry::Vacant(slot) => {
-                slot.insert(v);
-                Ok(())
-            }
+    let k = decode_key(keys, table, kb)?;
+    let v = values.decode(vb).map_err(|e| decode_err("value", kb, e))?;
+    match map.entry(k) {
+        hash_map::Entry::Occupied(held) => {
+            let mut first = Vec::new();
+            keys.encode_key(held.key(), &mut first)
+                .map_err(|e| decode_err("key", kb, e))?;
+            Err(Error::DuplicateKey {
+                table: table.name.clone(),
+                first: show_bytes(&first),
+                second: show_bytes(kb),
+            })
         }
-    })
+        hash_map::Entry::Vacant(slot) => {
+            slot.insert(v);
+            Ok(())
+        }
+    }
 }
 
 /// Decodes a stored key, checking that the codec gives it back the bytes it was stored

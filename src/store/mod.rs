@@ -257,6 +257,27 @@ pub trait Store: Send {
         Ok(())
     }
 
+    /// Whether [`apply_puts`](Store::apply_puts) writes each chunk as it comes, so that
+    /// the caller's work on the next chunk overlaps the store's on this one (the
+    /// crate's SQLite store does). `insert_many` then streams its pairs.
+    fn streams_puts(&self) -> bool {
+        false
+    }
+
+    /// Upserts, as one transaction, the rows `next` hands over chunk by chunk: all of
+    /// them, or (on an error, from the store or from `next`) none. Keys may repeat,
+    /// the last one winning. The default gathers every chunk, then
+    /// [`apply`](Store::apply)s one batch.
+    fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
+        let mut batch = BatchBuilder::default();
+        while let Some(chunk) = next(None) {
+            for (key, value) in chunk? {
+                batch.put(key, value);
+            }
+        }
+        self.apply(&batch.finish())
+    }
+
     /// Coherence, for [`Builder::watch`](crate::Builder::watch): a way to wait for a
     /// sign that the table changed, on a connection of its own; `None` (the default)
     /// when the store has none, and then the watcher polls [`version`](Store::version)
@@ -267,6 +288,14 @@ pub trait Store: Send {
         Ok(None)
     }
 }
+
+/// Rows to upsert, as (key, value) encodings.
+pub type Puts = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Where [`Store::apply_puts`] gets its rows: called with the chunk just written (handed
+/// back, or `None`), it returns the next chunk, `None` at the end (commit), or an error
+/// (give up: roll back).
+pub type PutSource<'a> = dyn FnMut(Option<Puts>) -> Option<Result<Puts>> + 'a;
 
 /// A sign that a table may have changed, for [`Builder::watch`](crate::Builder::watch):
 /// made by [`Store::change_signal`], used by the watcher thread only.
@@ -311,6 +340,12 @@ impl Store for Box<dyn Store> {
     }
     fn change_signal(&mut self, every: Duration) -> Result<Option<Box<dyn ChangeSignal>>> {
         (**self).change_signal(every)
+    }
+    fn streams_puts(&self) -> bool {
+        (**self).streams_puts()
+    }
+    fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
+        (**self).apply_puts(next)
     }
 }
 

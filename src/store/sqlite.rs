@@ -14,8 +14,8 @@ use crate::store::support::{
     all_rows_written, not_opened, open_table, wrong_key_kind, Catalog, Field,
 };
 use crate::store::{
-    db_error, opened, Batch, ChangeSignal, ChangeSink, Dialect, IntoStore, RowSink, Store,
-    TableSpec,
+    db_error, opened, Batch, ChangeSignal, ChangeSink, Dialect, IntoStore, PutSource, RowSink,
+    Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Sqlite;
@@ -129,10 +129,22 @@ impl SqliteStore {
                 stmt.execute([Self::bind(kf, key)?])?;
             }
         }
-        let chunks = batch.puts.chunks_exact(CHUNK);
+        let written = Self::upsert_rows(conn, sql, &batch.puts, kf, vf)?;
+        all_rows_written(written as u64, batch.puts.len())
+    }
+
+    /// Upserts `puts`, `CHUNK` rows a statement, and says how many rows SQLite wrote.
+    fn upsert_rows(
+        conn: &Connection,
+        sql: &Sql,
+        puts: &[(Vec<u8>, Vec<u8>)],
+        kf: Format,
+        vf: Format,
+    ) -> std::result::Result<usize, crate::error::BoxError> {
+        let chunks = puts.chunks_exact(CHUNK);
         let rest = chunks.remainder();
         let mut written = 0;
-        if batch.puts.len() >= CHUNK {
+        if puts.len() >= CHUNK {
             let mut stmt = conn.prepare_cached(&sql.upsert_chunk)?;
             let mut params = Vec::with_capacity(2 * CHUNK);
             for chunk in chunks {
@@ -150,7 +162,35 @@ impl SqliteStore {
                 written += stmt.execute([Self::bind(kf, key)?, Self::bind(vf, value)?])?;
             }
         }
-        all_rows_written(written as u64, batch.puts.len())
+        Ok(written)
+    }
+
+    /// Writes the chunks `next` hands over in one IMMEDIATE transaction. An error of
+    /// `next` is given back as it is (`Ok(Err(_))`); the store's own as the outer one.
+    fn write_puts(
+        &mut self,
+        next: &mut PutSource<'_>,
+    ) -> std::result::Result<Result<()>, crate::error::BoxError> {
+        let t = opened(&self.table, D.name())?;
+        let (kf, vf) = (t.key_format, t.value_format);
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (mut written, mut total) = (0, 0);
+        let mut back = None;
+        while let Some(chunk) = next(back.take()) {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                // Dropping `tx` rolls back.
+                Err(e) => return Ok(Err(e)),
+            };
+            written += Self::upsert_rows(&tx, &self.sql, &chunk, kf, vf)?;
+            total += chunk.len();
+            back = Some(chunk);
+        }
+        all_rows_written(written as u64, total)?;
+        tx.commit()?;
+        Ok(Ok(()))
     }
 }
 
@@ -262,6 +302,24 @@ impl Store for SqliteStore {
     }
 
     coherence_methods!(conn, D);
+
+    fn streams_puts(&self) -> bool {
+        true
+    }
+
+    fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
+        let result = self.write_puts(next);
+        if !matches!(result, Ok(Ok(()))) && !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        match result {
+            Ok(given_up) => given_up,
+            Err(e) => Err(match &self.table {
+                Some(t) => db_error(Action::Write, t, D.name(), e),
+                None => not_opened(D.name()),
+            }),
+        }
+    }
 
     fn change_signal(&mut self, every: Duration) -> Result<Option<Box<dyn ChangeSignal>>> {
         // A connection of its own: `data_version` moves for other connections' commits.

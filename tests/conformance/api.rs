@@ -209,3 +209,87 @@ fn assert_once(err: &dyn std::error::Error) {
         );
     }
 }
+
+/// Batches big enough for `insert_many` to stream them to the store (SQLite) while it
+/// fills the map: all of a batch or none of it, in memory and in the table alike,
+/// whatever stops it: the server rejecting a row far into the batch, a value that does
+/// not encode, a codec that panics. Keys repeated in the batch keep their last value.
+pub(crate) fn big_batches_are_all_or_nothing(env: &impl Env) {
+    let mut h: DbHashMap<String, f64> = open(env, "big");
+    h.insert_many((0..3000).map(|i| (format!("k{i}"), f64::from(i))))
+        .unwrap();
+    let before = h.to_hash_map();
+    assert_fresh_equal(env, &h);
+
+    // Rejected by the server at the 2,500th row: old keys keep their old values, new
+    // keys are not there.
+    env.reject_value("big", "-1.0");
+    let batch = (1000..5000).map(|i| {
+        let v = if i == 3500 { -1.0 } else { -f64::from(i) - 2.0 };
+        (format!("k{i}"), v)
+    });
+    let err = h.insert_many(batch).unwrap_err();
+    assert!(matches!(err, Error::Database { .. }), "{}", chain(&err));
+    assert_eq!(
+        h.to_hash_map(),
+        before,
+        "memory changed by a rejected batch"
+    );
+    assert_fresh_equal(env, &h);
+
+    // A value that does not encode (JSON has no NaN), far into the batch.
+    let batch = (0..4000).map(|i| (format!("n{i}"), if i == 3000 { f64::NAN } else { 1.0 }));
+    let err = h.insert_many(batch).unwrap_err();
+    assert!(matches!(err, Error::Encode { .. }), "{}", chain(&err));
+    assert_eq!(h.to_hash_map(), before);
+    assert_fresh_equal(env, &h);
+
+    // Repeated keys: the last value wins, here and in the table.
+    let batch: Vec<(String, f64)> = (0..4000)
+        .map(|i| (format!("k{}", i % 1500), f64::from(i)))
+        .collect();
+    h.insert_many(batch).unwrap();
+    assert_eq!(h["k0"], 3000.0);
+    assert_eq!(h["k1499"], 2999.0);
+    assert_eq!(h["k2999"], 2999.0);
+    assert_fresh_equal(env, &h);
+}
+
+/// A codec that panics far into a big batch: the panic goes on to the caller, and the
+/// map and the table are as they were.
+pub(crate) fn a_codec_panic_in_a_big_batch_changes_nothing(env: &impl Env) {
+    let codec = write_thru_hash::FnCodec::text(
+        |v: &i64| {
+            assert!(*v != 7_777_777, "the codec panics");
+            v.to_string()
+        },
+        |s: &str| s.parse::<i64>(),
+    );
+    let mut h: DbHashMap<String, i64> = env
+        .builder()
+        .table("panicky")
+        .value_codec(codec)
+        .open()
+        .unwrap();
+    h.insert_many((0..2000).map(|i| (format!("k{i}"), i)))
+        .unwrap();
+    let before = h.to_hash_map();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        h.insert_many(
+            (1000..4000).map(|i| (format!("k{i}"), if i == 3000 { 7_777_777 } else { -i })),
+        )
+    }));
+    assert!(caught.is_err(), "the panic reaches the caller");
+    assert_eq!(h.to_hash_map(), before);
+    h.insert("after".into(), 1).unwrap();
+    let fresh: DbHashMap<String, i64> = env
+        .builder()
+        .table("panicky")
+        .value_codec(write_thru_hash::FnCodec::text(
+            |v: &i64| v.to_string(),
+            |s: &str| s.parse::<i64>(),
+        ))
+        .open()
+        .unwrap();
+    assert_eq!(fresh, h);
+}

@@ -80,4 +80,6 @@ all_backends!(
     api::read_modify_write,
     api::transaction_view_and_previous_values,
     api::errors_chain_each_cause_once,
+    api::big_batches_are_all_or_nothing,
+    api::a_codec_panic_in_a_big_batch_changes_nothing,
 );
