@@ -172,8 +172,10 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
     }
 
     /// For [`watch`](Self::watch) (which it implies): how often SQLite's
-    /// `data_version`, or the table's version where nothing signals changes, is polled.
+    /// `data_version`, or the table's version where nothing signals changes, is polled;
+    /// at least 1 ms (a shorter time is taken as 1 ms).
     pub fn watch_every(mut self, every: std::time::Duration) -> Self {
+        let every = every.max(WatchConfig::MIN_EVERY);
         self.watch = Some(WatchConfig { every });
         self.coherent()
     }

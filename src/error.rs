@@ -271,6 +271,23 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// A [`SharedDbHashMap`](crate::SharedDbHashMap) method was called where it would
+    /// wait for itself forever: from inside a closure the same map is running (`upsert`,
+    /// `update`, `retain`, `transaction`, ...), or while this thread holds the map's
+    /// `read()` guard. Nothing was done.
+    #[error(
+        "table {table:?}: `{call}` was called on the shared map from inside one of its own \
+         calls (a closure it runs, or while this thread holds its `read()` guard), where it \
+         would wait for itself; nothing was done: make the call after that one returns (in \
+         a transaction, through the transaction), or drop the guard first"
+    )]
+    Reentrant {
+        /// The table's name.
+        table: String,
+        /// The method called.
+        call: &'static str,
+    },
+
     /// A transaction's closure gave up on purpose with [`Error::abort`]; the reason it
     /// gave is the source.
     #[error("the transaction was aborted by its closure")]

@@ -116,6 +116,36 @@ impl Shared {
     }
 }
 
+/// Flushes and counts a write-behind map's changes (see [`Behind::probe`]).
+#[derive(Clone)]
+pub(crate) struct Probe(Arc<Shared>);
+
+impl Probe {
+    /// Waits until everything queued so far is durable, or a batch fails.
+    pub(crate) fn flush(&self) -> Result<()> {
+        let s = &self.0;
+        let mut state = s.lock();
+        let target = state.enqueued;
+        loop {
+            if let Some(failure) = state.failure.take() {
+                return Err(failure);
+            }
+            if state.durable >= target {
+                return Ok(());
+            }
+            state.flush_requested = true;
+            s.work.notify_one();
+            state = s.progress.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Changes queued or being written, one per key.
+    pub(crate) fn pending(&self) -> usize {
+        let state = self.0.lock();
+        state.pending.len() + state.in_flight
+    }
+}
+
 /// The map's side of write-behind: queues batches for the thread.
 pub(crate) struct Behind {
     shared: Arc<Shared>,
@@ -198,26 +228,18 @@ impl Behind {
 
     /// Waits until everything queued so far is durable, or a batch fails.
     pub(crate) fn flush(&self) -> Result<()> {
-        let s = &self.shared;
-        let mut state = s.lock();
-        let target = state.enqueued;
-        loop {
-            if let Some(failure) = state.failure.take() {
-                return Err(failure);
-            }
-            if state.durable >= target {
-                return Ok(());
-            }
-            state.flush_requested = true;
-            s.work.notify_one();
-            state = s.progress.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
+        self.probe().flush()
     }
 
     /// Changes queued or being written, one per key.
     pub(crate) fn pending(&self) -> usize {
-        let state = self.shared.lock();
-        state.pending.len() + state.in_flight
+        self.probe().pending()
+    }
+
+    /// A handle that flushes and counts without the map: a shared map's callers use it
+    /// without taking the map's writer.
+    pub(crate) fn probe(&self) -> Probe {
+        Probe(Arc::clone(&self.shared))
     }
 
     /// Flushes, then stops the thread. If the store keeps failing for longer than the

@@ -395,6 +395,13 @@ fn watch_brings_changes_in(env: &impl Env) {
         delays.push(t.elapsed());
     }
     assert_eq!(seen.to_hash_map(), *writer);
+    // Found by probing: PostgreSQL's listener started after `open_shared` returned, so
+    // the first change waited for the 250 ms look.
+    assert!(
+        delays[0] < Duration::from_millis(150),
+        "the first change took {:?}",
+        delays[0]
+    );
     delays.sort();
     eprintln!(
         "change to visible: median {:?}, max {:?}",
@@ -421,6 +428,112 @@ fn thread_named(name: &str) -> bool {
         let comm = std::fs::read(t.unwrap().path().join("comm")).unwrap_or_default();
         comm.strip_suffix(b"\n").unwrap_or(&comm) == short
     })
+}
+
+/// Found by probing: a change the database refuses, queued with a later change to the
+/// same key, must fail its own call (merged into one batch, the later change replaced
+/// it, so the refused one was reported committed, and the next caller was told the
+/// key had held it). Callers queue behind a lock so that they form one group.
+fn refused_change_in_a_group_with_the_same_key(env: &impl Env) {
+    let h = shared(env, "masked");
+    env.reject_value("masked", "666");
+    for second in ["insert", "remove", "clear"] {
+        h.insert("k".into(), 1).unwrap();
+        let lock = env.hold_write_lock("masked", Duration::from_millis(400));
+        let (first, refused, later) = std::thread::scope(|s| {
+            let spawn_after =
+                |ms: u64, f: Box<dyn FnOnce() -> Result<Option<i64>, Error> + Send>| {
+                    s.spawn(move || {
+                        std::thread::sleep(Duration::from_millis(ms));
+                        f()
+                    })
+                };
+            let (a, b, c) = (h.clone(), h.clone(), h.clone());
+            let first = spawn_after(0, Box::new(move || a.insert("other".into(), 2)));
+            let refused = spawn_after(60, Box::new(move || b.insert("k".into(), 666)));
+            let later = spawn_after(
+                120,
+                Box::new(move || match second {
+                    "insert" => c.insert("k".into(), 3),
+                    "remove" => c.remove("k"),
+                    _ => c.clear().map(|()| None),
+                }),
+            );
+            (
+                first.join().unwrap(),
+                refused.join().unwrap(),
+                later.join().unwrap(),
+            )
+        });
+        lock.join().unwrap();
+        assert!(first.is_ok(), "{second}: {first:?}");
+        let err = refused.expect_err("the refused change was reported committed");
+        assert!(matches!(err, Error::Database { .. }), "{}", chain(&err));
+        match second {
+            "clear" => assert_eq!(later.unwrap(), None),
+            _ => assert_eq!(later.unwrap(), Some(1), "{second}: the previous value"),
+        }
+        assert_eq!(fresh(env, "masked"), h.to_hash_map(), "{second}");
+        h.clear().unwrap();
+    }
+}
+
+/// Found by probing: calls on a shared map from inside its own closures, or while the
+/// thread holds its read guard, used to wait for themselves forever (and a write under
+/// a read guard committed, then hung, holding up every reader). They are refused with
+/// `Error::Reentrant`, having done nothing; reads and counters work there.
+fn calls_from_inside_are_refused_not_hung(env: &impl Env) {
+    let h = shared(env, "inside");
+    h.insert("a".into(), 1).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let map = h.clone();
+    std::thread::spawn(move || {
+        let h = map;
+        let mut seen = Vec::new();
+        h.upsert("a".into(), |v| {
+            seen.push(h.insert("b".into(), 2).map(drop));
+            seen.push(h.refresh().map(drop));
+            assert_eq!(h.get("a"), Some(1));
+            let _ = h.commits();
+            v.copied().unwrap_or(0) + 1
+        })
+        .unwrap();
+        h.retain(|_, _| {
+            let _ = h.pending_writes();
+            let _ = h.conflicts_retried();
+            true
+        })
+        .unwrap();
+        h.transaction(|tx| {
+            seen.push(h.update("a", |v| *v += 1).map(drop));
+            assert_eq!(h.len(), 1);
+            tx.insert("c".into(), 3)?;
+            Ok(())
+        })
+        .unwrap();
+        let guard = h.read();
+        seen.push(h.insert("d".into(), 4).map(drop));
+        seen.push(h.clear());
+        assert_eq!(h.get("a"), Some(2));
+        drop(guard);
+        done.send(seen).unwrap();
+    });
+    let seen = finished
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a call from inside the map hung");
+    assert_eq!(seen.len(), 5);
+    for result in seen {
+        let err = result.expect_err("a call from inside was done");
+        assert!(matches!(err, Error::Reentrant { .. }), "{}", chain(&err));
+    }
+    let expected: HashMap<String, i64> = [("a".to_string(), 2), ("c".into(), 3)].into();
+    assert_eq!(h.to_hash_map(), expected);
+    assert_eq!(fresh(env, "inside"), expected);
+    // Another thread reads and writes as usual.
+    std::thread::scope(|s| {
+        s.spawn(|| h.insert("e".into(), 5).unwrap());
+    });
+    assert_eq!(h.get("e"), Some(5));
 }
 
 /// A panic inside a transaction's closure leaves the map and the table as they were,
@@ -472,6 +585,14 @@ macro_rules! shared_tests {
             #[test]
             fn shared_write_behind() {
                 super::shared_write_behind(&$env);
+            }
+            #[test]
+            fn refused_change_in_a_group_with_the_same_key() {
+                super::refused_change_in_a_group_with_the_same_key(&$env);
+            }
+            #[test]
+            fn calls_from_inside_are_refused_not_hung() {
+                super::calls_from_inside_are_refused_not_hung(&$env);
             }
             #[test]
             fn panic_in_a_transaction_changes_nothing() {

@@ -2,6 +2,9 @@
 //! blocking method on tokio's blocking threads, so a write waiting on the database
 //! never holds up the runtime's worker threads; reads stay synchronous (they are
 //! memory reads).
+//!
+//! They use `tokio::task::spawn_blocking`, so they must run inside a tokio runtime (any
+//! flavour): polled elsewhere they panic, as tokio's own functions do.
 
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
@@ -16,8 +19,9 @@ where
     V: Send + Sync + 'static,
     S: BuildHasher + Send + Sync + 'static,
 {
-    /// Runs `f` on this map on a blocking thread. A future that is dropped does not
-    /// stop the write: it completes, and its outcome is dropped with the future.
+    /// Runs `f` on this map on a blocking thread of the current tokio runtime. A future
+    /// that is dropped does not stop the write: it completes, and its outcome is
+    /// dropped with the future.
     async fn blocking<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Self) -> Result<R> + Send + 'static,
@@ -35,7 +39,8 @@ where
         }
     }
 
-    /// [`insert`](Self::insert) for async code.
+    /// [`insert`](Self::insert) for async code. Like every `…_async` method, it must
+    /// run inside a tokio runtime.
     ///
     /// ```
     /// # use write_thru_hash::{DbHashMap, SharedDbHashMap};

@@ -164,7 +164,9 @@ impl<K, V, S> DbHashMap<K, V, S> {
     /// certification conflict). Each is retried up to 8 times before its error is
     /// returned.
     pub fn conflicts_retried(&self) -> u64 {
-        self.w.conflicts_retried
+        self.w
+            .conflicts_retried
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The name of the table the map writes to.

@@ -6,6 +6,7 @@
 //! commit).
 
 use std::borrow::Borrow;
+use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::fmt;
@@ -13,7 +14,9 @@ use std::hash::{BuildHasher, Hash};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use super::transaction::Transaction;
@@ -21,6 +24,7 @@ use super::writer::{apply_changes, Encoder, Refreshed, Writer};
 use super::DbHashMap;
 use crate::error::{Error, Result};
 use crate::store::{Batch, BatchBuilder};
+use crate::write_behind::Probe;
 
 /// A [`DbHashMap`] that threads and async tasks share: a cheap [`Clone`] handle, `Send`
 /// and `Sync` when `K`, `V` and `S` are. Made by
@@ -72,6 +76,8 @@ pub struct SharedDbHashMap<K, V, S = RandomState> {
 pub(crate) struct Inner<K, V, S> {
     map: RwLock<HashMap<K, V, S>>,
     enc: Arc<Encoder<K, V>>,
+    /// Write-behind's flush and count, which need no writer.
+    behind: Option<Probe>,
     /// The write path. Whoever holds it is the only one to change `map`.
     writer: Mutex<Writer<K, V>>,
     /// Group commit: changes waiting for the next writer to reach the store.
@@ -147,9 +153,63 @@ where
 }
 
 /// A read lock on a shared map's entries: a consistent view while it is held. Writers
-/// wait for it only to apply a change already committed; hold it briefly.
+/// wait for it only to apply a change already committed; hold it briefly. While a
+/// thread holds it, that thread's writes to the same map return
+/// [`Error::Reentrant`] (they would wait for the guard).
 pub struct ReadGuard<'a, K, V, S = RandomState> {
     guard: RwLockReadGuard<'a, HashMap<K, V, S>>,
+    _inside: Inside,
+}
+
+thread_local! {
+    /// The shared maps (by address) this thread is inside of: holding the writer, or
+    /// a read guard. A write there would wait for this thread.
+    static INSIDE: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// This thread is inside the map at this address until the token is dropped.
+struct Inside(usize);
+
+impl Inside {
+    fn enter(map: usize) -> Self {
+        INSIDE.with(|inside| inside.borrow_mut().push(map));
+        Inside(map)
+    }
+
+    fn is_inside(map: usize) -> bool {
+        INSIDE.with(|inside| inside.borrow().contains(&map))
+    }
+}
+
+impl Drop for Inside {
+    fn drop(&mut self) {
+        INSIDE.with(|inside| {
+            let mut inside = inside.borrow_mut();
+            if let Some(at) = inside.iter().rposition(|m| *m == self.0) {
+                inside.remove(at);
+            }
+        });
+    }
+}
+
+/// The map's writer, held: the thread is inside the map meanwhile.
+struct Held<'a, K, V> {
+    guard: MutexGuard<'a, Writer<K, V>>,
+    _inside: Inside,
+}
+
+impl<K, V> Deref for Held<'_, K, V> {
+    type Target = Writer<K, V>;
+
+    fn deref(&self) -> &Writer<K, V> {
+        &self.guard
+    }
+}
+
+impl<K, V> std::ops::DerefMut for Held<'_, K, V> {
+    fn deref_mut(&mut self) -> &mut Writer<K, V> {
+        &mut self.guard
+    }
 }
 
 impl<K, V, S> Deref for ReadGuard<'_, K, V, S> {
@@ -188,20 +248,51 @@ fn unpoisoned<G>(result: std::sync::LockResult<G>) -> G {
 }
 
 impl<K, V, S> Inner<K, V, S> {
+    fn address(&self) -> usize {
+        self as *const Self as usize
+    }
+
+    /// A read lock. A thread that holds one already (or the writer) takes another even
+    /// while a writer waits for the lock: waiting there would wait for itself.
     fn read(&self) -> RwLockReadGuard<'_, HashMap<K, V, S>> {
-        unpoisoned(self.map.read())
+        if Inside::is_inside(self.address()) {
+            self.map.read_recursive()
+        } else {
+            self.map.read()
+        }
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, HashMap<K, V, S>> {
-        unpoisoned(self.map.write())
+        self.map.write()
     }
 
-    fn writer(&self) -> MutexGuard<'_, Writer<K, V>> {
-        unpoisoned(self.writer.lock())
+    /// Refuses `call` on a thread that is inside this map: it would wait for itself.
+    fn enter(&self, call: &'static str) -> Result<()> {
+        if Inside::is_inside(self.address()) {
+            return Err(Error::Reentrant {
+                table: self.table.clone(),
+                call,
+            });
+        }
+        Ok(())
+    }
+
+    /// The writer, for `call`; refused on a thread inside this map.
+    fn writer(&self, call: &'static str) -> Result<Held<'_, K, V>> {
+        self.enter(call)?;
+        Ok(self.writer_unchecked())
+    }
+
+    fn writer_unchecked(&self) -> Held<'_, K, V> {
+        let guard = unpoisoned(self.writer.lock());
+        Held {
+            guard,
+            _inside: Inside::enter(self.address()),
+        }
     }
 
     pub(crate) fn writer_store(&self) -> Arc<Mutex<Box<dyn crate::store::Store>>> {
-        Arc::clone(&self.writer().store)
+        Arc::clone(&self.writer_unchecked().store)
     }
 }
 
@@ -219,35 +310,10 @@ where
             return;
         }
         self.calls.fetch_add(group.len() as u64, Ordering::Relaxed);
-        let alone = |w: &mut Writer<K, V>, group: &mut Vec<Request<K, V>>| -> Vec<Result<()>> {
-            group
-                .iter_mut()
-                .map(|r| w.persist(std::mem::take(&mut r.batch)))
-                .collect()
-        };
-        let results = if group.len() == 1 {
-            alone(w, &mut group)
-        } else {
-            let mut merged = BatchBuilder::default();
-            for r in &group {
-                merged.add(r.batch.clone());
-            }
-            match w.persist(merged.finish()) {
-                Ok(()) => group.iter().map(|_| Ok(())).collect(),
-                Err(e @ Error::OutcomeUnknown { .. }) => {
-                    let mut results: Vec<Result<()>> = (1..group.len())
-                        .map(|_| Err(outcome_unknown_too(&e)))
-                        .collect();
-                    results.insert(0, Err(e));
-                    results
-                }
-                Err(e) => {
-                    tracing::debug!(table = %self.table, error = %e, changes = group.len(),
-                        "a group commit failed; committing its changes one by one");
-                    alone(w, &mut group)
-                }
-            }
-        };
+        let mut results = Vec::with_capacity(group.len());
+        for part in parts(&group) {
+            results.extend(self.commit_part(w, &mut group[part]));
+        }
         let mut outcomes = Vec::with_capacity(group.len());
         {
             let mut map = self.write();
@@ -261,11 +327,47 @@ where
         }
     }
 
+    /// Commits one part of a group (see [`parts`]): as one transaction, or, when the
+    /// database refuses it, one change at a time, so that only the refused ones fail.
+    fn commit_part(&self, w: &mut Writer<K, V>, part: &mut [Request<K, V>]) -> Vec<Result<()>> {
+        let alone = |w: &mut Writer<K, V>, part: &mut [Request<K, V>]| -> Vec<Result<()>> {
+            part.iter_mut()
+                .map(|r| w.persist(std::mem::take(&mut r.batch)))
+                .collect()
+        };
+        if part.len() == 1 {
+            return alone(w, part);
+        }
+        let mut merged = BatchBuilder::default();
+        for r in part.iter() {
+            merged.add(r.batch.clone());
+        }
+        match w.persist(merged.finish()) {
+            Ok(()) => part.iter().map(|_| Ok(())).collect(),
+            Err(e @ Error::OutcomeUnknown { .. }) => {
+                let mut results: Vec<Result<()>> = (1..part.len())
+                    .map(|_| Err(outcome_unknown_too(&e)))
+                    .collect();
+                results.insert(0, Err(e));
+                results
+            }
+            Err(e) => {
+                tracing::debug!(table = %self.table, error = %e, changes = part.len(),
+                    "a group commit failed; committing its changes one by one");
+                alone(w, part)
+            }
+        }
+    }
+
     /// Takes the store for a read-modify-write: commits what is queued first (so that
     /// queued callers do not wait behind a run of exclusive writers), then runs `f`
     /// with no other writer in between.
-    fn exclusive<R>(&self, f: impl FnOnce(&mut Writer<K, V>) -> Result<R>) -> Result<R> {
-        let mut w = self.writer();
+    fn exclusive<R>(
+        &self,
+        call: &'static str,
+        f: impl FnOnce(&mut Writer<K, V>) -> Result<R>,
+    ) -> Result<R> {
+        let mut w = self.writer(call)?;
         let queued = std::mem::take(&mut self.queue().pending);
         self.commit_group(&mut w, queued);
         self.calls.fetch_add(1, Ordering::Relaxed);
@@ -280,7 +382,7 @@ where
     /// included) as one group, then hands the lead to the first caller queued since.
     fn lead(&self) {
         let term = Leading(self);
-        let mut w = self.writer();
+        let mut w = self.writer_unchecked();
         // The callers the last commit released are making their next change: wait
         // (briefly) for as many changes as there were callers around the last commit,
         // so that they join this group rather than wait for the next.
@@ -318,7 +420,7 @@ where
     where
         S: Clone,
     {
-        self.exclusive(|w| {
+        self.exclusive("refresh", |w| {
             let read = w.read_changes(&self.read())?;
             let keys = match read {
                 Refreshed::Changes(changed, reached) => {
@@ -345,7 +447,7 @@ where
 
     /// The version of the table this map has seen (coherence).
     pub(crate) fn seen(&self) -> Option<u64> {
-        self.writer().coherent.map(|c| c.seen)
+        self.writer_unchecked().coherent.map(|c| c.seen)
     }
 
     fn notify(&self, w: &Writer<K, V>, keys: &[Vec<u8>]) {
@@ -386,6 +488,34 @@ impl<K, V, S> Drop for Leading<'_, K, V, S> {
     }
 }
 
+/// Splits a group into runs that one transaction can carry with every change of every
+/// call in it: a key written by two calls, or a clear after other changes, starts a new
+/// run. Merged into one batch, the later change would replace the earlier one, which
+/// the database would then never see (nor refuse): a call would be told its change is
+/// committed when it was not even tried.
+fn parts<K, V>(group: &[Request<K, V>]) -> Vec<std::ops::Range<usize>> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut keys: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    for (i, r) in group.iter().enumerate() {
+        let mut touched = r
+            .batch
+            .deletes
+            .iter()
+            .map(Vec::as_slice)
+            .chain(r.batch.puts.iter().map(|(k, _)| k.as_slice()));
+        let repeats = (r.batch.clear && i > start) || touched.clone().any(|k| keys.contains(k));
+        if repeats {
+            parts.push(start..i);
+            start = i;
+            keys.clear();
+        }
+        keys.extend(&mut touched);
+    }
+    parts.push(start..group.len());
+    parts
+}
+
 /// The error of each other change of a group whose commit had an unknown outcome.
 fn outcome_unknown_too(e: &Error) -> Error {
     match e {
@@ -412,6 +542,7 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
                 table: w.table.name.clone(),
                 backend: w.backend,
                 enc: Arc::clone(&w.enc),
+                behind: w.behind.as_ref().map(crate::write_behind::Behind::probe),
                 map: RwLock::new(map),
                 writer: Mutex::new(w),
                 queue: Mutex::new(Queue {
@@ -436,6 +567,7 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
     pub fn read(&self) -> ReadGuard<'_, K, V, S> {
         ReadGuard {
             guard: self.inner.read(),
+            _inside: Inside::enter(self.inner.address()),
         }
     }
 
@@ -462,33 +594,33 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
     /// How many writes were tried again after a conflict with another writer (see
     /// [`DbHashMap::conflicts_retried`]).
     pub fn conflicts_retried(&self) -> u64 {
-        self.inner.writer().conflicts_retried
+        self.inner.enc.conflicts_retried.load(Ordering::Relaxed)
     }
 
     /// How many database transactions the map's writes have taken so far (conflicts
     /// retried included; none with write-behind, whose thread writes), and how many
     /// write calls were made: with group commit the first is smaller.
     pub fn commits(&self) -> (u64, u64) {
-        let commits = self.inner.writer().commits;
+        let commits = self.inner.enc.commits.load(Ordering::Relaxed);
         (commits, self.inner.calls.load(Ordering::Relaxed))
     }
 
     /// Write-behind: the changes not yet in the table (one per key). Write-through: 0.
     pub fn pending_writes(&self) -> usize {
-        self.inner.writer().pending()
+        self.inner.behind.as_ref().map_or(0, Probe::pending)
     }
 
     /// Write-behind: waits until every change made so far (by any handle) is in the
     /// table. Write-through: returns at once.
     pub fn flush(&self) -> Result<()> {
-        self.inner.writer().flush()
+        self.inner.behind.as_ref().map_or(Ok(()), Probe::flush)
     }
 
     /// Flushes what this handle and the others wrote; the last handle also stops the
     /// write-behind thread and reports what could not be written (see
     /// [`DbHashMap::close`]). The other handles go on working.
     pub fn close(self) -> Result<()> {
-        let mut w = self.inner.writer();
+        let mut w = self.inner.writer("close")?;
         if Arc::strong_count(&self.inner) == 1 {
             w.close()
         } else {
@@ -593,6 +725,7 @@ where
     /// Inserts a key-value pair, returning the value the key had (see
     /// [`DbHashMap::insert`]). Group-committed.
     pub fn insert(&self, key: K, value: V) -> Result<Option<V>> {
+        self.inner.enter("insert")?;
         let batch = self
             .inner
             .writer_free_plan(|w, map| w.plan_insert(map, &key, &value))?;
@@ -618,6 +751,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        self.inner.enter("remove")?;
         let planned = self.inner.writer_free_plan(|w, map| {
             let Some((batch, held)) = w.plan_remove(map, key)? else {
                 return Ok(None);
@@ -635,6 +769,7 @@ where
 
     /// Removes every entry (see [`DbHashMap::clear`]). Group-committed.
     pub fn clear(&self) -> Result<()> {
+        self.inner.enter("clear")?;
         let batch = Batch {
             clear: true,
             ..Batch::default()
@@ -646,6 +781,7 @@ where
     /// Group-committed: its pairs and other calls' changes may share a transaction,
     /// and all of its pairs are in it.
     pub fn insert_many(&self, pairs: impl IntoIterator<Item = (K, V)>) -> Result<()> {
+        self.inner.enter("insert_many")?;
         let pairs: Vec<(K, V)> = pairs.into_iter().collect();
         let batch = self
             .inner
@@ -656,7 +792,7 @@ where
     /// Keeps only the entries for which `f` returns `true`, and says how many it
     /// removed (see [`DbHashMap::retain`]).
     pub fn retain(&self, f: impl FnMut(&K, &V) -> bool) -> Result<usize> {
-        self.inner.exclusive(|w| {
+        self.inner.exclusive("retain", |w| {
             w.check_writable()?;
             let (batch, doomed) = w.plan_retain(&self.inner.read(), f)?;
             if doomed.is_empty() {
@@ -679,7 +815,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized + 'q,
     {
-        self.inner.exclusive(|w| {
+        self.inner.exclusive("remove_many", |w| {
             w.check_writable()?;
             let (batch, held) = w.plan_remove_many(&self.inner.read(), keys)?;
             if held.is_empty() {
@@ -701,7 +837,7 @@ where
     where
         V: Clone,
     {
-        self.inner.exclusive(|w| {
+        self.inner.exclusive("upsert", |w| {
             w.check_writable()?;
             let (batch, value) = w.plan_upsert(&self.inner.read(), &key, f)?;
             w.persist(batch)?;
@@ -732,7 +868,7 @@ where
         pairs: impl IntoIterator<Item = (K, V)>,
         f: impl FnMut(Option<&V>, V) -> V,
     ) -> Result<()> {
-        self.inner.exclusive(|w| {
+        self.inner.exclusive("upsert_many", |w| {
             w.check_writable()?;
             let (batch, entries) = w.plan_upsert_many(&self.inner.read(), pairs, f)?;
             w.persist(batch)?;
@@ -749,7 +885,7 @@ where
         Q: Hash + Eq + ?Sized,
         V: Clone,
     {
-        self.inner.exclusive(|w| {
+        self.inner.exclusive("update", |w| {
             w.check_writable()?;
             let Some((batch, value)) = w.plan_update(&self.inner.read(), key, f)? else {
                 return Ok(false);
@@ -772,7 +908,7 @@ where
         &self,
         f: impl FnOnce(&mut Transaction<'_, K, V, S>) -> Result<R>,
     ) -> Result<R> {
-        self.inner.exclusive(|w| {
+        self.inner.exclusive("transaction", |w| {
             w.check_writable()?;
             let (result, batch, staged) = {
                 let map = self.inner.read();
@@ -793,7 +929,7 @@ where
     where
         S: Clone,
     {
-        self.inner.exclusive(|w| {
+        self.inner.exclusive("reload", |w| {
             w.flush()?;
             let hasher = self.inner.read().hasher().clone();
             let (fresh, version) = w.load_fresh(hasher)?;

@@ -19,6 +19,11 @@ pub(crate) struct WatchConfig {
     pub(crate) every: Duration,
 }
 
+impl WatchConfig {
+    /// The shortest poll: below it a watcher would spin.
+    pub(crate) const MIN_EVERY: Duration = Duration::from_millis(1);
+}
+
 impl Default for WatchConfig {
     fn default() -> Self {
         WatchConfig {
@@ -47,9 +52,12 @@ where
     let table = map.table_name().to_string();
     let weak = Arc::downgrade(inner);
     let name = table.clone();
+    // The signal is made before `open_shared` returns: a change committed right after
+    // must not slip by before a listener is in place.
+    let (signal, try_signal) = make_signal(&store, config, &table);
     std::thread::Builder::new()
         .name(format!("write-thru-hash watch {table}"))
-        .spawn(move || run(&weak, &store, config, &name))
+        .spawn(move || run(&weak, &store, config, &name, signal, try_signal))
         .map(|_| ())
         .map_err(|e| Error::Background {
             table,
@@ -59,42 +67,51 @@ where
         })
 }
 
+/// The store's change signal, if it has one; on failure none yet, and when to try
+/// again.
+fn make_signal(
+    store: &Mutex<Box<dyn Store>>,
+    config: WatchConfig,
+    table: &str,
+) -> (Option<Box<dyn ChangeSignal>>, Option<Instant>) {
+    match lock(store).change_signal(config.every) {
+        Ok(signal) => (signal, None),
+        Err(e) => {
+            tracing::warn!(table, error = %e, "watch: no change signal; polling the version meanwhile");
+            (None, Some(Instant::now() + MAX_PAUSE))
+        }
+    }
+}
+
 fn run<K, V, S>(
     weak: &Weak<Inner<K, V, S>>,
     store: &Mutex<Box<dyn Store>>,
     config: WatchConfig,
     table: &str,
+    mut signal: Option<Box<dyn ChangeSignal>>,
+    mut try_signal: Option<Instant>,
 ) where
     K: Eq + Hash,
     S: BuildHasher + Clone,
 {
-    let mut signal: Option<Box<dyn ChangeSignal>> = None;
-    // When to try (again) to get a signal; `None`: the store has none, poll.
-    let mut try_signal = Some(Instant::now());
     let mut failures = 0u32;
+    // A first look at once: a change made between the open and the signal's start.
+    let mut first = true;
     loop {
         if try_signal.is_some_and(|at| at <= Instant::now()) {
-            match lock(store).change_signal(config.every) {
-                Ok(Some(s)) => {
-                    signal = Some(s);
-                    try_signal = None;
-                }
-                Ok(None) => try_signal = None,
-                Err(e) => {
-                    tracing::warn!(table, error = %e, "watch: no change signal; polling the version meanwhile");
-                    try_signal = Some(Instant::now() + MAX_PAUSE);
-                }
-            }
+            (signal, try_signal) = make_signal(store, config, table);
         }
-        match &mut signal {
-            Some(s) => {
-                if let Err(e) = s.wait(LOOK_ANYWAY) {
-                    tracing::warn!(table, error = %e, "watch: the change signal failed; making it again");
-                    signal = None;
-                    try_signal = Some(Instant::now() + MAX_PAUSE);
+        if !std::mem::take(&mut first) {
+            match &mut signal {
+                Some(s) => {
+                    if let Err(e) = s.wait(LOOK_ANYWAY) {
+                        tracing::warn!(table, error = %e, "watch: the change signal failed; making it again");
+                        signal = None;
+                        try_signal = Some(Instant::now() + MAX_PAUSE);
+                    }
                 }
+                None => std::thread::sleep(config.every),
             }
-            None => std::thread::sleep(config.every),
         }
         let Some(map) = weak.upgrade() else {
             return;

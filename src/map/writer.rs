@@ -9,6 +9,7 @@ use std::borrow::Borrow;
 use std::collections::hash_map::{self, HashMap};
 use std::collections::HashSet;
 use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::codec::Codec;
@@ -57,7 +58,7 @@ pub(crate) enum Refreshed<K, V> {
 }
 
 /// What encodes a map's keys and values: fixed once the map is open, so a shared map's
-/// writers use it without taking the store.
+/// writers use it without taking the store; and the map's counters.
 pub(crate) struct Encoder<K, V> {
     pub(crate) backend: &'static str,
     max_key_len: Option<usize>,
@@ -65,6 +66,10 @@ pub(crate) struct Encoder<K, V> {
     pub(crate) keys: Box<dyn Codec<K>>,
     pub(crate) values: Box<dyn Codec<V>>,
     pub(crate) table: TableSpec,
+    /// Writes tried again after a conflict with another writer, so far.
+    pub(crate) conflicts_retried: AtomicU64,
+    /// Database transactions tried, so far.
+    pub(crate) commits: AtomicU64,
 }
 
 /// Everything of a map but its entries.
@@ -77,10 +82,6 @@ pub(crate) struct Writer<K, V> {
     pub(crate) poisoned: bool,
     /// Coherence: the version of the table this map has seen, and its settings.
     pub(crate) coherent: Option<Coherent>,
-    /// Writes tried again after a conflict with another writer, so far.
-    pub(crate) conflicts_retried: u64,
-    /// Database transactions tried, so far.
-    pub(crate) commits: u64,
 }
 
 impl<K, V> std::ops::Deref for Writer<K, V> {
@@ -113,13 +114,13 @@ impl<K, V> Writer<K, V> {
                 keys,
                 values,
                 table,
+                conflicts_retried: AtomicU64::new(0),
+                commits: AtomicU64::new(0),
             }),
             store: Arc::new(Mutex::new(store)),
             behind: None,
             poisoned: false,
             coherent: None,
-            conflicts_retried: 0,
-            commits: 0,
         }
     }
 
@@ -149,6 +150,10 @@ impl<K, V> Writer<K, V> {
         self.behind.as_ref().map_or(0, Behind::pending)
     }
 
+    fn count_commit(&self) {
+        self.enc.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn check_writable(&self) -> Result<()> {
         if self.poisoned {
             Err(Error::Poisoned {
@@ -169,7 +174,7 @@ impl<K, V> Writer<K, V> {
             self.after_write(changes);
             return Ok(());
         }
-        self.commits += 1;
+        self.count_commit();
         let mut result = self.store().apply(&batch);
         // A transaction the server rolled back for a conflict with another writer (a
         // deadlock, a serialization or certification failure) is tried again a few
@@ -178,8 +183,8 @@ impl<K, V> Writer<K, V> {
         while tries < CONFLICT_RETRIES && result.as_ref().is_err_and(Error::is_conflict) {
             tries += 1;
             std::thread::sleep(conflict_pause(tries));
-            self.conflicts_retried += 1;
-            self.commits += 1;
+            self.enc.conflicts_retried.fetch_add(1, Ordering::Relaxed);
+            self.count_commit();
             tracing::debug!(table = %self.table.name, tries, "write conflicted with another; retrying");
             result = self.store().apply(&batch);
         }
@@ -358,7 +363,7 @@ where
                 std::panic::resume_unwind(panic);
             }
         };
-        self.commits += 1;
+        self.count_commit();
         match &result {
             Ok(()) => self.after_write(n),
             Err(e) => {
