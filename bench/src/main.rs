@@ -148,6 +148,13 @@ fn spec(name: &str) -> TableSpec {
     TableSpec::new(name, Format::Text, Format::Text)
 }
 
+/// The time of `f`, and what it made, to be dropped after the clock stopped.
+fn timed_keep<T>(f: impl FnOnce() -> T) -> (Duration, T) {
+    let t = Instant::now();
+    let value = f();
+    (t.elapsed(), value)
+}
+
 fn timed(f: impl FnOnce()) -> Duration {
     let t = Instant::now();
     f();
@@ -238,6 +245,59 @@ fn sqlite(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, journal: &s
         raw,
     });
 
+    // W2 with the `Text` codec: both sides get the same prebuilt `String` pairs.
+    let sizes: &[usize] = if args.quick {
+        &[2_000, 20_000]
+    } else {
+        &[20_000, 200_000]
+    };
+    for &n in sizes {
+        let pairs: Vec<(String, String)> = (0..n)
+            .map(|i| {
+                (
+                    format!("key-{i:08}"),
+                    format!("{{\"n\":{i},\"name\":\"value number {i}\"}}"),
+                )
+            })
+            .collect();
+        let (lib, raw) = side_by_side(
+            args.rounds,
+            |r| {
+                let mut h: DbHashMap<String, String> = DbHashMap::builder(sqlite_conn(
+                    &dir.path().join(format!("w2t{n}l{r}")),
+                    journal,
+                ))
+                .codec(write_thru_hash::Text)
+                .open()
+                .unwrap();
+                let batch = pairs.clone();
+                timed(|| h.insert_many(batch).unwrap())
+            },
+            |r| {
+                let mut c = sqlite_conn(&dir.path().join(format!("w2t{n}r{r}")), journal);
+                c.execute_batch(&d.create_table(&spec("hashtable")))
+                    .unwrap();
+                let sql = d.upsert(&spec("hashtable"), 1);
+                timed(|| {
+                    let tx = c.transaction().unwrap();
+                    {
+                        let mut st = tx.prepare_cached(&sql).unwrap();
+                        pairs.iter().for_each(|(k, v)| {
+                            let _ = st.execute([k, v]).unwrap();
+                        });
+                    }
+                    tx.commit().unwrap();
+                })
+            },
+        );
+        rows.push(Row {
+            backend: backend.clone(),
+            case: format!("W2 {n} inserts in one transaction, Text codec, prebuilt String pairs"),
+            lib,
+            raw,
+        });
+    }
+
     if journal != "WAL" {
         return;
     }
@@ -256,11 +316,13 @@ fn sqlite(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, journal: &s
         args.rounds,
         |_| {
             let c = sqlite_conn(&path, journal);
-            timed(|| assert_eq!(DbHashMap::<String, i64>::open(c).unwrap().len(), n3))
+            let (t, h) = timed_keep(|| DbHashMap::<String, i64>::open(c).unwrap());
+            assert_eq!(h.len(), n3);
+            t
         },
         |_| {
             let c = sqlite_conn(&path, journal);
-            timed(|| {
+            let (t, map) = timed_keep(|| {
                 let mut st = c.prepare(&select).unwrap();
                 let mut map: HashMap<String, i64> = HashMap::new();
                 let mut q = st.query([]).unwrap();
@@ -269,9 +331,11 @@ fn sqlite(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, journal: &s
                     let v: i64 = serde_json_from(row.get_ref(1).unwrap().as_str().unwrap());
                     map.insert(k, v);
                 }
-                assert_eq!(map.len(), n3);
-                plain = map;
-            })
+                map
+            });
+            assert_eq!(map.len(), n3);
+            plain = map;
+            t
         },
     );
     rows.push(Row {
@@ -736,6 +800,8 @@ trait Raw: write_thru_hash::IntoStore + Sized {
     fn exec(&mut self, sql: &str);
     /// `sql` prepared once, executed for each row; in one transaction if `tx`.
     fn upserts(&mut self, sql: &str, rows: &[(String, String)], tx: bool) -> Duration;
+    /// `sql`'s rows of two JSON texts decoded into a map.
+    fn select_map(&mut self, sql: &str) -> HashMap<String, i64>;
 }
 
 impl Raw for postgres::Client {
@@ -763,6 +829,17 @@ impl Raw for postgres::Client {
             }
         })
     }
+    fn select_map(&mut self, sql: &str) -> HashMap<String, i64> {
+        use postgres::fallible_iterator::FallibleIterator;
+        let mut map = HashMap::new();
+        let mut rows = self.query_raw(sql, std::iter::empty::<&str>()).unwrap();
+        while let Some(row) = rows.next().unwrap() {
+            let k: &str = row.get(0);
+            let v: &str = row.get(1);
+            map.insert(serde_json_from(k), serde_json_from(v));
+        }
+        map
+    }
 }
 
 impl Raw for mysql::Conn {
@@ -789,6 +866,19 @@ impl Raw for mysql::Conn {
                 }
             }
         })
+    }
+    fn select_map(&mut self, sql: &str) -> HashMap<String, i64> {
+        let mut map = HashMap::new();
+        for row in self.query_iter(sql).unwrap() {
+            let row = row.unwrap();
+            let k: Vec<u8> = row.get(0).unwrap();
+            let v: Vec<u8> = row.get(1).unwrap();
+            map.insert(
+                serde_json_from(std::str::from_utf8(&k).unwrap()),
+                serde_json_from(std::str::from_utf8(&v).unwrap()),
+            );
+        }
+        map
     }
 }
 
@@ -850,8 +940,48 @@ fn server<C: Raw>(rows: &mut Vec<Row>, args: &Args, url: &str) {
         },
     );
     rows.push(Row {
-        backend,
+        backend: backend.clone(),
         case: format!("W2 {n2} inserts in one transaction"),
+        lib,
+        raw,
+    });
+
+    // W3: a table of `n3` rows, opened by the library and selected into a map raw.
+    let n3 = if args.quick { 20_000 } else { 1_000_000 };
+    let (typed3, _) = data(n3);
+    fresh("bench_w3");
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder(C::connect(url))
+        .table("bench_w3")
+        .open()
+        .unwrap();
+    for part in typed3.chunks(100_000) {
+        h.insert_many(part.iter().cloned()).unwrap();
+    }
+    drop(h);
+    let select = d.select_all(&spec("bench_w3"));
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |_| {
+            let c = C::connect(url);
+            let (t, h) = timed_keep(|| {
+                DbHashMap::<String, i64>::builder(c)
+                    .table("bench_w3")
+                    .open()
+                    .unwrap()
+            });
+            assert_eq!(h.len(), n3);
+            t
+        },
+        |_| {
+            let mut c = C::connect(url);
+            let (t, map) = timed_keep(|| c.select_map(&select));
+            assert_eq!(map.len(), n3);
+            t
+        },
+    );
+    rows.push(Row {
+        backend,
+        case: format!("W3 open a table of {n3} rows (raw: SELECT into a HashMap)"),
         lib,
         raw,
     });

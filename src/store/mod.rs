@@ -257,6 +257,13 @@ pub trait Store: Send {
         Ok(())
     }
 
+    /// About how many rows [`load`](Store::load) will give, when the store can tell
+    /// cheaply: the map makes room for them first instead of growing as it fills. The
+    /// default says nothing.
+    fn rows_hint(&mut self) -> Option<usize> {
+        None
+    }
+
     /// Whether [`apply_puts`](Store::apply_puts) writes each chunk as it comes, so that
     /// the caller's work on the next chunk overlaps the store's on this one (the
     /// crate's SQLite store does). `insert_many` then streams its pairs.
@@ -266,7 +273,8 @@ pub trait Store: Send {
 
     /// Upserts, as one transaction, the rows `next` hands over chunk by chunk: all of
     /// them, or (on an error, from the store or from `next`) none. Keys may repeat,
-    /// the last one winning. The default gathers every chunk, then
+    /// the last one winning. Keys and values of text columns are valid UTF-8 (the
+    /// caller checked). The default gathers every chunk, then
     /// [`apply`](Store::apply)s one batch.
     fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
         let mut batch = BatchBuilder::default();
@@ -343,6 +351,9 @@ impl Store for Box<dyn Store> {
     }
     fn streams_puts(&self) -> bool {
         (**self).streams_puts()
+    }
+    fn rows_hint(&mut self) -> Option<usize> {
+        (**self).rows_hint()
     }
     fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
         (**self).apply_puts(next)

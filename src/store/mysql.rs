@@ -308,6 +308,13 @@ impl Store for MysqlStore {
         Ok(())
     }
 
+    fn rows_hint(&mut self) -> Option<usize> {
+        let t = self.table.as_ref()?;
+        let sql = format!("SELECT count(*) FROM {}", D.quote(&t.name));
+        let n: Option<u64> = self.conn.query_first(sql).ok()?;
+        n.and_then(|n| usize::try_from(n).ok())
+    }
+
     coherence_methods!(conn, D);
 }
 

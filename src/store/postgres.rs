@@ -400,6 +400,13 @@ impl Store for PostgresStore {
         D.max_key_len()
     }
 
+    fn rows_hint(&mut self) -> Option<usize> {
+        let t = self.table.as_ref()?;
+        let sql = format!("SELECT count(*) FROM {}", D.quote(&t.name));
+        let n: i64 = self.client.query_one(&sql, &[]).ok()?.get(0);
+        usize::try_from(n).ok()
+    }
+
     fn reconnect(&mut self) -> Result<()> {
         let Some(url) = &self.url else {
             return if self.client.is_closed() {

@@ -96,6 +96,14 @@ impl SqliteStore {
         })
     }
 
+    /// [`bind`](Self::bind) for text already known to be UTF-8.
+    fn bind_checked(format: Format, bytes: &[u8]) -> ToSqlOutput<'_> {
+        ToSqlOutput::Borrowed(match format {
+            Format::Text => ValueRef::Text(bytes),
+            Format::Binary => ValueRef::Blob(bytes),
+        })
+    }
+
     fn write(&mut self, batch: &Batch) -> std::result::Result<(), crate::error::BoxError> {
         let t = opened(&self.table, D.name())?;
         let (kf, vf) = (t.key_format, t.value_format);
@@ -129,18 +137,27 @@ impl SqliteStore {
                 stmt.execute([Self::bind(kf, key)?])?;
             }
         }
-        let written = Self::upsert_rows(conn, sql, &batch.puts, kf, vf)?;
+        let written = Self::upsert_rows(conn, sql, &batch.puts, kf, vf, false)?;
         all_rows_written(written as u64, batch.puts.len())
     }
 
     /// Upserts `puts`, `CHUNK` rows a statement, and says how many rows SQLite wrote.
+    /// Text is checked to be UTF-8 unless `checked` (the caller did).
     fn upsert_rows(
         conn: &Connection,
         sql: &Sql,
         puts: &[(Vec<u8>, Vec<u8>)],
         kf: Format,
         vf: Format,
+        checked: bool,
     ) -> std::result::Result<usize, crate::error::BoxError> {
+        let bind = |format, bytes| {
+            if checked {
+                Ok(Self::bind_checked(format, bytes))
+            } else {
+                Self::bind(format, bytes)
+            }
+        };
         let chunks = puts.chunks_exact(CHUNK);
         let rest = chunks.remainder();
         let mut written = 0;
@@ -150,8 +167,8 @@ impl SqliteStore {
             for chunk in chunks {
                 params.clear();
                 for (key, value) in chunk {
-                    params.push(Self::bind(kf, key)?);
-                    params.push(Self::bind(vf, value)?);
+                    params.push(bind(kf, key)?);
+                    params.push(bind(vf, value)?);
                 }
                 written += stmt.execute(rusqlite::params_from_iter(params.iter()))?;
             }
@@ -159,7 +176,7 @@ impl SqliteStore {
         if !rest.is_empty() {
             let mut stmt = conn.prepare_cached(&sql.upsert)?;
             for (key, value) in rest {
-                written += stmt.execute([Self::bind(kf, key)?, Self::bind(vf, value)?])?;
+                written += stmt.execute([bind(kf, key)?, bind(vf, value)?])?;
             }
         }
         Ok(written)
@@ -184,7 +201,7 @@ impl SqliteStore {
                 // Dropping `tx` rolls back.
                 Err(e) => return Ok(Err(e)),
             };
-            written += Self::upsert_rows(&tx, &self.sql, &chunk, kf, vf)?;
+            written += Self::upsert_rows(&tx, &self.sql, &chunk, kf, vf, true)?;
             total += chunk.len();
             back = Some(chunk);
         }
@@ -305,6 +322,13 @@ impl Store for SqliteStore {
 
     fn streams_puts(&self) -> bool {
         true
+    }
+
+    fn rows_hint(&mut self) -> Option<usize> {
+        let t = self.table.as_ref()?;
+        let sql = format!("SELECT count(*) FROM {}", D.quote(&t.name));
+        let n: i64 = self.conn.query_row(&sql, [], |r| r.get(0)).ok()?;
+        usize::try_from(n).ok()
     }
 
     fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
