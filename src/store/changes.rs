@@ -778,7 +778,21 @@ impl Coherence {
         let sql = self
             .dialect
             .changes_query(&self.table, &self.names, self.marks);
-        let rows = conn.rows(&sql, Some(&since.to_string())).map_err(fail)?;
+        // PostgreSQL plans the log's range by its statistics, which a log just filled
+        // (a bulk load, before autovacuum analyzed it) lacks: it then reads the whole
+        // log (measured: 81 ms instead of 0.5 ms on a log of 100,000 rows). The index
+        // on `v` is always the way in; the query says so for its transaction.
+        let steer = self.dialect == Dialect::Postgres && self.marks == Marks::Native;
+        if steer {
+            conn.exec("BEGIN READ ONLY; SET LOCAL enable_seqscan = off")
+                .map_err(fail)?;
+        }
+        let rows = conn.rows(&sql, Some(&since.to_string()));
+        if steer {
+            // Read only: ending it cannot lose anything; a failed query left it aborted.
+            let _ = conn.exec("COMMIT");
+        }
+        let rows = rows.map_err(fail)?;
         let number = |f: &Option<Vec<u8>>| -> Option<u64> {
             f.as_deref()
                 .and_then(|b| std::str::from_utf8(b).ok())

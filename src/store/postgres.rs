@@ -362,7 +362,7 @@ impl Store for PostgresStore {
         let t = opened(&self.table, D.name())?;
         let fail = |e: BoxError| db_error(Action::Load, t, D.name(), e);
         // COPY in binary: the rows as their bytes (text as UTF-8, bytea as is), with
-        // less framing than a query's rows (measured: a third faster on large tables).
+        // less framing per row than a query's result.
         let sql = format!(
             "COPY {} ({}, {}) TO STDOUT (FORMAT binary)",
             D.quote(&t.name),
