@@ -449,7 +449,7 @@ fn concurrent_first_opens(env: &(impl Env + Sync)) {
 }
 
 fn processes_converge_and_survive_a_kill(env: &impl Env) {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::BufReader;
     use std::process::{Command, Stdio};
     let url = env.url();
     let mut here: DbHashMap<String, i64> = coherent(&url, "procs");
@@ -471,28 +471,11 @@ fn processes_converge_and_survive_a_kill(env: &impl Env) {
         .iter_mut()
         .map(|w| BufReader::new(w.stdout.take().unwrap()))
         .collect();
-    for out in &mut outputs {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "a worker stopped early"
-            );
-            if line.trim() == "done" {
-                break;
-            }
-        }
-    }
+    env::wait_for_done(&mut outputs);
     let table = fresh(&url, "procs");
     for (w, out) in workers.iter_mut().zip(&mut outputs) {
-        writeln!(w.stdin.take().unwrap(), "go").unwrap();
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let seen: HashMap<String, i64> =
-            serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        let (seen, _) = env::final_map(w, out);
         assert_eq!(seen, *table, "a worker's map after its refresh");
-        assert!(w.wait().unwrap().success());
     }
     here.refresh().unwrap();
     assert_eq!(here, table);

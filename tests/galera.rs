@@ -10,10 +10,10 @@
 mod env;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::BufReader;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use env::{chain, worker_bin};
 use write_thru_hash::{DbHashMap, Error, SharedDbHashMap};
@@ -148,36 +148,13 @@ fn galera_processes_on_every_node_converge() {
         .iter_mut()
         .map(|w| BufReader::new(w.stdout.take().unwrap()))
         .collect();
-    for out in &mut outputs {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(
-                out.read_line(&mut line).unwrap() > 0,
-                "a worker stopped early"
-            );
-            if line.trim() == "done" {
-                break;
-            }
-        }
-    }
+    env::wait_for_done(&mut outputs);
     let table_now = fresh(&urls[0], &t);
     let mut retried = 0u64;
     for (w, out) in workers.iter_mut().zip(&mut outputs) {
-        writeln!(w.stdin.take().unwrap(), "go").unwrap();
-        let mut line = String::new();
-        out.read_line(&mut line).unwrap();
-        let seen: HashMap<String, i64> =
-            serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        let (seen, conflicts) = env::final_map(w, out);
         assert_eq!(seen, table_now, "a worker's map after its refresh");
-        line.clear();
-        out.read_line(&mut line).unwrap();
-        retried += line
-            .trim()
-            .strip_prefix("conflicts ")
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no conflict count: {line:?}"));
-        assert!(w.wait().unwrap().success());
+        retried += conflicts;
     }
     eprintln!("3 worker processes × 200 calls: {retried} writes retried after error 1213");
     for url in &urls {
@@ -209,7 +186,7 @@ fn galera_node_killed_and_rejoined() {
         "40 writes on the 2 survivors, {:?} after the kill",
         killed_at.elapsed()
     );
-    let before = maps[2].clone_content();
+    let before = maps[2].to_hash_map();
     for k in ["lost-1", "lost-2"] {
         match maps[2].insert(k.into(), 1) {
             Ok(_) => panic!("a write on the killed node succeeded"),
@@ -231,7 +208,7 @@ fn galera_node_killed_and_rejoined() {
         }
     }
     assert_eq!(
-        maps[2].clone_content(),
+        maps[2].to_hash_map(),
         before,
         "memory changed by failed writes"
     );
@@ -269,37 +246,9 @@ fn galera_watch_sees_other_nodes() {
         .watch()
         .open_shared()
         .unwrap();
-    let changes = watched.subscribe();
-    let mut delays = Vec::new();
-    for i in 0..20 {
-        let key = format!("k{}", i % 6);
-        let at = Instant::now();
-        writer.insert(key.clone(), i).unwrap();
-        loop {
-            let keys = changes
-                .recv_timeout(Duration::from_secs(10))
-                .expect("the change reaches node 2's map within 10 s");
-            if keys.contains(&key) && watched.get(&key) == Some(i) {
-                break;
-            }
-        }
-        delays.push(at.elapsed());
-    }
-    assert_eq!(watched.to_hash_map(), *writer);
-    delays.sort();
+    let delays = env::changes_reach(&mut writer, &watched);
     eprintln!(
-        "commit on node 1 to node 2's watching map: median {:?}, max {:?}",
-        delays[delays.len() / 2],
-        delays.last().unwrap()
+        "commit on node 1 to node 2's watching map: {}",
+        env::spread(&delays)
     );
-}
-
-trait CloneContent {
-    fn clone_content(&self) -> HashMap<String, i64>;
-}
-
-impl CloneContent for DbHashMap<String, i64> {
-    fn clone_content(&self) -> HashMap<String, i64> {
-        self.to_hash_map()
-    }
 }

@@ -368,33 +368,12 @@ fn watch_brings_changes_in(env: &impl Env) {
         .watch()
         .open_shared()
         .unwrap();
-    let changes = seen.subscribe();
     let mut writer: DbHashMap<String, i64> = DbHashMap::builder_url(&url)
         .table("watched")
         .coherent()
         .open()
         .unwrap();
-    let mut delays = Vec::new();
-    for i in 0..20 {
-        // Every fifth change removes the key the one before wrote.
-        let k = format!("k{}", if i % 5 == 4 { i - 1 } else { i } % 7);
-        let t = Instant::now();
-        if i % 5 == 4 {
-            writer.remove(&k).unwrap();
-        } else {
-            writer.insert(k.clone(), i).unwrap();
-        }
-        loop {
-            let keys = changes
-                .recv_timeout(Duration::from_secs(10))
-                .expect("the change arrives within 10 s");
-            if keys.contains(&k) && seen.get(&k) == writer.get(&k).copied() {
-                break;
-            }
-        }
-        delays.push(t.elapsed());
-    }
-    assert_eq!(seen.to_hash_map(), *writer);
+    let delays = env::changes_reach(&mut writer, &seen);
     // Found by probing: PostgreSQL's listener started after `open_shared` returned, so
     // the first change waited for the 250 ms look.
     assert!(
@@ -402,12 +381,7 @@ fn watch_brings_changes_in(env: &impl Env) {
         "the first change took {:?}",
         delays[0]
     );
-    delays.sort();
-    eprintln!(
-        "change to visible: median {:?}, max {:?}",
-        delays[delays.len() / 2],
-        delays.last().unwrap()
-    );
+    eprintln!("change to visible: {}", env::spread(&delays));
     let name = "write-thru-hash watch watched";
     assert!(thread_named(name), "the watcher thread runs");
     drop(seen);

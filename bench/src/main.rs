@@ -170,6 +170,21 @@ fn sqlite_conn(path: &std::path::Path, journal: &str) -> rusqlite::Connection {
     c
 }
 
+/// The raw side of W2 on SQLite: `sql`, prepared once, executed for each row, in one
+/// transaction.
+fn sqlite_upserts(c: &mut rusqlite::Connection, sql: &str, rows: &[(String, String)]) -> Duration {
+    timed(|| {
+        let tx = c.transaction().unwrap();
+        {
+            let mut st = tx.prepare_cached(sql).unwrap();
+            for (k, v) in rows {
+                st.execute([k, v]).unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    })
+}
+
 fn sqlite(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, journal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let backend = format!("SQLite ({journal})");
@@ -225,17 +240,7 @@ fn sqlite(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, journal: &s
             let mut c = sqlite_conn(&dir.path().join(format!("w2r{r}")), journal);
             c.execute_batch(&d.create_table(&spec("hashtable")))
                 .unwrap();
-            let sql = d.upsert(&spec("hashtable"), 1);
-            timed(|| {
-                let tx = c.transaction().unwrap();
-                {
-                    let mut st = tx.prepare_cached(&sql).unwrap();
-                    encoded.iter().for_each(|(k, v)| {
-                        let _ = st.execute([k, v]).unwrap();
-                    });
-                }
-                tx.commit().unwrap();
-            })
+            sqlite_upserts(&mut c, &d.upsert(&spec("hashtable"), 1), &encoded)
         },
     );
     rows.push(Row {
@@ -277,17 +282,7 @@ fn sqlite(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, journal: &s
                 let mut c = sqlite_conn(&dir.path().join(format!("w2t{n}r{r}")), journal);
                 c.execute_batch(&d.create_table(&spec("hashtable")))
                     .unwrap();
-                let sql = d.upsert(&spec("hashtable"), 1);
-                timed(|| {
-                    let tx = c.transaction().unwrap();
-                    {
-                        let mut st = tx.prepare_cached(&sql).unwrap();
-                        pairs.iter().for_each(|(k, v)| {
-                            let _ = st.execute([k, v]).unwrap();
-                        });
-                    }
-                    tx.commit().unwrap();
-                })
+                sqlite_upserts(&mut c, &d.upsert(&spec("hashtable"), 1), &pairs)
             },
         );
         rows.push(Row {
@@ -435,17 +430,7 @@ fn sqlite(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, journal: &s
         let mut c = sqlite_conn(&dir.path().join("w5r"), journal);
         c.execute_batch(&d.create_table(&spec("hashtable")))
             .unwrap();
-        let sql = d.upsert(&spec("hashtable"), 1);
-        timed(|| {
-            let tx = c.transaction().unwrap();
-            {
-                let mut st = tx.prepare_cached(&sql).unwrap();
-                for (k, v) in &encoded5 {
-                    st.execute([k, v]).unwrap();
-                }
-            }
-            tx.commit().unwrap();
-        })
+        sqlite_upserts(&mut c, &d.upsert(&spec("hashtable"), 1), &encoded5)
     };
     waits.sort();
     notes.push(format!(

@@ -3,10 +3,13 @@
 //! `WTH_MYSQL_URL` points to (`scripts/test.sh` starts them). A backend whose URL is
 //! missing fails its tests: it is never skipped.
 
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdout};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use write_thru_hash::{Builder, DbHashMap, Dialect, IntoStore, Store};
+use write_thru_hash::{Builder, DbHashMap, Dialect, IntoStore, SharedDbHashMap, Store};
 
 pub(crate) trait Env {
     /// A URL for this test's own database.
@@ -728,4 +731,89 @@ pub(crate) fn worker_bin() -> std::path::PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Reads each worker's output (`examples/crash_worker`, coherent mode) until it says
+/// `done`.
+#[allow(dead_code)]
+pub(crate) fn wait_for_done(outputs: &mut [BufReader<ChildStdout>]) {
+    for out in outputs {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                out.read_line(&mut line).unwrap() > 0,
+                "a worker stopped early"
+            );
+            if line.trim() == "done" {
+                break;
+            }
+        }
+    }
+}
+
+/// Tells a worker that said `done` to refresh, and reads its map and how many writes
+/// it retried after a conflict; it must then exit cleanly.
+#[allow(dead_code)]
+pub(crate) fn final_map(
+    worker: &mut Child,
+    out: &mut BufReader<ChildStdout>,
+) -> (HashMap<String, i64>, u64) {
+    writeln!(worker.stdin.take().unwrap(), "go").unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let map = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let conflicts = line
+        .trim()
+        .strip_prefix("conflicts ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no conflict count: {line:?}"));
+    assert!(worker.wait().unwrap().success());
+    (map, conflicts)
+}
+
+/// `watch()`: `writer` commits 20 changes (every fifth removes the key written just
+/// before), and each must reach `watched`, in memory and through its subscription,
+/// within 10 s. Returns how long each took, in order.
+#[allow(dead_code)]
+pub(crate) fn changes_reach(
+    writer: &mut DbHashMap<String, i64>,
+    watched: &SharedDbHashMap<String, i64>,
+) -> Vec<Duration> {
+    let changes = watched.subscribe();
+    let mut delays = Vec::new();
+    for i in 0..20 {
+        let key = format!("k{}", if i % 5 == 4 { i - 1 } else { i } % 7);
+        let t = Instant::now();
+        if i % 5 == 4 {
+            writer.remove(&key).unwrap();
+        } else {
+            writer.insert(key.clone(), i).unwrap();
+        }
+        loop {
+            let keys = changes
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the change arrives within 10 s");
+            if keys.contains(&key) && watched.get(&key) == writer.get(&key).copied() {
+                break;
+            }
+        }
+        delays.push(t.elapsed());
+    }
+    assert_eq!(watched.to_hash_map(), **writer);
+    delays
+}
+
+/// `median …, max …` of some delays.
+#[allow(dead_code)]
+pub(crate) fn spread(delays: &[Duration]) -> String {
+    let mut sorted = delays.to_vec();
+    sorted.sort();
+    format!(
+        "median {:?}, max {:?}",
+        sorted[sorted.len() / 2],
+        sorted.last().unwrap()
+    )
 }
