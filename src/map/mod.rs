@@ -35,7 +35,11 @@ use writer::{apply_changes, Refreshed, Writer};
 ///
 /// **One writer per table.** The map trusts that nothing else writes its table: two
 /// maps on one table, or a map and another program, silently diverge. Keep one map
-/// per table, or call [`reload`](Self::reload) after others wrote.
+/// per table, call [`reload`](Self::reload) after others wrote, or open every map
+/// with [`Builder::coherent`] and [`refresh`](Self::refresh) them.
+///
+/// **Threads.** Writes take `&mut self`; for one map that many threads or tasks read
+/// and write, open it with [`Builder::open_shared`] (a [`SharedDbHashMap`]).
 ///
 /// **`HashMap` habits.** `Deref` gives read access only: `entry` and `get_mut` do not
 /// compile here (use [`upsert`](Self::upsert), [`get_or_insert_with`](Self::get_or_insert_with)
