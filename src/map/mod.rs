@@ -21,6 +21,9 @@ use crate::store::{Batch, IntoStore, Store, TableSpec};
 use crate::write_behind::WriteBehind;
 
 pub use shared::{ReadGuard, SharedDbHashMap};
+
+/// The fewest pairs `insert_many` streams to a store that can take them as they come.
+const STREAM_FROM: usize = 50_000;
 pub use transaction::Transaction;
 pub(crate) use watch::{start as start_watch, WatchConfig};
 use writer::{apply_changes, Refreshed, Writer};
@@ -532,8 +535,10 @@ where
     pub fn insert_many(&mut self, pairs: impl IntoIterator<Item = (K, V)>) -> Result<()> {
         self.w.check_writable()?;
         let pairs: Vec<(K, V)> = pairs.into_iter().collect();
-        // Big enough for the overlap to pay for a thread.
-        if pairs.len() >= 1024 && self.w.behind.is_none() && self.w.store().streams_puts() {
+        // Big enough for the overlap to pay for a thread and the hand-overs (measured on
+        // SQLite: at 20,000 pairs streaming was 5-20 % slower, at 200,000 25-35 % faster).
+        if pairs.len() >= STREAM_FROM && self.w.behind.is_none() && self.w.store().streams_puts()
+        {
             return self.w.stream_insert(&mut self.map, pairs);
         }
         let batch = self.w.encode_pairs(Some(&self.map), &pairs)?;

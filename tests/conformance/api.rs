@@ -210,22 +210,22 @@ fn assert_once(err: &dyn std::error::Error) {
     }
 }
 
-/// Batches big enough for `insert_many` to stream them to the store (SQLite) while it
-/// fills the map: all of a batch or none of it, in memory and in the table alike,
+/// Batches big enough for `insert_many` to stream them to the store (SQLite, from
+/// 50,000 pairs) while it fills the map: all of a batch or none of it, in memory and in the table alike,
 /// whatever stops it: the server rejecting a row far into the batch, a value that does
 /// not encode, a codec that panics. Keys repeated in the batch keep their last value.
 pub(crate) fn big_batches_are_all_or_nothing(env: &impl Env) {
     let mut h: DbHashMap<String, f64> = open(env, "big");
-    h.insert_many((0..3000).map(|i| (format!("k{i}"), f64::from(i))))
+    h.insert_many((0..60_000).map(|i| (format!("k{i}"), f64::from(i))))
         .unwrap();
     let before = h.to_hash_map();
     assert_fresh_equal(env, &h);
 
-    // Rejected by the server at the 2,500th row: old keys keep their old values, new
+    // Rejected by the server at the 50,000th row: old keys keep their old values, new
     // keys are not there.
     env.reject_value("big", "-1.0");
-    let batch = (1000..5000).map(|i| {
-        let v = if i == 3500 { -1.0 } else { -f64::from(i) - 2.0 };
+    let batch = (30_000..90_000).map(|i| {
+        let v = if i == 80_000 { -1.0 } else { -f64::from(i) - 2.0 };
         (format!("k{i}"), v)
     });
     let err = h.insert_many(batch).unwrap_err();
@@ -238,20 +238,20 @@ pub(crate) fn big_batches_are_all_or_nothing(env: &impl Env) {
     assert_fresh_equal(env, &h);
 
     // A value that does not encode (JSON has no NaN), far into the batch.
-    let batch = (0..4000).map(|i| (format!("n{i}"), if i == 3000 { f64::NAN } else { 1.0 }));
+    let batch = (0..60_000).map(|i| (format!("n{i}"), if i == 55_000 { f64::NAN } else { 1.0 }));
     let err = h.insert_many(batch).unwrap_err();
     assert!(matches!(err, Error::Encode { .. }), "{}", chain(&err));
     assert_eq!(h.to_hash_map(), before);
     assert_fresh_equal(env, &h);
 
     // Repeated keys: the last value wins, here and in the table.
-    let batch: Vec<(String, f64)> = (0..4000)
-        .map(|i| (format!("k{}", i % 1500), f64::from(i)))
+    let batch: Vec<(String, f64)> = (0..60_000)
+        .map(|i| (format!("k{}", i % 25_000), f64::from(i)))
         .collect();
     h.insert_many(batch).unwrap();
-    assert_eq!(h["k0"], 3000.0);
-    assert_eq!(h["k1499"], 2999.0);
-    assert_eq!(h["k2999"], 2999.0);
+    assert_eq!(h["k0"], 50_000.0);
+    assert_eq!(h["k24999"], 49_999.0);
+    assert_eq!(h["k59999"], 59_999.0);
     assert_fresh_equal(env, &h);
 }
 
