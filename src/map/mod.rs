@@ -537,8 +537,7 @@ where
         let pairs: Vec<(K, V)> = pairs.into_iter().collect();
         // Big enough for the overlap to pay for a thread and the hand-overs (measured on
         // SQLite: at 20,000 pairs streaming was 5-20 % slower, at 200,000 25-35 % faster).
-        if pairs.len() >= STREAM_FROM && self.w.behind.is_none() && self.w.store().streams_puts()
-        {
+        if pairs.len() >= STREAM_FROM && self.w.behind.is_none() && self.w.store().streams_puts() {
             return self.w.stream_insert(&mut self.map, pairs);
         }
         let batch = self.w.encode_pairs(Some(&self.map), &pairs)?;

@@ -225,7 +225,11 @@ pub(crate) fn big_batches_are_all_or_nothing(env: &impl Env) {
     // keys are not there.
     env.reject_value("big", "-1.0");
     let batch = (30_000..90_000).map(|i| {
-        let v = if i == 80_000 { -1.0 } else { -f64::from(i) - 2.0 };
+        let v = if i == 80_000 {
+            -1.0
+        } else {
+            -f64::from(i) - 2.0
+        };
         (format!("k{i}"), v)
     });
     let err = h.insert_many(batch).unwrap_err();
