@@ -242,8 +242,9 @@ impl<K: fmt::Debug, V: fmt::Debug, S> fmt::Debug for SharedDbHashMap<K, V, S> {
 }
 
 fn unpoisoned<G>(result: std::sync::LockResult<G>) -> G {
-    // Whoever panicked left the entries or the queue whole: every change to them is
-    // one `HashMap` or `Vec` call made after its commit. Go on with them.
+    // Whoever panicked left the writer, the queue or the subscribers whole: the
+    // writer's state changes only after a store call returns, the others by one `Vec`
+    // call. Go on with them.
     result.unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -344,11 +345,32 @@ where
         }
         match w.persist(merged.finish()) {
             Ok(()) => part.iter().map(|_| Ok(())).collect(),
-            Err(e @ Error::OutcomeUnknown { .. }) => {
+            Err(Error::OutcomeUnknown {
+                table,
+                backend,
+                source,
+            }) => {
+                // The first change gets the driver's error; the others say whose it is.
                 let mut results: Vec<Result<()>> = (1..part.len())
-                    .map(|_| Err(outcome_unknown_too(&e)))
+                    .map(|_| {
+                        Err(Error::OutcomeUnknown {
+                            table: table.clone(),
+                            backend,
+                            source: format!(
+                                "the commit of the group this change was part of: {source}"
+                            )
+                            .into(),
+                        })
+                    })
                     .collect();
-                results.insert(0, Err(e));
+                results.insert(
+                    0,
+                    Err(Error::OutcomeUnknown {
+                        table,
+                        backend,
+                        source,
+                    }),
+                );
                 results
             }
             Err(e) => {
@@ -514,24 +536,6 @@ fn parts<K, V>(group: &[Request<K, V>]) -> Vec<std::ops::Range<usize>> {
     }
     parts.push(start..group.len());
     parts
-}
-
-/// The error of each other change of a group whose commit had an unknown outcome.
-fn outcome_unknown_too(e: &Error) -> Error {
-    match e {
-        Error::OutcomeUnknown {
-            table,
-            backend,
-            source,
-        } => Error::OutcomeUnknown {
-            table: table.clone(),
-            backend,
-            source: format!("the commit of the group this change was part of: {source}").into(),
-        },
-        other => Error::Poisoned {
-            table: other.to_string(),
-        },
-    }
 }
 
 impl<K, V, S> SharedDbHashMap<K, V, S> {

@@ -252,6 +252,11 @@ impl Dialect {
         )
     }
 
+    /// How many rows the table holds.
+    pub(crate) fn count_rows(self, t: &TableSpec) -> String {
+        format!("SELECT count(*) FROM {}", self.quote(&t.name))
+    }
+
     /// `SELECT key, value` of every row.
     pub fn select_all(self, t: &TableSpec) -> String {
         format!(

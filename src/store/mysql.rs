@@ -310,7 +310,7 @@ impl Store for MysqlStore {
 
     fn rows_hint(&mut self) -> Option<usize> {
         let t = self.table.as_ref()?;
-        let sql = format!("SELECT count(*) FROM {}", D.quote(&t.name));
+        let sql = D.count_rows(t);
         let n: Option<u64> = self.conn.query_first(sql).ok()?;
         n.and_then(|n| usize::try_from(n).ok())
     }

@@ -402,7 +402,7 @@ impl Store for PostgresStore {
 
     fn rows_hint(&mut self) -> Option<usize> {
         let t = self.table.as_ref()?;
-        let sql = format!("SELECT count(*) FROM {}", D.quote(&t.name));
+        let sql = D.count_rows(t);
         let n: i64 = self.client.query_one(&sql, &[]).ok()?.get(0);
         usize::try_from(n).ok()
     }

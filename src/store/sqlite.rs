@@ -326,7 +326,7 @@ impl Store for SqliteStore {
 
     fn rows_hint(&mut self) -> Option<usize> {
         let t = self.table.as_ref()?;
-        let sql = format!("SELECT count(*) FROM {}", D.quote(&t.name));
+        let sql = D.count_rows(t);
         let n: i64 = self.conn.query_row(&sql, [], |r| r.get(0)).ok()?;
         usize::try_from(n).ok()
     }
