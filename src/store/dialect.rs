@@ -139,6 +139,19 @@ impl Dialect {
         }
     }
 
+    /// Statements that make the session's reads see every commit made before them on
+    /// any node of a cluster: on a Galera node a read waits until the node has applied
+    /// them (about 0.2 ms), so a refresh or load right after another node's commit
+    /// finds it. Other MariaDB servers take it and change nothing; a server that does
+    /// not know the setting (Oracle's MySQL: error 1193) goes without.
+    #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
+    pub(crate) fn session_causal_reads(self) -> &'static [&'static str] {
+        match self {
+            Dialect::Mysql => &["SET SESSION wsrep_sync_wait = @@SESSION.wsrep_sync_wait | 1"],
+            _ => &[],
+        }
+    }
+
     /// The bytes of keys and values one multi-row statement may carry in a packet of
     /// `packet` bytes, leaving room for the statement's text and the parameters'
     /// length prefixes.

@@ -113,6 +113,12 @@ impl MysqlStore {
         for sql in D.session_setup() {
             conn.query_drop(sql).map_err(fail)?;
         }
+        for sql in D.session_causal_reads() {
+            match conn.query_drop(sql) {
+                Err(mysql::Error::MySqlError(e)) if e.code == 1193 => {}
+                other => other.map_err(fail)?,
+            }
+        }
         Ok(())
     }
 

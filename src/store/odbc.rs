@@ -218,6 +218,17 @@ impl OdbcStore {
                 .execute(sql, (), None)
                 .map_err(|e| fail(self, e.into()))?;
         }
+        for sql in self
+            .dialect
+            .session_causal_reads()
+            .iter()
+            .filter(|_| self.known)
+        {
+            // A server that does not know the setting goes without it.
+            if let Err(e) = self.conn.execute(sql, (), None) {
+                tracing::debug!(error = %e, "causal reads not set on this server");
+            }
+        }
         Ok(())
     }
 
