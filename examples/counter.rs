@@ -2,8 +2,8 @@
 //! counted in a table, one transaction per run, however often a word repeats.
 //!
 //! ```sh
-//! echo "the cat and the hat" | cargo run --example counter
-//! cargo run --example counter -- the the end   # counts add up across runs
+//! echo "the cat and the hat" | cargo run -p write-thru-hash --example counter
+//! cargo run -p write-thru-hash --example counter -- the the end   # counts add up across runs
 //! ```
 
 use std::io::Read;

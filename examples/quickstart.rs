@@ -2,8 +2,8 @@
 //! wrote, and adds to it.
 //!
 //! ```text
-//! cargo run --example quickstart     # first run: an empty table
-//! cargo run --example quickstart     # a new process sees what the first one wrote
+//! cargo run -p write-thru-hash --example quickstart     # first run: an empty table
+//! cargo run -p write-thru-hash --example quickstart     # a new process sees what the first one wrote
 //! ```
 
 use write_thru_hash::DbHashMap;

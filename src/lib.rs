@@ -39,8 +39,13 @@
 //! | `postgres` | no      | PostgreSQL through the `postgres` crate: `postgres::Client`, `postgres://…` |
 //! | `mysql`    | no      | MySQL and MariaDB through the `mysql` crate, pure Rust: `mysql::Conn`, `mysql://…` |
 //! | `odbc`     | no      | ODBC through odbc-api and unixODBC: `odbc_api::Connection<'static>`, `odbc:CONNECTION-STRING` |
-//! | `postcard` | no      | the compact binary codec [`Postcard`] |
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+//! | `postcard` | no      | the compact binary codec `Postcard` (serde + postcard) |
+//! | `tokio`    | no      | `SharedDbHashMap`'s `…_async` write methods, for async services |
+//!
+//! On docs.rs every item that needs a feature says which.
+// docs.rs builds with `--cfg docsrs` on a nightly, where `doc_cfg` also labels each
+// item with the features it needs (what `doc_auto_cfg` did before it was merged in).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod blocked;
 mod builder;

@@ -2,9 +2,9 @@
 //! `DbHashMap`, so every assertion and retraction is one row written as it happens.
 //!
 //! ```text
-//! cargo run --example datalog -- examples/family.dl          # assert and query
-//! echo 'sister(X, bart)?' | cargo run --example datalog      # a new process asks again
-//! cargo run --example datalog -- --db sqlite:other.db --table theory FILE...
+//! cargo run -p write-thru-hash --example datalog -- examples/family.dl          # assert and query
+//! echo 'sister(X, bart)?' | cargo run -p write-thru-hash --example datalog      # a new process asks again
+//! cargo run -p write-thru-hash --example datalog -- --db sqlite:other.db --table theory FILE...
 //! ```
 //!
 //! Each query prints its line, then its answers one fact a line, then a blank line;
