@@ -66,11 +66,16 @@ pub enum Error {
     },
 
     /// The connection failed while a change was being committed, so whether the
-    /// database holds the change is unknown. The map refuses writes until
-    /// [`reload`](crate::DbHashMap::reload) succeeds.
+    /// database holds the change is unknown; memory is as before the call. A map opened
+    /// from a URL settles it by itself on its next call: it reconnects, reads that
+    /// write's keys back and takes them as the table holds them, then goes on. A map
+    /// opened on a connection it was given cannot reconnect: it refuses writes
+    /// ([`Error::Poisoned`]) until [`reload`](crate::DbHashMap::reload) succeeds.
     #[error(
         "the outcome of a write to table {table:?} on {backend} is unknown (the connection \
-         failed during the commit); the map refuses writes until `reload()` re-reads the table"
+         failed during the commit); a map opened from a URL settles it on its next call by \
+         reading the write's keys back, a map opened on a given connection refuses writes \
+         until `reload()` re-reads the table"
     )]
     OutcomeUnknown {
         /// The table's name.
@@ -81,11 +86,15 @@ pub enum Error {
         source: BoxError,
     },
 
-    /// An earlier write's outcome is unknown (see [`Error::OutcomeUnknown`]); call
-    /// [`reload`](crate::DbHashMap::reload) before writing again.
+    /// An earlier write's outcome is unknown (see [`Error::OutcomeUnknown`]) and the
+    /// map cannot settle it by itself, since it was opened on a connection it was given
+    /// (it cannot make a new one); call [`reload`](crate::DbHashMap::reload) before
+    /// writing again. Maps opened from a URL settle such writes themselves.
     #[error(
-        "table {table:?} refuses writes: an earlier write's outcome is unknown; \
-         call `reload()` to re-read the table, then write again"
+        "table {table:?} refuses writes: an earlier write's outcome is unknown, and the map \
+         was opened on a connection it was given, which it cannot reopen to settle it; \
+         call `reload()` (with the connection working again) to re-read the table, then \
+         write again"
     )]
     Poisoned {
         /// The table's name.
@@ -288,6 +297,16 @@ pub enum Error {
         call: &'static str,
     },
 
+    /// The store cannot do what was asked (a [`Store`](crate::Store) method it does
+    /// not implement).
+    #[error("the {backend} store does not support {what}")]
+    Unsupported {
+        /// The backend's name.
+        backend: &'static str,
+        /// What was asked.
+        what: &'static str,
+    },
+
     /// A transaction's closure gave up on purpose with [`Error::abort`]; the reason it
     /// gave is the source.
     #[error("the transaction was aborted by its closure")]
@@ -343,6 +362,8 @@ impl Error {
         match self {
             Error::Database { source, .. } => retryable(source.as_ref()),
             Error::Background { abandoned, .. } => !abandoned,
+            // The server may be back by then: a URL map reconnects on its next call.
+            Error::Connect { backend, .. } => *backend != "SQLite",
             _ => false,
         }
     }
@@ -355,6 +376,59 @@ impl Error {
 }
 
 impl Error {
+    /// Whether the connection was lost before the statement that failed did anything:
+    /// the server ended the session (it was idle, shut down or terminated), or the
+    /// driver found the connection closed. A store that can reconnect then runs the
+    /// same batch again on a new connection; an unknown outcome is not one of these.
+    pub(crate) fn is_disconnect(&self) -> bool {
+        let Error::Database { source, .. } = self else {
+            return false;
+        };
+        disconnected(source.as_ref())
+    }
+
+    /// The error of a group commit, for each caller of the group but the first: the
+    /// same words, and the same answer to [`is_retryable`](Self::is_retryable).
+    pub(crate) fn for_group(&self) -> Error {
+        let shared = GroupFailure {
+            message: format!(
+                "the commit of the group this change was part of failed: {}",
+                self
+            ),
+            retryable: self.is_retryable(),
+        };
+        match self {
+            Error::OutcomeUnknown { table, backend, .. } => Error::OutcomeUnknown {
+                table: table.clone(),
+                backend,
+                source: Box::new(shared),
+            },
+            Error::Database {
+                action,
+                table,
+                backend,
+                ..
+            } => Error::Database {
+                action: *action,
+                table: table.clone(),
+                backend,
+                source: Box::new(shared),
+            },
+            Error::Connect { url, backend, .. } => Error::Connect {
+                url: url.clone(),
+                backend,
+                source: Box::new(shared),
+            },
+            Error::Poisoned { table } => Error::Poisoned {
+                table: table.clone(),
+            },
+            other => Error::Aborted(Box::new(GroupFailure {
+                message: other.to_string(),
+                retryable: false,
+            })),
+        }
+    }
+
     /// Whether the server rolled the whole transaction back because it conflicted with
     /// another (a deadlock, a serialization failure, Galera's certification conflict):
     /// then trying it again is safe and likely to succeed.
@@ -386,8 +460,61 @@ impl Error {
     }
 }
 
+/// The failure of a group commit as another caller of the group sees it.
+#[derive(Debug)]
+struct GroupFailure {
+    message: String,
+    retryable: bool,
+}
+
+impl fmt::Display for GroupFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for GroupFailure {}
+
+/// Whether a driver's error says the session was gone before the statement ran.
+fn disconnected(source: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    #[cfg(feature = "postgres")]
+    if let Some(e) = source.downcast_ref::<postgres::Error>() {
+        return match e.code() {
+            // admin_shutdown (terminated), idle_session_timeout,
+            // idle_in_transaction_session_timeout, and connection exceptions.
+            Some(code) => {
+                ["57P01", "57P02", "57P05", "25P03"].contains(&code.code())
+                    || code.code().starts_with("08")
+            }
+            None => e.is_closed() || e.as_db_error().is_none(),
+        };
+    }
+    #[cfg(feature = "mysql")]
+    if let Some(e) = source.downcast_ref::<mysql::Error>() {
+        return match e {
+            // server gone away, lost connection, connection killed, idle timeout
+            mysql::Error::MySqlError(e) => [2006, 2013, 1927, 4031].contains(&e.code),
+            mysql::Error::IoError(_) | mysql::Error::DriverError(_) => true,
+            _ => false,
+        };
+    }
+    #[cfg(feature = "odbc")]
+    if let Some(odbc_api::Error::Diagnostics { record, .. }) =
+        source.downcast_ref::<odbc_api::Error>()
+    {
+        // MariaDB's driver reports a lost connection as HY000 with the server's codes.
+        return record.state.as_str().starts_with("08")
+            || [2006, 2013, 1927, 4031].contains(&record.native_error);
+    }
+    let _ = source;
+    false
+}
+
 /// Whether a driver's error is one that trying again may get past.
 fn retryable(source: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    if let Some(group) = source.downcast_ref::<GroupFailure>() {
+        return group.retryable;
+    }
     #[cfg(feature = "sqlite")]
     if let Some(e) = source.downcast_ref::<rusqlite::Error>() {
         return matches!(

@@ -41,6 +41,7 @@
 //! | `odbc`     | no      | ODBC through odbc-api and unixODBC: `odbc_api::Connection<'static>`, `odbc:CONNECTION-STRING` |
 //! | `postcard` | no      | the compact binary codec `Postcard` (serde + postcard) |
 //! | `tokio`    | no      | `SharedDbHashMap`'s `…_async` write methods, for async services |
+//! | `metrics`  | no      | counters and timings through the `metrics` facade crate (names in the README, "In a service") |
 //!
 //! On docs.rs every item that needs a feature says which.
 // docs.rs builds with `--cfg docsrs` on a nightly, where `doc_cfg` also labels each
@@ -53,6 +54,7 @@ mod canonical;
 mod codec;
 mod error;
 mod map;
+mod metrics;
 mod store;
 mod url;
 mod write_behind;

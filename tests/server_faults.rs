@@ -171,21 +171,20 @@ fn killed_between_calls(env: &impl Env) {
     kill_connections(env);
     thread::sleep(std::time::Duration::from_millis(200));
 
-    let err = h.insert("b".into(), 2).unwrap_err();
-    assert_eq!(*h, before, "memory unchanged after: {err}");
-    assert!(
-        !err.to_string().contains("wth-secret"),
-        "no password in: {err}"
-    );
-    // Either the server said why (the outcome is known) or it is unknown and the map
-    // waits for reload: both say so, and reload brings the map back in step.
-    if err.is_outcome_unknown() {
-        assert!(matches!(
-            h.insert("c".into(), 3),
-            Err(Error::Poisoned { .. })
-        ));
+    // A URL map finds the connection gone before it writes, makes a new one, and the
+    // write goes through. Over ODBC, where a driver may not tell before the write, the
+    // call may fail with a known outcome; the next one works, with no reload.
+    match h.insert("b".into(), 2) {
+        Ok(_) => {}
+        Err(err) if url.starts_with("odbc:") => {
+            assert_eq!(*h, before, "memory unchanged after: {err}");
+            assert!(!err.to_string().contains("wth-secret"), "{err}");
+            h.insert("b".into(), 2)
+                .expect("the call after a lost connection goes through");
+        }
+        Err(err) => panic!("a URL map reconnects by itself: {}", env::chain(&err)),
     }
-    h.reload().unwrap();
+    assert_eq!(h.get("b"), Some(&2));
     h.insert("d".into(), 4).unwrap();
     assert_eq!(open(&url, "killed"), *h);
 }
@@ -217,33 +216,26 @@ fn answer_to_commit_lost(env: &impl Env) {
         "{}",
         env::chain(&err)
     );
-    assert!(err.to_string().contains("reload"), "says what to do: {err}");
+    assert!(
+        err.to_string().contains("next call"),
+        "says what happens: {err}"
+    );
     assert!(!err.to_string().contains("wth-secret"), "{err}");
     assert_eq!(h.get("a"), None, "memory unchanged");
-    let refused = h.insert("b".into(), 2).unwrap_err();
-    assert!(matches!(refused, Error::Poisoned { .. }), "{refused}");
-    assert!(h.transaction(|tx| tx.insert("c".into(), 3)).is_err());
-
-    // The commit did happen; reload reconnects and finds it.
-    h.reload().unwrap();
-    assert_eq!(h.get("a"), Some(&1));
-    h.insert("b".into(), 2).unwrap();
+    // The next call settles it: it reconnects, reads "a" back (the commit did happen),
+    // and goes on. No reload.
+    h.insert("b".into(), 2)
+        .expect("the next call settles the unknown outcome");
+    assert_eq!(h.get("a"), Some(&1), "memory took what the table holds");
+    h.transaction(|tx| tx.insert("c".into(), 3)).unwrap();
     assert_eq!(open(&env.url(), "lost answer"), *h);
 
-    // A batch: the cut hits the transaction's first statement, so nothing is in doubt.
+    // A batch: the cut hits the transaction's first statement, so nothing is in doubt,
+    // and the batch goes again on a new connection: the call does not fail.
     proxy.cut_next_answer();
-    let before: HashMap<String, i64> = (*h).clone();
-    let err = h
-        .insert_many((0..10).map(|i| (format!("k{i}"), i)))
-        .unwrap_err();
-    assert!(matches!(err, Error::Database { .. }), "{err}");
-    assert_eq!(*h, before);
-    assert_eq!(
-        open(&env.url(), "lost answer"),
-        before,
-        "nothing of the batch was committed"
-    );
-    // The store reconnects by itself: nothing was in doubt.
+    h.insert_many((0..10).map(|i| (format!("k{i}"), i)))
+        .expect("a batch that lost its connection before anything was done goes again");
+    assert_eq!(h.get("k9"), Some(&9));
     h.insert("after".into(), 5).unwrap();
     assert_eq!(open(&env.url(), "lost answer"), *h);
 }
@@ -286,13 +278,20 @@ fn killed_during_a_transaction(env: &(impl Env + Sync)) {
             ("y".to_string(), "slow".to_string()),
         ])
     });
-    let err = handle.unwrap_err();
-    assert_eq!(*s, before, "memory unchanged after: {err}");
-    s.reload().unwrap();
-    assert_eq!(
-        *s, before,
-        "nothing of the killed transaction was committed"
-    );
+    // The server ended the session before the commit: nothing was done, so a URL map
+    // runs the transaction again on a new connection, and it goes through.
+    match handle {
+        Ok(()) => assert_eq!(s.get("y").map(String::as_str), Some("slow")),
+        Err(err) => {
+            assert_eq!(*s, before, "memory unchanged after: {err}");
+            let fresh: DbHashMap<String, String> =
+                DbHashMap::builder_url(&url).table("slow").open().unwrap();
+            assert_eq!(
+                fresh, before,
+                "nothing of the killed transaction was committed"
+            );
+        }
+    }
     s.insert("z".into(), "fine".into()).unwrap();
     let fresh: DbHashMap<String, String> =
         DbHashMap::builder_url(&url).table("slow").open().unwrap();

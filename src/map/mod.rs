@@ -310,7 +310,7 @@ where
     /// # Ok::<(), write_thru_hash::Error>(())
     /// ```
     pub fn insert(&mut self, key: K, value: V) -> Result<Option<V>> {
-        self.w.check_writable()?;
+        self.w.ready(&mut self.map)?;
         let batch = self.w.plan_insert(&self.map, &key, &value)?;
         self.w.persist(batch)?;
         Ok(self.map.insert(key, value))
@@ -345,7 +345,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.w.check_writable()?;
+        self.w.ready(&mut self.map)?;
         let Some((batch, _)) = self.w.plan_remove(&self.map, key)? else {
             return Ok(None);
         };
@@ -357,6 +357,7 @@ where
     ///
     /// **Storage:** one `DELETE` of every row of the table, committed on its own.
     pub fn clear(&mut self) -> Result<()> {
+        self.w.ready(&mut self.map)?;
         self.w.persist(Batch {
             clear: true,
             ..Batch::default()
@@ -378,7 +379,7 @@ where
     /// # Ok::<(), write_thru_hash::Error>(())
     /// ```
     pub fn retain(&mut self, f: impl FnMut(&K, &V) -> bool) -> Result<usize> {
-        self.w.check_writable()?;
+        self.w.ready(&mut self.map)?;
         let (batch, doomed) = self.w.plan_retain(&self.map, f)?;
         if doomed.is_empty() {
             return Ok(0);
@@ -406,7 +407,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized + 'q,
     {
-        self.w.check_writable()?;
+        self.w.ready(&mut self.map)?;
         let (batch, held) = self.w.plan_remove_many(&self.map, keys)?;
         if held.is_empty() {
             return Ok(0);
@@ -435,7 +436,7 @@ where
     /// # Ok::<(), write_thru_hash::Error>(())
     /// ```
     pub fn upsert(&mut self, key: K, f: impl FnOnce(Option<&V>) -> V) -> Result<&V> {
-        self.w.check_writable()?;
+        self.w.ready(&mut self.map)?;
         let (batch, value) = self.w.plan_upsert(&self.map, &key, f)?;
         self.w.persist(batch)?;
         Ok(match self.map.entry(key) {
@@ -490,7 +491,7 @@ where
         pairs: impl IntoIterator<Item = (K, V)>,
         f: impl FnMut(Option<&V>, V) -> V,
     ) -> Result<()> {
-        self.w.check_writable()?;
+        self.w.ready(&mut self.map)?;
         let (batch, entries) = self.w.plan_upsert_many(&self.map, pairs, f)?;
         self.w.persist(batch)?;
         self.map.extend(entries);
@@ -517,7 +518,7 @@ where
         Q: Hash + Eq + ?Sized,
         V: Clone,
     {
-        self.w.check_writable()?;
+        self.w.ready(&mut self.map)?;
         let Some((batch, value)) = self.w.plan_update(&self.map, key, f)? else {
             return Ok(false);
         };
@@ -533,7 +534,7 @@ where
     ///
     /// **Storage:** one transaction of upserts.
     pub fn insert_many(&mut self, pairs: impl IntoIterator<Item = (K, V)>) -> Result<()> {
-        self.w.check_writable()?;
+        self.w.ready(&mut self.map)?;
         let pairs: Vec<(K, V)> = pairs.into_iter().collect();
         // Big enough for the overlap to pay for a thread and the hand-overs (measured on
         // SQLite: at 20,000 pairs streaming was 5-20 % slower, at 200,000 25-35 % faster).
@@ -571,7 +572,7 @@ where
         &mut self,
         f: impl FnOnce(&mut Transaction<'_, K, V, S>) -> Result<R>,
     ) -> Result<R> {
-        self.w.check_writable()?;
+        self.w.ready(&mut self.map)?;
         let mut tx = Transaction::new(&self.map, &self.w);
         let result = f(&mut tx)?;
         let (batch, staged) = tx.finish();

@@ -311,9 +311,15 @@ where
             return;
         }
         self.calls.fetch_add(group.len() as u64, Ordering::Relaxed);
+        crate::metrics::group(&self.table, group.len());
         let mut results = Vec::with_capacity(group.len());
-        for part in parts(&group) {
-            results.extend(self.commit_part(w, &mut group[part]));
+        if let Err(e) = self.settle(w) {
+            // Nothing of the group was tried: each caller hears why.
+            results.extend((0..group.len()).map(|_| Err(e.for_group())));
+        } else {
+            for part in parts(&group) {
+                results.extend(self.commit_part(w, &mut group[part]));
+            }
         }
         let mut outcomes = Vec::with_capacity(group.len());
         {
@@ -345,32 +351,13 @@ where
         }
         match w.persist(merged.finish()) {
             Ok(()) => part.iter().map(|_| Ok(())).collect(),
-            Err(Error::OutcomeUnknown {
-                table,
-                backend,
-                source,
-            }) => {
-                // The first change gets the driver's error; the others say whose it is.
-                let mut results: Vec<Result<()>> = (1..part.len())
-                    .map(|_| {
-                        Err(Error::OutcomeUnknown {
-                            table: table.clone(),
-                            backend,
-                            source: format!(
-                                "the commit of the group this change was part of: {source}"
-                            )
-                            .into(),
-                        })
-                    })
-                    .collect();
-                results.insert(
-                    0,
-                    Err(Error::OutcomeUnknown {
-                        table,
-                        backend,
-                        source,
-                    }),
-                );
+            // What each change would meet alone, it met now: an unknown outcome, a lost
+            // connection that could not be made again, a lock or busy timeout. Every
+            // caller hears it once, instead of waiting for its change to meet it again.
+            Err(e) if e.is_outcome_unknown() || e.is_retryable() || e.is_disconnect() => {
+                let mut results: Vec<Result<()>> =
+                    (1..part.len()).map(|_| Err(e.for_group())).collect();
+                results.insert(0, Err(e));
                 results
             }
             Err(e) => {
@@ -393,7 +380,19 @@ where
         let queued = std::mem::take(&mut self.queue().pending);
         self.commit_group(&mut w, queued);
         self.calls.fetch_add(1, Ordering::Relaxed);
+        self.settle(&mut w)?;
         f(&mut w)
+    }
+
+    /// Settles a write whose outcome was unknown, if there is one (the table is read
+    /// without the lock readers use; memory takes it in one short step), then says
+    /// whether the map takes writes.
+    fn settle(&self, w: &mut Writer<K, V>) -> Result<()> {
+        if let Some(settlement) = w.read_unsettled()? {
+            let n = settlement.apply(&mut self.write());
+            w.settled(n);
+        }
+        w.check_writable()
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue<K, V>> {

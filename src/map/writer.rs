@@ -20,6 +20,10 @@ use crate::write_behind::{Behind, WriteBehind};
 /// How many times a write that conflicted with another writer is tried again.
 const CONFLICT_RETRIES: u32 = 8;
 
+/// How many times a write that found its connection gone (nothing done) is tried again
+/// on a new one, by a store that can reconnect.
+const RECONNECT_RETRIES: u32 = 2;
+
 /// Changes written between two looks at whether the change log needs compacting.
 const COMPACT_EVERY: u64 = 1024;
 
@@ -57,6 +61,74 @@ pub(crate) enum Refreshed<K, V> {
     FellBehind,
 }
 
+/// What a write whose outcome is unknown touched: the keys to read back, or the whole
+/// table (a clear, a streamed batch).
+#[derive(Debug, Clone)]
+pub(crate) enum Unsettled {
+    Keys(Vec<Vec<u8>>),
+    All,
+}
+
+impl Unsettled {
+    fn of(batch: &Batch) -> Unsettled {
+        if batch.clear {
+            return Unsettled::All;
+        }
+        let keys = batch
+            .deletes
+            .iter()
+            .cloned()
+            .chain(batch.puts.iter().map(|(k, _)| k.clone()))
+            .collect();
+        Unsettled::Keys(keys)
+    }
+
+    fn and(self, other: Unsettled) -> Unsettled {
+        match (self, other) {
+            (Unsettled::Keys(mut a), Unsettled::Keys(b)) => {
+                a.extend(b);
+                Unsettled::Keys(a)
+            }
+            _ => Unsettled::All,
+        }
+    }
+}
+
+/// The table's side of the keys a write with an unknown outcome touched, read back:
+/// each key with its value now (`None`: absent), or the whole table.
+pub(crate) enum Settlement<K, V> {
+    Keys(Vec<(K, Option<V>)>),
+    All(Vec<(K, V)>),
+}
+
+impl<K: Eq + Hash, V> Settlement<K, V> {
+    /// Puts memory equal to the table for what was read back.
+    pub(crate) fn apply<S: BuildHasher>(self, map: &mut HashMap<K, V, S>) -> usize {
+        match self {
+            Settlement::Keys(keys) => {
+                let n = keys.len();
+                for (k, v) in keys {
+                    match v {
+                        Some(v) => {
+                            map.insert(k, v);
+                        }
+                        None => {
+                            map.remove(&k);
+                        }
+                    }
+                }
+                n
+            }
+            Settlement::All(rows) => {
+                let n = rows.len();
+                map.clear();
+                map.extend(rows);
+                n
+            }
+        }
+    }
+}
+
 /// What encodes a map's keys and values: fixed once the map is open, so a shared map's
 /// writers use it without taking the store; and the map's counters.
 pub(crate) struct Encoder<K, V> {
@@ -79,7 +151,12 @@ pub(crate) struct Writer<K, V> {
     // only writers lock it, so the lock is not contended.
     pub(crate) store: Arc<Mutex<Box<dyn Store>>>,
     pub(crate) behind: Option<Behind>,
+    /// A write's outcome is unknown and the store cannot reconnect to settle it: writes
+    /// are refused until `reload`.
     pub(crate) poisoned: bool,
+    /// A write's outcome is unknown and the store can reconnect: the next call settles
+    /// it by reading back what that write touched.
+    pub(crate) unsettled: Option<Unsettled>,
     /// Coherence: the version of the table this map has seen, and its settings.
     pub(crate) coherent: Option<Coherent>,
 }
@@ -120,6 +197,7 @@ impl<K, V> Writer<K, V> {
             store: Arc::new(Mutex::new(store)),
             behind: None,
             poisoned: false,
+            unsettled: None,
             coherent: None,
         }
     }
@@ -174,28 +252,76 @@ impl<K, V> Writer<K, V> {
             self.after_write(changes);
             return Ok(());
         }
+        let started = std::time::Instant::now();
+        let mut result = self.apply_with_conflicts(&batch);
+        // The connection was gone before the write did anything (closed while idle, the
+        // session ended by the server): a store that can reconnect does, and the same
+        // batch goes again. Nothing is in doubt, so nothing is written twice.
+        let mut reconnects = 0;
+        while reconnects < RECONNECT_RETRIES
+            && result.as_ref().is_err_and(Error::is_disconnect)
+            && self.store().can_reconnect()
+        {
+            reconnects += 1;
+            tracing::info!(table = %self.table.name, error = %result.as_ref().unwrap_err(),
+                "the connection was lost before the write; reconnecting and writing again");
+            crate::metrics::reconnected(&self.table.name);
+            if let Err(e) = self.store().reconnect() {
+                result = Err(e);
+                break;
+            }
+            result = self.apply_with_conflicts(&batch);
+        }
+        if let Err(Error::OutcomeUnknown { .. }) = &result {
+            self.outcome_unknown(Unsettled::of(&batch));
+        }
+        crate::metrics::wrote(
+            &self.table.name,
+            batch.len(),
+            started.elapsed(),
+            result.is_ok(),
+        );
+        if result.is_ok() {
+            self.after_write(batch.len());
+        }
+        result
+    }
+
+    /// Applies `batch`; a transaction the server rolled back for a conflict with another
+    /// writer (a deadlock, a serialization or certification failure) is tried again a
+    /// few times, after a short, growing, jittered pause.
+    fn apply_with_conflicts(&mut self, batch: &Batch) -> Result<()> {
         self.count_commit();
-        let mut result = self.store().apply(&batch);
-        // A transaction the server rolled back for a conflict with another writer (a
-        // deadlock, a serialization or certification failure) is tried again a few
-        // times, after a short, growing, jittered pause.
+        let mut result = self.store().apply(batch);
         let mut tries = 0;
         while tries < CONFLICT_RETRIES && result.as_ref().is_err_and(Error::is_conflict) {
             tries += 1;
             std::thread::sleep(conflict_pause(tries));
             self.enc.conflicts_retried.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::conflict_retried(&self.table.name);
             self.count_commit();
             tracing::debug!(table = %self.table.name, tries, "write conflicted with another; retrying");
-            result = self.store().apply(&batch);
-        }
-        if let Err(Error::OutcomeUnknown { .. }) = &result {
-            self.poisoned = true;
-            tracing::error!(table = %self.table.name, "write outcome unknown; map refuses writes until reload()");
-        }
-        if result.is_ok() {
-            self.after_write(batch.len());
+            result = self.store().apply(batch);
         }
         result
+    }
+
+    /// A write's outcome is unknown: a store that can reconnect settles it on the next
+    /// call; one that cannot refuses writes until `reload`.
+    pub(crate) fn outcome_unknown(&mut self, touched: Unsettled) {
+        crate::metrics::outcome_unknown(&self.table.name);
+        if self.store().can_reconnect() {
+            tracing::warn!(table = %self.table.name,
+                "write outcome unknown; the next call reads its keys back to settle it");
+            self.unsettled = Some(match self.unsettled.take() {
+                Some(earlier) => earlier.and(touched),
+                None => touched,
+            });
+        } else {
+            self.poisoned = true;
+            tracing::error!(table = %self.table.name,
+                "write outcome unknown on a connection the map was given; it refuses writes until reload()");
+        }
     }
 
     /// Coherence: now and then a writer looks at the change log's length and compacts
@@ -241,6 +367,7 @@ impl<K, V> Writer<K, V> {
     /// nothing is in doubt any more.
     pub(crate) fn took_fresh(&mut self, version: Option<u64>) {
         self.poisoned = false;
+        self.unsettled = None;
         if let (Some(c), Some(v)) = (&mut self.coherent, version) {
             c.seen = v;
         }
@@ -371,7 +498,7 @@ where
             Ok(()) => self.after_write(n),
             Err(e) => {
                 if let Error::OutcomeUnknown { .. } = e {
-                    self.poisoned = true;
+                    self.outcome_unknown(Unsettled::All);
                 }
                 undo_inserts(map, undo);
             }
@@ -485,6 +612,69 @@ where
             c.seen = reached;
         }
         self.poisoned = false;
+        self.unsettled = None;
+    }
+
+    /// Reads back what a write with an unknown outcome touched, reconnecting first:
+    /// `None` when nothing is in doubt. Changes nothing; on error the write stays
+    /// unsettled and the next call tries again.
+    pub(crate) fn read_unsettled(&mut self) -> Result<Option<Settlement<K, V>>> {
+        let Some(unsettled) = self.unsettled.clone() else {
+            return Ok(None);
+        };
+        let mut store = lock(&self.store);
+        store.reconnect()?;
+        let (keys, values, table) = (&*self.enc.keys, &*self.enc.values, &self.enc.table);
+        if let Unsettled::Keys(touched) = &unsettled {
+            let mut read = Vec::with_capacity(touched.len());
+            let mut whole = false;
+            for kb in touched {
+                let vb = match store.get(kb) {
+                    Ok(vb) => vb,
+                    Err(Error::Unsupported { .. }) => {
+                        whole = true;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let key = decode_key(keys, table, kb)?;
+                let value = match vb {
+                    Some(vb) => Some(values.decode(&vb).map_err(|e| Error::Decode {
+                        what: "value",
+                        table: table.name.clone(),
+                        row: show_bytes(kb),
+                        source: e,
+                    })?),
+                    None => None,
+                };
+                read.push((key, value));
+            }
+            if !whole {
+                return Ok(Some(Settlement::Keys(read)));
+            }
+        }
+        let mut fresh: HashMap<K, V> = HashMap::new();
+        load(&mut **store, table, keys, values, &mut fresh)?;
+        Ok(Some(Settlement::All(fresh.into_iter().collect())))
+    }
+
+    /// A settlement read by [`read_unsettled`](Self::read_unsettled) is in memory:
+    /// nothing is in doubt any more.
+    pub(crate) fn settled(&mut self, keys: usize) {
+        self.unsettled = None;
+        crate::metrics::settled(&self.table.name);
+        tracing::info!(table = %self.table.name, keys,
+            "an unknown write outcome is settled: memory took what the table holds");
+    }
+
+    /// Settles a write with an unknown outcome, if there is one, then says whether the
+    /// map takes writes: the start of every write of a `DbHashMap`.
+    pub(crate) fn ready<S: BuildHasher>(&mut self, map: &mut HashMap<K, V, S>) -> Result<()> {
+        if let Some(settlement) = self.read_unsettled()? {
+            let n = settlement.apply(map);
+            self.settled(n);
+        }
+        self.check_writable()
     }
 }
 

@@ -294,6 +294,25 @@ impl Dialect {
         })
     }
 
+    /// `SELECT value` of the row whose key is bound to the one placeholder.
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "mysql")),
+        allow(dead_code)
+    )]
+    pub(crate) fn select_value(self, t: &TableSpec, marks: Marks) -> String {
+        // As in `delete_keys_marked`: SQLite compares with the column's collation.
+        let key = match self {
+            Dialect::Sqlite => format!("{} COLLATE BINARY", self.quote("key")),
+            _ => self.quote("key"),
+        };
+        format!(
+            "SELECT {} FROM {} WHERE {key} = {}",
+            self.quote("value"),
+            self.quote(&t.name),
+            self.mark(marks, 1)
+        )
+    }
+
     /// Deletes every row.
     pub fn delete_all(self, t: &TableSpec) -> String {
         format!("DELETE FROM {}", self.quote(&t.name))

@@ -216,9 +216,31 @@ pub trait Store: Send {
     }
 
     /// Restores a lost connection, when the store knows how (stores opened from a
-    /// URL do). Called by [`reload`](crate::DbHashMap::reload) before it loads.
+    /// URL do). Called by [`reload`](crate::DbHashMap::reload) before it loads, and
+    /// before a map settles a write whose outcome was unknown.
     fn reconnect(&mut self) -> Result<()> {
         Ok(())
+    }
+
+    /// Whether the store can make a new connection by itself (it was opened from a URL).
+    /// A map on such a store settles a write whose outcome was unknown on its next call,
+    /// by reading that write's keys back; a map on a store that cannot (a connection it
+    /// was given) refuses writes until [`reload`](crate::DbHashMap::reload). The
+    /// default says no.
+    fn can_reconnect(&self) -> bool {
+        false
+    }
+
+    /// The stored value of one key (its encoding), or `None` when the table does not
+    /// hold it: one indexed read, no load. The default says the store cannot
+    /// ([`Error::Unsupported`](crate::Error::Unsupported)); a map then settles an
+    /// unknown outcome by reloading the whole table instead.
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let _ = key;
+        Err(Error::Unsupported {
+            backend: self.backend(),
+            what: "reading one key",
+        })
     }
 
     /// Coherence: keeps, from now on, what others need to learn which keys changed
@@ -333,6 +355,12 @@ impl Store for Box<dyn Store> {
     }
     fn reconnect(&mut self) -> Result<()> {
         (**self).reconnect()
+    }
+    fn can_reconnect(&self) -> bool {
+        (**self).can_reconnect()
+    }
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        (**self).get(key)
     }
     fn enable_changes(&mut self) -> Result<()> {
         (**self).enable_changes()

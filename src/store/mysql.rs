@@ -1,6 +1,6 @@
 //! MySQL and MariaDB through the `mysql` crate (feature `mysql`).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, TxOpts, Value};
@@ -8,7 +8,7 @@ use mysql::{Conn, Opts, TxOpts, Value};
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{open_table, Catalog, Field};
+use crate::store::support::{open_table, Catalog, Field, IDLE_CHECK};
 use crate::store::{
     cannot_reconnect, chunks, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink,
     Store, TableSpec,
@@ -18,11 +18,6 @@ const D: Dialect = Dialect::Mysql;
 
 /// Rows per multi-row statement.
 const CHUNK_ROWS: usize = 256;
-
-/// A connection unused for this long is checked (one ping) before the next write: the
-/// server may have closed it (`wait_timeout`, a KILL), and a write sent on it would
-/// have an unknown outcome, where a failed ping leaves nothing in doubt.
-const IDLE_CHECK: Duration = Duration::from_millis(250);
 
 /// A [`Store`] on a `mysql::Conn` (MySQL 5.7+, MariaDB 10.3+); what
 /// `DbHashMap::open(conn)` builds.
@@ -295,6 +290,29 @@ impl Store for MysqlStore {
 
     fn max_value_len(&self) -> Option<usize> {
         self.max_value
+    }
+
+    fn can_reconnect(&self) -> bool {
+        self.url.is_some()
+    }
+
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?;
+        let value: Option<Value> = self
+            .conn
+            .exec_first(D.select_value(t, Marks::Native), (key,))
+            .map_err(|e| db_error(Action::Load, t, D.name(), e))?;
+        match value {
+            None => Ok(None),
+            Some(Value::Bytes(v)) => Ok(Some(v)),
+            Some(other) => Err(Error::Decode {
+                what: "value",
+                table: t.name.clone(),
+                row: show_bytes(key),
+                source: format!("the column holds {other:?}, not text or bytes").into(),
+            }),
+        }
     }
 
     fn reconnect(&mut self) -> Result<()> {

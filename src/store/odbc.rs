@@ -556,6 +556,10 @@ impl Store for OdbcStore {
         self.max_value
     }
 
+    fn can_reconnect(&self) -> bool {
+        self.url.is_some()
+    }
+
     fn reconnect(&mut self) -> Result<()> {
         if !self.broken && !self.conn.is_dead().unwrap_or(true) {
             return Ok(());

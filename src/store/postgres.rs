@@ -3,19 +3,23 @@
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{FromSql, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{all_rows_written, not_opened, open_table, Catalog, Field};
+use crate::store::support::{all_rows_written, not_opened, open_table, Catalog, Field, IDLE_CHECK};
 use crate::store::{
     cannot_reconnect, db_error, opened, Batch, ChangeSignal, ChangeSink, Dialect, IntoStore,
     RowSink, Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Postgres;
+
+/// How long connecting (or checking a connection) may take when the URL does not say
+/// (`connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A [`Store`] on a `postgres::Client`; what `DbHashMap::open(client)` builds.
 ///
@@ -29,6 +33,8 @@ pub struct PostgresStore {
     stmts: Option<Statements>,
     /// Set by `enable_changes` (coherence).
     coherence: Option<Coherence>,
+    /// When the connection last answered: one unused for long is checked before a write.
+    last_used: Instant,
 }
 
 struct Statements {
@@ -142,6 +148,7 @@ impl PostgresStore {
             table: None,
             stmts: None,
             coherence: None,
+            last_used: Instant::now(),
         }
     }
 
@@ -153,15 +160,25 @@ impl PostgresStore {
             table: None,
             stmts: None,
             coherence: None,
+            last_used: Instant::now(),
         })
     }
 
     fn dial(url: &str) -> Result<Client> {
-        Client::connect(url, NoTls).map_err(|e| Error::Connect {
+        let fail = |e: postgres::Error| Error::Connect {
             url: redact(url),
             backend: D.name(),
             source: e.into(),
-        })
+        };
+        let mut config: postgres::Config = url.parse().map_err(fail)?;
+        // A server that does not answer (a paused network, a dead host) fails the
+        // connection in bounded time rather than after the kernel gives up (minutes),
+        // and an idle connection that died is noticed by the keepalives.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.keepalives(true);
+        config.connect(NoTls).map_err(fail)
     }
 
     fn prepare(&mut self, t: &TableSpec) -> Result<()> {
@@ -177,12 +194,18 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Before a write: a connection known to be closed is made again when the store
-    /// knows the URL; nothing was sent on it, so nothing is in doubt.
+    /// Before a write: a connection known to be closed, or found closed by one round
+    /// trip after it was unused for a while, is made again when the store knows the
+    /// URL; nothing was sent on it, so nothing is in doubt.
     fn ensure_connected(&mut self) -> Result<()> {
-        if self.client.is_closed() && self.url.is_some() {
+        if self.url.is_some()
+            && (self.client.is_closed()
+                || (self.last_used.elapsed() >= IDLE_CHECK
+                    && self.client.is_valid(CONNECT_TIMEOUT).is_err()))
+        {
             self.reconnect()?;
         }
+        self.last_used = Instant::now();
         Ok(())
     }
 
@@ -407,6 +430,32 @@ impl Store for PostgresStore {
         usize::try_from(n).ok()
     }
 
+    fn can_reconnect(&self) -> bool {
+        self.url.is_some()
+    }
+
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?;
+        let fail = |e| db_error(Action::Load, t, D.name(), e);
+        let k = Bind::new(t, t.key_format, key)?;
+        let row = self
+            .client
+            .query_opt(&D.select_value(t, Marks::Native), &[&k])
+            .map_err(fail)?;
+        let Some(row) = row else { return Ok(None) };
+        let value: Option<Raw<'_>> = row.try_get(0).map_err(fail)?;
+        match value {
+            Some(v) => Ok(Some(v.0.to_vec())),
+            None => Err(Error::Decode {
+                what: "value",
+                table: t.name.clone(),
+                row: show_bytes(key),
+                source: "the column holds NULL".into(),
+            }),
+        }
+    }
+
     fn reconnect(&mut self) -> Result<()> {
         let Some(url) = &self.url else {
             return if self.client.is_closed() {
@@ -424,6 +473,7 @@ impl Store for PostgresStore {
             return Ok(());
         }
         self.client = Self::dial(url)?;
+        self.last_used = Instant::now();
         if let Some(t) = self.table.clone() {
             self.prepare(&t)?;
         }

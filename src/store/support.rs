@@ -408,6 +408,14 @@ pub(crate) fn wrong_key_kind(t: &TableSpec, row: &[u8]) -> Error {
 /// NOTHING`, a `BEFORE` trigger returning NULL), and then the table would not hold what
 /// memory does.
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "odbc"))]
+/// A connection unused for this long is checked (one round trip) before the next
+/// write: a firewall, a proxy or the server may have closed it (an idle timeout, a
+/// KILL, a restart), and a write sent on it would have an unknown outcome, where a
+/// failed check leaves nothing in doubt and a URL store reconnects. Writes closer
+/// together than this pay nothing.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub(crate) fn all_rows_written(written: u64, given: usize) -> Result<(), BoxError> {
     if written >= given as u64 {
         return Ok(());
