@@ -381,20 +381,20 @@ impl Error {
     /// driver found the connection closed. A store that can reconnect then runs the
     /// same batch again on a new connection; an unknown outcome is not one of these.
     pub(crate) fn is_disconnect(&self) -> bool {
-        let Error::Database { source, .. } = self else {
-            return false;
-        };
-        disconnected(source.as_ref())
+        match self {
+            Error::Database { source, .. } => disconnected(source.as_ref()),
+            // Making the connection again failed: nothing was sent.
+            Error::Connect { backend, .. } => *backend != "SQLite",
+            _ => false,
+        }
     }
 
     /// The error of a group commit, for each caller of the group but the first: the
     /// same words, and the same answer to [`is_retryable`](Self::is_retryable).
     pub(crate) fn for_group(&self) -> Error {
+        let source = std::error::Error::source(self).map_or_else(String::new, |s| s.to_string());
         let shared = GroupFailure {
-            message: format!(
-                "the commit of the group this change was part of failed: {}",
-                self
-            ),
+            message: format!("{source} (met by the commit of the group this change was part of)"),
             retryable: self.is_retryable(),
         };
         match self {

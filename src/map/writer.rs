@@ -22,7 +22,7 @@ const CONFLICT_RETRIES: u32 = 8;
 
 /// How many times a write that found its connection gone (nothing done) is tried again
 /// on a new one, by a store that can reconnect.
-const RECONNECT_RETRIES: u32 = 2;
+const RECONNECT_RETRIES: u32 = 3;
 
 /// Changes written between two looks at whether the change log needs compacting.
 const COMPACT_EVERY: u64 = 1024;
@@ -266,11 +266,14 @@ impl<K, V> Writer<K, V> {
             tracing::info!(table = %self.table.name, error = %result.as_ref().unwrap_err(),
                 "the connection was lost before the write; reconnecting and writing again");
             crate::metrics::reconnected(&self.table.name);
-            if let Err(e) = self.store().reconnect() {
-                result = Err(e);
-                break;
+            if reconnects > 1 {
+                std::thread::sleep(conflict_pause(reconnects));
             }
-            result = self.apply_with_conflicts(&batch);
+            let reconnected = self.store().reconnect();
+            result = match reconnected {
+                Ok(()) => self.apply_with_conflicts(&batch),
+                Err(e) => Err(e),
+            };
         }
         if let Err(Error::OutcomeUnknown { .. }) = &result {
             self.outcome_unknown(Unsettled::of(&batch));
@@ -619,6 +622,19 @@ where
     /// `None` when nothing is in doubt. Changes nothing; on error the write stays
     /// unsettled and the next call tries again.
     pub(crate) fn read_unsettled(&mut self) -> Result<Option<Settlement<K, V>>> {
+        let mut tries = 0;
+        loop {
+            match self.read_unsettled_once() {
+                Err(e) if e.is_disconnect() && tries < RECONNECT_RETRIES => {
+                    tries += 1;
+                    crate::metrics::reconnected(&self.table.name);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn read_unsettled_once(&mut self) -> Result<Option<Settlement<K, V>>> {
         let Some(unsettled) = self.unsettled.clone() else {
             return Ok(None);
         };

@@ -1,0 +1,169 @@
+//! A TCP proxy between a map and its server, for faults a network makes: every
+//! connection cut at once (a firewall or a proxy dropping idle connections, a restart),
+//! the server's next answer lost, the answer to a `COMMIT` lost.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+/// A TCP proxy between the map and the server that can lose the server's next answer
+/// and cut the connection, as a network failure would.
+pub struct Proxy {
+    pub port: u16,
+    /// Both ends of every connection made so far, to cut them all.
+    open: Arc<Mutex<Vec<TcpStream>>>,
+    /// Connections cut by `cut_all`.
+    pub cuts: Arc<AtomicUsize>,
+    cut_next_answer: Arc<AtomicBool>,
+    /// Armed: the answer to the next client packet that holds `COMMIT` is cut.
+    cut_commit: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    pub fn to(server_port: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let commit = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (cut2, commit2, open2) = (Arc::clone(&cut), Arc::clone(&commit), Arc::clone(&open));
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", server_port)) else {
+                    continue;
+                };
+                {
+                    let mut open = open2.lock().unwrap();
+                    open.push(client.try_clone().unwrap());
+                    open.push(server.try_clone().unwrap());
+                }
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (cut_up, commit) = (Arc::clone(&cut2), Arc::clone(&commit2));
+                thread::spawn(move || copy_up(client, server, &commit, &cut_up));
+                let cut = Arc::clone(&cut2);
+                thread::spawn(move || copy(s2, c2, Some(cut)));
+            }
+        });
+        Proxy {
+            port,
+            open,
+            cuts: Arc::default(),
+            cut_next_answer: cut,
+            cut_commit: commit,
+        }
+    }
+
+    /// Cuts every connection made so far, both ways, as a firewall dropping idle
+    /// connections or a restarting server would; new connections go through.
+    pub fn cut_all(&self) {
+        let open = std::mem::take(&mut *self.open.lock().unwrap());
+        self.cuts.fetch_add(open.len() / 2, Ordering::Relaxed);
+        for stream in open {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// The server's answer to the next `COMMIT` is dropped and the connection closed.
+    pub fn cut_answer_to_commit(&self) {
+        self.cut_commit.store(true, Ordering::SeqCst);
+    }
+
+    /// The server's next answer is dropped and the connection closed.
+    pub fn cut_next_answer(&self) {
+        self.cut_next_answer.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Client to server: when armed, a packet that holds the word `COMMIT` arms the cut of the
+/// next answer before it is passed on, so the answer cannot come first.
+fn copy_up(mut from: TcpStream, mut to: TcpStream, commit: &AtomicBool, cut: &AtomicBool) {
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let text = String::from_utf8_lossy(&buf[..n]).to_ascii_uppercase();
+        // The word, not `SET autocommit`.
+        let is_commit = text
+            .match_indices("COMMIT")
+            .any(|(i, _)| i == 0 || !text.as_bytes()[i - 1].is_ascii_alphabetic());
+        if is_commit && commit.swap(false, Ordering::SeqCst) {
+            cut.store(true, Ordering::SeqCst);
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+fn copy(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>) {
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(cut) = &cut {
+            if cut.swap(false, Ordering::SeqCst) {
+                break;
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+/// `url` with its port replaced, and the port it had: a URL's authority, or the
+/// `Port=` attribute of an ODBC connection string.
+pub fn via(url: &str, port: u16) -> (String, u16) {
+    if let Some(cs) = url.strip_prefix("odbc:") {
+        let mut old = 0;
+        let parts: Vec<String> = cs
+            .split(';')
+            .map(|part| match part.split_once('=') {
+                Some((k, v)) if k.trim().eq_ignore_ascii_case("port") => {
+                    old = v.trim().parse().unwrap();
+                    format!("{k}={port}")
+                }
+                _ => part.to_string(),
+            })
+            .collect();
+        return (format!("odbc:{}", parts.join(";")), old);
+    }
+    let at = url
+        .rfind('@')
+        .map_or(url.find("://").unwrap() + 3, |i| i + 1);
+    let rest = &url[at..];
+    let end = rest.find('/').unwrap_or(rest.len());
+    let hostport = &rest[..end];
+    let (host, old) = hostport.rsplit_once(':').unwrap();
+    (
+        format!("{}{host}:{port}{}", &url[..at], &rest[end..]),
+        old.parse().unwrap(),
+    )
+}
+
+/// A proxy in front of the server that `url` names, and `url` through it. The mysql
+/// crate is told to keep to TCP (it moves loopback connections to the Unix socket).
+pub fn proxied(url: &str) -> (Proxy, String) {
+    let (_, server_port) = via(url, 0);
+    let proxy = Proxy::to(server_port);
+    let (mut url, _) = via(url, proxy.port);
+    if url.starts_with("mysql:") {
+        url.push_str(if url.contains('?') {
+            "&prefer_socket=false"
+        } else {
+            "?prefer_socket=false"
+        });
+    }
+    (proxy, url)
+}
