@@ -649,3 +649,37 @@ fn sqlite_async_writes_do_not_block_the_runtime() {
     assert_eq!(fresh(&env, "async"), h.to_hash_map());
     assert_eq!(h.len(), 9);
 }
+
+/// Found by probing (issue 20): an `…_async` write while the same task holds the map's
+/// read guard committed on a blocking thread, then waited forever for the write lock the
+/// task held, holding up every reader and writer. It is refused, as the blocking call is.
+#[cfg(feature = "tokio")]
+#[test]
+fn sqlite_async_write_under_its_own_read_guard_is_refused() {
+    let env = env::SqliteEnv::new();
+    let h = shared(&env, "async guard");
+    h.insert("a".into(), 1).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let map = h.clone();
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            let guard = map.read();
+            let err = map.insert_async("b".into(), 2).await.unwrap_err();
+            let cleared = map.clear_async().await;
+            assert_eq!(guard.len(), 1);
+            drop(guard);
+            done.send((err, cleared)).unwrap();
+        });
+    });
+    let (err, cleared) = finished
+        .recv_timeout(Duration::from_secs(20))
+        .expect("an async write under its own read guard hung");
+    assert!(matches!(err, Error::Reentrant { .. }), "{}", chain(&err));
+    assert!(matches!(cleared, Err(Error::Reentrant { .. })));
+    assert_eq!(fresh(&env, "async guard"), h.to_hash_map());
+    assert_eq!(h.len(), 1, "nothing was written");
+}

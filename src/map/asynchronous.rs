@@ -22,10 +22,17 @@ where
     /// Runs `f` on this map on a blocking thread of the current tokio runtime. A future
     /// that is dropped does not stop the write: it completes, and its outcome is
     /// dropped with the future.
+    ///
+    /// A task that holds this map's read guard (or runs inside one of its closures) is
+    /// refused with [`Error::Reentrant`], as the blocking call is: the blocking thread
+    /// would commit, then wait for the guard, which the task holds while it waits for
+    /// that thread.
     async fn blocking<R: Send + 'static>(
         &self,
+        call: &'static str,
         f: impl FnOnce(&Self) -> Result<R> + Send + 'static,
     ) -> Result<R> {
+        self.inner().enter(call)?;
         let this = self.clone();
         match tokio::task::spawn_blocking(move || f(&this)).await {
             Ok(result) => result,
@@ -56,7 +63,7 @@ where
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub async fn insert_async(&self, key: K, value: V) -> Result<Option<V>> {
-        self.blocking(move |h| h.insert(key, value)).await
+        self.blocking("insert", move |h| h.insert(key, value)).await
     }
 
     /// [`remove`](Self::remove) for async code; the key is given by value.
@@ -65,7 +72,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + Send + 'static,
     {
-        self.blocking(move |h| h.remove(&key)).await
+        self.blocking("remove", move |h| h.remove(&key)).await
     }
 
     /// [`remove_entry`](Self::remove_entry) for async code; the key is given by value.
@@ -74,12 +81,12 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + Send + 'static,
     {
-        self.blocking(move |h| h.remove_entry(&key)).await
+        self.blocking("remove_entry", move |h| h.remove_entry(&key)).await
     }
 
     /// [`clear`](Self::clear) for async code.
     pub async fn clear_async(&self) -> Result<()> {
-        self.blocking(|h| h.clear()).await
+        self.blocking("clear", |h| h.clear()).await
     }
 
     /// [`insert_many`](Self::insert_many) for async code.
@@ -87,7 +94,7 @@ where
         &self,
         pairs: impl IntoIterator<Item = (K, V)> + Send + 'static,
     ) -> Result<()> {
-        self.blocking(move |h| h.insert_many(pairs)).await
+        self.blocking("insert_many", move |h| h.insert_many(pairs)).await
     }
 
     /// [`retain`](Self::retain) for async code.
@@ -95,7 +102,7 @@ where
         &self,
         f: impl FnMut(&K, &V) -> bool + Send + 'static,
     ) -> Result<usize> {
-        self.blocking(move |h| h.retain(f)).await
+        self.blocking("retain", move |h| h.retain(f)).await
     }
 
     /// [`upsert`](Self::upsert) for async code.
@@ -107,7 +114,7 @@ where
     where
         V: Clone,
     {
-        self.blocking(move |h| h.upsert(key, f)).await
+        self.blocking("upsert", move |h| h.upsert(key, f)).await
     }
 
     /// [`upsert_many`](Self::upsert_many) for async code.
@@ -116,7 +123,7 @@ where
         pairs: impl IntoIterator<Item = (K, V)> + Send + 'static,
         f: impl FnMut(Option<&V>, V) -> V + Send + 'static,
     ) -> Result<()> {
-        self.blocking(move |h| h.upsert_many(pairs, f)).await
+        self.blocking("upsert_many", move |h| h.upsert_many(pairs, f)).await
     }
 
     /// [`update`](Self::update) for async code; the key is given by value.
@@ -130,7 +137,7 @@ where
         Q: Hash + Eq + Send + 'static,
         V: Clone,
     {
-        self.blocking(move |h| h.update(&key, f)).await
+        self.blocking("update", move |h| h.update(&key, f)).await
     }
 
     /// [`transaction`](Self::transaction) for async code: `f` runs on a blocking
@@ -139,7 +146,7 @@ where
         &self,
         f: impl FnOnce(&mut Transaction<'_, K, V, S>) -> Result<R> + Send + 'static,
     ) -> Result<R> {
-        self.blocking(move |h| h.transaction(f)).await
+        self.blocking("transaction", move |h| h.transaction(f)).await
     }
 
     /// [`refresh`](Self::refresh) for async code.
@@ -147,7 +154,7 @@ where
     where
         S: Clone,
     {
-        self.blocking(|h| h.refresh()).await
+        self.blocking("refresh", |h| h.refresh()).await
     }
 
     /// [`reload`](Self::reload) for async code.
@@ -155,11 +162,11 @@ where
     where
         S: Clone,
     {
-        self.blocking(|h| h.reload()).await
+        self.blocking("reload", |h| h.reload()).await
     }
 
     /// [`flush`](Self::flush) for async code.
     pub async fn flush_async(&self) -> Result<()> {
-        self.blocking(|h| h.flush()).await
+        self.blocking("flush", |h| h.flush()).await
     }
 }

@@ -268,7 +268,7 @@ impl<K, V, S> Inner<K, V, S> {
     }
 
     /// Refuses `call` on a thread that is inside this map: it would wait for itself.
-    fn enter(&self, call: &'static str) -> Result<()> {
+    pub(super) fn enter(&self, call: &'static str) -> Result<()> {
         if Inside::is_inside(self.address()) {
             return Err(Error::Reentrant {
                 table: self.table.clone(),
