@@ -297,6 +297,24 @@ pub enum Error {
         call: &'static str,
     },
 
+    /// Write-behind: the table refused a change (a constraint, a value the column cannot
+    /// take). The other changes of its batch were written; this one is kept apart and
+    /// not tried again, so it holds nothing back. Memory keeps the refused value until a
+    /// later write of the same key replaces it (or `reload()`).
+    #[error(
+        "write-behind: table {table:?} refused the change of key {key}; the other changes \
+         were written, this one is kept apart and not retried: write or remove the key \
+         again to replace it (memory holds the refused value until then)"
+    )]
+    Rejected {
+        /// The table's name.
+        table: String,
+        /// The key, as stored (shortened).
+        key: String,
+        /// The database's refusal.
+        source: BoxError,
+    },
+
     /// The store cannot do what was asked (a [`Store`](crate::Store) method it does
     /// not implement).
     #[error("the {backend} store does not support {what}")]
@@ -387,6 +405,53 @@ impl Error {
             Error::Connect { backend, .. } => *backend != "SQLite",
             _ => false,
         }
+    }
+
+    /// Whether the database refused the change itself (a constraint, a value the column
+    /// cannot take), so that writing it again would fail again, whatever else is in its
+    /// batch: SQLSTATE classes 22 and 23, SQLite's constraint errors (not a trigger's
+    /// `RAISE`), MySQL's codes for them.
+    pub(crate) fn is_rejection(&self) -> bool {
+        let Error::Database { source, .. } = self else {
+            return false;
+        };
+        let source = source.as_ref();
+        #[cfg(feature = "sqlite")]
+        if let Some(e) = source.downcast_ref::<rusqlite::Error>() {
+            // A trigger's RAISE is a policy that may be lifted: retried, not kept apart.
+            const SQLITE_CONSTRAINT_TRIGGER: std::os::raw::c_int = 1811;
+            return match e.sqlite_error() {
+                Some(f) => {
+                    matches!(
+                        f.code,
+                        rusqlite::ErrorCode::ConstraintViolation | rusqlite::ErrorCode::TooBig
+                    ) && f.extended_code != SQLITE_CONSTRAINT_TRIGGER
+                }
+                None => false,
+            };
+        }
+        #[cfg(feature = "postgres")]
+        if let Some(code) = source
+            .downcast_ref::<postgres::Error>()
+            .and_then(postgres::Error::code)
+        {
+            return code.code().starts_with("23") || code.code().starts_with("22");
+        }
+        #[cfg(feature = "mysql")]
+        if let Some(mysql::Error::MySqlError(e)) = source.downcast_ref::<mysql::Error>() {
+            return e.state.starts_with("23")
+                || e.state.starts_with("22")
+                || [1048, 1062, 1366, 1406, 1451, 1452, 3819, 4025].contains(&e.code);
+        }
+        #[cfg(feature = "odbc")]
+        if let Some(odbc_api::Error::Diagnostics { record, .. }) =
+            source.downcast_ref::<odbc_api::Error>()
+        {
+            let state = record.state.as_str();
+            return state.starts_with("23") || state.starts_with("22");
+        }
+        let _ = source;
+        false
     }
 
     /// The error of a group commit, for each caller of the group but the first: the

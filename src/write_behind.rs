@@ -6,7 +6,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use crate::error::{show_bytes, Error, Result};
 use crate::store::{Batch, BatchBuilder, Store};
 
 /// The settings of write-behind mode, given to
@@ -93,6 +93,10 @@ struct State {
     abandon: bool,
     /// A failure not yet reported to a caller.
     failure: Option<Error>,
+    /// Changes the table refused, not yet reported to a caller. A refused change is
+    /// not tried again, so it holds nothing back; a later change of its key is a change
+    /// like any other.
+    refusals: std::collections::VecDeque<Error>,
     /// The thread sleeps with nothing to do: the next change must wake it.
     idle: bool,
 }
@@ -127,7 +131,7 @@ impl Probe {
         let mut state = s.lock();
         let target = state.enqueued;
         loop {
-            if let Some(failure) = state.failure.take() {
+            if let Some(failure) = state.failure.take().or_else(|| state.refusals.pop_front()) {
                 return Err(failure);
             }
             if state.durable >= target {
@@ -169,6 +173,7 @@ impl Behind {
                 closing: false,
                 abandon: false,
                 failure: None,
+                refusals: std::collections::VecDeque::new(),
                 idle: true,
             }),
             work: Condvar::new(),
@@ -197,9 +202,10 @@ impl Behind {
     pub(crate) fn enqueue(&self, batch: Batch) -> Result<()> {
         let s = &self.shared;
         let mut state = s.lock();
-        if let Some(failure) = state.failure.take() {
+        if let Some(failure) = state.failure.take().or_else(|| state.refusals.pop_front()) {
             return Err(failure);
         }
+
         // The bound counts what the thread is writing too, so it holds for everything
         // not yet durable.
         while state.pending.len() + state.in_flight > 0
@@ -339,17 +345,9 @@ fn run(s: &Shared, store: &Mutex<Box<dyn Store>>) {
             (batch, state.enqueued)
         };
         let mut backoff = FIRST_BACKOFF;
+        let mut remaining = batch;
         loop {
-            let result = {
-                let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
-                let result = store.apply(&batch);
-                if result.is_err() {
-                    // Upserts and deletes can be applied twice: a batch whose outcome is
-                    // unknown is simply written again, on a fresh connection if need be.
-                    let _ = store.reconnect();
-                }
-                result
-            };
+            let result = write(s, store, remaining);
             let mut state = s.lock();
             match result {
                 Ok(()) => {
@@ -360,11 +358,11 @@ fn run(s: &Shared, store: &Mutex<Box<dyn Store>>) {
                     s.progress.notify_all();
                     break;
                 }
-                Err(e) => {
+                Err((e, left)) => {
                     tracing::warn!(table = %s.table, error = %e, "write-behind batch failed; retrying");
                     state.failure = Some(Error::Background {
                         table: s.table.clone(),
-                        pending: batch.len() + state.pending.len(),
+                        pending: left.len() + state.pending.len(),
                         abandoned: false,
                         source: Box::new(e),
                     });
@@ -378,8 +376,101 @@ fn run(s: &Shared, store: &Mutex<Box<dyn Store>>) {
                             .unwrap_or_else(|p| p.into_inner()),
                     );
                     backoff = (backoff * 2).min(MAX_BACKOFF);
+                    remaining = left;
                 }
             }
         }
     }
+}
+
+/// Writes a batch. When the table refuses it for one of its changes (a constraint),
+/// its changes are written one at a time, and those refused are kept apart and
+/// reported, so that they hold nothing back. A failure that may pass (a lost
+/// connection, a lock) gives back what is left to write.
+fn write(
+    s: &Shared,
+    store: &Mutex<Box<dyn Store>>,
+    batch: Batch,
+) -> std::result::Result<(), (Error, Batch)> {
+    let apply = |batch: &Batch| {
+        let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
+        let result = store.apply(batch);
+        if result.is_err() {
+            // Upserts and deletes can be applied twice: a batch whose outcome is
+            // unknown is simply written again, on a fresh connection if need be.
+            let _ = store.reconnect();
+        }
+        result
+    };
+    match apply(&batch) {
+        Ok(()) => return Ok(()),
+        Err(e) if !e.is_rejection() => return Err((e, batch)),
+        Err(_) => {}
+    }
+    let mut singles = one_by_one(batch).into_iter();
+    while let Some(single) = singles.next() {
+        match apply(&single) {
+            Ok(()) => {}
+            Err(e) if e.is_rejection() => {
+                let key = single
+                    .puts
+                    .first()
+                    .map(|(k, _)| k.clone())
+                    .or_else(|| single.deletes.first().cloned())
+                    .unwrap_or_default();
+                let shown = show_bytes(&key);
+                tracing::warn!(table = %s.table, key = %shown, error = %e,
+                    "write-behind: the table refused a change; kept apart, not retried");
+                crate::metrics::rejected(&s.table);
+                let mut state = s.lock();
+                state.refusals.push_back(Error::Rejected {
+                    table: s.table.clone(),
+                    key: shown,
+                    source: Box::new(e),
+                });
+                // A caller can hear of it at most this many times; older ones are said
+                // in the log.
+                while state.refusals.len() > MAX_REFUSALS_KEPT {
+                    state.refusals.pop_front();
+                }
+            }
+            Err(e) => {
+                let mut left = BatchBuilder::default();
+                left.add(single);
+                for rest in singles {
+                    left.add(rest);
+                }
+                return Err((e, left.finish()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The refusals kept for callers to hear; the log has them all.
+const MAX_REFUSALS_KEPT: usize = 64;
+
+/// A batch's changes, each a batch of its own, in an order that gives the same result
+/// (a clear first).
+fn one_by_one(batch: Batch) -> Vec<Batch> {
+    let mut out = Vec::with_capacity(batch.len());
+    if batch.clear {
+        out.push(Batch {
+            clear: true,
+            ..Batch::default()
+        });
+    }
+    for key in batch.deletes {
+        out.push(Batch {
+            deletes: vec![key],
+            ..Batch::default()
+        });
+    }
+    for put in batch.puts {
+        out.push(Batch {
+            puts: vec![put],
+            ..Batch::default()
+        });
+    }
+    out
 }

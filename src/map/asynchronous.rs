@@ -81,7 +81,8 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + Send + 'static,
     {
-        self.blocking("remove_entry", move |h| h.remove_entry(&key)).await
+        self.blocking("remove_entry", move |h| h.remove_entry(&key))
+            .await
     }
 
     /// [`clear`](Self::clear) for async code.
@@ -94,7 +95,8 @@ where
         &self,
         pairs: impl IntoIterator<Item = (K, V)> + Send + 'static,
     ) -> Result<()> {
-        self.blocking("insert_many", move |h| h.insert_many(pairs)).await
+        self.blocking("insert_many", move |h| h.insert_many(pairs))
+            .await
     }
 
     /// [`retain`](Self::retain) for async code.
@@ -123,7 +125,8 @@ where
         pairs: impl IntoIterator<Item = (K, V)> + Send + 'static,
         f: impl FnMut(Option<&V>, V) -> V + Send + 'static,
     ) -> Result<()> {
-        self.blocking("upsert_many", move |h| h.upsert_many(pairs, f)).await
+        self.blocking("upsert_many", move |h| h.upsert_many(pairs, f))
+            .await
     }
 
     /// [`update`](Self::update) for async code; the key is given by value.
@@ -146,7 +149,8 @@ where
         &self,
         f: impl FnOnce(&mut Transaction<'_, K, V, S>) -> Result<R> + Send + 'static,
     ) -> Result<R> {
-        self.blocking("transaction", move |h| h.transaction(f)).await
+        self.blocking("transaction", move |h| h.transaction(f))
+            .await
     }
 
     /// [`refresh`](Self::refresh) for async code.
