@@ -64,7 +64,7 @@ pub use builder::{Builder, DEFAULT_TABLE};
 pub use codec::Postcard;
 pub use codec::{Bytes, Codec, FnCodec, Format, Json, Text};
 pub use error::{Action, BoxError, Error, Result};
-pub use map::{DbHashMap, ReadGuard, SharedDbHashMap, Transaction};
+pub use map::{DbHashMap, Event, Next, ReadGuard, SharedDbHashMap, Subscription, Transaction};
 #[cfg(feature = "mysql")]
 pub use store::mysql::MysqlStore;
 #[cfg(feature = "odbc")]

@@ -14,7 +14,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use env::{chain, Env};
-use write_thru_hash::{DbHashMap, Error, SharedDbHashMap, WriteBehind};
+use write_thru_hash::{DbHashMap, Error, Event, SharedDbHashMap, WriteBehind};
 
 fn shared(env: &impl Env, table: &str) -> SharedDbHashMap<String, i64> {
     env.builder()
@@ -359,6 +359,90 @@ fn shared_write_behind(env: &impl Env) {
     h.close().unwrap();
 }
 
+/// Found by probing (issue 20): one row another program wrote that does not decode
+/// (`value = 'not json'`) stopped a watching map applying every change, for every key,
+/// silently. The bad key keeps its value in memory, subscribers hear of it, every other
+/// key keeps flowing, and the row is taken once it is fixed.
+fn watch_goes_on_past_a_row_that_does_not_decode(env: &impl Env) {
+    let url = env.url();
+    let seen: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url)
+        .table("bad rows")
+        .watch()
+        .open_shared()
+        .unwrap();
+    let events = seen.subscribe();
+    let mut writer: DbHashMap<String, i64> = DbHashMap::builder_url(&url)
+        .table("bad rows")
+        .coherent()
+        .open()
+        .unwrap();
+    writer.insert("bad".into(), 1).unwrap();
+    wait_for(|| seen.get("bad") == Some(1));
+    let (t, k, v) = (env.q("bad rows"), env.q("key"), env.q("value"));
+    env.exec(&format!(
+        "UPDATE {t} SET {v} = 'not json' WHERE {k} = '\"bad\"'"
+    ));
+    writer.insert("good".into(), 2).unwrap();
+    wait_for(|| seen.get("good") == Some(2));
+    assert_eq!(
+        seen.get("bad"),
+        Some(1),
+        "the bad row's key keeps its value"
+    );
+    let mut skipped = false;
+    while let Some(event) = events.try_recv() {
+        if let Event::Skipped { key, reason } = event {
+            assert!(key.contains("bad"), "{key}");
+            assert!(!reason.is_empty());
+            skipped = true;
+        }
+    }
+    assert!(skipped, "subscribers hear of the row that was left out");
+    writer.insert("more".into(), 3).unwrap();
+    wait_for(|| seen.get("more") == Some(3));
+    env.exec(&format!("UPDATE {t} SET {v} = '7' WHERE {k} = '\"bad\"'"));
+    wait_for(|| seen.get("bad") == Some(7));
+    assert_eq!(seen.to_hash_map(), fresh(env, "bad rows"));
+}
+
+/// Found by probing (issue 20): a subscriber kept but never read grew memory without
+/// bound. It holds at most its capacity, and then hears how many it lost.
+fn a_subscriber_that_does_not_read_stays_bounded(env: &impl Env) {
+    let url = env.url();
+    let a: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url)
+        .table("slow reader")
+        .coherent()
+        .open_shared()
+        .unwrap();
+    let events = a.subscribe_with_capacity(8);
+    let mut b: DbHashMap<String, i64> = DbHashMap::builder_url(&url)
+        .table("slow reader")
+        .coherent()
+        .open()
+        .unwrap();
+    for round in 0..30 {
+        b.insert_many((0..10).map(|i| (format!("k{i}"), round)))
+            .unwrap();
+        a.refresh().unwrap();
+    }
+    assert!(format!("{events:?}").contains("queued: 8"), "{events:?}");
+    assert_eq!(events.try_recv(), Some(Event::Lagged(22)));
+    let mut left = 0;
+    while let Some(event) = events.try_recv() {
+        assert!(matches!(event, Event::Changed(_)));
+        left += 1;
+    }
+    assert_eq!(left, 8);
+}
+
+fn wait_for(done: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(10), "not within 10 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// `watch()`: a shared map refreshes itself when another map writes, and tells
 /// subscribers which keys changed; dropping its last handle stops the watcher thread.
 fn watch_brings_changes_in(env: &impl Env) {
@@ -575,6 +659,14 @@ macro_rules! shared_tests {
             #[test]
             fn watch_brings_changes_in() {
                 super::watch_brings_changes_in(&$env);
+            }
+            #[test]
+            fn watch_goes_on_past_a_row_that_does_not_decode() {
+                super::watch_goes_on_past_a_row_that_does_not_decode(&$env);
+            }
+            #[test]
+            fn a_subscriber_that_does_not_read_stays_bounded() {
+                super::a_subscriber_that_does_not_read_stays_bounded(&$env);
             }
         }
     };

@@ -2,6 +2,7 @@
 
 #[cfg(feature = "tokio")]
 mod asynchronous;
+mod events;
 mod shared;
 mod transaction;
 mod watch;
@@ -20,6 +21,7 @@ use crate::error::Result;
 use crate::store::{Batch, IntoStore, Store, TableSpec};
 use crate::write_behind::WriteBehind;
 
+pub use events::{Event, Next, Subscription};
 pub use shared::{ReadGuard, SharedDbHashMap};
 
 /// The fewest pairs `insert_many` streams to a store that can take them as they come.
@@ -624,7 +626,7 @@ where
     where
         S: Clone,
     {
-        match self.w.read_changes(&self.map)? {
+        match self.w.read_changes(&self.map, None)? {
             Refreshed::Changes(changed, reached) => {
                 let count = changed.len();
                 apply_changes(&mut self.map, changed);

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use super::events::{Event, Subscribers, Subscription};
 use super::transaction::Transaction;
 use super::writer::{apply_changes, Encoder, Refreshed, Writer};
 use super::DbHashMap;
@@ -86,8 +87,8 @@ pub(crate) struct Inner<K, V, S> {
     backend: &'static str,
     /// Write calls made.
     calls: AtomicU64,
-    /// Receivers of the keys each refresh changed.
-    subscribers: Mutex<Vec<mpsc::Sender<Vec<K>>>>,
+    /// Who hears of each refresh's changes and of what the watcher meets.
+    pub(crate) subscribers: Subscribers<K>,
 }
 
 /// Changes waiting to be committed, and whether a caller is committing a group now
@@ -441,8 +442,37 @@ where
     where
         S: Clone,
     {
+        self.refresh_with(None)
+    }
+
+    /// The watcher's refresh: a row that does not decode is left out (its key keeps
+    /// what memory holds) and told to subscribers, and every other change goes on.
+    pub(crate) fn watch_refresh(&self) -> Result<usize>
+    where
+        S: Clone,
+    {
+        let mut skipped = Vec::new();
+        let result = self.refresh_with(Some(&mut skipped));
+        if !skipped.is_empty() {
+            crate::metrics::rows_skipped(&self.table, skipped.len());
+            for (key, reason) in skipped {
+                tracing::warn!(table = %self.table, key = %key, reason = %reason,
+                    "watch: a row another program wrote does not decode; its key keeps its value in memory until the row is fixed");
+                self.subscribers.send(|| Event::Skipped {
+                    key: key.clone(),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        result
+    }
+
+    fn refresh_with(&self, skipped: Option<&mut Vec<(String, String)>>) -> Result<usize>
+    where
+        S: Clone,
+    {
         self.exclusive("refresh", |w| {
-            let read = w.read_changes(&self.read())?;
+            let read = w.read_changes(&self.read(), skipped)?;
             let keys = match read {
                 Refreshed::Changes(changed, reached) => {
                     let keys: Vec<Vec<u8>> = changed.iter().map(|c| c.bytes.clone()).collect();
@@ -458,9 +488,11 @@ where
                     let old = std::mem::replace(&mut *self.write(), fresh);
                     drop(old);
                     w.took_fresh(version);
+                    self.subscribers.send(|| Event::Reloaded);
                     keys
                 }
             };
+            crate::metrics::refreshed(&self.table, keys.len(), None);
             self.notify(w, &keys);
             Ok(keys.len())
         })
@@ -472,14 +504,11 @@ where
     }
 
     fn notify(&self, w: &Writer<K, V>, keys: &[Vec<u8>]) {
-        if keys.is_empty() {
+        if keys.is_empty() || !self.subscribers.any() {
             return;
         }
-        let mut subscribers = unpoisoned(self.subscribers.lock());
-        subscribers.retain(|to| {
-            let decoded = keys.iter().filter_map(|b| w.keys.decode(b).ok()).collect();
-            to.send(decoded).is_ok()
-        });
+        self.subscribers
+            .send(|| Event::Changed(keys.iter().filter_map(|b| w.keys.decode(b).ok()).collect()));
     }
 }
 
@@ -555,7 +584,7 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
                     last_commit: Duration::ZERO,
                 }),
                 calls: AtomicU64::new(0),
-                subscribers: Mutex::new(Vec::new()),
+                subscribers: Subscribers::default(),
             }),
         }
     }
@@ -631,26 +660,33 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
         }
     }
 
-    /// Receives, after every refresh that changed memory (by [`refresh`](Self::refresh)
-    /// or by the watcher of [`Builder::watch`](crate::Builder::watch)), the keys it
-    /// changed. A receiver that is dropped is forgotten.
+    /// Subscribes to the map's [`Event`]s: after every refresh that changed memory (by
+    /// [`refresh`](Self::refresh) or the watcher of [`Builder::watch`](crate::Builder::watch)),
+    /// the keys it changed; and what the watcher meets (a row that does not decode, an
+    /// error, the database answering again, a full reload). At most 1,024 events wait;
+    /// a subscriber that falls further behind loses the oldest and hears
+    /// [`Event::Lagged`] (see [`subscribe_with_capacity`](Self::subscribe_with_capacity)).
+    /// Dropping the subscription unsubscribes.
     ///
     /// ```
-    /// # use write_thru_hash::{DbHashMap, SharedDbHashMap};
+    /// # use write_thru_hash::{DbHashMap, Event, SharedDbHashMap};
     /// let dir = tempfile::tempdir()?;
     /// let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
     /// let a: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url).coherent().open_shared()?;
     /// let mut b: DbHashMap<String, i64> = DbHashMap::builder_url(&url).coherent().open()?;
-    /// let changes = a.subscribe();
+    /// let events = a.subscribe();
     /// b.insert("x".into(), 1)?;
     /// a.refresh()?;
-    /// assert_eq!(changes.recv()?, ["x".to_string()]);
+    /// assert_eq!(events.recv(), Some(Event::Changed(vec!["x".to_string()])));
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn subscribe(&self) -> mpsc::Receiver<Vec<K>> {
-        let (to, from) = mpsc::channel();
-        unpoisoned(self.inner.subscribers.lock()).push(to);
-        from
+    pub fn subscribe(&self) -> Subscription<K> {
+        self.subscribe_with_capacity(super::events::DEFAULT_CAPACITY)
+    }
+
+    /// [`subscribe`](Self::subscribe), holding at most `capacity` events.
+    pub fn subscribe_with_capacity(&self, capacity: usize) -> Subscription<K> {
+        self.inner.subscribers.add(capacity)
     }
 }
 

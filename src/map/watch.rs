@@ -7,6 +7,7 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use super::events::Event;
 use super::shared::{Inner, SharedDbHashMap};
 use super::writer::lock;
 use crate::error::{Error, Result};
@@ -120,13 +121,17 @@ fn run<K, V, S>(
             Ok(()) => {
                 if failures > 0 {
                     tracing::info!(table, "watch: the database answers again");
+                    map.subscribers.send(|| Event::Recovered);
                 }
                 failures = 0;
             }
             Err(e) => {
                 failures += 1;
+                crate::metrics::watch_error(table);
                 if failures.is_power_of_two() {
                     tracing::warn!(table, error = %e, failures, "watch: refreshing failed; trying again");
+                    let said = e.to_string();
+                    map.subscribers.send(|| Event::WatchError(said.clone()));
                 }
                 drop(map);
                 std::thread::sleep(pause(failures));
@@ -152,7 +157,7 @@ where
         store.version()?
     };
     if now != seen {
-        map.refresh()?;
+        map.watch_refresh()?;
     }
     Ok(())
 }

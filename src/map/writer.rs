@@ -542,9 +542,14 @@ where
 
     /// Coherence: reads every change others committed since the version this map has
     /// seen, keeping those that differ from what `map` holds. Changes nothing.
+    ///
+    /// A row that does not decode fails the refresh, unless `skipped` is given: then it
+    /// is left out (its key keeps what memory holds) and said there, as the stored key
+    /// and the reason, and the refresh goes on.
     pub(crate) fn read_changes<S: BuildHasher>(
         &mut self,
         map: &HashMap<K, V, S>,
+        mut skipped: Option<&mut Vec<(String, String)>>,
     ) -> Result<Refreshed<K, V>> {
         let Some(coherent) = self.coherent else {
             return Err(self.not_coherent());
@@ -558,21 +563,31 @@ where
         let mut current = Vec::new();
         let mut again = Vec::new();
         let reached = store.changes(coherent.seen, &mut |kb, vb| {
-            let key = match (decode_key(keys, table, kb), vb) {
-                (Ok(key), _) => key,
+            let decoded = match (decode_key(keys, table, kb), vb) {
+                (Ok(key), Some(vb)) => {
+                    values
+                        .decode(vb)
+                        .map(|v| (key, Some(v)))
+                        .map_err(|e| Error::Decode {
+                            what: "value",
+                            table: table.name.clone(),
+                            row: show_bytes(kb),
+                            source: e,
+                        })
+                }
+                (Ok(key), None) => Ok((key, None)),
                 // A row that came and went: a key that does not decode was never in
                 // memory, and is not in the table now.
                 (Err(_), None) => return Ok(()),
-                (Err(e), Some(_)) => return Err(e),
+                (Err(e), Some(_)) => Err(e),
             };
-            let value = match vb {
-                Some(vb) => Some(values.decode(vb).map_err(|e| Error::Decode {
-                    what: "value",
-                    table: table.name.clone(),
-                    row: show_bytes(kb),
-                    source: e,
-                })?),
-                None => None,
+            let (key, value) = match (decoded, skipped.as_deref_mut()) {
+                (Ok(decoded), _) => decoded,
+                (Err(e), Some(skipped)) => {
+                    skipped.push((show_bytes(kb), e.to_string()));
+                    return Ok(());
+                }
+                (Err(e), None) => return Err(e),
             };
             // Changed in memory: the value differs from what the map holds, as the codec
             // writes them (" 7" and "7" are one JSON value).

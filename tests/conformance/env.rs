@@ -793,9 +793,12 @@ pub(crate) fn changes_reach(
             writer.insert(key.clone(), i).unwrap();
         }
         loop {
-            let keys = changes
+            let event = changes
                 .recv_timeout(Duration::from_secs(10))
                 .expect("the change arrives within 10 s");
+            let write_thru_hash::Event::Changed(keys) = event else {
+                continue;
+            };
             if keys.contains(&key) && watched.get(&key) == writer.get(&key).copied() {
                 break;
             }

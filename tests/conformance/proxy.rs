@@ -10,19 +10,19 @@ use std::thread;
 
 /// A TCP proxy between the map and the server that can lose the server's next answer
 /// and cut the connection, as a network failure would.
-pub struct Proxy {
-    pub port: u16,
+pub(crate) struct Proxy {
+    pub(crate) port: u16,
     /// Both ends of every connection made so far, to cut them all.
     open: Arc<Mutex<Vec<TcpStream>>>,
     /// Connections cut by `cut_all`.
-    pub cuts: Arc<AtomicUsize>,
+    pub(crate) cuts: Arc<AtomicUsize>,
     cut_next_answer: Arc<AtomicBool>,
     /// Armed: the answer to the next client packet that holds `COMMIT` is cut.
     cut_commit: Arc<AtomicBool>,
 }
 
 impl Proxy {
-    pub fn to(server_port: u16) -> Proxy {
+    pub(crate) fn to(server_port: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
@@ -58,7 +58,7 @@ impl Proxy {
 
     /// Cuts every connection made so far, both ways, as a firewall dropping idle
     /// connections or a restarting server would; new connections go through.
-    pub fn cut_all(&self) {
+    pub(crate) fn cut_all(&self) {
         let open = std::mem::take(&mut *self.open.lock().unwrap());
         self.cuts.fetch_add(open.len() / 2, Ordering::Relaxed);
         for stream in open {
@@ -67,12 +67,12 @@ impl Proxy {
     }
 
     /// The server's answer to the next `COMMIT` is dropped and the connection closed.
-    pub fn cut_answer_to_commit(&self) {
+    pub(crate) fn cut_answer_to_commit(&self) {
         self.cut_commit.store(true, Ordering::SeqCst);
     }
 
     /// The server's next answer is dropped and the connection closed.
-    pub fn cut_next_answer(&self) {
+    pub(crate) fn cut_next_answer(&self) {
         self.cut_next_answer.store(true, Ordering::SeqCst);
     }
 }
@@ -124,7 +124,7 @@ fn copy(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>) {
 
 /// `url` with its port replaced, and the port it had: a URL's authority, or the
 /// `Port=` attribute of an ODBC connection string.
-pub fn via(url: &str, port: u16) -> (String, u16) {
+pub(crate) fn via(url: &str, port: u16) -> (String, u16) {
     if let Some(cs) = url.strip_prefix("odbc:") {
         let mut old = 0;
         let parts: Vec<String> = cs
@@ -154,7 +154,7 @@ pub fn via(url: &str, port: u16) -> (String, u16) {
 
 /// A proxy in front of the server that `url` names, and `url` through it. The mysql
 /// crate is told to keep to TCP (it moves loopback connections to the Unix socket).
-pub fn proxied(url: &str) -> (Proxy, String) {
+pub(crate) fn proxied(url: &str) -> (Proxy, String) {
     let (_, server_port) = via(url, 0);
     let proxy = Proxy::to(server_port);
     let (mut url, _) = via(url, proxy.port);
