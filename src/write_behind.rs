@@ -358,7 +358,8 @@ fn run(s: &Shared, store: &Mutex<Box<dyn Store>>) {
                     s.progress.notify_all();
                     break;
                 }
-                Err((e, left)) => {
+                Err(failed) => {
+                    let (e, left) = *failed;
                     tracing::warn!(table = %s.table, error = %e, "write-behind batch failed; retrying");
                     state.failure = Some(Error::Background {
                         table: s.table.clone(),
@@ -391,7 +392,7 @@ fn write(
     s: &Shared,
     store: &Mutex<Box<dyn Store>>,
     batch: Batch,
-) -> std::result::Result<(), (Error, Batch)> {
+) -> std::result::Result<(), Box<(Error, Batch)>> {
     let apply = |batch: &Batch| {
         let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
         let result = store.apply(batch);
@@ -404,7 +405,7 @@ fn write(
     };
     match apply(&batch) {
         Ok(()) => return Ok(()),
-        Err(e) if !e.is_rejection() => return Err((e, batch)),
+        Err(e) if !e.is_rejection() => return Err(Box::new((e, batch))),
         Err(_) => {}
     }
     let mut singles = one_by_one(batch).into_iter();
@@ -440,7 +441,7 @@ fn write(
                 for rest in singles {
                     left.add(rest);
                 }
-                return Err((e, left.finish()));
+                return Err(Box::new((e, left.finish())));
             }
         }
     }
