@@ -150,19 +150,20 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
     /// cannot `LISTEN`), the table's version is polled every
     /// [`watch_every`](Self::watch_every) (5 ms unless set). Even with a signal the
     /// version is looked at every 250 ms. A lost connection is retried with a growing
-    /// pause and logged with `tracing`. The watcher stops when the last handle is
+    /// pause, logged with `tracing` and told to subscribers ([`Event`](crate::Event)); a
+    /// row that does not decode is left out (its key keeps its value) and told too. The watcher stops when the last handle is
     /// dropped.
     ///
     /// ```
-    /// # use write_thru_hash::{DbHashMap, SharedDbHashMap};
+    /// # use write_thru_hash::{DbHashMap, Event, SharedDbHashMap};
     /// let dir = tempfile::tempdir()?;
     /// let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
     /// let seen: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url).watch().open_shared()?;
     /// let changes = seen.subscribe();
     /// let mut writer: DbHashMap<String, i64> = DbHashMap::builder_url(&url).coherent().open()?;
     /// writer.insert("x".into(), 1)?;
-    /// let keys = changes.recv_timeout(std::time::Duration::from_secs(5))?;
-    /// assert_eq!(keys, ["x".to_string()]);
+    /// let event = changes.recv_timeout(std::time::Duration::from_secs(5));
+    /// assert_eq!(event, Some(Event::Changed(vec!["x".to_string()])));
     /// assert_eq!(seen.get("x"), Some(1));
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
