@@ -74,6 +74,10 @@ pub(crate) struct Names {
     /// The triggers: one per event (and PostgreSQL's for TRUNCATE).
     pub(crate) triggers: Vec<String>,
     pub(crate) function: String,
+    /// MySQL: the table whose one row lets one connection at a time install the
+    /// triggers (Galera runs DDL in total order, and two nodes creating one trigger at
+    /// once wedge the cluster).
+    pub(crate) setup_lock: String,
 }
 
 impl Names {
@@ -89,8 +93,12 @@ impl Names {
             clock: name("clock"),
             triggers,
             function: name("note"),
+            setup_lock: name("setup"),
         };
+        let lock = (d == Dialect::Mysql).then_some(&names.setup_lock);
         for n in [&names.log, &names.clock]
+            .into_iter()
+            .chain(lock)
             .into_iter()
             .chain(&names.triggers)
         {
@@ -573,8 +581,17 @@ impl Coherence {
             _ => "0",
         };
         if count < names.triggers.len() {
-            for sql in dialect.coherence_setup(table, &names, origin) {
-                conn.exec(&sql).map_err(fail)?;
+            let setup = dialect.coherence_setup(table, &names, origin);
+            if dialect == Dialect::Mysql {
+                let (tables, triggers) = setup.split_at(setup.len() - names.triggers.len());
+                for sql in tables {
+                    retry_conflicts(|| conn.exec(sql)).map_err(fail)?;
+                }
+                install_one_at_a_time(conn, table, &names, triggers, backend)?;
+            } else {
+                for sql in setup {
+                    conn.exec(&sql).map_err(fail)?;
+                }
             }
         }
         Ok(Coherence {
@@ -845,6 +862,128 @@ pub(crate) fn not_enabled(table: &Option<TableSpec>) -> Error {
         reason: "the map was opened without `coherent()`: open it with \
                  `DbHashMap::builder(…).coherent()`"
             .into(),
+    }
+}
+
+/// How long an open waits for another connection that installs the triggers, and how
+/// old a lock row must be to be taken as left by a connection that died.
+const SETUP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// MySQL: installs the triggers on one connection at a time in the whole cluster. On
+/// Galera, DDL runs in total order on every node: two nodes creating the same trigger at
+/// once wait for each other's metadata lock and wedge the cluster (measured: 8 of 8
+/// tries with three nodes), and a `CREATE TRIGGER IF NOT EXISTS` that finds the trigger
+/// there still makes other nodes' writes fail certification. So: no DDL when the
+/// triggers are all there; otherwise whoever inserts the one row of the lock table
+/// (replicated, certified: one insert wins) installs them, and the others wait until
+/// they are there. A row older than `SETUP_WAIT` was left by a connection that died.
+fn install_one_at_a_time(
+    conn: &mut dyn Catalog,
+    table: &TableSpec,
+    names: &Names,
+    triggers: &[String],
+    backend: &'static str,
+) -> Result<()> {
+    let d = Dialect::Mysql;
+    let fail = |e| db_error(Action::Open, table, backend, e);
+    let lock = d.quote(&names.setup_lock);
+    retry_conflicts(|| {
+        conn.exec(&format!(
+            "CREATE TABLE IF NOT EXISTS {lock} (id INT PRIMARY KEY, \
+             taken TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP) ENGINE=InnoDB"
+        ))
+    })
+    .map_err(fail)?;
+    let query = d.coherence_installed_query(table, names);
+    let installed = |conn: &mut dyn Catalog| -> Result<bool> {
+        let rows = conn.texts(&query, None).map_err(fail)?;
+        let n = rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(|c| c.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        Ok(n >= names.triggers.len())
+    };
+    let deadline = std::time::Instant::now() + SETUP_WAIT;
+    loop {
+        if installed(conn)? {
+            return Ok(());
+        }
+        match conn.exec(&format!("INSERT INTO {lock} (id) VALUES (1)")) {
+            Ok(()) => {
+                let made = (|| {
+                    if !installed(conn)? {
+                        for sql in triggers {
+                            conn.exec(sql).map_err(fail)?;
+                        }
+                    }
+                    Ok(())
+                })();
+                let freed =
+                    retry_conflicts(|| conn.exec(&format!("DELETE FROM {lock} WHERE id = 1")));
+                made?;
+                return freed.map_err(fail);
+            }
+            // Taken: a duplicate key here, or a certification conflict with another
+            // node's insert of the same row.
+            Err(e) if lock_taken(e.as_ref()) => {
+                if std::time::Instant::now() > deadline {
+                    return Err(fail(
+                        format!(
+                            "another connection has been installing coherence's triggers for over \
+                         {} s; if it died, delete the row of {} and open again",
+                            SETUP_WAIT.as_secs(),
+                            names.setup_lock
+                        )
+                        .into(),
+                    ));
+                }
+                let _ = conn.exec(&format!(
+                    "DELETE FROM {lock} WHERE id = 1 AND taken < NOW() - INTERVAL {} SECOND",
+                    SETUP_WAIT.as_secs()
+                ));
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(fail(e)),
+        }
+    }
+}
+
+/// The server's error number behind a driver's error (MySQL's, or a MariaDB ODBC
+/// driver's native error).
+fn mysql_code(e: &(dyn std::error::Error + Send + Sync + 'static)) -> Option<u32> {
+    #[cfg(feature = "mysql")]
+    if let Some(mysql::Error::MySqlError(e)) = e.downcast_ref::<mysql::Error>() {
+        return Some(u32::from(e.code));
+    }
+    #[cfg(feature = "odbc")]
+    if let Some(odbc_api::Error::Diagnostics { record, .. }) = e.downcast_ref::<odbc_api::Error>() {
+        return u32::try_from(record.native_error).ok();
+    }
+    let _ = e;
+    None
+}
+
+/// Whether the error of inserting the lock row says another connection holds it: a
+/// duplicate key, or a certification conflict with another node's insert.
+fn lock_taken(e: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    matches!(mysql_code(e), Some(1062 | 1213))
+}
+
+/// Runs a DDL or a statement of the setup again when a certification or deadlock
+/// conflict (Galera: two nodes creating one table at once) rolled it back.
+fn retry_conflicts(
+    mut f: impl FnMut() -> std::result::Result<(), crate::error::BoxError>,
+) -> std::result::Result<(), crate::error::BoxError> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e) if tries < 5 && mysql_code(e.as_ref()) == Some(1213) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20 << tries));
+            }
+            other => return other,
+        }
     }
 }
 

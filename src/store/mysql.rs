@@ -1,6 +1,6 @@
 //! MySQL and MariaDB through the `mysql` crate (feature `mysql`).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, TxOpts, Value};
@@ -234,7 +234,16 @@ impl Store for MysqlStore {
         D.check_table_name(&t.name)?;
         Self::prepare_session(&mut self.conn, &t.name)?;
         // DDL commits implicitly in MySQL: the table is made outside any transaction.
-        open_table(&mut self.conn, t, D, Marks::Native, D.name())?;
+        // On Galera two nodes creating one table at once may conflict (1213): the
+        // loser looks again, and finds the table made.
+        let mut tries = 0;
+        while let Err(e) = open_table(&mut self.conn, t, D, Marks::Native, D.name()) {
+            if tries == 5 || !e.is_conflict() {
+                return Err(e);
+            }
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(20 << tries));
+        }
         if let Some(sql) = D.packet_query() {
             let packet: Option<String> = self
                 .conn
