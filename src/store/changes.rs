@@ -99,7 +99,6 @@ impl Names {
         for n in [&names.log, &names.clock]
             .into_iter()
             .chain(lock)
-            .into_iter()
             .chain(&names.triggers)
         {
             d.check_table_name(n).map_err(|_| Error::InvalidTableName {
