@@ -75,8 +75,13 @@ pub(crate) fn settled(table: &str) {
     on::count("wth_settled_total", table, 1);
 }
 
-pub(crate) fn refreshed(table: &str, keys: usize, lag: Option<Duration>) {
+pub(crate) fn refreshed(table: &str, keys: usize) {
     on::record("wth_refresh_keys", table, keys as f64);
+}
+
+/// A watcher's refresh after a change signal: the time from the signal to the change
+/// in memory (`None`: it looked without a signal, by polling).
+pub(crate) fn refresh_lag(table: &str, lag: Option<Duration>) {
     if let Some(lag) = lag {
         on::record("wth_refresh_lag_seconds", table, lag.as_secs_f64());
     }

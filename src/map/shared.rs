@@ -492,7 +492,7 @@ where
                     keys
                 }
             };
-            crate::metrics::refreshed(&self.table, keys.len(), None);
+            crate::metrics::refreshed(&self.table, keys.len());
             self.notify(w, &keys);
             Ok(keys.len())
         })

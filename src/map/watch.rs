@@ -102,10 +102,15 @@ fn run<K, V, S>(
         if try_signal.is_some_and(|at| at <= Instant::now()) {
             (signal, try_signal) = make_signal(store, config, table);
         }
+        let mut signalled = None;
         if !std::mem::take(&mut first) {
             match &mut signal {
                 Some(s) => {
-                    if let Err(e) = s.wait(LOOK_ANYWAY) {
+                    let waited = s.wait(LOOK_ANYWAY);
+                    if let Ok(true) = waited {
+                        signalled = Some(Instant::now());
+                    }
+                    if let Err(e) = waited {
                         tracing::warn!(table, error = %e, "watch: the change signal failed; making it again");
                         signal = None;
                         try_signal = Some(Instant::now() + MAX_PAUSE);
@@ -118,7 +123,10 @@ fn run<K, V, S>(
             return;
         };
         match look(&map, store, failures > 0) {
-            Ok(()) => {
+            Ok(changed) => {
+                if changed > 0 {
+                    crate::metrics::refresh_lag(table, signalled.map(|at| at.elapsed()));
+                }
                 if failures > 0 {
                     tracing::info!(table, "watch: the database answers again");
                     map.subscribers.send(|| Event::Recovered);
@@ -140,14 +148,19 @@ fn run<K, V, S>(
     }
 }
 
-/// Refreshes the map if the table's version moved since it last looked.
-fn look<K, V, S>(map: &Inner<K, V, S>, store: &Mutex<Box<dyn Store>>, reconnect: bool) -> Result<()>
+/// Refreshes the map if the table's version moved since it last looked; says how many
+/// keys changed.
+fn look<K, V, S>(
+    map: &Inner<K, V, S>,
+    store: &Mutex<Box<dyn Store>>,
+    reconnect: bool,
+) -> Result<usize>
 where
     K: Eq + Hash,
     S: BuildHasher + Clone,
 {
     let Some(seen) = map.seen() else {
-        return Ok(());
+        return Ok(0);
     };
     let now = {
         let mut store = lock(store);
@@ -156,10 +169,10 @@ where
         }
         store.version()?
     };
-    if now != seen {
-        map.watch_refresh()?;
+    if now == seen {
+        return Ok(0);
     }
-    Ok(())
+    map.watch_refresh()
 }
 
 /// The pause after `failures` failures in a row: 50 ms, doubling, at most `MAX_PAUSE`.

@@ -21,6 +21,10 @@ const D: Dialect = Dialect::Postgres;
 /// (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long data sent may go unacknowledged before the connection is given up, when
+/// the URL does not say (`tcp_user_timeout`).
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A [`Store`] on a `postgres::Client`; what `DbHashMap::open(client)` builds.
 ///
 /// A batch is one transaction of at most three statements whatever its size: the
@@ -176,6 +180,13 @@ impl PostgresStore {
         // and an idle connection that died is noticed by the keepalives.
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        // A paused or broken network: data sent and not acknowledged for this long ends
+        // the connection (the call fails, and the map heals as for any lost connection)
+        // instead of waiting for the kernel's retransmissions (about 15 minutes). A slow
+        // answer to a statement that arrived is not cut.
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
         config.keepalives(true);
         config.connect(NoTls).map_err(fail)

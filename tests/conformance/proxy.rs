@@ -16,6 +16,8 @@ pub(crate) struct Proxy {
     open: Arc<Mutex<Vec<TcpStream>>>,
     /// Connections cut by `cut_all`.
     pub(crate) cuts: Arc<AtomicUsize>,
+    /// While set, nothing is passed on either way (a paused network).
+    paused: Arc<AtomicBool>,
     cut_next_answer: Arc<AtomicBool>,
     /// Armed: the answer to the next client packet that holds `COMMIT` is cut.
     cut_commit: Arc<AtomicBool>,
@@ -28,6 +30,8 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let commit = Arc::new(AtomicBool::new(false));
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let paused: Arc<AtomicBool> = Arc::default();
+        let paused2 = Arc::clone(&paused);
         let (cut2, commit2, open2) = (Arc::clone(&cut), Arc::clone(&commit), Arc::clone(&open));
         thread::spawn(move || {
             for client in listener.incoming() {
@@ -41,19 +45,31 @@ impl Proxy {
                     open.push(server.try_clone().unwrap());
                 }
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                let (cut_up, commit) = (Arc::clone(&cut2), Arc::clone(&commit2));
-                thread::spawn(move || copy_up(client, server, &commit, &cut_up));
-                let cut = Arc::clone(&cut2);
-                thread::spawn(move || copy(s2, c2, Some(cut)));
+                let (cut_up, commit, pause_up) = (
+                    Arc::clone(&cut2),
+                    Arc::clone(&commit2),
+                    Arc::clone(&paused2),
+                );
+                thread::spawn(move || copy_up(client, server, &commit, &cut_up, &pause_up));
+                let (cut, pause) = (Arc::clone(&cut2), Arc::clone(&paused2));
+                thread::spawn(move || copy(s2, c2, Some(cut), &pause));
             }
         });
         Proxy {
             port,
             open,
             cuts: Arc::default(),
+            paused,
             cut_next_answer: cut,
             cut_commit: commit,
         }
+    }
+
+    /// Holds everything either way for `how_long`, as a paused network would.
+    pub(crate) fn pause(&self, how_long: std::time::Duration) {
+        self.paused.store(true, Ordering::SeqCst);
+        thread::sleep(how_long);
+        self.paused.store(false, Ordering::SeqCst);
     }
 
     /// Cuts every connection made so far, both ways, as a firewall dropping idle
@@ -79,7 +95,13 @@ impl Proxy {
 
 /// Client to server: when armed, a packet that holds the word `COMMIT` arms the cut of the
 /// next answer before it is passed on, so the answer cannot come first.
-fn copy_up(mut from: TcpStream, mut to: TcpStream, commit: &AtomicBool, cut: &AtomicBool) {
+fn copy_up(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    commit: &AtomicBool,
+    cut: &AtomicBool,
+    paused: &AtomicBool,
+) {
     let mut buf = [0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -94,6 +116,9 @@ fn copy_up(mut from: TcpStream, mut to: TcpStream, commit: &AtomicBool, cut: &At
         if is_commit && commit.swap(false, Ordering::SeqCst) {
             cut.store(true, Ordering::SeqCst);
         }
+        while paused.load(Ordering::SeqCst) {
+            thread::sleep(std::time::Duration::from_millis(5));
+        }
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
@@ -102,7 +127,7 @@ fn copy_up(mut from: TcpStream, mut to: TcpStream, commit: &AtomicBool, cut: &At
     let _ = to.shutdown(Shutdown::Both);
 }
 
-fn copy(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>) {
+fn copy(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>, paused: &AtomicBool) {
     let mut buf = [0u8; 64 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -113,6 +138,9 @@ fn copy(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>) {
             if cut.swap(false, Ordering::SeqCst) {
                 break;
             }
+        }
+        while paused.load(Ordering::SeqCst) {
+            thread::sleep(std::time::Duration::from_millis(5));
         }
         if to.write_all(&buf[..n]).is_err() {
             break;
