@@ -5,6 +5,9 @@
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use write_thru_hash::DbHashMap;
 
+/// A metric as the recorder saw it: its name, its labels, its value.
+type Seen = (String, Vec<(String, String)>, DebugValue);
+
 #[test]
 fn sqlite_metrics_reach_the_recorder() {
     let recorder = DebuggingRecorder::new();
@@ -15,7 +18,7 @@ fn sqlite_metrics_reach_the_recorder() {
         h.insert_many([("b".to_string(), 2), ("c".into(), 3)])
             .unwrap();
     });
-    let seen: Vec<(String, Vec<(String, String)>, DebugValue)> = snapshotter
+    let seen: Vec<Seen> = snapshotter
         .snapshot()
         .into_vec()
         .into_iter()
