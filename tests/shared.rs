@@ -775,3 +775,41 @@ fn sqlite_async_write_under_its_own_read_guard_is_refused() {
     assert_eq!(fresh(&env, "async guard"), h.to_hash_map());
     assert_eq!(h.len(), 1, "nothing was written");
 }
+
+/// Found by probing (issue 20): with another program holding SQLite's write lock, six
+/// callers of one shared map returned after 5 s (the first) and 36 s (the others): a
+/// group that failed was retried one change at a time, each waiting for the lock
+/// again. Each caller now waits for the lock at most once (the busy timeout, 5 s).
+#[test]
+fn sqlite_a_held_lock_is_waited_for_once() {
+    let env = env::SqliteEnv::new();
+    let h = shared(&env, "held");
+    h.insert("warm".into(), 0).unwrap();
+    let lock = env.hold_write_lock("held", Duration::from_secs(8));
+    std::thread::sleep(Duration::from_millis(200));
+    let waits: Vec<(Duration, bool)> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..6)
+            .map(|i| {
+                let h = h.clone();
+                s.spawn(move || {
+                    let t = Instant::now();
+                    let result = h.insert(format!("k{i}"), i);
+                    if let Err(e) = &result {
+                        assert!(e.is_retryable(), "{}", chain(e));
+                    }
+                    (t.elapsed(), result.is_ok())
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    lock.join().unwrap();
+    eprintln!("waits: {waits:?}");
+    let longest = waits.iter().map(|w| w.0).max().unwrap();
+    assert!(
+        longest < Duration::from_millis(7500),
+        "a caller waited {longest:?}, more than the 5 s busy timeout once"
+    );
+    assert!(waits.iter().all(|w| !w.1), "the lock was held throughout");
+    assert_eq!(fresh(&env, "held"), h.to_hash_map());
+}

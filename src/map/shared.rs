@@ -306,10 +306,11 @@ where
     /// Commits a group of queued changes as one transaction, applies those committed
     /// to memory in call order, and hands each caller its outcome. When the database
     /// refuses the group, each change is tried alone, so that only the changes it
-    /// refuses fail.
-    fn commit_group(&self, w: &mut Writer<K, V>, mut group: Vec<Request<K, V>>) {
+    /// refuses fail. When every change failed on a lock or busy timeout, that error is
+    /// returned too: the changes queued meanwhile would wait for the same lock.
+    fn commit_group(&self, w: &mut Writer<K, V>, mut group: Vec<Request<K, V>>) -> Option<Error> {
         if group.is_empty() {
-            return;
+            return None;
         }
         self.calls.fetch_add(group.len() as u64, Ordering::Relaxed);
         crate::metrics::group(&self.table, group.len());
@@ -322,6 +323,17 @@ where
                 results.extend(self.commit_part(w, &mut group[part]));
             }
         }
+        let locked_out = match results.first() {
+            Some(Err(e))
+                if results.iter().all(Result::is_err)
+                    && e.is_retryable()
+                    && !e.is_conflict()
+                    && !e.is_disconnect() =>
+            {
+                Some(e.for_group())
+            }
+            _ => None,
+        };
         let mut outcomes = Vec::with_capacity(group.len());
         {
             let mut map = self.write();
@@ -333,6 +345,7 @@ where
             // The caller waits on the other end for as long as the request lives.
             let _ = done.send(Word::Outcome(outcome));
         }
+        locked_out
     }
 
     /// Commits one part of a group (see [`parts`]): as one transaction, or, when the
@@ -412,7 +425,16 @@ where
         let group = std::mem::take(&mut self.queue().pending);
         let size = group.len();
         let started = Instant::now();
-        self.commit_group(&mut w, group);
+        if let Some(e) = self.commit_group(&mut w, group) {
+            // A lock held elsewhere timed the whole group out: the callers who queued
+            // while it waited hear the same now, rather than each waiting for the
+            // lock again (each caller waits at most its own timeout, once).
+            let queued = std::mem::take(&mut self.queue().pending);
+            self.calls.fetch_add(queued.len() as u64, Ordering::Relaxed);
+            for r in queued {
+                let _ = r.done.send(Word::Outcome(Err(e.for_group())));
+            }
+        }
         {
             let mut after = self.queue();
             after.callers = size + after.pending.len();
