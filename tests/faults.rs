@@ -301,39 +301,22 @@ fn postgres_server_stopped_mid_run() {
 #[cfg(feature = "postgres")]
 #[test]
 fn postgres_soak_through_restarts_pauses_and_cuts() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use write_thru_hash::{Error, SharedDbHashMap};
 
     let pg = OwnPostgres::new();
     let (proxy, url) = proxy::proxied(&pg.url());
     let h: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url).open_shared().unwrap();
     let stop = AtomicBool::new(false);
-    let (unknown, refused) = (AtomicUsize::new(0), AtomicUsize::new(0));
-    let acked: Mutex<HashMap<String, i64>> = Mutex::default();
+    let tally = proxy::Tally::default();
     std::thread::scope(|s| {
         for t in 0..3 {
-            let (h, stop, unknown, refused, acked) = (&h, &stop, &unknown, &refused, &acked);
+            let (h, stop, tally) = (&h, &stop, &tally);
             s.spawn(move || {
                 let mut i = 0i64;
                 while !stop.load(Ordering::Relaxed) {
                     let key = format!("{t}/{}", i % 40);
-                    match h.insert(key.clone(), i) {
-                        Ok(_) => {
-                            acked.lock().unwrap().insert(key, i);
-                        }
-                        Err(e)
-                            if e.is_outcome_unknown() && !matches!(e, Error::Poisoned { .. }) =>
-                        {
-                            unknown.fetch_add(1, Ordering::Relaxed);
-                            acked.lock().unwrap().remove(&key);
-                        }
-                        Err(e) if e.is_retryable() => {
-                            refused.fetch_add(1, Ordering::Relaxed);
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                        Err(e) => panic!("a call failed for good: {e}"),
-                    }
+                    tally.note(key.clone(), i, h.insert(key, i));
                     i += 1;
                     if i % 5 == 0 {
                         std::thread::sleep(Duration::from_millis(120));
@@ -361,20 +344,14 @@ fn postgres_soak_through_restarts_pauses_and_cuts() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let table = reopen_i64(&pg.url());
-    for (key, value) in acked.lock().unwrap().iter() {
-        assert_eq!(
-            table.get(key),
-            Some(value),
-            "acknowledged write of {key} lost"
-        );
-    }
+    tally.check(&table);
     assert_eq!(table, h.to_hash_map());
     eprintln!(
         "soak with 2 restarts, 2 pauses, {} connections cut: {} unknown outcomes (settled), \
          {} calls refused while the server was down, {} calls, 0 reloads",
         proxy.cuts.load(Ordering::Relaxed),
-        unknown.load(Ordering::Relaxed),
-        refused.load(Ordering::Relaxed),
+        tally.unknown.load(Ordering::Relaxed),
+        tally.refused.load(Ordering::Relaxed),
         h.commits().1
     );
 }

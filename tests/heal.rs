@@ -14,13 +14,12 @@ mod env;
 mod proxy;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use env::Env;
-use proxy::proxied;
+use proxy::{proxied, Tally};
 use write_thru_hash::{DbHashMap, Error, SharedDbHashMap};
 
 fn fresh(env: &impl Env, table: &str) -> HashMap<String, i64> {
@@ -180,35 +179,18 @@ pub(crate) fn soak(env: &(impl Env + Sync), run: Duration) -> (usize, usize, usi
         .open()
         .unwrap();
     let stop = AtomicBool::new(false);
-    let unknown = AtomicUsize::new(0);
-    // Calls that failed with nothing written: reconnecting was cut too, every try.
-    let refused = AtomicUsize::new(0);
-    let acked: Mutex<HashMap<String, i64>> = Mutex::default();
+    // Calls refused count those that failed with nothing written: reconnecting was cut
+    // too, every try.
+    let (tally, plain_tally) = (Tally::default(), Tally::default());
     let started = Instant::now();
     thread::scope(|s| {
         for t in 0..4 {
-            let (shared, stop, unknown, acked, refused) =
-                (shared.clone(), &stop, &unknown, &acked, &refused);
+            let (shared, stop, tally) = (shared.clone(), &stop, &tally);
             s.spawn(move || {
                 let mut i = 0i64;
                 while !stop.load(Ordering::Relaxed) {
                     let key = format!("{t}/{}", i % 50);
-                    match shared.insert(key.clone(), i) {
-                        Ok(_) => {
-                            acked.lock().unwrap().insert(key, i);
-                        }
-                        Err(e)
-                            if e.is_outcome_unknown() && !matches!(e, Error::Poisoned { .. }) =>
-                        {
-                            unknown.fetch_add(1, Ordering::Relaxed);
-                            // Whatever the table holds now is the key's truth: forget it.
-                            acked.lock().unwrap().remove(&key);
-                        }
-                        Err(e) if e.is_retryable() => {
-                            refused.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => panic!("a call failed for good: {}", env::chain(&e)),
-                    }
+                    tally.note(key.clone(), i, shared.insert(key, i));
                     i += 1;
                     if i % 7 == 0 {
                         // Idle now and then, so that cuts land on idle connections too.
@@ -220,16 +202,8 @@ pub(crate) fn soak(env: &(impl Env + Sync), run: Duration) -> (usize, usize, usi
         s.spawn(|| {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
-                match plain.insert(format!("p{}", i % 20), i) {
-                    Ok(_) => {}
-                    Err(e) if e.is_outcome_unknown() && !matches!(e, Error::Poisoned { .. }) => {
-                        unknown.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) if e.is_retryable() => {
-                        refused.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => panic!("a call failed for good: {}", env::chain(&e)),
-                }
+                let key = format!("p{}", i % 20);
+                plain_tally.note(key.clone(), i, plain.insert(key, i));
                 i += 1;
                 thread::sleep(Duration::from_millis(5));
             }
@@ -273,13 +247,8 @@ pub(crate) fn soak(env: &(impl Env + Sync), run: Duration) -> (usize, usize, usi
         );
     }
     let table = fresh(env, "soak");
-    for (key, value) in acked.lock().unwrap().iter() {
-        assert_eq!(
-            table.get(key),
-            Some(value),
-            "acknowledged write of {key} lost"
-        );
-    }
+    tally.check(&table);
+    plain_tally.check(&fresh(env, "soak plain"));
     assert_eq!(
         table,
         shared.to_hash_map(),
@@ -297,10 +266,10 @@ pub(crate) fn soak(env: &(impl Env + Sync), run: Duration) -> (usize, usize, usi
          settled by the next call), {} failed with nothing written (reconnecting was cut \
          too), {calls} shared calls in {commits} commits, 0 reloads",
         env.dialect(),
-        unknown.load(Ordering::Relaxed),
-        refused.load(Ordering::Relaxed)
+        tally.unknown.load(Ordering::Relaxed) + plain_tally.unknown.load(Ordering::Relaxed),
+        tally.refused.load(Ordering::Relaxed) + plain_tally.refused.load(Ordering::Relaxed)
     );
-    (cuts, unknown.load(Ordering::Relaxed), calls as usize)
+    (cuts, tally.unknown.load(Ordering::Relaxed), calls as usize)
 }
 
 macro_rules! heal {

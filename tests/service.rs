@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use write_thru_hash::DbHashMap;
 
+#[path = "conformance/env.rs"]
+#[allow(dead_code, unused_imports)]
+mod env;
+
 struct Service {
     child: Child,
     addr: String,
@@ -24,19 +28,7 @@ impl Drop for Service {
 }
 
 fn start(db: &str) -> Service {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("service");
-    assert!(
-        bin.exists(),
-        "{} is missing: cargo test builds it",
-        bin.display()
-    );
+    let bin = env::example_bin("service");
     let mut child = Command::new(bin)
         .args(["--db", db, "--addr", "127.0.0.1:0", "--watch"])
         .stdout(Stdio::piped())

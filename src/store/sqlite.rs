@@ -270,6 +270,30 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let t = opened(&self.table, D.name())?;
+        let fail = |e: rusqlite::Error| db_error(Action::Load, t, D.name(), e);
+        let k =
+            Self::bind(t.key_format, key).map_err(|e| db_error(Action::Load, t, D.name(), e))?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&D.select_value(t, Marks::Native))
+            .map_err(fail)?;
+        let mut rows = stmt.query([k]).map_err(fail)?;
+        let Some(row) = rows.next().map_err(fail)? else {
+            return Ok(None);
+        };
+        match bytes_of(row.get_ref(0).map_err(fail)?) {
+            Some(v) => Ok(Some(v.to_vec())),
+            None => Err(Error::Decode {
+                what: "value",
+                table: t.name.clone(),
+                row: show_bytes(key),
+                source: "the column holds a number or NULL, not text or bytes".into(),
+            }),
+        }
+    }
+
     fn load(&mut self, sink: &mut RowSink<'_>) -> Result<()> {
         let t = opened(&self.table, D.name())?;
         let fail = |e| db_error(Action::Load, t, D.name(), e);

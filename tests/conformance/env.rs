@@ -717,6 +717,12 @@ impl<E: Env> Env for Coherent<E> {
 /// The crash harness's worker (`examples/crash_worker`), which `cargo test` builds.
 #[allow(dead_code)]
 pub(crate) fn worker_bin() -> std::path::PathBuf {
+    example_bin("crash_worker")
+}
+
+/// An example's binary, which `cargo test` builds beside the test binaries.
+#[allow(dead_code)]
+pub(crate) fn example_bin(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe
         .parent()
@@ -724,7 +730,7 @@ pub(crate) fn worker_bin() -> std::path::PathBuf {
         .parent()
         .unwrap()
         .join("examples")
-        .join("crash_worker");
+        .join(name);
     assert!(
         bin.exists(),
         "{} is missing: cargo test builds it",

@@ -96,11 +96,40 @@ impl Proxy {
 /// Client to server: when armed, a packet that holds the word `COMMIT` arms the cut of the
 /// next answer before it is passed on, so the answer cannot come first.
 fn copy_up(
-    mut from: TcpStream,
-    mut to: TcpStream,
+    from: TcpStream,
+    to: TcpStream,
     commit: &AtomicBool,
     cut: &AtomicBool,
     paused: &AtomicBool,
+) {
+    pump(from, to, paused, |bytes| {
+        let text = String::from_utf8_lossy(bytes).to_ascii_uppercase();
+        // The word, not `SET autocommit`.
+        let is_commit = text
+            .match_indices("COMMIT")
+            .any(|(i, _)| i == 0 || !text.as_bytes()[i - 1].is_ascii_alphabetic());
+        if is_commit && commit.swap(false, Ordering::SeqCst) {
+            cut.store(true, Ordering::SeqCst);
+        }
+        true
+    });
+}
+
+/// Server to client: an armed cut drops the next answer and closes the connection.
+fn copy(from: TcpStream, to: TcpStream, cut: Option<Arc<AtomicBool>>, paused: &AtomicBool) {
+    pump(from, to, paused, |_| {
+        !cut.as_ref()
+            .is_some_and(|cut| cut.swap(false, Ordering::SeqCst))
+    });
+}
+
+/// Passes what `from` sends on to `to`, holding it while paused, until either side
+/// closes or `pass` says to drop a packet and cut; then closes both.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    paused: &AtomicBool,
+    mut pass: impl FnMut(&[u8]) -> bool,
 ) {
     let mut buf = [0u8; 64 * 1024];
     loop {
@@ -108,13 +137,8 @@ fn copy_up(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let text = String::from_utf8_lossy(&buf[..n]).to_ascii_uppercase();
-        // The word, not `SET autocommit`.
-        let is_commit = text
-            .match_indices("COMMIT")
-            .any(|(i, _)| i == 0 || !text.as_bytes()[i - 1].is_ascii_alphabetic());
-        if is_commit && commit.swap(false, Ordering::SeqCst) {
-            cut.store(true, Ordering::SeqCst);
+        if !pass(&buf[..n]) {
+            break;
         }
         while paused.load(Ordering::SeqCst) {
             thread::sleep(std::time::Duration::from_millis(5));
@@ -127,27 +151,47 @@ fn copy_up(
     let _ = to.shutdown(Shutdown::Both);
 }
 
-fn copy(mut from: TcpStream, mut to: TcpStream, cut: Option<Arc<AtomicBool>>, paused: &AtomicBool) {
-    let mut buf = [0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if let Some(cut) = &cut {
-            if cut.swap(false, Ordering::SeqCst) {
-                break;
+/// What a soak's writers saw: the writes acknowledged (the last value per key), the
+/// calls whose outcome was unknown, and those refused with nothing written.
+#[derive(Default)]
+pub(crate) struct Tally {
+    pub(crate) acked: Mutex<std::collections::HashMap<String, i64>>,
+    pub(crate) unknown: AtomicUsize,
+    pub(crate) refused: AtomicUsize,
+}
+
+impl Tally {
+    /// Notes the outcome of writing `value` to `key`. Only an unknown outcome (settled
+    /// by the next call) or a retryable refusal may fail a call; anything else panics.
+    pub(crate) fn note<T>(&self, key: String, value: i64, outcome: write_thru_hash::Result<T>) {
+        use write_thru_hash::Error;
+        match outcome {
+            Ok(_) => {
+                self.acked.lock().unwrap().insert(key, value);
             }
-        }
-        while paused.load(Ordering::SeqCst) {
-            thread::sleep(std::time::Duration::from_millis(5));
-        }
-        if to.write_all(&buf[..n]).is_err() {
-            break;
+            Err(e) if e.is_outcome_unknown() && !matches!(e, Error::Poisoned { .. }) => {
+                self.unknown.fetch_add(1, Ordering::Relaxed);
+                // Whatever the table holds now is the key's truth: forget it.
+                self.acked.lock().unwrap().remove(&key);
+            }
+            Err(e) if e.is_retryable() => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("a call failed for good: {e}"),
         }
     }
-    let _ = from.shutdown(Shutdown::Both);
-    let _ = to.shutdown(Shutdown::Both);
+
+    /// Every acknowledged write is in `table`.
+    pub(crate) fn check(&self, table: &std::collections::HashMap<String, i64>) {
+        for (key, value) in self.acked.lock().unwrap().iter() {
+            assert_eq!(
+                table.get(key),
+                Some(value),
+                "acknowledged write of {key} lost"
+            );
+        }
+    }
 }
 
 /// `url` with its port replaced, and the port it had: a URL's authority, or the
