@@ -78,6 +78,29 @@ pub use store::{
 };
 pub use write_behind::WriteBehind;
 
+/// The [`Store`] a URL names (`sqlite:PATH`, `postgres://…`, `mysql://…`,
+/// `odbc:CONNECTION-STRING`), connected with the settings [`DbHashMap::open_url`] uses
+/// (SQLite: WAL and `synchronous = FULL`), for work on a table without a map: one key
+/// ([`Store::get`]), a count, a scan in key order, a streamed load ([`Store::put_rows`]),
+/// as the `wth` tool does at any table size. [`Store::open`] it with a [`TableSpec`]
+/// first.
+///
+/// ```
+/// use write_thru_hash::{connect, Batch, Format, TableSpec};
+///
+/// let mut store = connect("sqlite::memory:")?;
+/// store.open(&TableSpec::new("hashtable", Format::Text, Format::Text))?;
+/// let mut batch = Batch::default();
+/// batch.puts.push((br#""a""#.to_vec(), b"1".to_vec()));
+/// store.apply(&batch)?;
+/// assert_eq!(store.get(br#""a""#)?, Some(b"1".to_vec()));
+/// assert_eq!(store.count()?, 1);
+/// # Ok::<(), write_thru_hash::Error>(())
+/// ```
+pub fn connect(url: &str) -> Result<Box<dyn Store>> {
+    url::connect(url)
+}
+
 // The drivers, so users name exactly the types `open` takes, at the version it takes.
 #[cfg(feature = "mysql")]
 pub use mysql;

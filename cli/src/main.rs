@@ -3,9 +3,7 @@
 //! Everything goes through the library (`DbHashMap`): the same codecs, canonical-key
 //! checks, quoting and transactions as a program's map.
 
-use std::collections::BTreeMap;
 use std::fs::File;
-use std::hash::Hash;
 use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,8 +11,9 @@ use std::process::ExitCode;
 use base64::Engine as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::value::RawValue;
 use serde_json::Value;
-use write_thru_hash::{Bytes, Codec, DbHashMap, Text};
+use write_thru_hash::{Batch, Format, Puts, Store, TableSpec};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -173,48 +172,35 @@ impl From<std::io::Error> for Failure {
 
 type Outcome<T = ()> = Result<T, Failure>;
 
-/// What differs between codecs: the type of keys and values, and how they are read
-/// from the command line and written as JSON.
+/// What differs between codecs: how stored bytes are read from the command line, shown,
+/// written as JSON, and read from a dump line. Every command works on the stored bytes
+/// through the library's store, so no command loads the table into a map.
 trait Kind {
-    type T: Eq + Hash + Clone + AsRef<[u8]> + 'static;
-    type C: Codec<Self::T> + Clone + 'static;
-    fn codec() -> Self::C;
-    /// From a command-line argument.
-    fn parse(arg: &str) -> Result<Self::T, String>;
-    /// For `get` and `ls`.
-    fn show(t: &Self::T) -> String;
+    /// The columns' format.
+    const FORMAT: Format;
+    /// From a command-line argument; refuses what the codec could not read back.
+    fn parse(arg: &str) -> Result<Vec<u8>, String>;
+    /// For `get` and `ls`; refuses stored bytes the codec does not read.
+    fn show(stored: &[u8]) -> Result<String, String>;
     /// For `dump`: the JSON text of a key or value.
-    fn to_json(t: &Self::T) -> String;
+    fn to_json(stored: &[u8]) -> Result<String, String>;
     /// For `load`: from a member of a line, as its JSON text.
-    fn from_raw(raw: &str) -> Result<Self::T, String>;
-    /// The key the table holds that equals `key`, if its text differs (the json codec:
-    /// `{"a": 1}` and `{ "a":1 }` are one key).
-    fn equal_held(_h: &DbHashMap<Self::T, Self::T>, _key: &Self::T) -> Option<Self::T> {
-        None
-    }
-    /// The bytes the codec stores.
-    fn bytes(t: &Self::T) -> &[u8] {
-        t.as_ref()
-    }
-    /// Checks the rows of an opened table, where the codec leaves that to the tool.
-    fn check(_table: &str, _h: &DbHashMap<Self::T, Self::T>) -> Outcome {
-        Ok(())
+    fn from_raw(raw: &str) -> Result<Vec<u8>, String>;
+    /// A key as the table writes keys of its shape, given one key the table holds (the
+    /// json codec: object members in the table's order).
+    fn in_table_order(key: Vec<u8>, _sample: &[u8]) -> Vec<u8> {
+        key
     }
 }
 
 /// The json codec, kept as the JSON text it stores, with the whitespace between tokens
 /// removed and nothing else changed: the order of members and the digits of numbers
 /// stay as the program's codec wrote them (a struct's fields in declaration order, an
-/// `u128` whole), so a dump and a load give the table back as it was. Rows are checked
-/// at open to be JSON.
+/// `u128` whole), so a dump and a load give the table back as it was.
 struct JsonKind;
 impl Kind for JsonKind {
-    type T = String;
-    type C = Text;
-    fn codec() -> Text {
-        Text
-    }
-    fn parse(arg: &str) -> Result<String, String> {
+    const FORMAT: Format = Format::Text;
+    fn parse(arg: &str) -> Result<Vec<u8>, String> {
         // One level deeper, as a dump line holds it, so that every value set loads back.
         serde_json::from_str::<serde::de::IgnoredAny>(&format!("[{arg}]")).map_err(|e| {
             format!(
@@ -222,40 +208,83 @@ impl Kind for JsonKind {
                  '\"{arg}\"'"
             )
         })?;
-        Ok(minify(arg))
+        Ok(minify(arg).into_bytes())
     }
-    fn show(t: &String) -> String {
-        minify(t)
+    fn show(stored: &[u8]) -> Result<String, String> {
+        Self::to_json(stored)
     }
-    fn to_json(t: &String) -> String {
-        minify(t)
+    fn to_json(stored: &[u8]) -> Result<String, String> {
+        let text = std::str::from_utf8(stored).map_err(|e| format!("not UTF-8 ({e})"))?;
+        serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| {
+            format!(
+                "does not decode as JSON ({e}): {}; is it a table of another codec?",
+                text.chars().take(60).collect::<String>()
+            )
+        })?;
+        Ok(minify(text))
     }
-    fn from_raw(raw: &str) -> Result<String, String> {
-        Ok(minify(raw))
+    fn from_raw(raw: &str) -> Result<Vec<u8>, String> {
+        Ok(minify(raw).into_bytes())
     }
-    fn equal_held(h: &DbHashMap<String, String>, key: &String) -> Option<String> {
-        if h.contains_key(key) {
-            return None;
+    fn in_table_order(key: Vec<u8>, sample: &[u8]) -> Vec<u8> {
+        match (std::str::from_utf8(&key), std::str::from_utf8(sample)) {
+            (Ok(k), Ok(s)) => reorder(k, s).map_or(key, String::into_bytes),
+            _ => key,
         }
-        let wanted: Value = serde_json::from_str(key).ok()?;
-        h.keys()
-            .find(|held| serde_json::from_str::<Value>(held).is_ok_and(|v| v == wanted))
-            .cloned()
     }
-    fn check(table: &str, h: &DbHashMap<String, String>) -> Outcome {
-        for (k, v) in h.iter() {
-            for (what, text) in [("key", k), ("value", v)] {
-                serde_json::from_str::<serde::de::IgnoredAny>(text).map_err(|e| {
-                    Failure(format!(
-                        "table {table:?}: a {what} does not decode as JSON ({e}): {}; is it \
-                         a table of another codec?",
-                        text.chars().take(60).collect::<String>()
-                    ))
-                })?;
+}
+
+/// An object's members in the order the text has them, each as its JSON text.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = map.next_entry::<String, &'de RawValue>()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
             }
         }
-        Ok(())
+        d.deserialize_map(Visit)
     }
+}
+
+/// `key`'s object members put in the order `sample` has them, at every depth where both
+/// are objects with the same member names; `None` when nothing is to be reordered.
+fn reorder(key: &str, sample: &str) -> Option<String> {
+    let (Ok(k), Ok(s)) = (
+        serde_json::from_str::<Members<'_>>(key),
+        serde_json::from_str::<Members<'_>>(sample),
+    ) else {
+        return None;
+    };
+    if k.0.len() != s.0.len() {
+        return None;
+    }
+    let mut out = String::from("{");
+    for (i, (name, model)) in s.0.iter().enumerate() {
+        let (_, value) = k.0.iter().find(|(n, _)| n == name)?;
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(name).ok()?);
+        out.push(':');
+        let value = value.get();
+        out.push_str(&reorder(value, model.get()).unwrap_or_else(|| value.to_string()));
+    }
+    out.push('}');
+    Some(out)
 }
 
 /// JSON text without the whitespace between its tokens (valid JSON in, so strings are
@@ -285,43 +314,36 @@ fn minify(text: &str) -> String {
 
 struct TextKind;
 impl Kind for TextKind {
-    type T = String;
-    type C = Text;
-    fn codec() -> Text {
-        Text
+    const FORMAT: Format = Format::Text;
+    fn parse(arg: &str) -> Result<Vec<u8>, String> {
+        Ok(arg.as_bytes().to_vec())
     }
-    fn parse(arg: &str) -> Result<String, String> {
-        Ok(arg.to_string())
+    fn show(stored: &[u8]) -> Result<String, String> {
+        String::from_utf8(stored.to_vec()).map_err(|e| format!("not UTF-8 ({e})"))
     }
-    fn show(t: &String) -> String {
-        t.clone()
+    fn to_json(stored: &[u8]) -> Result<String, String> {
+        Ok(Value::String(Self::show(stored)?).to_string())
     }
-    fn to_json(t: &String) -> String {
-        Value::String(t.clone()).to_string()
-    }
-    fn from_raw(raw: &str) -> Result<String, String> {
-        serde_json::from_str(raw)
+    fn from_raw(raw: &str) -> Result<Vec<u8>, String> {
+        serde_json::from_str::<String>(raw)
+            .map(String::into_bytes)
             .map_err(|_| format!("{raw} is not a string, as the text codec needs"))
     }
 }
 
 struct BytesKind;
 impl Kind for BytesKind {
-    type T = Vec<u8>;
-    type C = Bytes;
-    fn codec() -> Bytes {
-        Bytes
-    }
+    const FORMAT: Format = Format::Binary;
     fn parse(arg: &str) -> Result<Vec<u8>, String> {
         base64::engine::general_purpose::STANDARD
             .decode(arg)
             .map_err(|e| format!("{arg:?} is not base64 ({e}), as the bytes codec takes it"))
     }
-    fn show(t: &Vec<u8>) -> String {
-        base64::engine::general_purpose::STANDARD.encode(t)
+    fn show(stored: &[u8]) -> Result<String, String> {
+        Ok(base64::engine::general_purpose::STANDARD.encode(stored))
     }
-    fn to_json(t: &Vec<u8>) -> String {
-        Value::String(Self::show(t)).to_string()
+    fn to_json(stored: &[u8]) -> Result<String, String> {
+        Ok(Value::String(Self::show(stored)?).to_string())
     }
     fn from_raw(raw: &str) -> Result<Vec<u8>, String> {
         let text: String = serde_json::from_str(raw)
@@ -330,32 +352,119 @@ impl Kind for BytesKind {
     }
 }
 
-fn open<K: Kind>(db: &str, table: &str) -> Outcome<DbHashMap<K::T, K::T>> {
-    let h = DbHashMap::builder_url(db)
-        .table(table)
-        .codec(K::codec())
-        .open()?;
-    K::check(table, &h)?;
-    Ok(h)
+/// The table's store, opened (and checked) without loading anything.
+/// Its first row is read and checked: a table of another codec is refused at once.
+fn open<K: Kind>(db: &str, table: &str) -> Outcome<Box<dyn Store>> {
+    let mut store = write_thru_hash::connect(db)?;
+    store.open(&TableSpec::new(table, K::FORMAT, K::FORMAT))?;
+    let mut first = None;
+    let scanned = store.scan(None, Some(1), &mut |k, v| {
+        first = Some((K::to_json(k).err(), K::to_json(v).err()));
+        Ok(())
+    });
+    match scanned {
+        Ok(()) | Err(write_thru_hash::Error::Unsupported { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    if let Some((key, value)) = first {
+        if let Some(why) = key.or(value) {
+            return Err(Failure(format!(
+                "table {table:?}: its first row {why}; is it a table of another codec?"
+            )));
+        }
+    }
+    Ok(store)
+}
+
+/// `key` as the table writes keys of its shape (see [`Kind::in_table_order`]), from
+/// the first key the table holds, if any.
+fn table_order<K: Kind>(store: &mut dyn Store, key: Vec<u8>) -> Outcome<Vec<u8>> {
+    let mut sample = None;
+    store
+        .scan(None, Some(1), &mut |k, _| {
+            sample = Some(k.to_vec());
+            Ok(())
+        })
+        .or_else(|e| match e {
+            // A store that cannot scan: keys are taken as typed.
+            write_thru_hash::Error::Unsupported { .. } => Ok(()),
+            e => Err(e),
+        })?;
+    Ok(match sample {
+        Some(sample) => K::in_table_order(key, &sample),
+        None => key,
+    })
+}
+
+/// The stored value of `key`: one indexed read, or (a store that cannot) a scan.
+fn get(store: &mut dyn Store, key: &[u8]) -> Outcome<Option<Vec<u8>>> {
+    match store.get(key) {
+        Err(write_thru_hash::Error::Unsupported { .. }) => {
+            let mut found = None;
+            store.load(&mut |k, v| {
+                if k == key {
+                    found = Some(v.to_vec());
+                }
+                Ok(())
+            })?;
+            Ok(found)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// Every row in key order: a scan, or (a store that cannot) the rows loaded and sorted,
+/// which holds the table in memory.
+fn each_row(store: &mut dyn Store, sink: &mut dyn FnMut(&[u8], &[u8]) -> Outcome) -> Outcome {
+    let mut failed = None;
+    let mut pass = |k: &[u8], v: &[u8]| -> write_thru_hash::Result<()> {
+        sink(k, v).map_err(|e| {
+            failed = Some(e);
+            write_thru_hash::Error::abort("stopped")
+        })
+    };
+    let result = match store.scan(None, None, &mut pass) {
+        Err(write_thru_hash::Error::Unsupported { .. }) => {
+            let mut rows = Vec::new();
+            store.load(&mut |k, v| {
+                rows.push((k.to_vec(), v.to_vec()));
+                Ok(())
+            })?;
+            rows.sort();
+            rows.iter().try_for_each(|(k, v)| pass(k, v))
+        }
+        other => other,
+    };
+    match (result, failed) {
+        (_, Some(failure)) => Err(failure),
+        (result, None) => Ok(result?),
+    }
 }
 
 /// A progress bar on stderr when it is a terminal and the work is large; hidden
 /// otherwise, so that pipes stay clean.
-fn progress(len: u64, what: &str) -> ProgressBar {
+fn progress(len: u64, what: &str, unit: &str) -> ProgressBar {
     if len < 10_000 || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} ({eta})") {
+    let template = match unit {
+        "bytes" => "{msg} {wide_bar} {bytes}/{total_bytes} ({eta})",
+        _ => "{msg} {wide_bar} {pos}/{len} rows ({eta})",
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
         bar.set_style(style);
     }
     bar.set_message(what.to_string());
     bar
 }
 
+/// Rows handed to the store at a time, when loading and copying.
+const CHUNK: usize = 4096;
+
 fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
     let table = cli.table.as_str();
-    // Opening a map makes its table when absent: only the commands that write may.
+    // Opening a store makes its table when absent: only the commands that write may.
     let writes = matches!(cli.command, Command::Set { .. } | Command::Load { .. });
     if !writes {
         if let Some(path) = sqlite_path(db).filter(|p| *p != ":memory:") {
@@ -379,172 +488,298 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
         }
     }
     let parse = |arg: &str| K::parse(arg).map_err(Failure);
+    let bad_row = |what: &str, key: &[u8], why: String| {
+        Failure(format!(
+            "table {table:?}: the {what} of row {} {why}",
+            String::from_utf8_lossy(&key[..key.len().min(60)])
+        ))
+    };
     let mut out = BufWriter::new(std::io::stdout().lock());
     match &cli.command {
         Command::Tables => unreachable!("handled before"),
-        Command::Count => writeln!(out, "{}", open::<K>(db, table)?.len())?,
+        Command::Count => writeln!(out, "{}", open::<K>(db, table)?.count()?)?,
         Command::Ls => {
-            let h = open::<K>(db, table)?;
-            let keys: BTreeMap<String, ()> = h.keys().map(|k| (K::show(k), ())).collect();
-            for key in keys.keys() {
-                writeln!(out, "{key}")?;
-            }
+            let mut store = open::<K>(db, table)?;
+            each_row(&mut *store, &mut |k, _| {
+                let shown = K::show(k).map_err(|why| bad_row("key", k, why))?;
+                writeln!(out, "{shown}")?;
+                Ok(())
+            })?;
         }
         Command::Get { key } => {
-            let h = open::<K>(db, table)?;
             let k = parse(key)?;
-            let k = K::equal_held(&h, &k).unwrap_or(k);
-            match h.get(&k) {
-                Some(v) => writeln!(out, "{}", K::show(v))?,
+            let mut store = open::<K>(db, table)?;
+            let k = table_order::<K>(&mut *store, k)?;
+            match get(&mut *store, &k)? {
+                Some(v) => {
+                    let shown = K::show(&v).map_err(|why| bad_row("value", &k, why))?;
+                    writeln!(out, "{shown}")?;
+                }
                 None => return Err(Failure(format!("no key {key} in table {table:?}"))),
             }
         }
         Command::Set { key, value } => {
             let (k, v) = (parse(key)?, parse(value)?);
-            let mut h = open::<K>(db, table)?;
-            let k = K::equal_held(&h, &k).unwrap_or(k);
-            h.insert(k, v)?;
+            let mut store = open::<K>(db, table)?;
+            let k = table_order::<K>(&mut *store, k)?;
+            let mut batch = Batch::default();
+            batch.puts.push((k, v));
+            store.apply(&batch)?;
         }
         Command::Rm { key } => {
             let k = parse(key)?;
-            let mut h = open::<K>(db, table)?;
-            let k = K::equal_held(&h, &k).unwrap_or(k);
-            if h.remove(&k)?.is_none() {
+            let mut store = open::<K>(db, table)?;
+            let k = table_order::<K>(&mut *store, k)?;
+            if get(&mut *store, &k)?.is_none() {
                 return Err(Failure(format!("no key {key} in table {table:?}")));
             }
+            let mut batch = Batch::default();
+            batch.deletes.push(k);
+            store.apply(&batch)?;
         }
-        Command::Clear => open::<K>(db, table)?.clear()?,
+        Command::Clear => {
+            let mut batch = Batch::default();
+            batch.clear = true;
+            open::<K>(db, table)?.apply(&batch)?;
+        }
         Command::Dump { file } => {
-            let h = open::<K>(db, table)?;
-            let mut entries: Vec<(String, &K::T, &K::T)> =
-                h.iter().map(|(k, v)| (K::to_json(k), k, v)).collect();
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            let bar = progress(entries.len() as u64, "dump");
+            let mut store = open::<K>(db, table)?;
+            let bar = progress(store.count()?, "dump", "rows");
             let mut sink: Box<dyn Write> = match file {
-                Some(path) => {
-                    Box::new(BufWriter::new(File::create(path).map_err(|e| {
-                        Failure(format!("cannot write {}: {e}", path.display()))
-                    })?))
-                }
+                Some(path) => Box::new(BufWriter::with_capacity(
+                    1 << 16,
+                    File::create(path)
+                        .map_err(|e| Failure(format!("cannot write {}: {e}", path.display())))?,
+                )),
                 None => Box::new(&mut out),
             };
-            // One line at a time: the JSON text of the whole table is never held.
-            for (key, _, value) in &entries {
-                writeln!(sink, "{{\"key\":{key},\"value\":{}}}", K::to_json(value))?;
-                bar.inc(1);
-            }
+            // A row at a time, as the store reads them: nothing of the table is held.
+            let mut n = 0u64;
+            each_row(&mut *store, &mut |k, v| {
+                let key = K::to_json(k).map_err(|why| bad_row("key", k, why))?;
+                let value = K::to_json(v).map_err(|why| bad_row("value", k, why))?;
+                writeln!(sink, "{{\"key\":{key},\"value\":{value}}}")?;
+                n += 1;
+                if n.is_multiple_of(1024) {
+                    bar.set_position(n);
+                }
+                Ok(())
+            })?;
             sink.flush()?;
             bar.finish_and_clear();
         }
         Command::Load { file, replace } => {
-            let (entries, lines) = read_lines::<K>(file.as_ref())?;
-            // What only the database or the codec can refuse (a key too long for the
-            // server, a NUL the server takes in no text), said with the line it is on.
-            let culprit = |e: &write_thru_hash::Error| -> Option<usize> {
-                if let write_thru_hash::Error::KeyTooLong { len, .. } = e {
-                    return entries.iter().position(|(k, _)| K::bytes(k).len() == *len);
+            let (input, size): (Box<dyn BufRead>, u64) = match file {
+                Some(path) => {
+                    let f = File::open(path)
+                        .map_err(|e| Failure(format!("cannot read {}: {e}", path.display())))?;
+                    let size = f.metadata().map_or(0, |m| m.len());
+                    (Box::new(BufReader::with_capacity(1 << 16, f)), size)
                 }
-                let Failure(said) = Failure::from_ref(e);
-                (said.contains("0x00") || said.contains("NUL character")).then_some(())?;
-                entries
-                    .iter()
-                    .position(|(k, v)| K::bytes(k).contains(&0) || K::bytes(v).contains(&0))
+                None => (Box::new(BufReader::new(std::io::stdin().lock())), 0),
             };
-            let bar = progress(entries.len() as u64, "load");
-            let result = if *replace {
-                let mut first = None;
-                DbHashMap::builder_url(db)
-                    .table(table)
-                    .codec(K::codec())
-                    .src(entries.iter().cloned())
-                    .open()
-                    .map(drop)
-                    .inspect_err(|e| first = culprit(e))
-                    .map_err(|e| (e, first))
-            } else {
-                let mut h = open::<K>(db, table)?;
-                h.insert_many(entries.iter().cloned()).map_err(|e| {
-                    let at = culprit(&e);
-                    (e, at)
-                })
+            let mut store = open::<K>(db, table)?;
+            let sample = {
+                let mut sample = None;
+                if K::FORMAT == Format::Text {
+                    let _ = store.scan(None, Some(1), &mut |k, _| {
+                        sample = Some(k.to_vec());
+                        Ok(())
+                    });
+                }
+                sample
             };
+            let bar = progress(size, "load", "bytes");
+            let mut lines = Lines::<K>::new(input, sample, &*store);
+            let result = store.put_rows(*replace, false, &mut |_| {
+                let chunk = lines.chunk();
+                bar.set_position(lines.read);
+                chunk
+            });
             bar.finish_and_clear();
-            if let Err((e, at)) = result {
+            if let Some(Failure(why)) = lines.failure.take() {
+                return Err(Failure(format!("{why}; nothing was written")));
+            }
+            if let Err(e) = result {
                 let Failure(message) = Failure::from(e);
-                return Err(Failure(match at {
-                    Some(i) => format!("line {}: {message}; nothing was written", lines[i]),
-                    None => format!("{message}; nothing was written"),
-                }));
+                return Err(Failure(format!("{message}; nothing was written")));
             }
         }
-        Command::Copy { to, to_table } => {
-            let h = open::<K>(db, table)?;
-            let bar = progress(h.len() as u64, "copy");
-            let entries: Vec<(K::T, K::T)> =
-                h.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            DbHashMap::builder_url(to)
-                .table(to_table.as_deref().unwrap_or(table))
-                .codec(K::codec())
-                .src(entries)
-                .open()?;
-            bar.finish_and_clear();
-        }
+        Command::Copy { to, to_table } => copy::<K>(db, table, to, to_table.as_deref())?,
     }
     out.flush()?;
     Ok(())
+}
+
+/// `copy`: the source's rows in key order, checked, go chunk by chunk to the target,
+/// which takes them in one transaction that replaces its content. The source is read
+/// on a thread of its own, a few chunks ahead of the writing.
+fn copy<K: Kind>(db: &str, table: &str, to: &str, to_table: Option<&str>) -> Outcome {
+    let mut source = open::<K>(db, table)?;
+    let total = source.count()?;
+    let mut target = write_thru_hash::connect(to)?;
+    target.open(&TableSpec::new(
+        to_table.unwrap_or(table),
+        K::FORMAT,
+        K::FORMAT,
+    ))?;
+    let bar = progress(total, "copy", "rows");
+    let (send, chunks) = std::sync::mpsc::sync_channel::<Outcome<Puts>>(4);
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let mut chunk = Vec::with_capacity(CHUNK);
+            let sent = each_row(&mut *source, &mut |k, v| {
+                K::to_json(k).map_err(|why| Failure(format!("table {table:?}: a key {why}")))?;
+                K::to_json(v).map_err(|why| Failure(format!("table {table:?}: a value {why}")))?;
+                chunk.push((k.to_vec(), v.to_vec()));
+                if chunk.len() == CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                    // The writer gave up: its error is the one to tell.
+                    send.send(Ok(full))
+                        .map_err(|_| Failure("the target failed".into()))?;
+                }
+                Ok(())
+            });
+            let _ = match sent {
+                Ok(()) if chunk.is_empty() => Ok(()),
+                Ok(()) => send.send(Ok(chunk)),
+                Err(e) => send.send(Err(e)),
+            };
+        });
+        let mut failure = None;
+        let mut copied = 0u64;
+        let written = target.put_rows(true, true, &mut |_| match chunks.recv() {
+            Ok(Ok(chunk)) => {
+                copied += chunk.len() as u64;
+                bar.set_position(copied);
+                Some(Ok(chunk))
+            }
+            Ok(Err(e)) => {
+                failure = Some(e);
+                Some(Err(write_thru_hash::Error::abort(
+                    "reading the source failed",
+                )))
+            }
+            Err(_) => None,
+        });
+        drop(chunks);
+        let _ = reader.join();
+        bar.finish_and_clear();
+        match (failure, written) {
+            (Some(Failure(why)), _) => Err(Failure(format!("{why}; nothing was copied"))),
+            (None, result) => Ok(result?),
+        }
+    })
+}
+
+/// The lines of a `load`, read as the store asks for rows: a chunk at a time, so the
+/// input is never held whole. The first bad line stops the load (the store rolls back)
+/// and is kept to be said.
+struct Lines<K: Kind> {
+    input: Box<dyn BufRead>,
+    /// A key the table holds, for the order of object members.
+    sample: Option<Vec<u8>>,
+    line: usize,
+    read: u64,
+    bytes: Vec<u8>,
+    failure: Option<Failure>,
+    /// What the backend cannot take, said with the line rather than by the server
+    /// after the fact: the longest key it indexes, and whether its text holds a NUL.
+    max_key: Option<usize>,
+    nul_in_text: bool,
+    _kind: std::marker::PhantomData<K>,
+}
+
+impl<K: Kind> Lines<K> {
+    fn new(input: Box<dyn BufRead>, sample: Option<Vec<u8>>, store: &dyn Store) -> Self {
+        Lines {
+            input,
+            sample,
+            line: 0,
+            read: 0,
+            bytes: Vec::new(),
+            failure: None,
+            max_key: store.max_key_len(),
+            nul_in_text: store.backend() != "PostgreSQL",
+            _kind: std::marker::PhantomData,
+        }
+    }
+
+    /// The next chunk of rows, `None` at the end, or an error (the first bad line).
+    fn chunk(&mut self) -> Option<write_thru_hash::Result<Puts>> {
+        let mut chunk = Vec::with_capacity(CHUNK);
+        while chunk.len() < CHUNK {
+            match self.next_row() {
+                Ok(Some(row)) => chunk.push(row),
+                Ok(None) => break,
+                Err(failure) => {
+                    self.failure = Some(failure);
+                    return Some(Err(write_thru_hash::Error::abort("a bad line")));
+                }
+            }
+        }
+        (!chunk.is_empty()).then_some(Ok(chunk))
+    }
+
+    fn next_row(&mut self) -> Outcome<Option<(Vec<u8>, Vec<u8>)>> {
+        loop {
+            self.bytes.clear();
+            let n = self.input.read_until(b'\n', &mut self.bytes)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.read += n as u64;
+            self.line += 1;
+            let at = self.line;
+            let bad = |why: String| Failure(format!("line {at}: {why}"));
+            let line =
+                std::str::from_utf8(&self.bytes).map_err(|e| bad(format!("not UTF-8 ({e})")))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let shape = "not a JSON object {\"key\": …, \"value\": …}";
+            // serde would take `[K, V]` for the two members: lines are objects.
+            if !line.trim_start().starts_with('{') {
+                return Err(bad(shape.into()));
+            }
+            let parsed: Line<'_> =
+                serde_json::from_str(line).map_err(|e| bad(format!("{shape} ({e})")))?;
+            let key = parsed.key.ok_or_else(|| bad("no \"key\" member".into()))?;
+            let value = parsed
+                .value
+                .ok_or_else(|| bad("no \"value\" member".into()))?;
+            let key = K::from_raw(key.get()).map_err(|e| bad(format!("the key: {e}")))?;
+            let value = K::from_raw(value.get()).map_err(|e| bad(format!("the value: {e}")))?;
+            let key = match &self.sample {
+                Some(sample) => K::in_table_order(key, sample),
+                None => key,
+            };
+            if let Some(max) = self.max_key.filter(|max| key.len() > *max) {
+                return Err(bad(format!(
+                    "the key is too long: {} bytes, and the backend indexes at most {max}",
+                    key.len()
+                )));
+            }
+            if !self.nul_in_text
+                && K::FORMAT == Format::Text
+                && (key.contains(&0) || value.contains(&0))
+            {
+                return Err(bad(
+                    "a NUL character, which PostgreSQL text cannot hold".into()
+                ));
+            }
+            return Ok(Some((key, value)));
+        }
+    }
 }
 
 /// One line of a dump: its members as the JSON text they are.
 #[derive(serde::Deserialize)]
 struct Line<'a> {
     #[serde(borrow)]
-    key: Option<&'a serde_json::value::RawValue>,
+    key: Option<&'a RawValue>,
     #[serde(borrow)]
-    value: Option<&'a serde_json::value::RawValue>,
-}
-
-/// Reads `{"key": K, "value": V}` lines; the first bad one fails the whole load.
-/// The entries of a load, and the line each came from.
-type Lines<T> = (Vec<(T, T)>, Vec<usize>);
-
-/// The entries, and the line each came from.
-fn read_lines<K: Kind>(file: Option<&PathBuf>) -> Outcome<Lines<K::T>> {
-    let mut input: Box<dyn BufRead> = match file {
-        Some(path) => {
-            Box::new(BufReader::new(File::open(path).map_err(|e| {
-                Failure(format!("cannot read {}: {e}", path.display()))
-            })?))
-        }
-        None => Box::new(BufReader::new(std::io::stdin().lock())),
-    };
-    let mut entries = Vec::new();
-    let mut lines = Vec::new();
-    let mut bytes = Vec::new();
-    for n in 1.. {
-        bytes.clear();
-        if input.read_until(b'\n', &mut bytes)? == 0 {
-            break;
-        }
-        let bad = |why: String| Failure(format!("line {n}: {why}; nothing was written"));
-        let line = std::str::from_utf8(&bytes).map_err(|e| bad(format!("not UTF-8 ({e})")))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let parsed: Line<'_> = serde_json::from_str(line).map_err(|e| {
-            bad(format!(
-                "not a JSON object {{\"key\": …, \"value\": …}} ({e})"
-            ))
-        })?;
-        let key = parsed.key.ok_or_else(|| bad("no \"key\" member".into()))?;
-        let value = parsed
-            .value
-            .ok_or_else(|| bad("no \"value\" member".into()))?;
-        let key = K::from_raw(key.get()).map_err(|e| bad(format!("the key: {e}")))?;
-        let value = K::from_raw(value.get()).map_err(|e| bad(format!("the value: {e}")))?;
-        entries.push((key, value));
-        lines.push(n);
-    }
-    Ok((entries, lines))
+    value: Option<&'a RawValue>,
 }
 
 /// The file of a `sqlite:` URL.

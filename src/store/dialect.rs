@@ -313,6 +313,37 @@ impl Dialect {
         )
     }
 
+    /// `SELECT key, value` in the key column's order, from the key bound to the first
+    /// placeholder when `from`, at most as many rows as the next placeholder says when
+    /// `limit`.
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "mysql")),
+        allow(dead_code)
+    )]
+    pub(crate) fn scan(self, t: &TableSpec, from: bool, limit: bool, marks: Marks) -> String {
+        let key = match self {
+            Dialect::Sqlite => format!("{} COLLATE BINARY", self.quote("key")),
+            _ => self.quote("key"),
+        };
+        let mut sql = format!(
+            "SELECT {}, {} FROM {}",
+            self.quote("key"),
+            self.quote("value"),
+            self.quote(&t.name)
+        );
+        let mut n = 0;
+        if from {
+            n += 1;
+            sql.push_str(&format!(" WHERE {key} >= {}", self.mark(marks, n)));
+        }
+        sql.push_str(&format!(" ORDER BY {key}"));
+        if limit {
+            n += 1;
+            sql.push_str(&format!(" LIMIT {}", self.mark(marks, n)));
+        }
+        sql
+    }
+
     /// Deletes every row.
     pub fn delete_all(self, t: &TableSpec) -> String {
         format!("DELETE FROM {}", self.quote(&t.name))

@@ -243,6 +243,65 @@ pub trait Store: Send {
         })
     }
 
+    /// Exactly how many rows the table holds (`count(*)`), without loading them. The
+    /// default counts the rows [`load`](Store::load) gives.
+    fn count(&mut self) -> Result<u64> {
+        let mut n = 0u64;
+        self.load(&mut |_, _| {
+            n += 1;
+            Ok(())
+        })?;
+        Ok(n)
+    }
+
+    /// Calls `sink` with the rows whose keys are at least `from` (all of them if `None`),
+    /// in the key column's order (bytes, for the crate's tables on SQLite, MySQL and a
+    /// PostgreSQL database whose collation is `C`), at most `limit` of them, streaming:
+    /// what it holds does not grow with the table. An error from `sink` stops the scan
+    /// and is returned. The default says the store cannot
+    /// ([`Error::Unsupported`](crate::Error::Unsupported)).
+    fn scan(
+        &mut self,
+        from: Option<&[u8]>,
+        limit: Option<u64>,
+        sink: &mut RowSink<'_>,
+    ) -> Result<()> {
+        let _ = (from, limit, sink);
+        Err(Error::Unsupported {
+            backend: self.backend(),
+            what: "scanning the table in key order",
+        })
+    }
+
+    /// Writes the rows `next` hands over, chunk by chunk, as one transaction: all of them
+    /// or (on an error, from the store or from `next`) none. With `replace`, every row
+    /// the table held before is deleted first, in the same transaction. With
+    /// `distinct_keys` the caller promises that no key repeats (the rows of another
+    /// table), which lets a store load them as fast as it can (PostgreSQL: `COPY`
+    /// straight into an emptied table); otherwise a key may repeat, the last one
+    /// winning. Keys and values of text columns are valid UTF-8. The crate's stores
+    /// stream (memory does not grow with the rows); the default gathers every chunk
+    /// and [`apply`](Store::apply)s one batch.
+    fn put_rows(
+        &mut self,
+        replace: bool,
+        distinct_keys: bool,
+        next: &mut PutSource<'_>,
+    ) -> Result<()> {
+        let _ = distinct_keys;
+        if !replace {
+            return self.apply_puts(next);
+        }
+        let mut batch = BatchBuilder::default();
+        batch.clear();
+        while let Some(chunk) = next(None) {
+            for (key, value) in chunk? {
+                batch.put(key, value);
+            }
+        }
+        self.apply(&batch.finish())
+    }
+
     /// Coherence: keeps, from now on, what others need to learn which keys changed
     /// (the crate's stores: a change log kept by triggers), installing it on the
     /// opened table if absent. Called after [`open`](Store::open). A store that cannot
@@ -361,6 +420,25 @@ impl Store for Box<dyn Store> {
     }
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         (**self).get(key)
+    }
+    fn count(&mut self) -> Result<u64> {
+        (**self).count()
+    }
+    fn scan(
+        &mut self,
+        from: Option<&[u8]>,
+        limit: Option<u64>,
+        sink: &mut RowSink<'_>,
+    ) -> Result<()> {
+        (**self).scan(from, limit, sink)
+    }
+    fn put_rows(
+        &mut self,
+        replace: bool,
+        distinct_keys: bool,
+        next: &mut PutSource<'_>,
+    ) -> Result<()> {
+        (**self).put_rows(replace, distinct_keys, next)
     }
     fn enable_changes(&mut self) -> Result<()> {
         (**self).enable_changes()

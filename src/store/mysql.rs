@@ -10,8 +10,8 @@ use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
 use crate::store::support::{open_table, Catalog, Field, IDLE_CHECK};
 use crate::store::{
-    cannot_reconnect, chunks, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink,
-    Store, TableSpec,
+    cannot_reconnect, chunks, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, PutSource,
+    RowSink, Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Mysql;
@@ -210,19 +210,57 @@ impl MysqlStore {
             tx.exec_drop(D.delete_keys(t, keys.len()), params)
                 .map_err(|e| classify(e, false))?;
         }
-        for rows in chunks(&batch.puts, CHUNK_ROWS, max_bytes, |(k, v)| {
-            k.len() + v.len()
-        }) {
-            let mut params = Vec::with_capacity(rows.len() * 2);
-            for (k, v) in rows {
-                params.push(Value::from(k.as_slice()));
-                params.push(Value::from(v.as_slice()));
-            }
-            tx.exec_drop(D.upsert(t, rows.len()), params)
-                .map_err(|e| classify(e, false))?;
-        }
+        upsert_chunked(&mut tx, t, &batch.puts, max_bytes).map_err(|e| classify(e, false))?;
         tx.commit().map_err(|e| classify(e, true))
     }
+
+    /// `put_rows`: one transaction, cleared first with `replace`, each chunk written
+    /// as it comes in multi-row upserts.
+    fn write_rows(&mut self, t: &TableSpec, replace: bool, next: &mut PutSource<'_>) -> Result<()> {
+        let fail = |e: mysql::Error| db_error(Action::Write, t, D.name(), e);
+        let max_bytes = self.chunk_bytes;
+        let lock = self.coherence.as_ref().and_then(Coherence::clock_lock);
+        let mut tx = self
+            .conn
+            .start_transaction(TxOpts::default())
+            .map_err(fail)?;
+        if let Some(sql) = lock {
+            tx.query_drop(sql).map_err(fail)?;
+        }
+        if replace {
+            tx.query_drop(D.delete_all(t)).map_err(fail)?;
+        }
+        let mut back = None;
+        while let Some(chunk) = next(back.take()) {
+            // Dropping `tx` on an error rolls everything back.
+            let chunk = chunk?;
+            upsert_chunked(&mut tx, t, &chunk, max_bytes).map_err(fail)?;
+            back = Some(chunk);
+        }
+        tx.commit().map_err(|e| Error::OutcomeUnknown {
+            table: t.name.clone(),
+            backend: D.name(),
+            source: e.into(),
+        })
+    }
+}
+
+/// Upserts `puts` in multi-row statements of at most `CHUNK_ROWS` rows and `max_bytes`.
+fn upsert_chunked(
+    tx: &mut mysql::Transaction<'_>,
+    t: &TableSpec,
+    puts: &[(Vec<u8>, Vec<u8>)],
+    max_bytes: usize,
+) -> std::result::Result<(), mysql::Error> {
+    for rows in chunks(puts, CHUNK_ROWS, max_bytes, |(k, v)| k.len() + v.len()) {
+        let mut params = Vec::with_capacity(rows.len() * 2);
+        for (k, v) in rows {
+            params.push(Value::from(k.as_slice()));
+            params.push(Value::from(v.as_slice()));
+        }
+        tx.exec_drop(D.upsert(t, rows.len()), params)?;
+    }
+    Ok(())
 }
 
 impl Store for MysqlStore {
@@ -303,6 +341,74 @@ impl Store for MysqlStore {
 
     fn can_reconnect(&self) -> bool {
         self.url.is_some()
+    }
+
+    fn count(&mut self) -> Result<u64> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?;
+        let n: Option<u64> = self
+            .conn
+            .query_first(D.count_rows(t))
+            .map_err(|e| db_error(Action::Load, t, D.name(), e))?;
+        Ok(n.unwrap_or(0))
+    }
+
+    fn scan(
+        &mut self,
+        from: Option<&[u8]>,
+        limit: Option<u64>,
+        sink: &mut RowSink<'_>,
+    ) -> Result<()> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?;
+        let fail = |e| db_error(Action::Load, t, D.name(), e);
+        let sql = D.scan(t, from.is_some(), limit.is_some(), Marks::Native);
+        let mut params = Vec::new();
+        if let Some(from) = from {
+            params.push(Value::from(from));
+        }
+        if let Some(limit) = limit {
+            params.push(Value::from(limit));
+        }
+        let params = if params.is_empty() {
+            mysql::Params::Empty
+        } else {
+            mysql::Params::Positional(params)
+        };
+        let mut result = self.conn.exec_iter(sql, params).map_err(fail)?;
+        for row in result.by_ref() {
+            let row = row.map_err(fail)?;
+            match (row.as_ref(0), row.as_ref(1)) {
+                (Some(Value::Bytes(k)), Some(Value::Bytes(v))) => sink(k, v)?,
+                (k, _) => {
+                    return Err(Error::Decode {
+                        what: "value",
+                        table: t.name.clone(),
+                        row: match k {
+                            Some(Value::Bytes(k)) => show_bytes(k),
+                            other => format!("{other:?}"),
+                        },
+                        source: "the column holds NULL or a number, not text or bytes".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
+        self.put_rows(false, false, next)
+    }
+
+    fn put_rows(
+        &mut self,
+        replace: bool,
+        _distinct_keys: bool,
+        next: &mut PutSource<'_>,
+    ) -> Result<()> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?.clone();
+        self.write_rows(&t, replace, next)
     }
 
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {

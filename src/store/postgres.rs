@@ -12,7 +12,7 @@ use crate::store::dialect::Marks;
 use crate::store::support::{all_rows_written, not_opened, open_table, Catalog, Field, IDLE_CHECK};
 use crate::store::{
     cannot_reconnect, db_error, opened, Batch, ChangeSignal, ChangeSink, Dialect, IntoStore,
-    RowSink, Store, TableSpec,
+    PutSource, RowSink, Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Postgres;
@@ -341,6 +341,72 @@ impl PostgresStore {
     }
 }
 
+/// Rows written to `COPY … FROM STDIN (FORMAT binary)`: the header, then per row a field
+/// count and each field's length and bytes (with `numbered`, first a row number, so that
+/// the last of a repeated key can be told), then -1.
+struct CopyIn<W: std::io::Write> {
+    out: std::io::BufWriter<W>,
+    numbered: bool,
+    rows: i64,
+}
+
+impl<'a> CopyIn<postgres::CopyInWriter<'a>> {
+    fn new(writer: postgres::CopyInWriter<'a>, numbered: bool) -> Result<Self, BoxError> {
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, writer);
+        std::io::Write::write_all(&mut out, COPY_SIGNATURE)?;
+        std::io::Write::write_all(&mut out, &[0u8; 8])?;
+        Ok(CopyIn {
+            out,
+            numbered,
+            rows: 0,
+        })
+    }
+
+    /// Writes every chunk `next` hands over; how many rows it wrote.
+    fn feed(&mut self, next: &mut PutSource<'_>) -> Result<usize> {
+        let mut back = None;
+        while let Some(chunk) = next(back.take()) {
+            let chunk = chunk?;
+            for (k, v) in &chunk {
+                self.row(k, v).map_err(|e| Error::Database {
+                    action: Action::Write,
+                    table: String::new(),
+                    backend: D.name(),
+                    source: e.into(),
+                })?;
+            }
+            back = Some(chunk);
+        }
+        Ok(self.rows as usize)
+    }
+
+    fn row(&mut self, key: &[u8], value: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let fields: i16 = if self.numbered { 3 } else { 2 };
+        self.out.write_all(&fields.to_be_bytes())?;
+        if self.numbered {
+            self.out.write_all(&8i32.to_be_bytes())?;
+            self.out.write_all(&self.rows.to_be_bytes())?;
+        }
+        for field in [key, value] {
+            let len = i32::try_from(field.len())
+                .map_err(|_| std::io::Error::other("a field longer than 2 GiB"))?;
+            self.out.write_all(&len.to_be_bytes())?;
+            self.out.write_all(field)?;
+        }
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// Ends the COPY; how many rows the server took.
+    fn finish(self) -> Result<u64, BoxError> {
+        let mut out = self.out;
+        std::io::Write::write_all(&mut out, &(-1i16).to_be_bytes())?;
+        let writer = out.into_inner().map_err(|e| e.into_error())?;
+        Ok(writer.finish()?)
+    }
+}
+
 /// A key or value bound as the column's type: `text` takes `&str`, `bytea` `&[u8]`.
 #[derive(Debug)]
 enum Bind<'a> {
@@ -465,6 +531,145 @@ impl Store for PostgresStore {
                 source: "the column holds NULL".into(),
             }),
         }
+    }
+
+    fn count(&mut self) -> Result<u64> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?;
+        let n: i64 = self
+            .client
+            .query_one(&D.count_rows(t), &[])
+            .map_err(|e| db_error(Action::Load, t, D.name(), e))?
+            .get(0);
+        Ok(n.max(0) as u64)
+    }
+
+    fn scan(
+        &mut self,
+        from: Option<&[u8]>,
+        limit: Option<u64>,
+        sink: &mut RowSink<'_>,
+    ) -> Result<()> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?;
+        let fail = |e: BoxError| db_error(Action::Load, t, D.name(), e);
+        let null = |k: Option<&[u8]>| Error::Decode {
+            what: if k.is_none() { "key" } else { "value" },
+            table: t.name.clone(),
+            row: k.map_or_else(|| "with a NULL key".into(), show_bytes),
+            source: "the column holds NULL".into(),
+        };
+        if from.is_none() && limit.is_none() {
+            // The whole table: COPY in binary, as `load` reads it, in key order.
+            let sql = format!(
+                "COPY ({}) TO STDOUT (FORMAT binary)",
+                D.scan(t, false, false, Marks::Native)
+            );
+            let copy = self.client.copy_out(&sql).map_err(|e| fail(e.into()))?;
+            let mut rows = CopyRows::new(copy).map_err(fail)?;
+            while let Some((key, value)) = rows.next().map_err(fail)? {
+                match (key, value) {
+                    (Some(k), Some(v)) => sink(k, v)?,
+                    (k, _) => return Err(null(k)),
+                }
+            }
+            return Ok(());
+        }
+        let sql = D.scan(t, from.is_some(), limit.is_some(), Marks::Native);
+        let from = from.map(|k| Bind::new(t, t.key_format, k)).transpose()?;
+        let limit = limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        if let Some(from) = &from {
+            params.push(from);
+        }
+        if let Some(limit) = &limit {
+            params.push(limit);
+        }
+        let mut rows = self
+            .client
+            .query_raw(&sql, params)
+            .map_err(|e| fail(e.into()))?;
+        while let Some(row) = rows.next().map_err(|e| fail(e.into()))? {
+            let k: Option<Raw<'_>> = row.try_get(0).map_err(|e| fail(e.into()))?;
+            let v: Option<Raw<'_>> = row.try_get(1).map_err(|e| fail(e.into()))?;
+            match (k, v) {
+                (Some(k), Some(v)) => sink(k.0, v.0)?,
+                (k, _) => return Err(null(k.map(|k| k.0))),
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
+        self.put_rows(false, false, next)
+    }
+
+    fn put_rows(
+        &mut self,
+        replace: bool,
+        distinct_keys: bool,
+        next: &mut PutSource<'_>,
+    ) -> Result<()> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?.clone();
+        let fail = |e: BoxError| db_error(Action::Write, &t, D.name(), e);
+        let mut tx = self.client.transaction().map_err(|e| fail(e.into()))?;
+        if replace {
+            tx.batch_execute(&D.delete_all(&t))
+                .map_err(|e| fail(e.into()))?;
+        }
+        let (table, key, value) = (D.quote(&t.name), D.quote("key"), D.quote("value"));
+        if replace && distinct_keys {
+            // Rows of another table into an emptied one: COPY straight in.
+            let sql = format!("COPY {table} ({key}, {value}) FROM STDIN (FORMAT binary)");
+            let mut copy =
+                CopyIn::new(tx.copy_in(&sql).map_err(|e| fail(e.into()))?, false).map_err(fail)?;
+            let total = copy.feed(next)?;
+            let written = copy.finish().map_err(fail)?;
+            all_rows_written(written, total).map_err(fail)?;
+        } else {
+            // Keys may repeat, and rows may be there: COPY into a temporary table, then
+            // one upsert of the last row of each key.
+            let kind = |f| match f {
+                Format::Text => "text",
+                Format::Binary => "bytea",
+            };
+            tx.batch_execute(&format!(
+                "CREATE TEMPORARY TABLE wth_rows (n bigint, k {}, v {}) ON COMMIT DROP",
+                kind(t.key_format),
+                kind(t.value_format)
+            ))
+            .map_err(|e| fail(e.into()))?;
+            let mut copy = CopyIn::new(
+                tx.copy_in("COPY wth_rows (n, k, v) FROM STDIN (FORMAT binary)")
+                    .map_err(|e| fail(e.into()))?,
+                true,
+            )
+            .map_err(fail)?;
+            copy.feed(next)?;
+            copy.finish().map_err(fail)?;
+            let keys: i64 = tx
+                .query_one("SELECT count(DISTINCT k) FROM wth_rows", &[])
+                .map_err(|e| fail(e.into()))?
+                .get(0);
+            let written = tx
+                .execute(
+                    &format!(
+                        "INSERT INTO {table} ({key}, {value}) \
+                         SELECT DISTINCT ON (k) k, v FROM wth_rows ORDER BY k, n DESC \
+                         ON CONFLICT ({key}) DO UPDATE SET {value} = EXCLUDED.{value}"
+                    ),
+                    &[],
+                )
+                .map_err(|e| fail(e.into()))?;
+            all_rows_written(written, keys.max(0) as usize).map_err(fail)?;
+        }
+        // Dropping `tx` on any error above rolls back.
+        tx.commit().map_err(|e| Error::OutcomeUnknown {
+            table: t.name.clone(),
+            backend: D.name(),
+            source: e.into(),
+        })
     }
 
     fn reconnect(&mut self) -> Result<()> {

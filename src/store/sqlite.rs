@@ -186,6 +186,7 @@ impl SqliteStore {
     /// `next` is given back as it is (`Ok(Err(_))`); the store's own as the outer one.
     fn write_puts(
         &mut self,
+        clear: bool,
         next: &mut PutSource<'_>,
     ) -> std::result::Result<Result<()>, crate::error::BoxError> {
         let t = opened(&self.table, D.name())?;
@@ -193,6 +194,9 @@ impl SqliteStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if clear {
+            tx.prepare_cached(&self.sql.delete_all)?.execute([])?;
+        }
         let (mut written, mut total) = (0, 0);
         let mut back = None;
         while let Some(chunk) = next(back.take()) {
@@ -294,6 +298,62 @@ impl Store for SqliteStore {
         }
     }
 
+    fn count(&mut self) -> Result<u64> {
+        let t = opened(&self.table, D.name())?;
+        let n: i64 = self
+            .conn
+            .query_row(&D.count_rows(t), [], |r| r.get(0))
+            .map_err(|e| db_error(Action::Load, t, D.name(), e))?;
+        Ok(n.max(0) as u64)
+    }
+
+    fn scan(
+        &mut self,
+        from: Option<&[u8]>,
+        limit: Option<u64>,
+        sink: &mut RowSink<'_>,
+    ) -> Result<()> {
+        let t = opened(&self.table, D.name())?;
+        let fail = |e: rusqlite::Error| db_error(Action::Load, t, D.name(), e);
+        let sql = D.scan(t, from.is_some(), limit.is_some(), Marks::Native);
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(fail)?;
+        let mut params: Vec<ToSqlOutput<'_>> = Vec::new();
+        if let Some(from) = from {
+            params.push(
+                Self::bind(t.key_format, from)
+                    .map_err(|e| db_error(Action::Load, t, D.name(), e))?,
+            );
+        }
+        if let Some(limit) = limit {
+            params.push(ToSqlOutput::Owned(rusqlite::types::Value::Integer(
+                i64::try_from(limit).unwrap_or(i64::MAX),
+            )));
+        }
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(params))
+            .map_err(fail)?;
+        while let Some(row) = rows.next().map_err(fail)? {
+            let key_ref = row.get_ref(0).map_err(fail)?;
+            let kind_matches = matches!(
+                (key_ref, t.key_format),
+                (ValueRef::Text(_), Format::Text) | (ValueRef::Blob(_), Format::Binary)
+            );
+            match (bytes_of(key_ref), bytes_of(row.get_ref(1).map_err(fail)?)) {
+                (Some(k), Some(_)) if !kind_matches => return Err(wrong_key_kind(t, k)),
+                (Some(k), Some(v)) => sink(k, v)?,
+                (k, _) => {
+                    return Err(Error::Decode {
+                        what: if k.is_none() { "key" } else { "value" },
+                        table: t.name.clone(),
+                        row: k.map_or_else(|| "with a non-text key".into(), show_bytes),
+                        source: "the column holds a number or NULL, not text or bytes".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn load(&mut self, sink: &mut RowSink<'_>) -> Result<()> {
         let t = opened(&self.table, D.name())?;
         let fail = |e| db_error(Action::Load, t, D.name(), e);
@@ -356,7 +416,16 @@ impl Store for SqliteStore {
     }
 
     fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
-        let result = self.write_puts(next);
+        self.put_rows(false, false, next)
+    }
+
+    fn put_rows(
+        &mut self,
+        replace: bool,
+        _distinct_keys: bool,
+        next: &mut PutSource<'_>,
+    ) -> Result<()> {
+        let result = self.write_puts(replace, next);
         if !matches!(result, Ok(Ok(()))) && !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
