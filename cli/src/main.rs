@@ -797,7 +797,15 @@ fn tables(db: &str) -> Outcome<Vec<String>> {
     match scheme.to_ascii_lowercase().as_str() {
         "sqlite" => {
             let path = sqlite_path(db).unwrap_or(rest);
-            let conn = write_thru_hash::rusqlite::Connection::open(path).map_err(|e| fail(&e))?;
+            // Read-only: listing makes no file where there is none.
+            let conn = write_thru_hash::rusqlite::Connection::open_with_flags(
+                path,
+                write_thru_hash::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .map_err(|e| match std::path::Path::new(path).exists() {
+                false => Failure(format!("no database file {path:?}")),
+                true => fail(&e),
+            })?;
             let mut stmt = conn
                 .prepare(
                     "SELECT m.name FROM sqlite_master m WHERE m.type = 'table' \

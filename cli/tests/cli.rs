@@ -120,8 +120,69 @@ fn basic_commands(db: &str) {
     // A table read with a codec of the other kind.
     let err = fails(db, &["--codec", "bytes", "count"], None);
     assert!(err.contains("hashtable"), "{err}");
+    // One-row commands touch one row: a row another program broke does not stop them
+    // (a command that loaded the table would fail on it).
+    ok(db, &["set", "\"zzz\"", "1"]);
+    ok(db, &["set", "\"broken\"", "1"]);
+    let t = if db.starts_with("mysql") {
+        "`hashtable`"
+    } else {
+        "\"hashtable\""
+    };
+    let k = if db.starts_with("mysql") {
+        "`key`"
+    } else {
+        "\"key\""
+    };
+    let v = if db.starts_with("mysql") {
+        "`value`"
+    } else {
+        "\"value\""
+    };
+    sql(
+        db,
+        &format!("UPDATE {t} SET {v} = 'not json' WHERE {k} = '\"zzz\"'"),
+    );
+    assert_eq!(ok(db, &["get", "\"alice\""]), "{\"age\":3}\n");
+    ok(db, &["set", "\"new\"", "2"]);
+    ok(db, &["rm", "\"new\""]);
+    assert_eq!(ok(db, &["count"]), "3\n");
+    let err = fails(db, &["get", "\"zzz\""], None);
+    assert!(err.contains("not json") || err.contains("JSON"), "{err}");
+    let err = fails(db, &["dump"], None);
+    assert!(err.contains("zzz"), "names the row: {err}");
     ok(db, &["clear"]);
     assert_eq!(ok(db, &["count"]), "0\n");
+    // A key typed with its members in another order than the table's is the table's.
+    ok(db, &["set", "{\"tenant\":\"acme\",\"id\":3}", "1"]);
+    ok(db, &["set", "{\"id\":4,\"tenant\":\"acme\"}", "2"]);
+    assert_eq!(ok(db, &["get", "{\"id\":3,\"tenant\":\"acme\"}"]), "1\n");
+    assert_eq!(
+        ok(db, &["ls"]),
+        "{\"tenant\":\"acme\",\"id\":3}\n{\"tenant\":\"acme\",\"id\":4}\n"
+    );
+    ok(db, &["clear"]);
+}
+
+/// Runs SQL on the database a `wth` URL names, as another program would.
+fn sql(db: &str, statement: &str) {
+    if let Some(path) = db.strip_prefix("sqlite:") {
+        write_thru_hash::rusqlite::Connection::open(path)
+            .unwrap()
+            .execute_batch(statement)
+            .unwrap();
+    } else if db.starts_with("postgres") {
+        let mut c =
+            write_thru_hash::postgres::Client::connect(db, write_thru_hash::postgres::NoTls)
+                .unwrap();
+        c.batch_execute(statement).unwrap();
+    } else {
+        use write_thru_hash::mysql::prelude::Queryable;
+        let mut c =
+            write_thru_hash::mysql::Conn::new(write_thru_hash::mysql::Opts::from_url(db).unwrap())
+                .unwrap();
+        c.query_drop(statement).unwrap();
+    }
 }
 
 /// Bad lines write nothing and are named.
@@ -131,6 +192,8 @@ fn bad_input(db: &str) {
         ("{\"key\": \"a\", \"value\": 1}\nnot json\n", "line 2"),
         ("{\"value\": 1}\n", "line 1"),
         ("{\"key\": 1, \"value\": 2}\n[1]\n", "line 2"),
+        // serde takes `[K, V]` for a struct: lines must be objects.
+        ("[1,2]\n", "line 1"),
     ] {
         let err = fails(db, &["load"], Some(input));
         assert!(
@@ -355,5 +418,6 @@ fn sqlite_odd_input_and_output() {
     let missing = dir.path().join("missing.db");
     let url = format!("sqlite:{}", missing.display());
     assert!(fails(&url, &["count"], None).contains("no database file"));
+    assert!(fails(&url, &["tables"], None).contains("no database file"));
     assert!(!missing.exists());
 }

@@ -265,6 +265,21 @@ impl Dialect {
         )
     }
 
+    /// How many rows the table holds, as text (for drivers that read every column as
+    /// bytes).
+    #[cfg_attr(not(feature = "odbc"), allow(dead_code))]
+    pub(crate) fn count_rows_text(self, t: &TableSpec) -> String {
+        let text = if self == Dialect::Mysql {
+            "CHAR"
+        } else {
+            "VARCHAR(20)"
+        };
+        format!(
+            "SELECT CAST(count(*) AS {text}) FROM {}",
+            self.quote(&t.name)
+        )
+    }
+
     /// How many rows the table holds.
     pub(crate) fn count_rows(self, t: &TableSpec) -> String {
         format!("SELECT count(*) FROM {}", self.quote(&t.name))

@@ -560,6 +560,61 @@ impl Store for OdbcStore {
         self.url.is_some()
     }
 
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, self.name())?;
+        let fail = |e| db_error(Action::Load, t, self.name(), e);
+        let sql = self.dialect.select_value(t, Marks::Question);
+        let cursor = match t.key_format {
+            Format::Text => {
+                self.conn
+                    .execute(&sql, &odbc_api::parameter::VarCharSlice::new(key), None)
+            }
+            Format::Binary => self.conn.execute(&sql, &key.into_parameter(), None),
+        }
+        .map_err(fail)?;
+        let Some(mut cursor) = cursor else {
+            return Ok(None);
+        };
+        let Some(mut row) = cursor.next_row().map_err(fail)? else {
+            return Ok(None);
+        };
+        let mut value = Vec::new();
+        let present = match t.value_format {
+            Format::Text => row.get_text(1, &mut value),
+            Format::Binary => row.get_binary(1, &mut value),
+        }
+        .map_err(fail)?;
+        if !present {
+            return Err(Error::Decode {
+                what: "value",
+                table: t.name.clone(),
+                row: show_bytes(key),
+                source: "the column holds NULL".into(),
+            });
+        }
+        Ok(Some(value))
+    }
+
+    fn count(&mut self) -> Result<u64> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, self.name())?;
+        let rows = self
+            .rows_of(&self.dialect.count_rows_text(t), None)
+            .map_err(|e| db_error(Action::Load, t, self.name(), e))?;
+        rows.first()
+            .and_then(|r| r.first())
+            .and_then(|c| c.as_deref())
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| c.trim().parse().ok())
+            .ok_or_else(|| Error::Decode {
+                what: "count",
+                table: t.name.clone(),
+                row: String::new(),
+                source: "count(*) gave no number".into(),
+            })
+    }
+
     fn reconnect(&mut self) -> Result<()> {
         if !self.broken && !self.conn.is_dead().unwrap_or(true) {
             return Ok(());

@@ -615,8 +615,23 @@ impl Store for PostgresStore {
         let fail = |e: BoxError| db_error(Action::Write, &t, D.name(), e);
         let mut tx = self.client.transaction().map_err(|e| fail(e.into()))?;
         if replace {
-            tx.batch_execute(&D.delete_all(&t))
-                .map_err(|e| fail(e.into()))?;
+            // TRUNCATE empties a big table at once where DELETE writes every row dead
+            // (measured: a copy of 1,000,000 rows over as many took 3.4-3.9 s with DELETE,
+            // 1.2 s into an empty table). It is transactional, and coherence's TRUNCATE
+            // trigger sees it; where it is refused (a foreign key points here, no TRUNCATE
+            // right), DELETE it is.
+            let truncated = {
+                let mut savepoint = tx.transaction().map_err(|e| fail(e.into()))?;
+                let sql = format!("TRUNCATE {}", D.quote(&t.name));
+                match savepoint.batch_execute(&sql) {
+                    Ok(()) => savepoint.commit().is_ok(),
+                    Err(_) => false,
+                }
+            };
+            if !truncated {
+                tx.batch_execute(&D.delete_all(&t))
+                    .map_err(|e| fail(e.into()))?;
+            }
         }
         let (table, key, value) = (D.quote(&t.name), D.quote("key"), D.quote("value"));
         if replace && distinct_keys {

@@ -297,3 +297,80 @@ pub(crate) fn a_codec_panic_in_a_big_batch_changes_nothing(env: &impl Env) {
         .unwrap();
     assert_eq!(fresh, h);
 }
+
+/// The table without a map (`write_thru_hash::connect` and the `Store` methods `wth`
+/// uses at any table size): rows streamed in one transaction, a key given twice keeping
+/// its last value, a source that fails half-way writing nothing, a replace, a count, a
+/// scan in key order from a key and up to a limit, and one key read alone.
+pub(crate) fn store_without_a_map(env: &impl Env) {
+    use write_thru_hash::{Format, Puts, TableSpec};
+    let mut store = write_thru_hash::connect(&env.url()).unwrap();
+    store
+        .open(&TableSpec::new("rows", Format::Text, Format::Text))
+        .unwrap();
+    let row = |i: usize| {
+        (
+            format!("\"k{i:05}\"").into_bytes(),
+            format!("{i}").into_bytes(),
+        )
+    };
+    // 10,000 rows in chunks of 1,000, then k00007 again with another value.
+    let mut chunks: Vec<Puts> = (0..10)
+        .map(|c| (c * 1000..(c + 1) * 1000).map(row).collect())
+        .collect();
+    chunks.push(vec![(b"\"k00007\"".to_vec(), b"-7".to_vec())]);
+    let mut source = chunks.clone().into_iter();
+    store
+        .put_rows(false, false, &mut |_| source.next().map(Ok))
+        .unwrap();
+    assert_eq!(store.count().unwrap(), 10_000);
+    assert_eq!(store.get(b"\"k00007\"").unwrap(), Some(b"-7".to_vec()));
+    assert_eq!(store.get(b"\"nope\"").unwrap(), None);
+
+    // A source that fails after 5 chunks: nothing of the replace is written.
+    let mut given = 0;
+    let failed = store.put_rows(true, true, &mut |_| {
+        given += 1;
+        if given > 5 {
+            return Some(Err(write_thru_hash::Error::abort("the source failed")));
+        }
+        Some(Ok((0..100)
+            .map(|i| row(50_000 + given * 100 + i))
+            .collect()))
+    });
+    assert!(failed.is_err());
+    assert_eq!(store.count().unwrap(), 10_000, "nothing of it was written");
+
+    let mut seen = Vec::new();
+    let scanned = store.scan(Some(b"\"k09998\""), Some(5), &mut |k, v| {
+        seen.push((k.to_vec(), v.to_vec()));
+        Ok(())
+    });
+    if !matches!(scanned, Err(write_thru_hash::Error::Unsupported { .. })) {
+        scanned.unwrap();
+        assert_eq!(seen, vec![row(9998), row(9999)]);
+        let mut all = Vec::new();
+        store
+            .scan(None, None, &mut |k, _| {
+                all.push(k.to_vec());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(all.len(), 10_000);
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "in key order");
+    }
+
+    // A replace with the rows of another table.
+    let mut source = vec![vec![row(1), row(2)]].into_iter();
+    store
+        .put_rows(true, true, &mut |_| source.next().map(Ok))
+        .unwrap();
+    assert_eq!(store.count().unwrap(), 2);
+    let map: write_thru_hash::DbHashMap<String, i64> = env
+        .wrap_builder(DbHashMap::builder_url(&env.url()))
+        .table("rows")
+        .open()
+        .unwrap();
+    assert_eq!(map.len(), 2);
+    assert_eq!(map["k00002"], 2);
+}

@@ -82,4 +82,5 @@ all_backends!(
     api::errors_chain_each_cause_once,
     api::big_batches_are_all_or_nothing,
     api::a_codec_panic_in_a_big_batch_changes_nothing,
+    api::store_without_a_map,
 );
