@@ -186,6 +186,10 @@ trait Kind {
     fn to_json(stored: &[u8]) -> Result<String, String>;
     /// For `load`: from a member of a line, as its JSON text.
     fn from_raw(raw: &str) -> Result<Vec<u8>, String>;
+    /// For `copy`: refuses stored bytes the codec does not read, without making text.
+    fn check(stored: &[u8]) -> Result<(), String> {
+        Self::to_json(stored).map(drop)
+    }
     /// A key as the table writes keys of its shape, given one key the table holds (the
     /// json codec: object members in the table's order).
     fn in_table_order(key: Vec<u8>, _sample: &[u8]) -> Vec<u8> {
@@ -225,6 +229,11 @@ impl Kind for JsonKind {
     }
     fn from_raw(raw: &str) -> Result<Vec<u8>, String> {
         Ok(minify(raw).into_bytes())
+    }
+    fn check(stored: &[u8]) -> Result<(), String> {
+        serde_json::from_slice::<serde::de::IgnoredAny>(stored)
+            .map(drop)
+            .map_err(|e| format!("does not decode as JSON ({e}); is it a table of another codec?"))
     }
     fn in_table_order(key: Vec<u8>, sample: &[u8]) -> Vec<u8> {
         match (std::str::from_utf8(&key), std::str::from_utf8(sample)) {
@@ -629,8 +638,8 @@ fn copy<K: Kind>(db: &str, table: &str, to: &str, to_table: Option<&str>) -> Out
         let reader = s.spawn(move || {
             let mut chunk = Vec::with_capacity(CHUNK);
             let sent = each_row(&mut *source, &mut |k, v| {
-                K::to_json(k).map_err(|why| Failure(format!("table {table:?}: a key {why}")))?;
-                K::to_json(v).map_err(|why| Failure(format!("table {table:?}: a value {why}")))?;
+                K::check(k).map_err(|why| Failure(format!("table {table:?}: a key {why}")))?;
+                K::check(v).map_err(|why| Failure(format!("table {table:?}: a value {why}")))?;
                 chunk.push((k.to_vec(), v.to_vec()));
                 if chunk.len() == CHUNK {
                     let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
