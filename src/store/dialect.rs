@@ -562,6 +562,21 @@ impl Dialect {
 
     /// The parameter of [`layout_query`](Self::layout_query): PostgreSQL resolves a
     /// quoted name, the others take the name as it is.
+    /// PostgreSQL: what kind of relation the table is: its persistence (`p`, `u`
+    /// unlogged, `t` temporary), its kind (`r`, `p` partitioned), and how many tables
+    /// inherit from it (partitions excepted), as text; bound to `layout_param`.
+    pub(crate) fn relation_kind_query(self, marks: Marks) -> Option<String> {
+        let p = self.mark(marks, 1);
+        (self == Dialect::Postgres).then(|| {
+            format!(
+                "SELECT c.relpersistence::text, c.relkind::text, \
+                 (SELECT count(*) FROM pg_inherits i JOIN pg_class k ON k.oid = i.inhrelid \
+                  WHERE i.inhparent = c.oid AND NOT k.relispartition)::text \
+                 FROM pg_class c WHERE c.oid = to_regclass(CAST({p} AS text))"
+            )
+        })
+    }
+
     pub(crate) fn layout_param(self, t: &TableSpec) -> String {
         match self {
             Dialect::Postgres => self.quote(&t.name),

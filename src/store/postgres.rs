@@ -463,11 +463,13 @@ impl Store for PostgresStore {
         let fail = |e: BoxError| db_error(Action::Load, t, D.name(), e);
         // COPY in binary: the rows as their bytes (text as UTF-8, bytea as is), with
         // less framing per row than a query's result.
+        // A query, not the table: a partitioned table's rows are in its partitions,
+        // which `COPY table TO` does not read.
         let sql = format!(
-            "COPY {} ({}, {}) TO STDOUT (FORMAT binary)",
-            D.quote(&t.name),
+            "COPY (SELECT {}, {} FROM {}) TO STDOUT (FORMAT binary)",
             D.quote("key"),
-            D.quote("value")
+            D.quote("value"),
+            D.quote(&t.name)
         );
         let copy = self.client.copy_out(&sql).map_err(|e| fail(e.into()))?;
         let mut rows = CopyRows::new(copy).map_err(fail)?;

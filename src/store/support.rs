@@ -115,6 +115,10 @@ pub(crate) fn open_table(
             created.map_err(fail)?;
         }
     }
+    if let Some(sql) = d.relation_kind_query(marks) {
+        let kind = conn.texts(&sql, Some(&param)).map_err(fail)?;
+        check_relation(t, backend, kind.into_iter().next().unwrap_or_default())?;
+    }
     if let Some(sql) = d.engine_query(marks) {
         let engine = conn.texts(&sql, Some(&t.name)).map_err(fail)?;
         check_engine(
@@ -130,6 +134,38 @@ pub(crate) fn open_table(
         .map(quad)
         .collect();
     check_layout(t, d, backend, &cols, &indexes)
+}
+
+/// PostgreSQL: refuses a relation whose rows a crash loses (UNLOGGED) or that the
+/// map cannot read and write consistently (inheritance children, which `COPY` of the
+/// parent leaves out while `DELETE` and `count(*)` take them in). Partitioned tables are
+/// fine: they are read through a query.
+fn check_relation(t: &TableSpec, backend: &'static str, kind: Vec<String>) -> Result<()> {
+    let refuse = |reason: String| {
+        Err(Error::Schema {
+            table: t.name.clone(),
+            backend,
+            reason,
+        })
+    };
+    let field = |i: usize| kind.get(i).map(String::as_str).unwrap_or("");
+    if field(0) == "u" {
+        return refuse(
+            "it is UNLOGGED: a crash of the server empties it, so writes the map acknowledged \
+             would be lost; make it durable (ALTER TABLE … SET LOGGED) or use another table"
+                .into(),
+        );
+    }
+    let children: u64 = field(2).trim().parse().unwrap_or(0);
+    if children > 0 {
+        return refuse(format!(
+            "{children} table(s) inherit from it: their rows are part of it for DELETE and \
+             count(*) but not for the map's reads, so `remove` or `clear` would delete rows \
+             the map never showed; use a table without inheritance children (declarative \
+             partitioning works)"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a temporary table of the table's name exists on this connection (it would

@@ -1,0 +1,98 @@
+//! PostgreSQL tables of the kinds its users have (issue 21): UNLOGGED tables lose
+//! acknowledged rows in a crash and are refused; partitioned tables (range, list, hash)
+//! open, load and write like any other; a table with inheritance children, whose rows
+//! DELETE reaches and COPY of the parent does not, is refused.
+#![cfg(feature = "postgres")]
+
+#[path = "conformance/env.rs"]
+#[allow(dead_code, unused_imports)]
+mod env;
+
+use env::{Env, PgEnv};
+use write_thru_hash::{DbHashMap, Error, Text};
+
+fn open(env: &PgEnv, table: &str) -> write_thru_hash::Result<DbHashMap<String, String>> {
+    DbHashMap::builder_url(&env.url())
+        .table(table)
+        .codec(Text)
+        .open()
+}
+
+#[test]
+fn postgres_unlogged_tables_are_refused() {
+    let env = PgEnv::new();
+    env.exec("CREATE UNLOGGED TABLE u (key text COLLATE \"C\" PRIMARY KEY, value text NOT NULL)");
+    let err = open(&env, "u").unwrap_err();
+    assert!(matches!(err, Error::Schema { .. }), "{err}");
+    assert!(err.to_string().contains("UNLOGGED"), "{err}");
+    assert!(
+        err.to_string().contains("SET LOGGED"),
+        "says what to do: {err}"
+    );
+    env.exec("ALTER TABLE u SET LOGGED");
+    open(&env, "u")
+        .unwrap()
+        .insert("a".into(), "1".into())
+        .unwrap();
+}
+
+#[test]
+fn postgres_partitioned_tables_work() {
+    let env = PgEnv::new();
+    env.exec(
+        "CREATE TABLE r (key text COLLATE \"C\" NOT NULL, value text NOT NULL, PRIMARY KEY (key)) \
+         PARTITION BY RANGE (key); \
+         CREATE TABLE r1 PARTITION OF r FOR VALUES FROM (MINVALUE) TO ('m'); \
+         CREATE TABLE r2 PARTITION OF r FOR VALUES FROM ('m') TO (MAXVALUE); \
+         CREATE TABLE l (key text COLLATE \"C\" NOT NULL, value text NOT NULL, PRIMARY KEY (key)) \
+         PARTITION BY LIST (key); \
+         CREATE TABLE l1 PARTITION OF l FOR VALUES IN ('a', 'b'); \
+         CREATE TABLE l2 PARTITION OF l DEFAULT; \
+         CREATE TABLE h (key text COLLATE \"C\" NOT NULL, value text NOT NULL, PRIMARY KEY (key)) \
+         PARTITION BY HASH (key); \
+         CREATE TABLE h0 PARTITION OF h FOR VALUES WITH (MODULUS 2, REMAINDER 0); \
+         CREATE TABLE h1 PARTITION OF h FOR VALUES WITH (MODULUS 2, REMAINDER 1);",
+    );
+    for table in ["r", "l", "h"] {
+        env.exec(&format!(
+            "INSERT INTO {table} VALUES ('a', 'before'), ('z', 'before')"
+        ));
+        let mut m = open(&env, table).unwrap_or_else(|e| panic!("{table}: {}", env::chain(&e)));
+        assert_eq!(
+            m.len(),
+            2,
+            "{table}: the rows of every partition are loaded"
+        );
+        m.insert("b".into(), "1".into()).unwrap();
+        m.insert_many([("c".to_string(), "2".to_string()), ("y".into(), "3".into())])
+            .unwrap();
+        m.remove("a").unwrap();
+        m.reload().unwrap();
+        assert_eq!(m.len(), 4, "{table}");
+        assert_eq!(
+            open(&env, table).unwrap(),
+            m,
+            "{table}: a fresh open equals the map"
+        );
+        m.clear().unwrap();
+        assert_eq!(env.count(&format!("SELECT count(*) FROM {table}")), 0);
+    }
+}
+
+#[test]
+fn postgres_tables_with_inheritance_children_are_refused() {
+    let env = PgEnv::new();
+    env.exec(
+        "CREATE TABLE parent (key text COLLATE \"C\" PRIMARY KEY, value text NOT NULL); \
+         CREATE TABLE child () INHERITS (parent); \
+         INSERT INTO child VALUES ('hidden', 'x')",
+    );
+    let err = open(&env, "parent").unwrap_err();
+    assert!(matches!(err, Error::Schema { .. }), "{err}");
+    assert!(err.to_string().contains("inherit"), "{err}");
+    assert_eq!(
+        env.count("SELECT count(*) FROM parent"),
+        1,
+        "nothing was written"
+    );
+}
