@@ -416,6 +416,9 @@ impl Error {
             return false;
         };
         let source = source.as_ref();
+        if source.is::<Dropped>() {
+            return true;
+        }
         #[cfg(feature = "sqlite")]
         if let Some(e) = source.downcast_ref::<rusqlite::Error>() {
             // A trigger's RAISE is a policy that may be lifted: retried, not kept apart.
@@ -524,6 +527,19 @@ impl Error {
         false
     }
 }
+
+/// A change the table dropped (a rule or trigger kept a row from being written or
+/// deleted): the change itself is refused, as a constraint would refuse it.
+#[derive(Debug)]
+pub(crate) struct Dropped(pub(crate) String);
+
+impl fmt::Display for Dropped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Dropped {}
 
 /// The failure of a group commit as another caller of the group sees it.
 #[derive(Debug)]

@@ -444,13 +444,22 @@ impl Dialect {
 
     /// PostgreSQL only: deletes the keys bound as one array.
     pub fn delete_array(self, t: &TableSpec) -> String {
+        format!("DELETE {}", self.keys_in_array(t))
+    }
+
+    /// PostgreSQL: how many of the keys bound as one array the table holds.
+    pub(crate) fn count_keys_array(self, t: &TableSpec) -> String {
+        format!("SELECT count(*) {}", self.keys_in_array(t))
+    }
+
+    fn keys_in_array(self, t: &TableSpec) -> String {
         let array = if t.key_format == Format::Text {
             "text[]"
         } else {
             "bytea[]"
         };
         format!(
-            "DELETE FROM {} WHERE {} = ANY($1::{array})",
+            "FROM {} WHERE {} = ANY($1::{array})",
             self.quote(&t.name),
             self.quote("key")
         )

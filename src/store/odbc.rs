@@ -13,7 +13,7 @@ use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{not_enabled, Coherence};
 use crate::store::dialect::Marks;
 use crate::store::support::{
-    all_rows_written, open_table, wrong_key_kind, Catalog, Field, CHUNK_BYTES,
+    all_rows_written, deletes_kept, open_table, wrong_key_kind, Catalog, Field, CHUNK_BYTES,
 };
 use crate::store::{
     cannot_reconnect, chunks, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, RowSink,
@@ -232,6 +232,60 @@ impl OdbcStore {
         Ok(())
     }
 
+    /// The stored value of one key, in the connection's state (inside a write's
+    /// transaction too).
+    fn value_of(&self, t: &TableSpec, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let fail = |e| db_error(Action::Load, t, self.name(), e);
+        let sql = self.dialect.select_value(t, Marks::Question);
+        let cursor = match t.key_format {
+            Format::Text => {
+                self.conn
+                    .execute(&sql, &odbc_api::parameter::VarCharSlice::new(key), None)
+            }
+            Format::Binary => self.conn.execute(&sql, &key.into_parameter(), None),
+        }
+        .map_err(fail)?;
+        let Some(mut cursor) = cursor else {
+            return Ok(None);
+        };
+        let Some(mut row) = cursor.next_row().map_err(fail)? else {
+            return Ok(None);
+        };
+        let mut value = Vec::new();
+        let present = match t.value_format {
+            Format::Text => row.get_text(1, &mut value),
+            Format::Binary => row.get_binary(1, &mut value),
+        }
+        .map_err(fail)?;
+        if !present {
+            return Err(Error::Decode {
+                what: "value",
+                table: t.name.clone(),
+                row: show_bytes(key),
+                source: "the column holds NULL".into(),
+            });
+        }
+        Ok(Some(value))
+    }
+
+    /// `count(*)`, in the connection's state.
+    fn count_rows(&self, t: &TableSpec) -> Result<u64> {
+        let rows = self
+            .rows_of(&self.dialect.count_rows_text(t), None)
+            .map_err(|e| db_error(Action::Load, t, self.name(), e))?;
+        rows.first()
+            .and_then(|r| r.first())
+            .and_then(|c| c.as_deref())
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .and_then(|c| c.trim().parse().ok())
+            .ok_or_else(|| Error::Decode {
+                what: "count",
+                table: t.name.clone(),
+                row: String::new(),
+                source: "count(*) gave no number".into(),
+            })
+    }
+
     fn param(format: Format, bytes: &[u8]) -> Box<dyn InputParameter + '_> {
         match format {
             // Text codecs give UTF-8; the narrow ODBC functions take it as it is.
@@ -328,16 +382,36 @@ impl OdbcStore {
         if let Some(sql) = self.coherence.as_ref().and_then(Coherence::clock_lock) {
             exec(&sql, &[])?;
         }
+        let kept =
+            |kept: usize, asked| db_error(Action::Write, t, self.name(), deletes_kept(kept, asked));
         if batch.clear {
             exec(&d.delete_all(t), &[])?;
+            let left = self.count_rows(t)?;
+            if left > 0 {
+                return Err(kept(left as usize, None));
+            }
         }
         // Bounded in bytes too: MariaDB refuses a statement over its max_allowed_packet.
+        let mut deleted = 0;
         for keys in chunks(&batch.deletes, CHUNK, self.chunk_bytes, |k| k.len()) {
             let params: Vec<_> = keys.iter().map(|k| Self::param(t.key_format, k)).collect();
-            exec(
+            deleted += exec(
                 &d.delete_keys_marked(t, keys.len(), Marks::Question),
                 &params,
             )?;
+        }
+        // Fewer deleted than asked: keys gone already (another writer), or kept by a
+        // rule or trigger. MySQL's triggers cannot keep a row, and its count is exact.
+        if deleted < batch.deletes.len() as u64 && d != Dialect::Mysql && self.known {
+            let mut still = 0;
+            for key in &batch.deletes {
+                if self.value_of(t, key)?.is_some() {
+                    still += 1;
+                }
+            }
+            if still > 0 {
+                return Err(kept(still, Some(batch.deletes.len())));
+            }
         }
         for rows in chunks(&batch.puts, CHUNK, self.chunk_bytes, |(k, v)| {
             k.len() + v.len()
@@ -563,56 +637,13 @@ impl Store for OdbcStore {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.ensure_connected()?;
         let t = opened(&self.table, self.name())?;
-        let fail = |e| db_error(Action::Load, t, self.name(), e);
-        let sql = self.dialect.select_value(t, Marks::Question);
-        let cursor = match t.key_format {
-            Format::Text => {
-                self.conn
-                    .execute(&sql, &odbc_api::parameter::VarCharSlice::new(key), None)
-            }
-            Format::Binary => self.conn.execute(&sql, &key.into_parameter(), None),
-        }
-        .map_err(fail)?;
-        let Some(mut cursor) = cursor else {
-            return Ok(None);
-        };
-        let Some(mut row) = cursor.next_row().map_err(fail)? else {
-            return Ok(None);
-        };
-        let mut value = Vec::new();
-        let present = match t.value_format {
-            Format::Text => row.get_text(1, &mut value),
-            Format::Binary => row.get_binary(1, &mut value),
-        }
-        .map_err(fail)?;
-        if !present {
-            return Err(Error::Decode {
-                what: "value",
-                table: t.name.clone(),
-                row: show_bytes(key),
-                source: "the column holds NULL".into(),
-            });
-        }
-        Ok(Some(value))
+        self.value_of(t, key)
     }
 
     fn count(&mut self) -> Result<u64> {
         self.ensure_connected()?;
         let t = opened(&self.table, self.name())?;
-        let rows = self
-            .rows_of(&self.dialect.count_rows_text(t), None)
-            .map_err(|e| db_error(Action::Load, t, self.name(), e))?;
-        rows.first()
-            .and_then(|r| r.first())
-            .and_then(|c| c.as_deref())
-            .and_then(|c| std::str::from_utf8(c).ok())
-            .and_then(|c| c.trim().parse().ok())
-            .ok_or_else(|| Error::Decode {
-                what: "count",
-                table: t.name.clone(),
-                row: String::new(),
-                source: "count(*) gave no number".into(),
-            })
+        self.count_rows(t)
     }
 
     fn reconnect(&mut self) -> Result<()> {

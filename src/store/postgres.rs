@@ -9,7 +9,9 @@ use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{all_rows_written, not_opened, open_table, Catalog, Field, IDLE_CHECK};
+use crate::store::support::{
+    all_rows_written, deletes_kept, not_opened, open_table, Catalog, Field, IDLE_CHECK,
+};
 use crate::store::{
     cannot_reconnect, db_error, opened, Batch, ChangeSignal, ChangeSink, Dialect, IntoStore,
     PutSource, RowSink, Store, TableSpec,
@@ -47,6 +49,10 @@ struct Statements {
     delete: Statement,
     delete_many: Statement,
     delete_all: Statement,
+    count: Statement,
+    /// How many of the keys bound as an array the table holds.
+    count_keys: Statement,
+    select_value: Statement,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -201,6 +207,9 @@ impl PostgresStore {
             delete: c.prepare(&D.delete_keys(t, 1)).map_err(fail)?,
             delete_many: c.prepare(&D.delete_array(t)).map_err(fail)?,
             delete_all: c.prepare(&D.delete_all(t)).map_err(fail)?,
+            count: c.prepare(&D.count_rows(t)).map_err(fail)?,
+            count_keys: c.prepare(&D.count_keys_array(t)).map_err(fail)?,
+            select_value: c.prepare(&D.select_value(t, Marks::Native)).map_err(fail)?,
         });
         Ok(())
     }
@@ -302,9 +311,26 @@ impl PostgresStore {
                     .map_err(|e| db_error(Action::Write, t, D.name(), e))?;
             } else if let Some(k) = batch.deletes.first() {
                 let k = binds(t.key_format, k)?;
-                self.client
+                let deleted = self
+                    .client
                     .execute(&s.delete, &[&k])
                     .map_err(|e| classify(e, true))?;
+                // None deleted: the key was gone already (another writer), or a rule or
+                // trigger kept it.
+                if deleted == 0
+                    && self
+                        .client
+                        .query_opt(&s.select_value, &[&k])
+                        .map_err(|e| classify(e, false))?
+                        .is_some()
+                {
+                    return Err(db_error(
+                        Action::Write,
+                        t,
+                        D.name(),
+                        deletes_kept(1, Some(1)),
+                    ));
+                }
             }
             return Ok(());
         }
@@ -312,6 +338,18 @@ impl PostgresStore {
         if batch.clear {
             tx.execute(&s.delete_all, &[])
                 .map_err(|e| classify(e, false))?;
+            let left: i64 = tx
+                .query_one(&s.count, &[])
+                .map_err(|e| classify(e, false))?
+                .get(0);
+            if left > 0 {
+                return Err(db_error(
+                    Action::Write,
+                    t,
+                    D.name(),
+                    deletes_kept(left as usize, None),
+                ));
+            }
         }
         if !batch.deletes.is_empty() {
             let keys = batch
@@ -319,8 +357,19 @@ impl PostgresStore {
                 .iter()
                 .map(|k| binds(t.key_format, k))
                 .collect::<Result<Vec<_>>>()?;
-            tx.execute(&s.delete_many, &[&keys])
+            let deleted = tx
+                .execute(&s.delete_many, &[&keys])
                 .map_err(|e| classify(e, false))?;
+            if deleted < keys.len() as u64 {
+                let kept: i64 = tx
+                    .query_one(&s.count_keys, &[&keys])
+                    .map_err(|e| classify(e, false))?
+                    .get(0);
+                if kept > 0 {
+                    let kept = deletes_kept(kept as usize, Some(keys.len()));
+                    return Err(db_error(Action::Write, t, D.name(), kept));
+                }
+            }
         }
         if !batch.puts.is_empty() {
             let mut keys = Vec::with_capacity(batch.puts.len());

@@ -11,7 +11,7 @@ use crate::error::{show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
 use crate::store::support::{
-    all_rows_written, not_opened, open_table, wrong_key_kind, Catalog, Field,
+    all_rows_written, deletes_kept, not_opened, open_table, wrong_key_kind, Catalog, Field,
 };
 use crate::store::{
     db_error, opened, Batch, ChangeSignal, ChangeSink, Dialect, IntoStore, PutSource, RowSink,
@@ -42,6 +42,8 @@ struct Sql {
     delete: String,
     delete_all: String,
     select: String,
+    count: String,
+    select_value: String,
 }
 
 impl SqliteStore {
@@ -130,11 +132,28 @@ impl SqliteStore {
     ) -> std::result::Result<(), crate::error::BoxError> {
         if batch.clear {
             conn.prepare_cached(&sql.delete_all)?.execute([])?;
+            let left: i64 = conn
+                .prepare_cached(&sql.count)?
+                .query_row([], |r| r.get(0))?;
+            if left > 0 {
+                return Err(deletes_kept(left as usize, None));
+            }
         }
         if !batch.deletes.is_empty() {
             let mut stmt = conn.prepare_cached(&sql.delete)?;
+            let mut kept = 0;
             for key in &batch.deletes {
-                stmt.execute([Self::bind(kf, key)?])?;
+                let key = Self::bind(kf, key)?;
+                // None deleted: the key was not there (another writer's delete, or a
+                // write-behind insert that never reached the table), or a trigger kept it.
+                if stmt.execute([&key])? == 0
+                    && conn.prepare_cached(&sql.select_value)?.exists([&key])?
+                {
+                    kept += 1;
+                }
+            }
+            if kept > 0 {
+                return Err(deletes_kept(kept, Some(batch.deletes.len())));
             }
         }
         let written = Self::upsert_rows(conn, sql, &batch.puts, kf, vf, false)?;
@@ -269,6 +288,8 @@ impl Store for SqliteStore {
             delete: D.delete_keys(t, 1),
             delete_all: D.delete_all(t),
             select: D.select_all(t),
+            count: D.count_rows(t),
+            select_value: D.select_value(t, Marks::Native),
         };
         self.table = Some(t.clone());
         Ok(())

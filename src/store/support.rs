@@ -456,11 +456,26 @@ pub(crate) fn all_rows_written(written: u64, given: usize) -> Result<(), BoxErro
     if written >= given as u64 {
         return Ok(());
     }
-    Err(format!(
+    Err(Box::new(crate::error::Dropped(format!(
         "the table took {written} of the {given} rows written: a trigger or rule of the table \
          dropped the others; nothing of this write was kept"
-    )
-    .into())
+    ))))
+}
+
+/// Deletes a rule or trigger of the table dropped: `kept` of the `asked` rows (or, for
+/// a clear, rows) are still there after the DELETE. The map would drop keys the table
+/// keeps, so the write is refused (and rolled back where it is a transaction).
+pub(crate) fn deletes_kept(kept: usize, asked: Option<usize>) -> BoxError {
+    let what = match asked {
+        Some(asked) => format!("{kept} of the {asked} rows to delete are"),
+        None => format!("{kept} rows are"),
+    };
+    Box::new(crate::error::Dropped(format!(
+        "{what} still in the table after the DELETE: a rule or trigger of the table dropped \
+         the deletion (a soft-delete rule, a BEFORE DELETE trigger that returns NULL, \
+         RAISE(IGNORE)); the map would drop keys the table keeps, so nothing of this write \
+         was kept; give the map a table whose DELETE deletes"
+    )))
 }
 
 /// A driver error during `action` on `table`.

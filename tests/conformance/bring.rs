@@ -589,3 +589,71 @@ pub(crate) fn rows_dropped_by_the_table_are_errors(env: &impl Env) {
     let fresh: DbHashMap<String, i64> = env.builder().table("dropper").open().unwrap();
     assert_eq!(fresh, h);
 }
+
+/// Found by probing (issue 21): a delete that a rule or trigger drops was acknowledged:
+/// memory dropped the key, the table kept it, and it came back on the next open. Every
+/// way a map deletes (`remove`, `remove_many`, `retain`, `clear`, a transaction) is
+/// refused when the table keeps the row, with memory and table as before. (MySQL's
+/// triggers cannot keep a row: there is nothing to test.)
+pub(crate) fn deletes_dropped_by_the_table_are_errors(env: &impl Env) {
+    let mut h: DbHashMap<String, i64> = env.builder().table("keeper").open().unwrap();
+    h.insert_many((0..6).map(|i| (format!("k{i}"), i))).unwrap();
+    h.insert("keep".into(), 13).unwrap();
+    let (t, k, v) = (env.q("keeper"), env.q("key"), env.q("value"));
+    match env.dialect() {
+        Dialect::Sqlite => env.exec(&format!(
+            "CREATE TRIGGER keep13 BEFORE DELETE ON {t} WHEN OLD.{v} = '13' \
+             BEGIN SELECT RAISE(IGNORE); END"
+        )),
+        // A soft delete, as users write them.
+        Dialect::Postgres => env.exec(&format!(
+            "CREATE RULE keep13 AS ON DELETE TO {t} WHERE OLD.{v} = '13' \
+             DO INSTEAD UPDATE {t} SET {v} = '13' WHERE {k} = OLD.{k}"
+        )),
+        _ => return,
+    }
+    let before = h.to_hash_map();
+    assert!(h.remove("keep").is_err(), "remove");
+    assert!(h.remove_many(["k1", "keep"]).is_err(), "remove_many");
+    assert!(h.retain(|_, v| *v % 2 == 0).is_err(), "retain");
+    assert!(h.clear().is_err(), "clear");
+    assert!(
+        h.transaction(|tx| {
+            tx.remove("keep")?;
+            tx.insert("new".into(), 1)?;
+            Ok(())
+        })
+        .is_err(),
+        "transaction"
+    );
+    assert_eq!(*h, before, "memory unchanged");
+    let fresh: DbHashMap<String, i64> = env.builder().table("keeper").open().unwrap();
+    assert_eq!(fresh, h, "the table unchanged");
+    // Deletes the table does take still work.
+    assert_eq!(h.remove("k2").unwrap(), Some(2));
+    assert_eq!(h.remove_many(["k3", "k4"]).unwrap(), 2);
+    let fresh: DbHashMap<String, i64> = env.builder().table("keeper").open().unwrap();
+    assert_eq!(fresh, h);
+}
+
+/// The same with a PostgreSQL trigger that returns NULL before a delete.
+pub(crate) fn deletes_skipped_by_a_trigger_are_errors(env: &impl Env) {
+    if env.dialect() != Dialect::Postgres {
+        return;
+    }
+    let mut h: DbHashMap<String, i64> = env.builder().table("skipper").open().unwrap();
+    h.insert_many([("a".to_string(), 1), ("keep".into(), 13)])
+        .unwrap();
+    let (t, v) = (env.q("skipper"), env.q("value"));
+    env.exec(&format!(
+        "CREATE FUNCTION skip13() RETURNS trigger AS $$ BEGIN \
+         IF OLD.{v} = '13' THEN RETURN NULL; END IF; RETURN OLD; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER skip13 BEFORE DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION skip13()"
+    ));
+    assert!(h.remove("keep").is_err());
+    assert!(h.clear().is_err());
+    assert_eq!(h.len(), 2);
+    assert_eq!(h.remove("a").unwrap(), Some(1));
+    let fresh: DbHashMap<String, i64> = env.builder().table("skipper").open().unwrap();
+    assert_eq!(fresh, h);
+}

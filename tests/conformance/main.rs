@@ -77,6 +77,8 @@ all_backends!(
     bring::session_settings_do_not_change_what_is_stored,
     bring::keys_that_read_back_as_others_are_refused,
     bring::rows_dropped_by_the_table_are_errors,
+    bring::deletes_dropped_by_the_table_are_errors,
+    bring::deletes_skipped_by_a_trigger_are_errors,
     api::read_modify_write,
     api::transaction_view_and_previous_values,
     api::errors_chain_each_cause_once,
