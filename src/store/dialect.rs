@@ -483,8 +483,9 @@ impl Dialect {
     pub(crate) fn layout_query(self, marks: Marks) -> String {
         match self {
             Dialect::Sqlite => format!(
+                // `xinfo`: generated columns too, which `table_info` leaves out.
                 "SELECT name, CASE WHEN pk > 0 THEN '1' ELSE '0' END, type, '' \
-                 FROM pragma_table_info({})",
+                 FROM pragma_table_xinfo({})",
                 self.mark(marks, 1)
             ),
             // `collisdeterministic` exists from PostgreSQL 12; read through jsonb so
@@ -507,6 +508,56 @@ impl Dialect {
                  coalesce(collation_name, '') FROM information_schema.columns \
                  WHERE table_schema = database() AND table_name = {}",
                 self.mark(marks, 1)
+            ),
+        }
+    }
+
+    /// A query of one text parameter (as for [`layout_query`](Self::layout_query)) that
+    /// counts what could keep a row from being deleted: rules on DELETE and row triggers
+    /// BEFORE DELETE (not coherence's, which run after). `None` for MySQL, whose
+    /// triggers cannot keep a row.
+    pub(crate) fn delete_keepers_query(self, marks: Marks) -> Option<String> {
+        let p = self.mark(marks, 1);
+        match self {
+            Dialect::Sqlite => Some(format!(
+                "SELECT CAST(count(*) AS TEXT) FROM sqlite_master WHERE type = 'trigger' \
+                 AND tbl_name = {p} COLLATE NOCASE AND upper(sql) LIKE '%BEFORE%DELETE%'"
+            )),
+            Dialect::Postgres => Some(format!(
+                "WITH r AS (SELECT to_regclass(CAST({p} AS text)) AS oid) SELECT \
+                 ((SELECT count(*) FROM pg_rewrite, r WHERE ev_class = r.oid AND ev_type = '4') \
+                 + (SELECT count(*) FROM pg_trigger, r WHERE tgrelid = r.oid \
+                    AND NOT tgisinternal AND tgtype & 11 = 11))::text"
+            )),
+            Dialect::Mysql => None,
+        }
+    }
+
+    /// A query of one text parameter (as for [`layout_query`](Self::layout_query)) that
+    /// lists the columns a map's writes would fail on: `required` (NOT NULL, no default,
+    /// not filled by the database) or `generated` (computed: nothing may be written to
+    /// it), as (name, what).
+    pub(crate) fn unwritable_columns_query(self, marks: Marks) -> String {
+        let p = self.mark(marks, 1);
+        match self {
+            Dialect::Sqlite => format!(
+                "SELECT name, CASE WHEN hidden IN (2, 3) THEN 'generated' ELSE 'required' END \
+                 FROM pragma_table_xinfo({p}) \
+                 WHERE hidden IN (2, 3) OR (\"notnull\" = 1 AND dflt_value IS NULL AND pk = 0)"
+            ),
+            Dialect::Postgres => format!(
+                "SELECT a.attname::text, \
+                 CASE WHEN a.attgenerated <> '' THEN 'generated' ELSE 'required' END \
+                 FROM pg_attribute a WHERE a.attrelid = to_regclass(CAST({p} AS text)) \
+                 AND a.attnum > 0 AND NOT a.attisdropped AND (a.attgenerated <> '' OR \
+                 (a.attnotnull AND NOT a.atthasdef AND a.attidentity = ''))"
+            ),
+            Dialect::Mysql => format!(
+                "SELECT column_name, IF(extra LIKE '%GENERATED%', 'generated', 'required') \
+                 FROM information_schema.columns \
+                 WHERE table_schema = database() AND table_name = {p} AND \
+                 (extra LIKE '%GENERATED%' OR (is_nullable = 'NO' AND column_default IS NULL \
+                  AND extra NOT LIKE '%auto_increment%'))"
             ),
         }
     }
@@ -572,15 +623,18 @@ impl Dialect {
     /// The parameter of [`layout_query`](Self::layout_query): PostgreSQL resolves a
     /// quoted name, the others take the name as it is.
     /// PostgreSQL: what kind of relation the table is: its persistence (`p`, `u`
-    /// unlogged, `t` temporary), its kind (`r`, `p` partitioned), and how many tables
-    /// inherit from it (partitions excepted), as text; bound to `layout_param`.
+    /// unlogged, `t` temporary), its kind (`r`, `p` partitioned), how many tables
+    /// inherit from it (partitions excepted), and whether its primary key is
+    /// DEFERRABLE, as text; bound to `layout_param`.
     pub(crate) fn relation_kind_query(self, marks: Marks) -> Option<String> {
         let p = self.mark(marks, 1);
         (self == Dialect::Postgres).then(|| {
             format!(
                 "SELECT c.relpersistence::text, c.relkind::text, \
                  (SELECT count(*) FROM pg_inherits i JOIN pg_class k ON k.oid = i.inhrelid \
-                  WHERE i.inhparent = c.oid AND NOT k.relispartition)::text \
+                  WHERE i.inhparent = c.oid AND NOT k.relispartition)::text, \
+                 coalesce((SELECT bool_or(condeferrable)::text FROM pg_constraint \
+                  WHERE conrelid = c.oid AND contype IN ('p', 'u')), 'false') \
                  FROM pg_class c WHERE c.oid = to_regclass(CAST({p} AS text))"
             )
         })

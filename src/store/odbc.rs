@@ -268,6 +268,26 @@ impl OdbcStore {
         Ok(Some(value))
     }
 
+    /// Whether a rule or trigger of the table could keep a row a DELETE names (see the
+    /// PostgreSQL store's `may_keep_deletes`); a DBMS this crate does not know: no.
+    fn may_keep_deletes(&self, t: &TableSpec) -> Result<bool> {
+        let Some(sql) = self
+            .dialect
+            .delete_keepers_query(Marks::Question)
+            .filter(|_| self.known)
+        else {
+            return Ok(false);
+        };
+        let rows = self
+            .rows_of(&sql, Some(&self.dialect.layout_param(t)))
+            .map_err(|e| db_error(Action::Write, t, self.name(), e))?;
+        Ok(rows
+            .first()
+            .and_then(|r| r.first())
+            .and_then(|c| c.as_deref())
+            .is_none_or(|n| n.trim_ascii() != b"0"))
+    }
+
     /// `count(*)`, in the connection's state.
     fn count_rows(&self, t: &TableSpec) -> Result<u64> {
         let rows = self
@@ -386,6 +406,8 @@ impl OdbcStore {
             |kept: usize, asked| db_error(Action::Write, t, self.name(), deletes_kept(kept, asked));
         if batch.clear {
             exec(&d.delete_all(t), &[])?;
+        }
+        if batch.clear && self.may_keep_deletes(t)? {
             let left = self.count_rows(t)?;
             if left > 0 {
                 return Err(kept(left as usize, None));
@@ -402,7 +424,7 @@ impl OdbcStore {
         }
         // Fewer deleted than asked: keys gone already (another writer), or kept by a
         // rule or trigger. MySQL's triggers cannot keep a row, and its count is exact.
-        if deleted < batch.deletes.len() as u64 && d != Dialect::Mysql && self.known {
+        if deleted < batch.deletes.len() as u64 && self.may_keep_deletes(t)? {
             let mut still = 0;
             for key in &batch.deletes {
                 if self.value_of(t, key)?.is_some() {

@@ -318,6 +318,7 @@ impl PostgresStore {
                 // None deleted: the key was gone already (another writer), or a rule or
                 // trigger kept it.
                 if deleted == 0
+                    && may_keep_deletes(&mut self.client, t).map_err(|e| classify(e, false))?
                     && self
                         .client
                         .query_opt(&s.select_value, &[&k])
@@ -338,6 +339,8 @@ impl PostgresStore {
         if batch.clear {
             tx.execute(&s.delete_all, &[])
                 .map_err(|e| classify(e, false))?;
+        }
+        if batch.clear && may_keep_deletes(&mut tx, t).map_err(|e| classify(e, false))? {
             let left: i64 = tx
                 .query_one(&s.count, &[])
                 .map_err(|e| classify(e, false))?
@@ -360,7 +363,9 @@ impl PostgresStore {
             let deleted = tx
                 .execute(&s.delete_many, &[&keys])
                 .map_err(|e| classify(e, false))?;
-            if deleted < keys.len() as u64 {
+            if deleted < keys.len() as u64
+                && may_keep_deletes(&mut tx, t).map_err(|e| classify(e, false))?
+            {
                 let kept: i64 = tx
                     .query_one(&s.count_keys, &[&keys])
                     .map_err(|e| classify(e, false))?
@@ -454,6 +459,21 @@ impl<'a> CopyIn<postgres::CopyInWriter<'a>> {
         let writer = out.into_inner().map_err(|e| e.into_error())?;
         Ok(writer.finish()?)
     }
+}
+
+/// Whether a rule or trigger of the table could keep a row a DELETE names. Asked only
+/// when a DELETE removed fewer rows than it named: without such a rule or trigger the
+/// others were gone already (another writer deleted them), and looking them up could
+/// find a row a third writer put back since.
+fn may_keep_deletes(
+    c: &mut impl postgres::GenericClient,
+    t: &TableSpec,
+) -> Result<bool, postgres::Error> {
+    let Some(sql) = D.delete_keepers_query(Marks::Native) else {
+        return Ok(false);
+    };
+    let n: Option<String> = c.query_one(&sql, &[&D.layout_param(t)])?.get(0);
+    Ok(n.is_none_or(|n| n.trim() != "0"))
 }
 
 /// A key or value bound as the column's type: `text` takes `&str`, `bytea` `&[u8]`.

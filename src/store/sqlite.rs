@@ -130,6 +130,8 @@ impl SqliteStore {
         kf: Format,
         vf: Format,
     ) -> std::result::Result<(), crate::error::BoxError> {
+        // The transaction is IMMEDIATE: no other writer comes between the DELETE and the
+        // look-ups, so what is still there was kept by a rule or trigger.
         if batch.clear {
             conn.prepare_cached(&sql.delete_all)?.execute([])?;
             let left: i64 = conn

@@ -133,7 +133,66 @@ pub(crate) fn open_table(
         .into_iter()
         .map(quad)
         .collect();
-    check_layout(t, d, backend, &cols, &indexes)
+    // SQLite STRICT tables store values as declared, and refuse what does not fit.
+    let strict = d == Dialect::Sqlite
+        && conn
+            .texts(
+                &format!(
+                    "SELECT CAST(strict AS TEXT) FROM pragma_table_list WHERE name = {} \
+                     AND schema = 'main'",
+                    d.mark(marks, 1)
+                ),
+                Some(&param),
+            )
+            .ok()
+            .and_then(|rows| rows.into_iter().next())
+            .and_then(|row| row.into_iter().next())
+            .is_some_and(|s| s.trim() == "1");
+    check_layout(t, d, backend, &cols, &indexes, strict)?;
+    let unwritable = conn
+        .texts(&d.unwritable_columns_query(marks), Some(&param))
+        .map_err(fail)?;
+    check_writable_columns(t, d, backend, unwritable)
+}
+
+/// Refuses a table on which every write of the map would fail: a column besides
+/// `key` and `value` that must be given a value (NOT NULL, no default), or a `key` or
+/// `value` column the database computes.
+fn check_writable_columns(
+    t: &TableSpec,
+    d: Dialect,
+    backend: &'static str,
+    unwritable: Vec<Vec<String>>,
+) -> Result<()> {
+    for row in unwritable {
+        let (name, what) = (
+            row.first().cloned().unwrap_or_default(),
+            row.get(1).cloned().unwrap_or_default(),
+        );
+        let ours = match d {
+            Dialect::Postgres => name == "key" || name == "value",
+            _ => name.eq_ignore_ascii_case("key") || name.eq_ignore_ascii_case("value"),
+        };
+        let reason = match (what.as_str(), ours) {
+            ("generated", _) => format!(
+                "its column {name:?} is generated (computed by the database), so the map \
+                 cannot write it and every write would fail; make it a plain column, or \
+                 give the map another table"
+            ),
+            ("required", false) => format!(
+                "its column {name:?} is NOT NULL without a default, and the map writes only \
+                 `key` and `value`, so every insert would fail; give {name:?} a DEFAULT or \
+                 allow NULL in it"
+            ),
+            _ => continue,
+        };
+        return Err(Error::Schema {
+            table: t.name.clone(),
+            backend,
+            reason,
+        });
+    }
+    Ok(())
 }
 
 /// PostgreSQL: refuses a relation whose rows a crash loses (UNLOGGED) or that the
@@ -153,6 +212,14 @@ fn check_relation(t: &TableSpec, backend: &'static str, kind: Vec<String>) -> Re
         return refuse(
             "it is UNLOGGED: a crash of the server empties it, so writes the map acknowledged \
              would be lost; make it durable (ALTER TABLE … SET LOGGED) or use another table"
+                .into(),
+        );
+    }
+    if field(3) == "true" {
+        return refuse(
+            "its primary key is DEFERRABLE, which INSERT … ON CONFLICT cannot use, so every \
+             write would fail; make it NOT DEFERRABLE (ALTER TABLE … ALTER CONSTRAINT … NOT \
+             DEFERRABLE)"
                 .into(),
         );
     }
@@ -209,6 +276,7 @@ pub(crate) fn check_layout(
     backend: &'static str,
     cols: &[Column],
     indexes: &[UniqueIndex],
+    strict: bool,
 ) -> Result<()> {
     let refuse = |reason: String| {
         Err(Error::Schema {
@@ -287,8 +355,8 @@ pub(crate) fn check_layout(
             ));
         }
     }
-    check_column(t, d, backend, key, t.key_format, true)?;
-    check_column(t, d, backend, value, t.value_format, false)
+    check_column(t, d, backend, key, t.key_format, true, strict)?;
+    check_column(t, d, backend, value, t.value_format, false, strict)
 }
 
 /// Checks that a column holds the codec's output and gives it back unchanged, and for
@@ -300,6 +368,7 @@ fn check_column(
     (name, _, ty, collation): &Column,
     format: Format,
     is_key: bool,
+    strict: bool,
 ) -> Result<()> {
     let ty = ty.to_ascii_lowercase();
     let what = if is_key { "key" } else { "value" };
@@ -307,43 +376,59 @@ fn check_column(
         Format::Text => "text",
         Format::Binary => "binary",
     };
-    let problem: Option<String> = match d {
-        Dialect::Sqlite => match Affinity::of(&ty) {
-            Affinity::Text | Affinity::Blob => None,
-            other => Some(format!(
-                "has type {ty:?}, of {other:?} affinity: SQLite turns text that looks like a \
-                 number into a number (\"007\" comes back as 7); declare it TEXT or BLOB"
-            )),
-        },
-        Dialect::Postgres => match (format, ty.as_str()) {
-            (_, ty) if ty == "character" || ty.starts_with("character(") => Some(
-                "is char(n), which pads with spaces (\"a\" and \"a \" are one key, values \
-                 come back padded); use text or varchar"
-                    .into(),
-            ),
-            (_, ty) if ty.starts_with("character varying(") => Some(format!(
-                "is {ty}, whose length limit PostgreSQL enforces by silently cutting trailing \
-                 spaces (\"abc \" would be stored as \"abc\"); use text or varchar without a \
-                 length"
-            )),
-            (Format::Text, "text" | "character varying") | (Format::Binary, "bytea") => {
-                if is_key && collation.ends_with("(nondeterministic)") {
-                    Some(format!(
-                        "uses the nondeterministic collation {:?}, under which distinct keys \
-                         are equal; use COLLATE \"C\"",
-                        collation.trim_end_matches(" (nondeterministic)")
-                    ))
-                } else {
-                    None
+    let problem: Option<String> =
+        match d {
+            // A STRICT table keeps a value only in a column of its own type (or ANY, which
+            // keeps anything as given): text in TEXT, bytes in BLOB.
+            Dialect::Sqlite if strict => {
+                match (format, ty.as_str()) {
+                    (_, "any") | (Format::Text, "text") | (Format::Binary, "blob") => None,
+                    _ => {
+                        Some(format!(
+                "has type {ty} in a STRICT table, which refuses the {kind} codec's output \
+                 there; declare it {} (or ANY), or use a {} codec",
+                if format == Format::Text { "TEXT" } else { "BLOB" },
+                if format == Format::Text { "binary" } else { "text" },
+            ))
+                    }
                 }
             }
-            _ => Some(format!(
-                "has type {ty}, which does not hold the {kind} codec's output; \
+            Dialect::Sqlite => match Affinity::of(&ty) {
+                Affinity::Text | Affinity::Blob => None,
+                other => Some(format!(
+                    "has type {ty:?}, of {other:?} affinity: SQLite turns text that looks like a \
+                 number into a number (\"007\" comes back as 7); declare it TEXT or BLOB"
+                )),
+            },
+            Dialect::Postgres => match (format, ty.as_str()) {
+                (_, ty) if ty == "character" || ty.starts_with("character(") => Some(
+                    "is char(n), which pads with spaces (\"a\" and \"a \" are one key, values \
+                 come back padded); use text or varchar"
+                        .into(),
+                ),
+                (_, ty) if ty.starts_with("character varying(") => Some(format!(
+                    "is {ty}, whose length limit PostgreSQL enforces by silently cutting trailing \
+                 spaces (\"abc \" would be stored as \"abc\"); use text or varchar without a \
+                 length"
+                )),
+                (Format::Text, "text" | "character varying") | (Format::Binary, "bytea") => {
+                    if is_key && collation.ends_with("(nondeterministic)") {
+                        Some(format!(
+                            "uses the nondeterministic collation {:?}, under which distinct keys \
+                         are equal; use COLLATE \"C\"",
+                            collation.trim_end_matches(" (nondeterministic)")
+                        ))
+                    } else {
+                        None
+                    }
+                }
+                _ => Some(format!(
+                    "has type {ty}, which does not hold the {kind} codec's output; \
                  open it with a codec of the column's kind"
-            )),
-        },
-        Dialect::Mysql => mysql_column_problem(&ty, collation, format, is_key),
-    };
+                )),
+            },
+            Dialect::Mysql => mysql_column_problem(&ty, collation, format, is_key),
+        };
     match problem {
         None => Ok(()),
         Some(reason) => Err(Error::Schema {

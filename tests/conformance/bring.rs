@@ -657,3 +657,91 @@ pub(crate) fn deletes_skipped_by_a_trigger_are_errors(env: &impl Env) {
     let fresh: DbHashMap<String, i64> = env.builder().table("skipper").open().unwrap();
     assert_eq!(fresh, h);
 }
+
+/// Found by probing (issue 21): tables on which every write fails were accepted, and
+/// each write then failed. They are refused at open, naming the column and what to
+/// change: an extra NOT NULL column without a default (every backend), a generated
+/// value column, a DEFERRABLE primary key (PostgreSQL: ON CONFLICT cannot use it), a
+/// SQLite STRICT table whose value column's type refuses the codec's output.
+pub(crate) fn tables_on_which_every_write_fails_are_refused(env: &impl Env) {
+    let (k, v) = (env.q("key"), env.q("value"));
+    let (key_type, value_type, engine) = match env.dialect() {
+        Dialect::Sqlite => ("TEXT", "TEXT", ""),
+        Dialect::Postgres => ("text COLLATE \"C\"", "text", ""),
+        _ => ("VARBINARY(100)", "LONGTEXT", " ENGINE=InnoDB"),
+    };
+    let mut cases = vec![
+        (
+            format!(
+                "{k} {key_type} NOT NULL PRIMARY KEY, {v} {value_type} NOT NULL, \
+                 tenant INT NOT NULL"
+            ),
+            "tenant",
+        ),
+        (
+            format!(
+                "{k} {key_type} NOT NULL PRIMARY KEY, \
+                 {v} {value_type} GENERATED ALWAYS AS ('x') STORED"
+            ),
+            "generated",
+        ),
+    ];
+    match env.dialect() {
+        Dialect::Postgres => cases.push((
+            format!("{k} {key_type} NOT NULL, {v} TEXT NOT NULL, PRIMARY KEY ({k}) DEFERRABLE"),
+            "DEFERRABLE",
+        )),
+        Dialect::Sqlite if !env.url().starts_with("odbc:") => {
+            cases.push((
+                format!(
+                    "{k} TEXT NOT NULL PRIMARY KEY, {v} BLOB NOT NULL) STRICT, WITHOUT ROWID --"
+                ),
+                "STRICT",
+            ));
+        }
+        _ => {}
+    }
+    for (i, (ddl, says)) in cases.iter().enumerate() {
+        let name = format!("unwritable {i}");
+        let ddl = if ddl.ends_with("--") {
+            format!(
+                "CREATE TABLE {} ({}",
+                env.q(&name),
+                ddl.trim_end_matches(" --")
+            )
+        } else {
+            format!("CREATE TABLE {} ({ddl}){engine}", env.q(&name))
+        };
+        env.exec(&ddl);
+        let err = env
+            .builder::<String, String>()
+            .table(&name)
+            .codec(Text)
+            .open()
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Schema { .. }), "{ddl}: {msg}");
+        assert!(msg.contains(says), "{ddl}: names {says:?}: {msg}");
+    }
+    // STRICT with the right types, and ANY, work.
+    if env.dialect() == Dialect::Sqlite && !env.url().starts_with("odbc:") {
+        env.exec(&format!(
+            "CREATE TABLE {} ({k} TEXT NOT NULL PRIMARY KEY, {v} ANY NOT NULL) STRICT",
+            env.q("strict any")
+        ));
+        let mut h: DbHashMap<String, String> = env
+            .builder()
+            .table("strict any")
+            .codec(Text)
+            .open()
+            .unwrap();
+        h.insert("a".into(), "007".into()).unwrap();
+        let fresh: DbHashMap<String, String> = env
+            .builder()
+            .table("strict any")
+            .codec(Text)
+            .open()
+            .unwrap();
+        assert_eq!(fresh["a"], "007");
+    }
+}
