@@ -41,6 +41,10 @@ pub struct PostgresStore {
     coherence: Option<Coherence>,
     /// When the connection last answered: one unused for long is checked before a write.
     last_used: Instant,
+    /// The table has triggers or rules of its own (not coherence's): a single write then
+    /// runs in a transaction, so that a write its checks refuse takes back what those
+    /// did too. Without them a single write is one statement, committed on its own.
+    guarded: bool,
 }
 
 struct Statements {
@@ -159,6 +163,7 @@ impl PostgresStore {
             stmts: None,
             coherence: None,
             last_used: Instant::now(),
+            guarded: true,
         }
     }
 
@@ -171,6 +176,7 @@ impl PostgresStore {
             stmts: None,
             coherence: None,
             last_used: Instant::now(),
+            guarded: true,
         })
     }
 
@@ -283,7 +289,7 @@ impl PostgresStore {
         let Some(s) = &self.stmts else {
             return Err(not_opened(D.name()));
         };
-        let single = batch.len() == 1 && !batch.clear;
+        let single = batch.len() == 1 && !batch.clear && !self.guarded;
         let binds = |format, bytes| Bind::new(t, format, bytes);
         let classify = |e: postgres::Error, committing: bool| -> Error {
             // A statement the server answered has a known outcome. Without an answer
@@ -461,6 +467,21 @@ impl<'a> CopyIn<postgres::CopyInWriter<'a>> {
     }
 }
 
+/// Whether the table has triggers (coherence's aside) or rules, whose side effects a
+/// refused single write must take back.
+fn has_triggers_or_rules(c: &mut Client, t: &TableSpec) -> Result<bool, postgres::Error> {
+    let n: i64 = c
+        .query_one(
+            "WITH r AS (SELECT to_regclass(CAST($1 AS text)) AS oid) SELECT \
+             (SELECT count(*) FROM pg_trigger, r WHERE tgrelid = r.oid AND NOT tgisinternal \
+              AND left(tgname, length($2) + 6) <> $2 || '__wth_') \
+             + (SELECT count(*) FROM pg_rewrite, r WHERE ev_class = r.oid AND rulename <> '_RETURN')",
+            &[&D.layout_param(t), &t.name],
+        )?
+        .get(0);
+    Ok(n > 0)
+}
+
 /// Whether a rule or trigger of the table could keep a row a DELETE names. Asked only
 /// when a DELETE removed fewer rows than it named: without such a rule or trigger the
 /// others were gone already (another writer deleted them), and looking them up could
@@ -521,6 +542,8 @@ impl Store for PostgresStore {
         self.ensure_connected()?;
         self.check_not_in_transaction()?;
         open_table(&mut self.client, t, D, Marks::Native, D.name())?;
+        self.guarded = has_triggers_or_rules(&mut self.client, t)
+            .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
         self.prepare(t)?;
         self.table = Some(t.clone());
         Ok(())

@@ -109,11 +109,10 @@ impl SqliteStore {
     fn write(&mut self, batch: &Batch) -> std::result::Result<(), crate::error::BoxError> {
         let t = opened(&self.table, D.name())?;
         let (kf, vf) = (t.key_format, t.value_format);
-        // A single upsert or delete commits on its own; anything else is one
-        // transaction, taken IMMEDIATE so it never fails half-way on a lock upgrade.
-        if batch.len() == 1 && !batch.clear {
-            return Self::run(&self.conn, &self.sql, batch, kf, vf);
-        }
+        // Every write is one transaction, a single one included, taken IMMEDIATE so it
+        // never fails half-way on a lock upgrade: a write that the checks after its
+        // statements refuse (a trigger dropped the row) is rolled back with whatever its
+        // triggers did meanwhile.
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;

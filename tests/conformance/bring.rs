@@ -745,3 +745,45 @@ pub(crate) fn tables_on_which_every_write_fails_are_refused(env: &impl Env) {
         assert_eq!(fresh["a"], "007");
     }
 }
+
+/// Found by probing (issue 21): a single write that a trigger drops after writing
+/// elsewhere (an audit row) returned an error, but the trigger's other change stayed
+/// committed. A refused write takes back everything it did, single writes included.
+pub(crate) fn a_refused_write_leaves_no_trace(env: &impl Env) {
+    let (t, v, audit) = (env.q("traced"), env.q("value"), env.q("traced audit"));
+    let key_type = if env.dialect() == Dialect::Postgres {
+        "text COLLATE \"C\""
+    } else {
+        "TEXT"
+    };
+    match env.dialect() {
+        Dialect::Sqlite => env.exec(&format!(
+            "CREATE TABLE {t} ({} {key_type} NOT NULL PRIMARY KEY, {v} TEXT NOT NULL); \
+             CREATE TABLE {audit} (what TEXT); \
+             CREATE TRIGGER traced13 BEFORE INSERT ON {t} WHEN NEW.{v} = '13' \
+             BEGIN INSERT INTO {audit} VALUES ('tried 13'); SELECT RAISE(IGNORE); END",
+            env.q("key")
+        )),
+        Dialect::Postgres => env.exec(&format!(
+            "CREATE TABLE {t} ({} {key_type} NOT NULL PRIMARY KEY, {v} text NOT NULL); \
+             CREATE TABLE {audit} (what text); \
+             CREATE FUNCTION traced13() RETURNS trigger AS $$ BEGIN \
+             IF NEW.{v} = '13' THEN INSERT INTO {audit} VALUES ('tried 13'); RETURN NULL; END IF; \
+             RETURN NEW; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER traced13 BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION traced13()",
+            env.q("key")
+        )),
+        _ => return,
+    }
+    let mut h: DbHashMap<String, i64> = env.builder().table("traced").open().unwrap();
+    h.insert("a".into(), 1).unwrap();
+    assert!(h.insert("b".into(), 13).is_err());
+    assert!(h.upsert("c".into(), |_| 13).is_err());
+    assert_eq!(
+        env.count(&format!("SELECT count(*) FROM {audit}")),
+        0,
+        "the trigger's audit rows were taken back with the refused writes"
+    );
+    let fresh: DbHashMap<String, i64> = env.builder().table("traced").open().unwrap();
+    assert_eq!(fresh, h);
+}

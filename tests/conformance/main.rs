@@ -80,6 +80,7 @@ all_backends!(
     bring::deletes_dropped_by_the_table_are_errors,
     bring::deletes_skipped_by_a_trigger_are_errors,
     bring::tables_on_which_every_write_fails_are_refused,
+    bring::a_refused_write_leaves_no_trace,
     api::read_modify_write,
     api::transaction_view_and_previous_values,
     api::errors_chain_each_cause_once,
