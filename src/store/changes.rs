@@ -566,6 +566,33 @@ impl Coherence {
     ) -> Result<Coherence> {
         let names = Names::of(dialect, table)?;
         let fail = |e| db_error(Action::Open, table, backend, e);
+        if dialect == Dialect::Mysql {
+            // InnoDB's foreign-key actions change rows without firing triggers: a change
+            // a parent table's cascade makes here would never reach the change log.
+            let cascades = conn
+                .texts(
+                    &format!(
+                        "SELECT constraint_name FROM information_schema.referential_constraints \
+                         WHERE constraint_schema = database() AND table_name = {} AND \
+                         (delete_rule <> 'RESTRICT' AND delete_rule <> 'NO ACTION' OR \
+                          update_rule <> 'RESTRICT' AND update_rule <> 'NO ACTION')",
+                        dialect.mark(marks, 1)
+                    ),
+                    Some(&table.name),
+                )
+                .map_err(fail)?;
+            if let Some(name) = cascades.first().and_then(|r| r.first()) {
+                return Err(Error::NotCoherent {
+                    table: table.name.clone(),
+                    reason: format!(
+                        "its foreign key {name:?} cascades (ON DELETE or ON UPDATE CASCADE, SET \
+                         NULL or SET DEFAULT), and MySQL/MariaDB fire no trigger for the rows a \
+                         cascade changes, so other maps would never see those changes; make \
+                         the foreign key RESTRICT, or open the map without coherent()"
+                    ),
+                });
+            }
+        }
         let installed = conn
             .texts(&dialect.coherence_installed_query(table, &names), None)
             .map_err(fail)?;
