@@ -226,7 +226,8 @@ pub enum Error {
 
     /// Connecting to the database failed. The driver's error is the source.
     #[error(
-        "connecting to {url} ({backend}) failed; {}",
+        "connecting to {url} ({backend}) failed{}; {}",
+        server_says(.source),
         if *.backend == "SQLite" {
             "check the path, that its directory exists, and its permissions"
         } else {
@@ -667,6 +668,24 @@ fn server_says(source: &BoxError) -> String {
         out.push(')');
         return out;
     }
+    #[cfg(feature = "mysql")]
+    if let Some(mysql::Error::MySqlError(e)) = source.downcast_ref::<mysql::Error>() {
+        return format!(
+            ": the server said {:?} (error {}, SQLSTATE {})",
+            e.message, e.code, e.state
+        );
+    }
+    #[cfg(feature = "odbc")]
+    if let Some(odbc_api::Error::Diagnostics { record, .. }) =
+        source.downcast_ref::<odbc_api::Error>()
+    {
+        return format!(
+            ": the server said {:?} (SQLSTATE {}, native error {})",
+            odbc_api::handles::slice_to_cow_utf8(&record.message).trim_end(),
+            record.state.as_str(),
+            record.native_error
+        );
+    }
     let _ = source;
     String::new()
 }
@@ -682,9 +701,16 @@ fn hint(source: &BoxError) -> &'static str {
         next = cause.source();
     }
     let text = text.to_ascii_lowercase();
-    if text.contains("read-only transaction") || text.contains("read_only") {
-        "; the server takes no writes in this session (a hot standby, or a read-only \
-         transaction): write through the primary server"
+    if text.contains("query_only") {
+        "; the connection has PRAGMA query_only = ON (the file may well be writable): set \
+         it OFF, or hand the map another connection"
+    } else if text.contains("read-only transaction")
+        || text.contains("read only transaction")
+        || text.contains("read_only")
+    {
+        "; the server takes no writes in this session (a hot standby, or a session set \
+         read-only): write through the primary server, or hand the map a session that \
+         writes (SET SESSION TRANSACTION READ WRITE)"
     } else if text.contains("readonly") || text.contains("read-only") || text.contains("read only")
     {
         "; the database is read-only: open it writable or check the file's permissions"

@@ -147,9 +147,21 @@ impl Failure {
         let mut next = std::error::Error::source(e);
         while let Some(cause) = next {
             let said = cause.to_string();
-            // A cause the message already tells (PostgreSQL's report) is not repeated.
-            let core = said.trim_start_matches("ERROR: ");
-            if !text.contains(core.lines().next().unwrap_or(core)) {
+            // A cause the message already tells (the server's report, which the
+            // library's message quotes) is not repeated.
+            let core = match cause.downcast_ref::<write_thru_hash::mysql::Error>() {
+                Some(write_thru_hash::mysql::Error::MySqlError(e)) => e.message.clone(),
+                _ => said.trim_start_matches("ERROR: ").to_string(),
+            };
+            let core = match cause.downcast_ref::<write_thru_hash::odbc_api::Error>() {
+                Some(write_thru_hash::odbc_api::Error::Diagnostics { record, .. }) => {
+                    write_thru_hash::odbc_api::handles::slice_to_cow_utf8(&record.message)
+                        .trim_end()
+                        .to_string()
+                }
+                _ => core,
+            };
+            if !text.contains(core.lines().next().unwrap_or(&core)) {
                 text.push_str(": ");
                 text.push_str(&said);
             }
@@ -831,6 +843,9 @@ fn tables(db: &str) -> Outcome<Vec<String>> {
         }
         "postgres" | "postgresql" => {
             use write_thru_hash::postgres;
+            // The library's connection first: its messages say what is wrong with the
+            // URL or the server (the driver says "db error" for a wrong password).
+            write_thru_hash::connect(db)?;
             let mut c = postgres::Client::connect(db, postgres::NoTls)
                 .map_err(|e| connect_error("PostgreSQL", &e))?;
             let rows = c
@@ -845,6 +860,7 @@ fn tables(db: &str) -> Outcome<Vec<String>> {
         }
         "mysql" | "mariadb" => {
             use write_thru_hash::mysql::{self, prelude::Queryable};
+            write_thru_hash::connect(db)?;
             let url = format!("mysql:{rest}");
             let opts = mysql::Opts::from_url(&url).map_err(|_| {
                 Failure("the mysql driver does not accept the URL: check its syntax".into())

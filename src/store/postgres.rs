@@ -186,7 +186,26 @@ impl PostgresStore {
             backend: D.name(),
             source: e.into(),
         };
-        let mut config: postgres::Config = url.parse().map_err(fail)?;
+        let unreadable = || Error::Url {
+            url: redact(url),
+            reason: "the driver cannot read a host from it; in a URL, characters such as \
+                     / ? # @ : ; { } = and spaces in the user name or password must be \
+                     percent-encoded (%2F for /, %3F for ?, %40 for @, %3A for :, %3B for ;)"
+                .into(),
+        };
+        // An `@` after a `/`, `?` or `#` of the authority: a password with those
+        // characters, not encoded, which the driver reads as something else entirely.
+        let rest = url.split_once("://").map_or("", |(_, rest)| rest);
+        if let Some(at) = rest.find('@') {
+            // What follows looks like host:port/database, not a query's value.
+            if rest[..at].contains(['/', '?', '#']) && rest[at..].contains('/') {
+                return Err(unreadable());
+            }
+        }
+        let mut config: postgres::Config = url.parse().map_err(|_| unreadable())?;
+        if config.get_hosts().is_empty() && url.contains("://") {
+            return Err(unreadable());
+        }
         // A server that does not answer (a paused network, a dead host) fails the
         // connection in bounded time rather than after the kernel gives up (minutes),
         // and an idle connection that died is noticed by the keepalives.

@@ -417,8 +417,24 @@ impl Store for SqliteStore {
             // Whatever failed, leave no transaction open for the next call to join.
             let _ = self.conn.execute_batch("ROLLBACK");
         }
+        // A read-only connection says so as a read-only file does: tell which it is.
+        let query_only = matches!(
+            result.as_ref().err().and_then(|e| e.downcast_ref::<rusqlite::Error>()),
+            Some(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ReadOnly)
+        ) && self
+            .conn
+            .pragma_query_value(None, "query_only", |r| r.get::<_, i64>(0))
+            .is_ok_and(|on| on == 1);
         // The table is only looked up for the message, not copied on every write.
         result.map_err(|e| match &self.table {
+            Some(t) if query_only => db_error(
+                Action::Write,
+                t,
+                D.name(),
+                "the connection has PRAGMA query_only = ON, so it takes no writes (the file \
+                 itself may be writable); set PRAGMA query_only = OFF, or hand the map another \
+                 connection",
+            ),
             Some(t) => db_error(Action::Write, t, D.name(), e),
             None => not_opened(D.name()),
         })
