@@ -422,9 +422,27 @@ fn check_column(
                         None
                     }
                 }
+                (_, "json" | "jsonb") => Some(format!(
+                    "is {ty}, which gives JSON back rewritten ({}), not as the codec wrote \
+                     it, so no codec reads back what it wrote; make it text (ALTER TABLE … \
+                     ALTER COLUMN … TYPE text) and keep the Json codec",
+                    if ty == "jsonb" {
+                        "members reordered, duplicates and spaces dropped"
+                    } else {
+                        "checked, and served as text only through a cast"
+                    }
+                )),
+                (_, "text" | "character varying") => Some(format!(
+                    "has type {ty}, which does not hold the {kind} codec's output; open it \
+                     with a text codec (Json, Text)"
+                )),
+                (_, "bytea") => Some(format!(
+                    "has type {ty}, which does not hold the {kind} codec's output; open it \
+                     with a binary codec (Bytes, Postcard)"
+                )),
                 _ => Some(format!(
-                    "has type {ty}, which does not hold the {kind} codec's output; \
-                 open it with a codec of the column's kind"
+                    "has type {ty}, which holds neither text nor bytes as written; make it \
+                     text (for the Json and Text codecs) or bytea (for binary codecs)"
                 )),
             },
             Dialect::Mysql => mysql_column_problem(&ty, collation, format, is_key),
