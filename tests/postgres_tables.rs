@@ -96,3 +96,20 @@ fn postgres_tables_with_inheritance_children_are_refused() {
         "nothing was written"
     );
 }
+
+/// A json or jsonb value column gives JSON back rewritten: refused, saying so and what
+/// to change (it used to say "open it with a codec of the column's kind", of which
+/// there is none).
+#[test]
+fn postgres_json_value_columns_are_refused_saying_why() {
+    let env = PgEnv::new();
+    env.exec("CREATE TABLE j (key text COLLATE \"C\" PRIMARY KEY, value jsonb NOT NULL)");
+    let err = DbHashMap::<String, i64>::builder_url(&env.url())
+        .table("j")
+        .open()
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Schema { .. }), "{text}");
+    assert!(text.contains("jsonb") && text.contains("TYPE text"), "{text}");
+    assert!(!text.contains("column's kind"), "{text}");
+}
