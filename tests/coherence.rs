@@ -638,3 +638,40 @@ fn postgres_refresh_after_a_bulk_write_reads_only_the_changes() {
         "a refresh of one change took {median:?}, a reload of 100,000 rows {reload:?}"
     );
 }
+
+/// Found by probing (issue 21): a `coherent()` open that MariaDB refused (here: no
+/// right to create triggers) left the table, its change log and its clock behind. A
+/// refused open writes nothing: what it made is taken away again.
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_a_refused_coherent_open_leaves_nothing_behind() {
+    let env = env::MyEnv::new();
+    let url = env.url();
+    let name: String = url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
+    let user = format!("{name}_notrig");
+    env.exec(&format!(
+        "CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'; \
+         GRANT SELECT, INSERT, UPDATE, DELETE, CREATE, DROP, INDEX, ALTER ON `{name}`.* TO '{user}'@'%'"
+    ));
+    let at = url.find('@').unwrap();
+    let limited = format!("mysql://{user}:pw{}", &url[at..]);
+    let err = DbHashMap::<String, i64>::builder_url(&limited)
+        .table("fresh")
+        .coherent()
+        .open()
+        .unwrap_err();
+    assert!(!err.to_string().is_empty());
+    let left = env.ints(
+        "SELECT count(*) FROM information_schema.tables \
+         WHERE table_schema = database() AND table_name LIKE 'fresh%'",
+    );
+    env.exec(&format!("DROP USER '{user}'@'%'"));
+    assert_eq!(left, vec![0], "the refused open left tables behind: {err}");
+}

@@ -110,6 +110,9 @@ fn postgres_json_value_columns_are_refused_saying_why() {
         .unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, Error::Schema { .. }), "{text}");
-    assert!(text.contains("jsonb") && text.contains("TYPE text"), "{text}");
+    assert!(
+        text.contains("jsonb") && text.contains("TYPE text"),
+        "{text}"
+    );
     assert!(!text.contains("column's kind"), "{text}");
 }

@@ -33,7 +33,8 @@ macro_rules! coherence_methods {
     ($conn:ident, $d:expr) => {
         fn enable_changes(&mut self) -> Result<()> {
             let t = opened(&self.table, $d.name())?.clone();
-            let c = Coherence::enable(&mut self.$conn, &t, $d, Marks::Native, $d.name())?;
+            let made = self.made_table;
+            let c = Coherence::enable(&mut self.$conn, &t, $d, Marks::Native, $d.name(), made)?;
             self.coherence = Some(c);
             Ok(())
         }
@@ -577,6 +578,7 @@ impl Coherence {
         dialect: Dialect,
         marks: Marks,
         backend: &'static str,
+        made_table: bool,
     ) -> Result<Coherence> {
         let names = Names::of(dialect, table)?;
         let fail = |e| db_error(Action::Open, table, backend, e);
@@ -621,17 +623,37 @@ impl Coherence {
             _ => "0",
         };
         if count < names.triggers.len() {
-            let setup = dialect.coherence_setup(table, &names, origin);
-            if dialect == Dialect::Mysql {
-                let (tables, triggers) = setup.split_at(setup.len() - names.triggers.len());
-                for sql in tables {
-                    retry_conflicts(|| conn.exec(sql)).map_err(fail)?;
+            // A refused open writes nothing: what this setup makes is taken away again
+            // when a later step fails (on MySQL every DDL commits on its own).
+            let existed: Vec<bool> = [&names.log, &names.clock, &names.setup_lock]
+                .iter()
+                .map(|n| table_exists(conn, dialect, marks, n))
+                .collect();
+            let result = Self::install(conn, table, &names, origin, dialect, backend);
+            if let Err(e) = result {
+                let mut undo = |sql: String| {
+                    let _ = conn.exec(&sql);
+                };
+                if count == 0 {
+                    for trigger in &names.triggers {
+                        undo(dialect.drop_trigger(table, trigger));
+                    }
                 }
-                install_one_at_a_time(conn, table, &names, triggers, backend)?;
-            } else {
-                for sql in setup {
-                    conn.exec(&sql).map_err(fail)?;
+                for (name, existed) in [&names.log, &names.clock, &names.setup_lock]
+                    .into_iter()
+                    .zip(existed)
+                {
+                    if !existed {
+                        undo(format!("DROP TABLE IF EXISTS {}", dialect.quote(name)));
+                    }
                 }
+                if made_table {
+                    undo(format!(
+                        "DROP TABLE IF EXISTS {}",
+                        dialect.quote(&table.name)
+                    ));
+                }
+                return Err(e);
             }
         }
         Ok(Coherence {
@@ -643,6 +665,33 @@ impl Coherence {
             origin,
             positions: std::sync::Mutex::default(),
         })
+    }
+
+    /// Installs the log, the clock and the triggers.
+    fn install(
+        conn: &mut dyn Catalog,
+        table: &TableSpec,
+        names: &Names,
+        origin: &str,
+        dialect: Dialect,
+        backend: &'static str,
+    ) -> Result<()> {
+        let fail = |e| db_error(Action::Open, table, backend, e);
+        {
+            let setup = dialect.coherence_setup(table, names, origin);
+            if dialect == Dialect::Mysql {
+                let (tables, triggers) = setup.split_at(setup.len() - names.triggers.len());
+                for sql in tables {
+                    retry_conflicts(|| conn.exec(sql)).map_err(fail)?;
+                }
+                install_one_at_a_time(conn, table, names, triggers, backend)?;
+            } else {
+                for sql in setup {
+                    conn.exec(&sql).map_err(fail)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The statement that takes the clock's lock first in a transaction, where the
@@ -909,6 +958,13 @@ pub(crate) fn not_enabled(table: &Option<TableSpec>) -> Error {
                  `DbHashMap::builder(…).coherent()`"
             .into(),
     }
+}
+
+/// Whether a table of that name exists (a refused setup drops only what it made).
+fn table_exists(conn: &mut dyn Catalog, d: Dialect, marks: Marks, name: &str) -> bool {
+    let param = d.layout_param(&TableSpec::new(name, Format::Text, Format::Text));
+    conn.texts(&d.layout_query(marks), Some(&param))
+        .is_ok_and(|cols| !cols.is_empty())
 }
 
 /// How long an open waits for another connection that installs the triggers, and how

@@ -359,6 +359,27 @@ impl Dialect {
         sql
     }
 
+    /// Drops one of coherence's triggers on `t`, if it is there.
+    #[cfg_attr(
+        not(any(
+            feature = "sqlite",
+            feature = "postgres",
+            feature = "mysql",
+            feature = "odbc"
+        )),
+        allow(dead_code)
+    )]
+    pub(crate) fn drop_trigger(self, t: &TableSpec, trigger: &str) -> String {
+        match self {
+            Dialect::Postgres => format!(
+                "DROP TRIGGER IF EXISTS {} ON {}",
+                self.quote(trigger),
+                self.quote(&t.name)
+            ),
+            _ => format!("DROP TRIGGER IF EXISTS {}", self.quote(trigger)),
+        }
+    }
+
     /// Deletes every row.
     pub fn delete_all(self, t: &TableSpec) -> String {
         format!("DELETE FROM {}", self.quote(&t.name))

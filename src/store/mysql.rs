@@ -40,6 +40,8 @@ pub struct MysqlStore {
     last_used: Instant,
     /// Set by `enable_changes` (coherence).
     coherence: Option<Coherence>,
+    /// `open` made the table (it was absent).
+    made_table: bool,
 }
 
 impl std::fmt::Debug for MysqlStore {
@@ -64,6 +66,7 @@ impl MysqlStore {
             chunk_bytes: crate::store::support::CHUNK_BYTES,
             last_used: Instant::now(),
             coherence: None,
+            made_table: false,
         }
     }
 
@@ -275,13 +278,16 @@ impl Store for MysqlStore {
         // On Galera two nodes creating one table at once may conflict (1213): the
         // loser looks again, and finds the table made.
         let mut tries = 0;
-        while let Err(e) = open_table(&mut self.conn, t, D, Marks::Native, D.name()) {
-            if tries == 5 || !e.is_conflict() {
-                return Err(e);
+        self.made_table = loop {
+            match open_table(&mut self.conn, t, D, Marks::Native, D.name()) {
+                Ok(made) => break made,
+                Err(e) if tries < 5 && e.is_conflict() => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20 << tries));
+                }
+                Err(e) => return Err(e),
             }
-            tries += 1;
-            std::thread::sleep(Duration::from_millis(20 << tries));
-        }
+        };
         if let Some(sql) = D.packet_query() {
             let packet: Option<String> = self
                 .conn

@@ -40,6 +40,8 @@ pub struct OdbcStore {
     chunk_bytes: usize,
     /// Set by `enable_changes` (coherence).
     coherence: Option<Coherence>,
+    /// `open` made the table (it was absent).
+    made_table: bool,
 }
 
 impl std::fmt::Debug for OdbcStore {
@@ -89,6 +91,7 @@ impl OdbcStore {
             max_value: None,
             chunk_bytes: CHUNK_BYTES,
             coherence: None,
+            made_table: false,
         })
     }
 
@@ -554,7 +557,7 @@ impl Store for OdbcStore {
         self.prepare_session(t)?;
         let (d, name) = (self.dialect, self.name());
         if self.known {
-            open_table(self, t, d, Marks::Question, name)?;
+            self.made_table = open_table(self, t, d, Marks::Question, name)?;
         } else {
             // Its catalog cannot be read the way this crate knows: the table is made if
             // absent, and a table that exists is taken as it is.
@@ -689,7 +692,8 @@ impl Store for OdbcStore {
                 reason: format!("the ODBC data source's DBMS {:?} is not one this crate can keep a change log on", self.dbms),
             });
         }
-        self.coherence = Some(Coherence::enable(self, &t, d, Marks::Question, name)?);
+        let made = self.made_table;
+        self.coherence = Some(Coherence::enable(self, &t, d, Marks::Question, name, made)?);
         Ok(())
     }
 

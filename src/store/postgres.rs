@@ -39,6 +39,8 @@ pub struct PostgresStore {
     stmts: Option<Statements>,
     /// Set by `enable_changes` (coherence).
     coherence: Option<Coherence>,
+    /// `open` made the table (it was absent).
+    made_table: bool,
     /// When the connection last answered: one unused for long is checked before a write.
     last_used: Instant,
     /// The table has triggers or rules of its own (not coherence's): a single write then
@@ -162,6 +164,7 @@ impl PostgresStore {
             table: None,
             stmts: None,
             coherence: None,
+            made_table: false,
             last_used: Instant::now(),
             guarded: true,
         }
@@ -175,6 +178,7 @@ impl PostgresStore {
             table: None,
             stmts: None,
             coherence: None,
+            made_table: false,
             last_used: Instant::now(),
             guarded: true,
         })
@@ -560,7 +564,7 @@ impl Store for PostgresStore {
         D.check_table_name(&t.name)?;
         self.ensure_connected()?;
         self.check_not_in_transaction()?;
-        open_table(&mut self.client, t, D, Marks::Native, D.name())?;
+        self.made_table = open_table(&mut self.client, t, D, Marks::Native, D.name())?;
         self.guarded = has_triggers_or_rules(&mut self.client, t)
             .map_err(|e| db_error(Action::Open, t, D.name(), e))?;
         self.prepare(t)?;

@@ -28,6 +28,8 @@ pub struct SqliteStore {
     sql: Sql,
     /// Set by `enable_changes` (coherence).
     coherence: Option<Coherence>,
+    /// `open` made the table (it was absent).
+    made_table: bool,
 }
 
 /// Rows per multi-row upsert: one statement for many rows saves SQLite's per-statement
@@ -54,6 +56,7 @@ impl SqliteStore {
             table: None,
             sql: Sql::default(),
             coherence: None,
+            made_table: false,
         }
     }
 
@@ -282,7 +285,7 @@ impl Store for SqliteStore {
                     .into(),
             });
         }
-        open_table(&mut self.conn, t, D, Marks::Native, D.name())?;
+        self.made_table = open_table(&mut self.conn, t, D, Marks::Native, D.name())?;
         self.sql = Sql {
             upsert: D.upsert(t, 1),
             upsert_chunk: D.upsert(t, CHUNK),

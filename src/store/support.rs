@@ -79,13 +79,15 @@ pub(crate) type Field = Option<Vec<u8>>;
 /// Opens `t` through `conn`: refuses a name the backend cannot hold, looks the table
 /// up, creates it only when it is absent (so a user who may only read and write an
 /// existing table, or a read-only session, can open it), and checks what it found.
+/// Says whether it made the table (it was absent), so that a later refusal of the
+/// same open (coherence that cannot be installed) can take it away again.
 pub(crate) fn open_table(
     conn: &mut dyn Catalog,
     t: &TableSpec,
     d: Dialect,
     marks: Marks,
     backend: &'static str,
-) -> Result<()> {
+) -> Result<bool> {
     d.check_table_name(&t.name)?;
     let fail = |e| db_error(Action::Open, t, backend, e);
     if hidden_by_temporary(conn, t, d, marks) {
@@ -103,6 +105,7 @@ pub(crate) fn open_table(
         conn.texts(&d.layout_query(marks), Some(&param))
             .map_err(fail)?,
     );
+    let made = cols.is_empty();
     if cols.is_empty() {
         // Another connection may make the table at the same moment (PostgreSQL then
         // fails one of two `CREATE TABLE IF NOT EXISTS`): what counts is that it exists.
@@ -152,7 +155,8 @@ pub(crate) fn open_table(
     let unwritable = conn
         .texts(&d.unwritable_columns_query(marks), Some(&param))
         .map_err(fail)?;
-    check_writable_columns(t, d, backend, unwritable)
+    check_writable_columns(t, d, backend, unwritable)?;
+    Ok(made)
 }
 
 /// Refuses a table on which every write of the map would fail: a column besides
