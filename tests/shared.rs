@@ -813,3 +813,63 @@ fn sqlite_a_held_lock_is_waited_for_once() {
     assert!(waits.iter().all(|w| !w.1), "the lock was held throughout");
     assert_eq!(fresh(&env, "held"), h.to_hash_map());
 }
+
+/// The threads of this process, from /proc.
+#[cfg(feature = "tokio")]
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// Issue 24: a waiting `…_async` write holds no thread. 1,000 `insert_async` calls wait
+/// on a locked SQLite file (current-thread runtime): the process keeps a handful of
+/// threads (it had 384 when each call waited on a blocking thread), and every call
+/// lands once the lock is gone. Futures dropped before they complete leave the map and
+/// the table equal.
+#[cfg(feature = "tokio")]
+#[test]
+fn sqlite_waiting_async_writes_hold_no_thread() {
+    let env = env::SqliteEnv::new();
+    let h = shared(&env, "many async");
+    h.insert("warm".into(), 0).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let before = threads();
+    let most = rt.block_on(async {
+        let lock = env.hold_write_lock("many async", Duration::from_millis(800));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let calls: Vec<_> = (0..1000)
+            .map(|i| {
+                let h = h.clone();
+                tokio::spawn(async move { h.insert_async(format!("k{i}"), i).await })
+            })
+            .collect();
+        let mut most = 0;
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            most = most.max(threads());
+        }
+        for call in calls {
+            call.await.unwrap().unwrap();
+        }
+        lock.join().unwrap();
+        // Dropped before they complete: their changes go with their groups.
+        for i in 0..20 {
+            let h = h.clone();
+            let call = tokio::spawn(async move { h.insert_async(format!("dropped {i}"), i).await });
+            call.abort();
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_millis(1),
+            h.insert_async("timed out".into(), 1),
+        )
+        .await;
+        h.insert_async("after".into(), 2).await.unwrap();
+        most
+    });
+    eprintln!("threads: {before} before, at most {most} while 1,000 calls waited");
+    assert!(most <= before + 64, "{most} threads while the calls waited");
+    assert!(h.len() >= 1002);
+    assert_eq!(fresh(&env, "many async"), h.to_hash_map());
+}

@@ -1,10 +1,16 @@
-//! Feature `tokio`: `SharedDbHashMap`'s write methods for async code. Each runs the
-//! blocking method on tokio's blocking threads, so a write waiting on the database
-//! never holds up the runtime's worker threads; reads stay synchronous (they are
-//! memory reads).
+//! Feature `tokio`: `SharedDbHashMap`'s write methods for async code; reads stay
+//! synchronous (they are memory reads). No write holds up the runtime's worker threads:
 //!
-//! They use `tokio::task::spawn_blocking`, so they must run inside a tokio runtime (any
-//! flavour): polled elsewhere they panic, as tokio's own functions do.
+//! - the group-committed ones (`insert`, `remove`, `remove_entry`, `clear`,
+//!   `insert_many`) queue their change and await a oneshot channel that the committing
+//!   thread fulfils: a waiting call holds no thread, and one blocking thread commits
+//!   each group (measured: 1,000 waiting calls, a handful of threads);
+//! - the others (read-modify-write, transactions, refresh) run the blocking method on
+//!   one of tokio's blocking threads.
+//!
+//! They must run inside a tokio runtime (any flavour): polled elsewhere they panic, as
+//! tokio's own functions do. A future dropped before it completes does not stop its
+//! write: the change is committed (or refused) with the others, and its outcome dropped.
 
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
@@ -63,7 +69,7 @@ where
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub async fn insert_async(&self, key: K, value: V) -> Result<Option<V>> {
-        self.blocking("insert", move |h| h.insert(key, value)).await
+        self.insert_queued(key, value).await
     }
 
     /// [`remove`](Self::remove) for async code; the key is given by value.
@@ -72,7 +78,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + Send + 'static,
     {
-        self.blocking("remove", move |h| h.remove(&key)).await
+        Ok(self.remove_entry_queued(&key).await?.map(|(_, v)| v))
     }
 
     /// [`remove_entry`](Self::remove_entry) for async code; the key is given by value.
@@ -81,13 +87,12 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + Send + 'static,
     {
-        self.blocking("remove_entry", move |h| h.remove_entry(&key))
-            .await
+        self.remove_entry_queued(&key).await
     }
 
     /// [`clear`](Self::clear) for async code.
     pub async fn clear_async(&self) -> Result<()> {
-        self.blocking("clear", |h| h.clear()).await
+        self.clear_queued().await
     }
 
     /// [`insert_many`](Self::insert_many) for async code.
@@ -95,7 +100,37 @@ where
         &self,
         pairs: impl IntoIterator<Item = (K, V)> + Send + 'static,
     ) -> Result<()> {
-        self.blocking("insert_many", move |h| h.insert_many(pairs))
+        self.insert_many_queued(pairs.into_iter().collect()).await
+    }
+
+    /// [`get_or_insert_with`](Self::get_or_insert_with) for async code: no I/O when the
+    /// key is held.
+    pub async fn get_or_insert_with_async(
+        &self,
+        key: K,
+        f: impl FnOnce() -> V + Send + 'static,
+    ) -> Result<V>
+    where
+        V: Clone,
+    {
+        if let Some(value) = self.get(&key) {
+            return Ok(value);
+        }
+        self.blocking("get_or_insert_with", move |h| h.get_or_insert_with(key, f))
+            .await
+    }
+
+    /// [`remove_many`](Self::remove_many) for async code; the keys are given by value.
+    pub async fn remove_many_async<Q>(
+        &self,
+        keys: impl IntoIterator<Item = Q> + Send + 'static,
+    ) -> Result<usize>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + Send + 'static,
+    {
+        let keys: Vec<Q> = keys.into_iter().collect();
+        self.blocking("remove_many", move |h| h.remove_many(keys.iter()))
             .await
     }
 

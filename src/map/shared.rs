@@ -108,7 +108,51 @@ struct Queue<K, V> {
 struct Request<K, V> {
     batch: Batch,
     change: Change<K, V>,
-    done: mpsc::SyncSender<Word<K, V>>,
+    done: Waiter<K, V>,
+}
+
+/// Where a queued change's caller waits: a blocked thread, or (feature `tokio`) a task
+/// awaiting a oneshot channel, woken by the committing thread; such a task does not
+/// hold a thread while it waits.
+enum Waiter<K, V> {
+    Thread(mpsc::SyncSender<Word<K, V>>),
+    #[cfg(feature = "tokio")]
+    Task {
+        outcome: tokio::sync::oneshot::Sender<Result<Done<K, V>>>,
+        /// Starts a leader on a blocking thread of the caller's runtime, when the lead
+        /// comes to this change.
+        lead: Option<Box<dyn FnOnce() + Send>>,
+    },
+}
+
+impl<K, V> Waiter<K, V> {
+    /// Hands the caller its outcome; a caller gone (a dropped future) is no matter.
+    fn outcome(self, outcome: Result<Done<K, V>>) {
+        match self {
+            Waiter::Thread(to) => {
+                let _ = to.send(Word::Outcome(outcome));
+            }
+            #[cfg(feature = "tokio")]
+            Waiter::Task { outcome: to, .. } => {
+                let _ = to.send(outcome);
+            }
+        }
+    }
+
+    /// Tells the caller to lead the next group; false if it cannot (it is gone).
+    fn lead(&mut self) -> bool {
+        match self {
+            Waiter::Thread(to) => to.try_send(Word::Lead).is_ok(),
+            #[cfg(feature = "tokio")]
+            Waiter::Task { lead, .. } => match lead.take() {
+                Some(start) => {
+                    start();
+                    true
+                }
+                None => false,
+            },
+        }
+    }
 }
 
 /// What a waiting caller hears: its outcome, or that it leads the next group.
@@ -342,8 +386,7 @@ where
             }
         }
         for (done, outcome) in outcomes {
-            // The caller waits on the other end for as long as the request lives.
-            let _ = done.send(Word::Outcome(outcome));
+            done.outcome(outcome);
         }
         locked_out
     }
@@ -432,7 +475,7 @@ where
             let queued = std::mem::take(&mut self.queue().pending);
             self.calls.fetch_add(queued.len() as u64, Ordering::Relaxed);
             for r in queued {
-                let _ = r.done.send(Word::Outcome(Err(e.for_group())));
+                r.done.outcome(Err(e.for_group()));
             }
         }
         {
@@ -546,11 +589,11 @@ impl<K, V, S> Drop for Leading<'_, K, V, S> {
     fn drop(&mut self) {
         let mut queue = unpoisoned(self.0.queue.lock());
         loop {
-            let Some(next) = queue.pending.first() else {
+            let Some(next) = queue.pending.first_mut() else {
                 queue.leading = false;
                 return;
             };
-            if next.done.try_send(Word::Lead).is_ok() {
+            if next.done.lead() {
                 return;
             }
             // Its caller is gone (it cannot be, while the request is queued; but a
@@ -759,7 +802,7 @@ where
             queue.pending.push(Request {
                 batch,
                 change,
-                done,
+                done: Waiter::Thread(done),
             });
             !std::mem::replace(&mut queue.leading, true)
         };
@@ -781,6 +824,126 @@ where
                 }
             }
         }
+    }
+
+    /// [`submit`](Self::submit) for a task: the change is queued with a oneshot channel
+    /// for its outcome, and the task awaits it without a thread. A leader runs on a
+    /// blocking thread of the runtime: one per group, not one per call. A dropped future
+    /// leaves its change queued: it is committed (or not) with its group all the same.
+    #[cfg(feature = "tokio")]
+    async fn submit_async(&self, batch: Batch, change: Change<K, V>) -> Result<Done<K, V>>
+    where
+        K: Send + Sync + 'static,
+        V: Send + Sync + 'static,
+        S: Send + Sync + 'static,
+    {
+        let handle = tokio::runtime::Handle::current();
+        let start = {
+            let (map, handle) = (self.clone(), handle.clone());
+            move || {
+                handle.spawn_blocking(move || map.inner.lead());
+            }
+        };
+        let (outcome, wait) = tokio::sync::oneshot::channel();
+        let leads = {
+            let mut queue = self.inner.queue();
+            queue.pending.push(Request {
+                batch,
+                change,
+                done: Waiter::Task {
+                    outcome,
+                    lead: Some(Box::new(start)),
+                },
+            });
+            !std::mem::replace(&mut queue.leading, true)
+        };
+        if leads {
+            let map = self.clone();
+            handle.spawn_blocking(move || map.inner.lead());
+        }
+        wait.await.unwrap_or_else(|_| {
+            Err(Error::OutcomeUnknown {
+                table: self.inner.table.clone(),
+                backend: self.inner.backend,
+                source: "the thread committing this change's group panicked".into(),
+            })
+        })
+    }
+
+    /// `insert` for a task (see [`submit_async`](Self::submit_async)).
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn insert_queued(&self, key: K, value: V) -> Result<Option<V>>
+    where
+        K: Send + Sync + 'static,
+        V: Send + Sync + 'static,
+        S: Send + Sync + 'static,
+    {
+        self.inner.enter("insert")?;
+        let batch = self
+            .inner
+            .writer_free_plan(|w, map| w.plan_insert(map, &key, &value))?;
+        match self.submit_async(batch, Change::Insert(key, value)).await? {
+            Done::Value(previous) => Ok(previous),
+            _ => Ok(None),
+        }
+    }
+
+    /// `remove_entry` for a task (see [`submit_async`](Self::submit_async)).
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn remove_entry_queued<Q>(&self, key: &Q) -> Result<Option<(K, V)>>
+    where
+        K: Borrow<Q> + Send + Sync + 'static,
+        Q: Hash + Eq + ?Sized,
+        V: Send + Sync + 'static,
+        S: Send + Sync + 'static,
+    {
+        self.inner.enter("remove")?;
+        let planned = self.inner.writer_free_plan(|w, map| {
+            let Some((batch, held)) = w.plan_remove(map, key)? else {
+                return Ok(None);
+            };
+            Ok(Some((batch, w.copy_key(held)?.0)))
+        })?;
+        let Some((batch, owned)) = planned else {
+            return Ok(None);
+        };
+        match self.submit_async(batch, Change::Remove(owned)).await? {
+            Done::Entry(entry) => Ok(entry),
+            _ => Ok(None),
+        }
+    }
+
+    /// `clear` for a task (see [`submit_async`](Self::submit_async)).
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn clear_queued(&self) -> Result<()>
+    where
+        K: Send + Sync + 'static,
+        V: Send + Sync + 'static,
+        S: Send + Sync + 'static,
+    {
+        self.inner.enter("clear")?;
+        let batch = Batch {
+            clear: true,
+            ..Batch::default()
+        };
+        self.submit_async(batch, Change::Clear).await.map(|_| ())
+    }
+
+    /// `insert_many` for a task (see [`submit_async`](Self::submit_async)).
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn insert_many_queued(&self, pairs: Vec<(K, V)>) -> Result<()>
+    where
+        K: Send + Sync + 'static,
+        V: Send + Sync + 'static,
+        S: Send + Sync + 'static,
+    {
+        self.inner.enter("insert_many")?;
+        let batch = self
+            .inner
+            .writer_free_plan(|w, map| w.encode_pairs(Some(map), &pairs))?;
+        self.submit_async(batch, Change::InsertMany(pairs))
+            .await
+            .map(|_| ())
     }
 
     /// Inserts a key-value pair, returning the value the key had (see
