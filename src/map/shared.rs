@@ -826,6 +826,46 @@ where
         }
     }
 
+    /// The batch and memory change of `insert`.
+    fn insert_plan(&self, key: K, value: V) -> Result<(Batch, Change<K, V>)> {
+        let batch = self
+            .inner
+            .writer_free_plan(|w, map| w.plan_insert(map, &key, &value))?;
+        Ok((batch, Change::Insert(key, value)))
+    }
+
+    /// The batch and memory change of `remove_entry`; `None` when the key is absent.
+    fn remove_plan<Q>(&self, key: &Q) -> Result<Option<(Batch, Change<K, V>)>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let planned = self.inner.writer_free_plan(|w, map| {
+            let Some((batch, held)) = w.plan_remove(map, key)? else {
+                return Ok(None);
+            };
+            Ok(Some((batch, w.copy_key(held)?.0)))
+        })?;
+        Ok(planned.map(|(batch, owned)| (batch, Change::Remove(owned))))
+    }
+
+    /// The batch and memory change of `clear`.
+    fn clear_plan() -> (Batch, Change<K, V>) {
+        let batch = Batch {
+            clear: true,
+            ..Batch::default()
+        };
+        (batch, Change::Clear)
+    }
+
+    /// The batch and memory change of `insert_many`.
+    fn insert_many_plan(&self, pairs: Vec<(K, V)>) -> Result<(Batch, Change<K, V>)> {
+        let batch = self
+            .inner
+            .writer_free_plan(|w, map| w.encode_pairs(Some(map), &pairs))?;
+        Ok((batch, Change::InsertMany(pairs)))
+    }
+
     /// [`submit`](Self::submit) for a task: the change is queued with a oneshot channel
     /// for its outcome, and the task awaits it without a thread. A leader runs on a
     /// blocking thread of the runtime: one per group, not one per call. A dropped future
@@ -879,10 +919,8 @@ where
         S: Send + Sync + 'static,
     {
         self.inner.enter("insert")?;
-        let batch = self
-            .inner
-            .writer_free_plan(|w, map| w.plan_insert(map, &key, &value))?;
-        match self.submit_async(batch, Change::Insert(key, value)).await? {
+        let (batch, change) = self.insert_plan(key, value)?;
+        match self.submit_async(batch, change).await? {
             Done::Value(previous) => Ok(previous),
             _ => Ok(None),
         }
@@ -898,16 +936,10 @@ where
         S: Send + Sync + 'static,
     {
         self.inner.enter("remove")?;
-        let planned = self.inner.writer_free_plan(|w, map| {
-            let Some((batch, held)) = w.plan_remove(map, key)? else {
-                return Ok(None);
-            };
-            Ok(Some((batch, w.copy_key(held)?.0)))
-        })?;
-        let Some((batch, owned)) = planned else {
+        let Some((batch, change)) = self.remove_plan(key)? else {
             return Ok(None);
         };
-        match self.submit_async(batch, Change::Remove(owned)).await? {
+        match self.submit_async(batch, change).await? {
             Done::Entry(entry) => Ok(entry),
             _ => Ok(None),
         }
@@ -922,11 +954,8 @@ where
         S: Send + Sync + 'static,
     {
         self.inner.enter("clear")?;
-        let batch = Batch {
-            clear: true,
-            ..Batch::default()
-        };
-        self.submit_async(batch, Change::Clear).await.map(|_| ())
+        let (batch, change) = Self::clear_plan();
+        self.submit_async(batch, change).await.map(|_| ())
     }
 
     /// `insert_many` for a task (see [`submit_async`](Self::submit_async)).
@@ -938,22 +967,16 @@ where
         S: Send + Sync + 'static,
     {
         self.inner.enter("insert_many")?;
-        let batch = self
-            .inner
-            .writer_free_plan(|w, map| w.encode_pairs(Some(map), &pairs))?;
-        self.submit_async(batch, Change::InsertMany(pairs))
-            .await
-            .map(|_| ())
+        let (batch, change) = self.insert_many_plan(pairs)?;
+        self.submit_async(batch, change).await.map(|_| ())
     }
 
     /// Inserts a key-value pair, returning the value the key had (see
     /// [`DbHashMap::insert`]). Group-committed.
     pub fn insert(&self, key: K, value: V) -> Result<Option<V>> {
         self.inner.enter("insert")?;
-        let batch = self
-            .inner
-            .writer_free_plan(|w, map| w.plan_insert(map, &key, &value))?;
-        match self.submit(batch, Change::Insert(key, value))? {
+        let (batch, change) = self.insert_plan(key, value)?;
+        match self.submit(batch, change)? {
             Done::Value(previous) => Ok(previous),
             _ => Ok(None),
         }
@@ -976,16 +999,10 @@ where
         Q: Hash + Eq + ?Sized,
     {
         self.inner.enter("remove")?;
-        let planned = self.inner.writer_free_plan(|w, map| {
-            let Some((batch, held)) = w.plan_remove(map, key)? else {
-                return Ok(None);
-            };
-            Ok(Some((batch, w.copy_key(held)?.0)))
-        })?;
-        let Some((batch, owned)) = planned else {
+        let Some((batch, change)) = self.remove_plan(key)? else {
             return Ok(None);
         };
-        match self.submit(batch, Change::Remove(owned))? {
+        match self.submit(batch, change)? {
             Done::Entry(entry) => Ok(entry),
             _ => Ok(None),
         }
@@ -994,11 +1011,8 @@ where
     /// Removes every entry (see [`DbHashMap::clear`]). Group-committed.
     pub fn clear(&self) -> Result<()> {
         self.inner.enter("clear")?;
-        let batch = Batch {
-            clear: true,
-            ..Batch::default()
-        };
-        self.submit(batch, Change::Clear).map(|_| ())
+        let (batch, change) = Self::clear_plan();
+        self.submit(batch, change).map(|_| ())
     }
 
     /// Inserts every pair, as one transaction (see [`DbHashMap::insert_many`]).
@@ -1006,11 +1020,8 @@ where
     /// and all of its pairs are in it.
     pub fn insert_many(&self, pairs: impl IntoIterator<Item = (K, V)>) -> Result<()> {
         self.inner.enter("insert_many")?;
-        let pairs: Vec<(K, V)> = pairs.into_iter().collect();
-        let batch = self
-            .inner
-            .writer_free_plan(|w, map| w.encode_pairs(Some(map), &pairs))?;
-        self.submit(batch, Change::InsertMany(pairs)).map(|_| ())
+        let (batch, change) = self.insert_many_plan(pairs.into_iter().collect())?;
+        self.submit(batch, change).map(|_| ())
     }
 
     /// Keeps only the entries for which `f` returns `true`, and says how many it

@@ -469,6 +469,7 @@ impl Dialect {
     }
 
     /// PostgreSQL: how many of the keys bound as one array the table holds.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn count_keys_array(self, t: &TableSpec) -> String {
         format!("SELECT count(*) {}", self.keys_in_array(t))
     }
@@ -537,6 +538,7 @@ impl Dialect {
     /// counts what could keep a row from being deleted: rules on DELETE and row triggers
     /// BEFORE DELETE (not coherence's, which run after). `None` for MySQL, whose
     /// triggers cannot keep a row.
+    #[cfg_attr(not(any(feature = "postgres", feature = "odbc")), allow(dead_code))]
     pub(crate) fn delete_keepers_query(self, marks: Marks) -> Option<String> {
         let p = self.mark(marks, 1);
         match self {

@@ -238,6 +238,28 @@ impl SqliteStore {
     }
 }
 
+/// Hands one row of `SELECT key, value` to `sink`, refusing a key of the other kind:
+/// SQLite holds text 'a' and the blob X'61' as two distinct values, so a key stored as
+/// the other kind would never be matched by the map's writes.
+fn take_row(t: &TableSpec, row: &rusqlite::Row<'_>, sink: &mut RowSink<'_>) -> Result<()> {
+    let fail = |e| db_error(Action::Load, t, D.name(), e);
+    let key_ref = row.get_ref(0).map_err(fail)?;
+    let kind_matches = matches!(
+        (key_ref, t.key_format),
+        (ValueRef::Text(_), Format::Text) | (ValueRef::Blob(_), Format::Binary)
+    );
+    match (bytes_of(key_ref), bytes_of(row.get_ref(1).map_err(fail)?)) {
+        (Some(k), Some(_)) if !kind_matches => Err(wrong_key_kind(t, k)),
+        (Some(k), Some(v)) => sink(k, v),
+        (k, _) => Err(Error::Decode {
+            what: if k.is_none() { "key" } else { "value" },
+            table: t.name.clone(),
+            row: k.map_or_else(|| "with a non-text key".into(), show_bytes),
+            source: "the column holds a number or NULL, not text or bytes".into(),
+        }),
+    }
+}
+
 impl Catalog for Connection {
     fn rows(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<Field>>, BoxError> {
         let mut stmt = self.prepare_cached(sql)?;
@@ -358,23 +380,7 @@ impl Store for SqliteStore {
             .query(rusqlite::params_from_iter(params))
             .map_err(fail)?;
         while let Some(row) = rows.next().map_err(fail)? {
-            let key_ref = row.get_ref(0).map_err(fail)?;
-            let kind_matches = matches!(
-                (key_ref, t.key_format),
-                (ValueRef::Text(_), Format::Text) | (ValueRef::Blob(_), Format::Binary)
-            );
-            match (bytes_of(key_ref), bytes_of(row.get_ref(1).map_err(fail)?)) {
-                (Some(k), Some(_)) if !kind_matches => return Err(wrong_key_kind(t, k)),
-                (Some(k), Some(v)) => sink(k, v)?,
-                (k, _) => {
-                    return Err(Error::Decode {
-                        what: if k.is_none() { "key" } else { "value" },
-                        table: t.name.clone(),
-                        row: k.map_or_else(|| "with a non-text key".into(), show_bytes),
-                        source: "the column holds a number or NULL, not text or bytes".into(),
-                    })
-                }
-            }
+            take_row(t, row, sink)?;
         }
         Ok(())
     }
@@ -385,27 +391,7 @@ impl Store for SqliteStore {
         let mut stmt = self.conn.prepare_cached(&self.sql.select).map_err(fail)?;
         let mut rows = stmt.query([]).map_err(fail)?;
         while let Some(row) = rows.next().map_err(fail)? {
-            let key_ref = row.get_ref(0).map_err(fail)?;
-            let key = bytes_of(key_ref);
-            let value = bytes_of(row.get_ref(1).map_err(fail)?);
-            // SQLite holds text 'a' and the blob X'61' as two distinct values: a key
-            // stored as the other kind would never be matched by the map's writes.
-            let kind_matches = matches!(
-                (key_ref, t.key_format),
-                (ValueRef::Text(_), Format::Text) | (ValueRef::Blob(_), Format::Binary)
-            );
-            match (key, value) {
-                (Some(k), Some(_)) if !kind_matches => return Err(wrong_key_kind(t, k)),
-                (Some(k), Some(v)) => sink(k, v)?,
-                (k, _) => {
-                    return Err(Error::Decode {
-                        what: if k.is_none() { "key" } else { "value" },
-                        table: t.name.clone(),
-                        row: k.map_or_else(|| "with a non-text key".into(), show_bytes),
-                        source: "the column holds a number or NULL, not text or bytes".into(),
-                    })
-                }
-            }
+            take_row(t, row, sink)?;
         }
         Ok(())
     }
