@@ -421,3 +421,23 @@ fn sqlite_odd_input_and_output() {
     assert!(fails(&url, &["tables"], None).contains("no database file"));
     assert!(!missing.exists());
 }
+
+/// A wrong password says so, on one line, without the password; a MariaDB refusal is
+/// the server's words once, not the driver's raw `MySqlError { … }` (issue 21).
+#[test]
+fn postgres_and_mysql_errors_say_what_the_server_said() {
+    let pg = postgres_db().replacen("wth-secret", "not-the-password", 1);
+    let err = fails(&pg, &["tables"], None);
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(!err.contains("not-the-password"), "{err}");
+    let my = mysql_db();
+    ok(&my, &["set", "\"a\"", "1"]);
+    let t = "`hashtable`";
+    sql(
+        &my,
+        &format!("ALTER TABLE {t} ADD CONSTRAINT no_two CHECK (`value` <> '2')"),
+    );
+    let err = fails(&my, &["set", "\"b\"", "2"], None);
+    assert!(err.contains("no_two"), "{err}");
+    assert!(!err.contains("MySqlError"), "{err}");
+}
