@@ -359,27 +359,6 @@ impl Dialect {
         sql
     }
 
-    /// Drops one of coherence's triggers on `t`, if it is there.
-    #[cfg_attr(
-        not(any(
-            feature = "sqlite",
-            feature = "postgres",
-            feature = "mysql",
-            feature = "odbc"
-        )),
-        allow(dead_code)
-    )]
-    pub(crate) fn drop_trigger(self, t: &TableSpec, trigger: &str) -> String {
-        match self {
-            Dialect::Postgres => format!(
-                "DROP TRIGGER IF EXISTS {} ON {}",
-                self.quote(trigger),
-                self.quote(&t.name)
-            ),
-            _ => format!("DROP TRIGGER IF EXISTS {}", self.quote(trigger)),
-        }
-    }
-
     /// Deletes every row.
     pub fn delete_all(self, t: &TableSpec) -> String {
         format!("DELETE FROM {}", self.quote(&t.name))
@@ -499,6 +478,18 @@ impl Dialect {
     allow(dead_code)
 )]
 impl Dialect {
+    /// Drops one of coherence's triggers on `t`, if it is there.
+    pub(crate) fn drop_trigger(self, t: &TableSpec, trigger: &str) -> String {
+        match self {
+            Dialect::Postgres => format!(
+                "DROP TRIGGER IF EXISTS {} ON {}",
+                self.quote(trigger),
+                self.quote(&t.name)
+            ),
+            _ => format!("DROP TRIGGER IF EXISTS {}", self.quote(trigger)),
+        }
+    }
+
     /// A query of one text parameter (see [`layout_param`](Self::layout_param)) that
     /// lists the table's columns as four texts: name, `1` if part of the primary key
     /// else `0`, type, and collation (empty if none). No rows: no such table.

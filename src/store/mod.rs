@@ -289,11 +289,10 @@ pub trait Store: Send {
         next: &mut PutSource<'_>,
     ) -> Result<()> {
         let _ = distinct_keys;
-        if !replace {
-            return self.apply_puts(next);
-        }
         let mut batch = BatchBuilder::default();
-        batch.clear();
+        if replace {
+            batch.clear();
+        }
         while let Some(chunk) = next(None) {
             for (key, value) in chunk? {
                 batch.put(key, value);
@@ -355,16 +354,10 @@ pub trait Store: Send {
     /// Upserts, as one transaction, the rows `next` hands over chunk by chunk: all of
     /// them, or (on an error, from the store or from `next`) none. Keys may repeat,
     /// the last one winning. Keys and values of text columns are valid UTF-8 (the
-    /// caller checked). The default gathers every chunk, then
-    /// [`apply`](Store::apply)s one batch.
+    /// caller checked). It is [`put_rows`](Store::put_rows) without replacing, which is
+    /// the one to implement.
     fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
-        let mut batch = BatchBuilder::default();
-        while let Some(chunk) = next(None) {
-            for (key, value) in chunk? {
-                batch.put(key, value);
-            }
-        }
-        self.apply(&batch.finish())
+        self.put_rows(false, false, next)
     }
 
     /// Coherence, for [`Builder::watch`](crate::Builder::watch): a way to wait for a

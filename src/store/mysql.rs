@@ -382,10 +382,6 @@ impl Store for MysqlStore {
         Ok(())
     }
 
-    fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
-        self.put_rows(false, false, next)
-    }
-
     fn put_rows(
         &mut self,
         replace: bool,

@@ -717,10 +717,6 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
-        self.put_rows(false, false, next)
-    }
-
     fn put_rows(
         &mut self,
         replace: bool,

@@ -442,10 +442,6 @@ impl Store for SqliteStore {
         usize::try_from(n).ok()
     }
 
-    fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
-        self.put_rows(false, false, next)
-    }
-
     fn put_rows(
         &mut self,
         replace: bool,
