@@ -349,7 +349,16 @@ impl<K, V> Writer<K, V> {
     /// load that follows.
     pub(crate) fn start_coherence(&mut self, keep: u64) -> Result<()> {
         let mut store = lock(&self.store);
-        store.enable_changes().map_err(|e| match e {
+        // Installing is idempotent: a step that a concurrent open on another Galera
+        // node rolled back (1213) is tried again, as a conflicting write is.
+        let mut enabled = store.enable_changes();
+        let mut tries = 0;
+        while tries < CONFLICT_RETRIES && enabled.as_ref().is_err_and(Error::is_conflict) {
+            tries += 1;
+            std::thread::sleep(conflict_pause(tries));
+            enabled = store.enable_changes();
+        }
+        enabled.map_err(|e| match e {
             Error::NotCoherent { reason, .. } => Error::NotCoherent {
                 table: self.table.name.clone(),
                 reason,
