@@ -630,7 +630,12 @@ impl Coherence {
                 .map(|n| table_exists(conn, dialect, marks, n))
                 .collect();
             let result = Self::install(conn, table, &names, origin, dialect, backend);
+            // A conflict with a concurrent open (Galera's 1213) is tried again by the
+            // caller: what is there stays, other opens may be using it already.
             if let Err(e) = result {
+                if e.is_conflict() {
+                    return Err(e);
+                }
                 let mut undo = |sql: String| {
                     let _ = conn.exec(&sql);
                 };
