@@ -269,11 +269,13 @@ impl<K, V> Writer<K, V> {
             if reconnects > 1 {
                 std::thread::sleep(conflict_pause(reconnects));
             }
-            let reconnected = self.store().reconnect();
-            result = match reconnected {
-                Ok(()) => self.apply_with_conflicts(&batch),
-                Err(e) => Err(e),
-            };
+            // A store waits for its server while reconnecting: when that failed, the
+            // server stayed away for as long as one connection may take.
+            if let Err(e) = self.store().reconnect() {
+                result = Err(e);
+                break;
+            }
+            result = self.apply_with_conflicts(&batch);
         }
         if let Err(Error::OutcomeUnknown { .. }) = &result {
             self.outcome_unknown(Unsettled::of(&batch));

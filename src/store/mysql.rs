@@ -8,13 +8,31 @@ use mysql::{Conn, Opts, TxOpts, Value};
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
-use crate::store::support::{open_table, Catalog, Field, IDLE_CHECK};
+use crate::store::support::{open_table, redial, Catalog, Field, IDLE_CHECK};
 use crate::store::{
     cannot_reconnect, chunks, db_error, opened, Batch, ChangeSink, Dialect, IntoStore, PutSource,
     RowSink, Store, TableSpec,
 };
 
 const D: Dialect = Dialect::Mysql;
+
+/// How long a lost connection is tried again before a call fails: a server restarting,
+/// a Galera node rejoining.
+const RECONNECT_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether a failed connection may succeed soon: the server was unreachable, shutting
+/// down, out of connections or not ready (a Galera node not synced); not a refused
+/// login or a missing database.
+fn passing(e: &Error) -> bool {
+    let Error::Connect { source, .. } = e else {
+        return false;
+    };
+    match source.downcast_ref::<mysql::Error>() {
+        Some(mysql::Error::MySqlError(e)) => [1040, 1047, 1053, 1081].contains(&e.code),
+        Some(mysql::Error::UrlError(_)) => false,
+        _ => true,
+    }
+}
 
 /// Rows per multi-row statement.
 const CHUNK_ROWS: usize = 256;
@@ -419,7 +437,7 @@ impl Store for MysqlStore {
         let Some(url) = &self.url else {
             return Err(cannot_reconnect(&self.table, D.name()));
         };
-        let mut conn = Self::dial(url)?;
+        let mut conn = redial(RECONNECT_WINDOW, || Self::dial(url), passing)?;
         let table = self.table.as_ref().map_or("", |t| t.name.as_str());
         Self::prepare_session(&mut conn, table)?;
         self.conn = conn;

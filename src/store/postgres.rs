@@ -2,7 +2,7 @@
 
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{FromSql, ToSql, Type};
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, NoTls, Row, Statement, Transaction};
 use std::time::{Duration, Instant};
 
 use crate::codec::Format;
@@ -10,7 +10,7 @@ use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{coherence_methods, not_enabled, Coherence};
 use crate::store::dialect::Marks;
 use crate::store::support::{
-    all_rows_written, deletes_kept, not_opened, open_table, Catalog, Field, IDLE_CHECK,
+    all_rows_written, deletes_kept, not_opened, open_table, redial, Catalog, Field, IDLE_CHECK,
 };
 use crate::store::{
     cannot_reconnect, db_error, opened, Batch, ChangeSignal, ChangeSink, Dialect, IntoStore,
@@ -47,18 +47,155 @@ pub struct PostgresStore {
     /// runs in a transaction, so that a write its checks refuse takes back what those
     /// did too. Without them a single write is one statement, committed on its own.
     guarded: bool,
+    /// The connection goes through a pooler (pgbouncer in transaction mode, say): the
+    /// next transaction may run on another server connection, so no session state is
+    /// trusted; statements are sent whole instead of prepared, and watching polls.
+    pooled: bool,
 }
 
 struct Statements {
-    upsert: Statement,
-    upsert_many: Statement,
-    delete: Statement,
-    delete_many: Statement,
-    delete_all: Statement,
-    count: Statement,
+    upsert: Sql,
+    upsert_many: Sql,
+    delete: Sql,
+    delete_many: Sql,
+    delete_all: Sql,
+    count: Sql,
     /// How many of the keys bound as an array the table holds.
-    count_keys: Statement,
-    select_value: Statement,
+    count_keys: Sql,
+    select_value: Sql,
+}
+
+/// A statement the store runs often: prepared once on a connection of its own; sent
+/// whole each time (an unnamed statement: parse, bind and execute in one round trip)
+/// behind a pooler, where a statement prepared in one transaction may be missing in
+/// the next, or another client's of the same name may be there.
+enum Sql {
+    Prepared(Statement),
+    Sent {
+        sql: String,
+        /// The parameters' types: `UNKNOWN` lets the server infer one from the column,
+        /// as preparing does; arrays must be named to be encoded.
+        types: Vec<Type>,
+    },
+}
+
+/// Runs a [`Sql`] on a client or in a transaction.
+trait Run {
+    /// The rows the statement returned and, for a write, how many rows it changed.
+    fn run(
+        &mut self,
+        s: &Sql,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(Vec<Row>, u64), postgres::Error>;
+
+    /// How many rows the statement changed.
+    fn changed(&mut self, s: &Sql, params: &[&(dyn ToSql + Sync)]) -> Result<u64, postgres::Error> {
+        Ok(self.run(s, params)?.1)
+    }
+
+    /// The rows of a statement sent whole (one round trip, nothing left on the
+    /// server), its parameters' types inferred by the server.
+    fn typed(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, postgres::Error>;
+
+    /// The one row the statement returned, if any.
+    fn row(
+        &mut self,
+        s: &Sql,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, postgres::Error> {
+        Ok(self.run(s, params)?.0.into_iter().next())
+    }
+}
+
+macro_rules! impl_run {
+    ($t:ty) => {
+        impl Run for $t {
+            fn run(
+                &mut self,
+                s: &Sql,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<(Vec<Row>, u64), postgres::Error> {
+                match s {
+                    Sql::Prepared(stmt) => {
+                        let mut it = self.query_raw(stmt, params.iter().copied())?;
+                        let rows: Vec<Row> = it.by_ref().collect()?;
+                        let changed = it.rows_affected().unwrap_or(rows.len() as u64);
+                        Ok((rows, changed))
+                    }
+                    Sql::Sent { sql, types } => {
+                        let typed = params.iter().copied().zip(types.iter().cloned());
+                        let mut it = self.query_typed_raw(sql, typed)?;
+                        let rows: Vec<Row> = it.by_ref().collect()?;
+                        let changed = it.rows_affected().unwrap_or(rows.len() as u64);
+                        Ok((rows, changed))
+                    }
+                }
+            }
+
+            fn typed(
+                &mut self,
+                sql: &str,
+                params: &[&(dyn ToSql + Sync)],
+            ) -> Result<Vec<Row>, postgres::Error> {
+                let typed = params.iter().map(|p| (*p, Type::UNKNOWN));
+                self.query_typed_raw(sql, typed)?.collect()
+            }
+        }
+    };
+}
+impl_run!(Client);
+impl_run!(Transaction<'_>);
+
+/// Whether the client reaches the server through a pooler (pgbouncer, a cloud's
+/// proxy), which may run each transaction on another server connection: the server
+/// listens on another port than the one connected to. (A plain TCP proxy or a port
+/// mapping looks the same, and is treated alike: correct, a little slower.)
+fn through_pooler(c: &mut Client, config: &postgres::Config) -> Result<bool, postgres::Error> {
+    let mut port = None;
+    for m in c.simple_query("SELECT current_setting('port')")? {
+        if let postgres::SimpleQueryMessage::Row(r) = m {
+            port = r.get(0).and_then(|p| p.parse::<u16>().ok());
+        }
+    }
+    let ports = config.get_ports();
+    Ok(match port {
+        Some(port) if ports.is_empty() => port != 5432,
+        Some(port) => !ports.contains(&port),
+        None => false,
+    })
+}
+
+/// Whether a failed connection may succeed soon: the server was unreachable, starting,
+/// shutting down, out of connections, or read-only; not a refused login or a missing
+/// database.
+fn passing(e: &Error) -> bool {
+    let Error::Connect { source, .. } = e else {
+        return false;
+    };
+    match source
+        .downcast_ref::<postgres::Error>()
+        .and_then(postgres::Error::code)
+    {
+        None => true,
+        Some(code) => ["08", "53", "57"].contains(&&code.code()[..2]),
+    }
+}
+
+/// Whether the server forgot a prepared statement, or holds another of its name: the
+/// connection goes through a pooler that the open did not recognize.
+fn statement_lost(e: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
+    e.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME)
+        || e.code() == Some(&SqlState::DUPLICATE_PSTATEMENT)
+}
+
+fn statement_lost_in(e: &Error) -> bool {
+    matches!(e, Error::Database { source, .. }
+        if source.downcast_ref::<postgres::Error>().is_some_and(statement_lost))
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -167,13 +304,15 @@ impl PostgresStore {
             made_table: false,
             last_used: Instant::now(),
             guarded: true,
+            pooled: false,
         }
     }
 
     pub(crate) fn connect(url: &str) -> Result<Self> {
-        let client = Self::dial(url)?;
+        let (client, pooled) = Self::dial(url)?;
         Ok(PostgresStore {
             client,
+            pooled,
             url: Some(url.to_string()),
             table: None,
             stmts: None,
@@ -184,7 +323,21 @@ impl PostgresStore {
         })
     }
 
-    fn dial(url: &str) -> Result<Client> {
+    /// Connects again after the connection was lost, waiting for the server as long as
+    /// one connection may take (the URL's `connect_timeout`, else 10 s): a cluster that
+    /// fails over has no primary for a while, its standbys refuse a
+    /// `target_session_attrs=read-write` session.
+    fn redial(url: &str) -> Result<(Client, bool)> {
+        let window = url
+            .parse::<postgres::Config>()
+            .ok()
+            .and_then(|c| c.get_connect_timeout().copied())
+            .unwrap_or(CONNECT_TIMEOUT);
+        redial(window, || Self::dial(url), passing)
+    }
+
+    /// Connects; and tells whether the connection goes through a pooler.
+    fn dial(url: &str) -> Result<(Client, bool)> {
         let fail = |e: postgres::Error| Error::Connect {
             url: redact(url),
             backend: D.name(),
@@ -224,23 +377,64 @@ impl PostgresStore {
             config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
         config.keepalives(true);
-        config.connect(NoTls).map_err(fail)
+        let mut client = config.connect(NoTls).map_err(fail)?;
+        let pooled = through_pooler(&mut client, &config).map_err(fail)?;
+        Ok((client, pooled))
     }
 
     fn prepare(&mut self, t: &TableSpec) -> Result<()> {
+        let result = self.prepare_as(t, self.pooled);
+        match result {
+            // Another client's statement of the same name on this server connection.
+            Err(e) if !self.pooled && statement_lost_in(&e) => {
+                self.pooled_now(t);
+                self.prepare_as(t, true)
+            }
+            other => other,
+        }
+    }
+
+    fn prepare_as(&mut self, t: &TableSpec, pooled: bool) -> Result<()> {
         let c = &mut self.client;
         let fail = |e| db_error(Action::Open, t, D.name(), e);
+        let array = |f: Format| match f {
+            Format::Text => Type::TEXT_ARRAY,
+            Format::Binary => Type::BYTEA_ARRAY,
+        };
+        let (keys, values) = (array(t.key_format), array(t.value_format));
+        let mut sql = |sql: String, types: &[Type]| -> Result<Sql> {
+            if pooled {
+                Ok(Sql::Sent {
+                    sql,
+                    types: types.to_vec(),
+                })
+            } else {
+                c.prepare_typed(&sql, types)
+                    .map(Sql::Prepared)
+                    .map_err(fail)
+            }
+        };
+        let one = [Type::UNKNOWN];
         self.stmts = Some(Statements {
-            upsert: c.prepare(&D.upsert(t, 1)).map_err(fail)?,
-            upsert_many: c.prepare(&D.upsert_arrays(t)).map_err(fail)?,
-            delete: c.prepare(&D.delete_keys(t, 1)).map_err(fail)?,
-            delete_many: c.prepare(&D.delete_array(t)).map_err(fail)?,
-            delete_all: c.prepare(&D.delete_all(t)).map_err(fail)?,
-            count: c.prepare(&D.count_rows(t)).map_err(fail)?,
-            count_keys: c.prepare(&D.count_keys_array(t)).map_err(fail)?,
-            select_value: c.prepare(&D.select_value(t, Marks::Native)).map_err(fail)?,
+            upsert: sql(D.upsert(t, 1), &[Type::UNKNOWN, Type::UNKNOWN])?,
+            upsert_many: sql(D.upsert_arrays(t), &[keys.clone(), values])?,
+            delete: sql(D.delete_keys(t, 1), &one)?,
+            delete_many: sql(D.delete_array(t), std::slice::from_ref(&keys))?,
+            delete_all: sql(D.delete_all(t), &[])?,
+            count: sql(D.count_rows(t), &[])?,
+            count_keys: sql(D.count_keys_array(t), &[keys])?,
+            select_value: sql(D.select_value(t, Marks::Native), &one)?,
         });
         Ok(())
+    }
+
+    /// A statement went missing (or another's name was taken) on a connection that
+    /// looked direct: from now on it is treated as pooled.
+    fn pooled_now(&mut self, t: &TableSpec) {
+        tracing::info!(table = %t.name,
+            "PostgreSQL: a prepared statement was lost between transactions, as behind a \
+             pooler in transaction mode; statements are sent whole from now on");
+        self.pooled = true;
     }
 
     /// Before a write: a connection known to be closed, or found closed by one round
@@ -333,7 +527,7 @@ impl PostgresStore {
                 let (k, v) = (binds(t.key_format, k)?, binds(t.value_format, v)?);
                 let written = self
                     .client
-                    .execute(&s.upsert, &[&k, &v])
+                    .changed(&s.upsert, &[&k, &v])
                     .map_err(|e| classify(e, true))?;
                 // A statement on its own: what it did not write is not there either.
                 all_rows_written(written, 1)
@@ -342,7 +536,7 @@ impl PostgresStore {
                 let k = binds(t.key_format, k)?;
                 let deleted = self
                     .client
-                    .execute(&s.delete, &[&k])
+                    .changed(&s.delete, &[&k])
                     .map_err(|e| classify(e, true))?;
                 // None deleted: the key was gone already (another writer), or a rule or
                 // trigger kept it.
@@ -350,7 +544,7 @@ impl PostgresStore {
                     && may_keep_deletes(&mut self.client, t).map_err(|e| classify(e, false))?
                     && self
                         .client
-                        .query_opt(&s.select_value, &[&k])
+                        .row(&s.select_value, &[&k])
                         .map_err(|e| classify(e, false))?
                         .is_some()
                 {
@@ -366,14 +560,14 @@ impl PostgresStore {
         }
         let mut tx = self.client.transaction().map_err(|e| classify(e, false))?;
         if batch.clear {
-            tx.execute(&s.delete_all, &[])
+            tx.changed(&s.delete_all, &[])
                 .map_err(|e| classify(e, false))?;
         }
         if batch.clear && may_keep_deletes(&mut tx, t).map_err(|e| classify(e, false))? {
             let left: i64 = tx
-                .query_one(&s.count, &[])
+                .row(&s.count, &[])
                 .map_err(|e| classify(e, false))?
-                .get(0);
+                .map_or(0, |r| r.get(0));
             if left > 0 {
                 return Err(db_error(
                     Action::Write,
@@ -390,15 +584,15 @@ impl PostgresStore {
                 .map(|k| binds(t.key_format, k))
                 .collect::<Result<Vec<_>>>()?;
             let deleted = tx
-                .execute(&s.delete_many, &[&keys])
+                .changed(&s.delete_many, &[&keys])
                 .map_err(|e| classify(e, false))?;
             if deleted < keys.len() as u64
                 && may_keep_deletes(&mut tx, t).map_err(|e| classify(e, false))?
             {
                 let kept: i64 = tx
-                    .query_one(&s.count_keys, &[&keys])
+                    .row(&s.count_keys, &[&keys])
                     .map_err(|e| classify(e, false))?
-                    .get(0);
+                    .map_or(0, |r| r.get(0));
                 if kept > 0 {
                     let kept = deletes_kept(kept as usize, Some(keys.len()));
                     return Err(db_error(Action::Write, t, D.name(), kept));
@@ -413,7 +607,7 @@ impl PostgresStore {
                 values.push(binds(t.value_format, v)?);
             }
             let written = tx
-                .execute(&s.upsert_many, &[&keys, &values])
+                .changed(&s.upsert_many, &[&keys, &values])
                 .map_err(|e| classify(e, false))?;
             // Dropping `tx` rolls the rest back.
             all_rows_written(written, batch.puts.len())
@@ -494,14 +688,15 @@ impl<'a> CopyIn<postgres::CopyInWriter<'a>> {
 /// refused single write must take back.
 fn has_triggers_or_rules(c: &mut Client, t: &TableSpec) -> Result<bool, postgres::Error> {
     let n: i64 = c
-        .query_one(
+        .typed(
             "WITH r AS (SELECT to_regclass(CAST($1 AS text)) AS oid) SELECT \
              (SELECT count(*) FROM pg_trigger, r WHERE tgrelid = r.oid AND NOT tgisinternal \
               AND left(tgname, length($2) + 6) <> $2 || '__wth_') \
              + (SELECT count(*) FROM pg_rewrite, r WHERE ev_class = r.oid AND rulename <> '_RETURN')",
             &[&D.layout_param(t), &t.name],
         )?
-        .get(0);
+        .first()
+        .map_or(0, |r| r.get(0));
     Ok(n > 0)
 }
 
@@ -509,14 +704,14 @@ fn has_triggers_or_rules(c: &mut Client, t: &TableSpec) -> Result<bool, postgres
 /// when a DELETE removed fewer rows than it named: without such a rule or trigger the
 /// others were gone already (another writer deleted them), and looking them up could
 /// find a row a third writer put back since.
-fn may_keep_deletes(
-    c: &mut impl postgres::GenericClient,
-    t: &TableSpec,
-) -> Result<bool, postgres::Error> {
+fn may_keep_deletes(c: &mut impl Run, t: &TableSpec) -> Result<bool, postgres::Error> {
     let Some(sql) = D.delete_keepers_query(Marks::Native) else {
         return Ok(false);
     };
-    let n: Option<String> = c.query_one(&sql, &[&D.layout_param(t)])?.get(0);
+    let n: Option<String> = c
+        .typed(&sql, &[&D.layout_param(t)])?
+        .first()
+        .and_then(|r| r.get(0));
     Ok(n.is_none_or(|n| n.trim() != "0"))
 }
 
@@ -586,7 +781,10 @@ impl Store for PostgresStore {
             D.quote("value"),
             D.quote(&t.name)
         );
-        let copy = self.client.copy_out(&sql).map_err(|e| fail(e.into()))?;
+        // In a transaction: the COPY's statement is prepared and closed on one server
+        // connection even behind a pooler.
+        let mut tx = self.client.transaction().map_err(|e| fail(e.into()))?;
+        let copy = tx.copy_out(&sql).map_err(|e| fail(e.into()))?;
         let mut rows = CopyRows::new(copy).map_err(fail)?;
         while let Some((key, value)) = rows.next().map_err(fail)? {
             match (key, value) {
@@ -601,7 +799,8 @@ impl Store for PostgresStore {
                 }
             }
         }
-        Ok(())
+        drop(rows);
+        tx.commit().map_err(|e| fail(e.into()))
     }
 
     fn apply(&mut self, batch: &Batch) -> Result<()> {
@@ -610,7 +809,16 @@ impl Store for PostgresStore {
         }
         self.ensure_connected()?;
         let t = opened(&self.table, D.name())?.clone();
-        self.write(&t, batch)
+        match self.write(&t, batch) {
+            // The statement never ran (the server did not know it): sent whole, the
+            // batch goes again.
+            Err(e) if !self.pooled && statement_lost_in(&e) => {
+                self.pooled_now(&t);
+                self.prepare(&t)?;
+                self.write(&t, batch)
+            }
+            other => other,
+        }
     }
 
     fn max_key_len(&self) -> Option<usize> {
@@ -620,7 +828,7 @@ impl Store for PostgresStore {
     fn rows_hint(&mut self) -> Option<usize> {
         let t = self.table.as_ref()?;
         let sql = D.count_rows(t);
-        let n: i64 = self.client.query_one(&sql, &[]).ok()?.get(0);
+        let n: i64 = self.client.typed(&sql, &[]).ok()?.first()?.get(0);
         usize::try_from(n).ok()
     }
 
@@ -633,11 +841,13 @@ impl Store for PostgresStore {
         let t = opened(&self.table, D.name())?;
         let fail = |e| db_error(Action::Load, t, D.name(), e);
         let k = Bind::new(t, t.key_format, key)?;
-        let row = self
+        let rows = self
             .client
-            .query_opt(&D.select_value(t, Marks::Native), &[&k])
+            .typed(&D.select_value(t, Marks::Native), &[&k])
             .map_err(fail)?;
-        let Some(row) = row else { return Ok(None) };
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
         let value: Option<Raw<'_>> = row.try_get(0).map_err(fail)?;
         match value {
             Some(v) => Ok(Some(v.0.to_vec())),
@@ -655,9 +865,10 @@ impl Store for PostgresStore {
         let t = opened(&self.table, D.name())?;
         let n: i64 = self
             .client
-            .query_one(&D.count_rows(t), &[])
+            .typed(&D.count_rows(t), &[])
             .map_err(|e| db_error(Action::Load, t, D.name(), e))?
-            .get(0);
+            .first()
+            .map_or(0, |r| r.get(0));
         Ok(n.max(0) as u64)
     }
 
@@ -682,7 +893,8 @@ impl Store for PostgresStore {
                 "COPY ({}) TO STDOUT (FORMAT binary)",
                 D.scan(t, false, false, Marks::Native)
             );
-            let copy = self.client.copy_out(&sql).map_err(|e| fail(e.into()))?;
+            let mut tx = self.client.transaction().map_err(|e| fail(e.into()))?;
+            let copy = tx.copy_out(&sql).map_err(|e| fail(e.into()))?;
             let mut rows = CopyRows::new(copy).map_err(fail)?;
             while let Some((key, value)) = rows.next().map_err(fail)? {
                 match (key, value) {
@@ -690,21 +902,23 @@ impl Store for PostgresStore {
                     (k, _) => return Err(null(k)),
                 }
             }
-            return Ok(());
+            drop(rows);
+            return tx.commit().map_err(|e| fail(e.into()));
         }
         let sql = D.scan(t, from.is_some(), limit.is_some(), Marks::Native);
         let from = from.map(|k| Bind::new(t, t.key_format, k)).transpose()?;
         let limit = limit.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        // Sent whole, with the types named: nothing prepared is left on the server.
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = Vec::new();
         if let Some(from) = &from {
-            params.push(from);
+            params.push((from, Type::UNKNOWN));
         }
         if let Some(limit) = &limit {
-            params.push(limit);
+            params.push((limit, Type::INT8));
         }
         let mut rows = self
             .client
-            .query_raw(&sql, params)
+            .query_typed_raw(&sql, params)
             .map_err(|e| fail(e.into()))?;
         while let Some(row) = rows.next().map_err(|e| fail(e.into()))? {
             let k: Option<Raw<'_>> = row.try_get(0).map_err(|e| fail(e.into()))?;
@@ -780,16 +994,20 @@ impl Store for PostgresStore {
             copy.feed(next)?;
             copy.finish().map_err(fail)?;
             let keys: i64 = tx
-                .query_one("SELECT count(DISTINCT k) FROM wth_rows", &[])
+                .typed("SELECT count(DISTINCT k) FROM wth_rows", &[])
                 .map_err(|e| fail(e.into()))?
-                .get(0);
-            let written = tx
-                .execute(
-                    &format!(
-                        "INSERT INTO {table} ({key}, {value}) \
+                .first()
+                .map_or(0, |r| r.get(0));
+            let (_, written) = tx
+                .run(
+                    &Sql::Sent {
+                        sql: format!(
+                            "INSERT INTO {table} ({key}, {value}) \
                          SELECT DISTINCT ON (k) k, v FROM wth_rows ORDER BY k, n DESC \
                          ON CONFLICT ({key}) DO UPDATE SET {value} = EXCLUDED.{value}"
-                    ),
+                        ),
+                        types: Vec::new(),
+                    },
                     &[],
                 )
                 .map_err(|e| fail(e.into()))?;
@@ -819,7 +1037,10 @@ impl Store for PostgresStore {
         {
             return Ok(());
         }
-        self.client = Self::dial(url)?;
+        let (client, pooled) = Self::redial(url)?;
+        self.client = client;
+        // Once seen, a pooler is assumed on: the server behind it may be another now.
+        self.pooled |= pooled;
         self.last_used = Instant::now();
         if let Some(t) = self.table.clone() {
             self.prepare(&t)?;
@@ -835,14 +1056,23 @@ impl Store for PostgresStore {
             return Ok(None);
         };
         let t = opened(&self.table, D.name())?.clone();
-        let mut client = Self::dial(&url)?;
+        if self.pooled {
+            // A pooler hands the listening session's server connection to others
+            // between transactions: notifications would reach nobody.
+            tracing::info!(table = %t.name, "watch: the connection goes through a pooler, \
+                which cannot keep a LISTEN; polling the version instead");
+            return Ok(None);
+        }
+        let mut client = Self::dial(&url)?.0;
         let fail = |e| db_error(Action::Watch, &t, D.name(), e);
         // The channel the triggers notify: the table's name hashed into a short,
         // plain identifier.
         let channel: String = client
-            .query_one("SELECT 'wth_' || md5($1::text)", &[&t.name])
+            .typed("SELECT 'wth_' || md5($1::text)", &[&t.name])
             .map_err(fail)?
-            .get(0);
+            .first()
+            .map(|r| r.get(0))
+            .unwrap_or_default();
         if let Err(e) = client.batch_execute(&format!("LISTEN \"{channel}\"")) {
             // A hot standby cannot listen (and gets no notifications): poll there.
             tracing::info!(table = %t.name, error = %e, "watch: LISTEN refused; polling the version instead");
@@ -874,9 +1104,10 @@ impl ChangeSignal for Listener {
 
 impl Catalog for Client {
     fn rows(&mut self, sql: &str, param: Option<&str>) -> Result<Vec<Vec<Field>>, BoxError> {
+        // Sent whole: one round trip, and nothing prepared left behind a pooler.
         let rows = match param {
-            Some(p) => self.query(sql, &[&p]),
-            None => self.query(sql, &[]),
+            Some(p) => self.typed(sql, &[&p]),
+            None => self.typed(sql, &[]),
         }?;
         rows.iter()
             .map(|r| {
@@ -894,7 +1125,7 @@ impl Catalog for Client {
         match param {
             None => self.batch_execute(sql)?,
             Some(p) => {
-                self.execute(sql, &[&p])?;
+                self.typed(sql, &[&p])?;
             }
         }
         Ok(())

@@ -559,6 +559,30 @@ pub(crate) fn wrong_key_kind(t: &TableSpec, row: &[u8]) -> Error {
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// Connects again after a connection was lost, trying for up to `window`, with a pause
+/// that grows from 50 ms to 1 s: a server that restarts, or a cluster that fails over,
+/// is waited for, so that a call fails only when the server stays away. An error that
+/// `passing` does not call passing (a refused login, a missing database) fails at once.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) fn redial<C>(
+    window: std::time::Duration,
+    mut dial: impl FnMut() -> Result<C>,
+    passing: impl Fn(&Error) -> bool,
+) -> Result<C> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        match dial() {
+            Err(e) if passing(&e) && started.elapsed() + pause < window => {
+                tracing::debug!(error = %e, "no server to reconnect to yet; trying again");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
 pub(crate) fn all_rows_written(written: u64, given: usize) -> Result<(), BoxError> {
     if written >= given as u64 {
         return Ok(());
