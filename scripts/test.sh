@@ -5,6 +5,8 @@
 #   (as root), starts both on 127.0.0.1 in temporary directories, and stops them at exit;
 #   and a PostgreSQL hot standby of the first (pg_basebackup -R) for tests/standby.rs,
 #   and a 3-node MariaDB Galera cluster (scripts/galera.sh) for tests/galera.rs;
+#   and a 3-node PostgreSQL cluster that Patroni fails over, with pgbouncer in front
+#   (scripts/pg_ha.sh), for tests/pg_ha.rs and the conformance suite through pgbouncer;
 # - or uses the servers that WTH_POSTGRES_URL, WTH_POSTGRES_STANDBY_URL and
 #   WTH_MYSQL_URL point to;
 # - installs unixODBC and the psqlODBC, MariaDB and SQLite ODBC drivers, and runs the
@@ -15,12 +17,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/servers.sh
 . scripts/galera.sh
+. scripts/pg_ha.sh
 
 start_servers
-trap 'stop_galera; stop_servers' EXIT
-# Unless the caller points at a cluster of its own.
+trap 'stop_pg_ha; stop_galera; stop_servers' EXIT
+# Unless the caller points at clusters of its own.
 if [ -z "${WTH_GALERA_URL_1:-}" ]; then
   start_galera
+fi
+if [ -z "${WTH_PG_HA_URL:-}" ]; then
+  start_pg_ha
 fi
 
 log=$(mktemp)
@@ -29,7 +35,7 @@ cargo test --all-features --workspace 2>&1 | tee "$log" || status=$?
 
 echo
 echo "tests run per backend (conformance and backend-specific):"
-for backend in sqlite postgres mysql odbc_sqlite odbc_postgres odbc_mysql galera; do
+for backend in sqlite postgres mysql odbc_sqlite odbc_postgres odbc_mysql galera pgbouncer pg_ha; do
   # A test belongs to a backend by a path segment (`mysql::…`) or a name prefix (`mysql_…`).
   pattern="^test ([a-z0-9_]+::)*${backend}(::|_)[a-z0-9_:]*"
   passed=$(grep -cE "$pattern \.\.\. ok$" "$log" || true)

@@ -317,10 +317,20 @@ mod pg {
 
     impl PgEnv {
         pub(crate) fn new() -> Self {
-            let admin = server_url("WTH_POSTGRES_URL");
+            Self::at("WTH_POSTGRES_URL")
+        }
+
+        /// Through pgbouncer in transaction pooling (`scripts/pg_ha.sh`), where no
+        /// session state lasts from one transaction to the next.
+        pub(crate) fn pgbouncer() -> Self {
+            Self::at("WTH_PGBOUNCER_URL")
+        }
+
+        fn at(var: &str) -> Self {
+            let admin = server_url(var);
             let db = unique_db();
             let mut c = postgres::Client::connect(&admin, postgres::NoTls)
-                .unwrap_or_else(|e| panic!("PostgreSQL at WTH_POSTGRES_URL is not reachable: {e}"));
+                .unwrap_or_else(|e| panic!("PostgreSQL at {var} is not reachable: {e}"));
             c.batch_execute(&format!("CREATE DATABASE {db}"))
                 .expect("create test database");
             PgEnv {
@@ -356,9 +366,10 @@ mod pg {
             self.raw().batch_execute(sql).map_err(|e| e.to_string())
         }
         fn ints(&self, sql: &str) -> Vec<i64> {
+            // Sent whole (not prepared), as behind a pooler it must be.
             let rows = self
                 .raw()
-                .query(sql, &[])
+                .query_typed(sql, &[])
                 .unwrap_or_else(|e| panic!("{sql}: {e}"));
             rows.iter()
                 .map(|r| {

@@ -1,5 +1,6 @@
 //! The conformance suite, written once in `suite.rs` and stamped out here for every
-//! backend this build has: SQLite always, PostgreSQL and MariaDB with their features,
+//! backend this build has: SQLite always, PostgreSQL and MariaDB with their features
+//! (PostgreSQL also through pgbouncer in transaction pooling, `WTH_PGBOUNCER_URL`),
 //! and with `odbc` the same three through their ODBC drivers.
 
 mod api;
@@ -36,6 +37,10 @@ macro_rules! all_backends {
         conformance!(odbc_postgres, OdbcEnv::postgres(), [$($module::$test),*]);
         #[cfg(feature = "odbc")]
         conformance!(odbc_mysql, OdbcEnv::mysql(), [$($module::$test),*]);
+        #[cfg(feature = "postgres")]
+        conformance!(pgbouncer, PgEnv::pgbouncer(), [$($module::$test),*]);
+        #[cfg(feature = "postgres")]
+        conformance!(pgbouncer_coherent, Coherent(PgEnv::pgbouncer()), [$($module::$test),*]);
         conformance!(sqlite_coherent, Coherent(SqliteEnv::new()), [$($module::$test),*]);
         #[cfg(feature = "postgres")]
         conformance!(postgres_coherent, Coherent(PgEnv::new()), [$($module::$test),*]);
