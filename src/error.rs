@@ -668,6 +668,20 @@ fn server_says(source: &BoxError) -> String {
         out.push(')');
         return out;
     }
+    #[cfg(feature = "postgres")]
+    if let Some(e) = source.downcast_ref::<postgres::Error>() {
+        // What `target_session_attrs=read-write` meets on a cluster without a primary.
+        let chain = std::iter::successors(std::error::Error::source(e), |e| e.source())
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join(": ");
+        if chain.contains("does not allow writes") {
+            return ": no server of the URL takes writes now (target_session_attrs=read-write): \
+                    the cluster has no primary, as while it fails over; a map opened from a \
+                    URL tries again on its next call"
+                .into();
+        }
+    }
     #[cfg(feature = "mysql")]
     if let Some(mysql::Error::MySqlError(e)) = source.downcast_ref::<mysql::Error>() {
         return format!(

@@ -93,7 +93,7 @@ fn pg_ha_a_writer_writes_on_through_a_killed_primary() {
                     Err(e) => {
                         tally.failed += 1;
                         if tally.errors.len() < 5 {
-                            tally.errors.push(e.to_string());
+                            tally.errors.push(format!("k{i}: {e}"));
                         }
                     }
                 }
@@ -143,9 +143,15 @@ fn pg_ha_a_writer_writes_on_through_a_killed_primary() {
     );
     let memory: HashMap<_, _> = h.iter().map(|(k, v)| (k.clone(), *v)).collect();
     let table: HashMap<_, _> = fresh.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let differ: Vec<_> = memory
+        .keys()
+        .chain(table.keys())
+        .filter(|k| memory.get(*k) != table.get(*k))
+        .map(|k| (k, memory.get(k), table.get(k)))
+        .collect();
     assert!(
-        memory == table,
-        "the map equals the table after the failover"
+        differ.is_empty(),
+        "the map equals the table after the failover; (key, memory, table) differ: {differ:?}"
     );
     drop(failover);
 }
