@@ -312,6 +312,44 @@ fn postgres_given_connection_waits_for_reload() {
     given_connection_waits_for_reload(&env::PgEnv::new());
 }
 
+/// The server did a write, then ended the session with a FATAL instead of its answer
+/// (a failover's dying primary does: "terminating connection due to unexpected
+/// postmaster exit"). The write is done again on a new connection, which leaves what
+/// it left once; when no new connection can be made in time, the call's outcome is
+/// unknown (it was "nothing done", memory without a row the table held), and the next
+/// call settles it.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_a_session_ended_after_a_write_leaves_its_outcome_unknown() {
+    let env = env::PgEnv::new();
+    let (proxy, url) = proxied(&env.url());
+    // Reconnecting is tried for the connect timeout: 1 s here.
+    let url = format!("{url}?connect_timeout=1");
+    let mut h: DbHashMap<String, i64> = DbHashMap::builder_url(&url).table("fatal").open().unwrap();
+    h.insert("a".into(), 1).unwrap();
+
+    // A new connection at once: the write goes again, and the call succeeds.
+    proxy.fatal_instead_of_next_answer();
+    h.insert("b".into(), 2).unwrap();
+    assert_eq!(h, fresh(&env, "fatal"));
+
+    // No new connection in time: the outcome is unknown, not "nothing done".
+    proxy.fatal_instead_of_next_answer();
+    proxy.refuse_new(true);
+    let err = h.insert("c".into(), 3).unwrap_err();
+    assert!(err.is_outcome_unknown(), "{err}");
+    assert_eq!(
+        fresh(&env, "fatal").get("c"),
+        Some(&3),
+        "the write was done"
+    );
+    proxy.refuse_new(false);
+    // The next call settles it: memory holds what the table holds.
+    h.insert("d".into(), 4).unwrap();
+    assert_eq!(h.get("c"), Some(&3));
+    assert_eq!(h, fresh(&env, "fatal"));
+}
+
 #[cfg(feature = "postgres")]
 #[test]
 fn postgres_server_idle_timeout() {

@@ -258,11 +258,19 @@ impl<K, V> Writer<K, V> {
         // session ended by the server): a store that can reconnect does, and the same
         // batch goes again. Nothing is in doubt, so nothing is written twice.
         let mut reconnects = 0;
+        // Whether an attempt's statements reached the server before its session ended.
+        // The server may have ended it after committing (seen on PostgreSQL: "terminating
+        // connection due to unexpected postmaster exit" after an autocommitted write it
+        // had done, when a failover killed the primary), so such a write is done again
+        // (the batch sets and deletes: done twice, it leaves what it left once); and if
+        // it cannot be, its outcome is unknown, not "nothing done".
+        let mut in_doubt = false;
         while reconnects < RECONNECT_RETRIES
             && result.as_ref().is_err_and(Error::is_disconnect)
             && self.store().can_reconnect()
         {
             reconnects += 1;
+            in_doubt |= matches!(result, Err(Error::Database { .. }));
             tracing::info!(table = %self.table.name, error = %result.as_ref().unwrap_err(),
                 "the connection was lost before the write; reconnecting and writing again");
             crate::metrics::reconnected(&self.table.name);
@@ -276,6 +284,18 @@ impl<K, V> Writer<K, V> {
                 break;
             }
             result = self.apply_with_conflicts(&batch);
+        }
+        if in_doubt {
+            if let Err(e) = result {
+                result = Err(match e {
+                    e @ Error::OutcomeUnknown { .. } => e,
+                    e => Error::OutcomeUnknown {
+                        table: self.table.name.clone(),
+                        backend: self.store().backend(),
+                        source: e.into(),
+                    },
+                });
+            }
         }
         if let Err(Error::OutcomeUnknown { .. }) = &result {
             self.outcome_unknown(Unsettled::of(&batch));

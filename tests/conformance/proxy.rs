@@ -21,6 +21,10 @@ pub(crate) struct Proxy {
     cut_next_answer: Arc<AtomicBool>,
     /// Armed: the answer to the next client packet that holds `COMMIT` is cut.
     cut_commit: Arc<AtomicBool>,
+    /// Armed: the server's next answer is replaced by a PostgreSQL FATAL.
+    fatal_next_answer: Arc<AtomicBool>,
+    /// While set, new connections are closed as soon as they are made.
+    refusing: Arc<AtomicBool>,
 }
 
 impl Proxy {
@@ -32,10 +36,16 @@ impl Proxy {
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let paused: Arc<AtomicBool> = Arc::default();
         let paused2 = Arc::clone(&paused);
+        let (fatal, refusing): (Arc<AtomicBool>, Arc<AtomicBool>) = Default::default();
+        let (fatal2, refusing2) = (Arc::clone(&fatal), Arc::clone(&refusing));
         let (cut2, commit2, open2) = (Arc::clone(&cut), Arc::clone(&commit), Arc::clone(&open));
         thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
+                if refusing2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", server_port)) else {
                     continue;
                 };
@@ -51,8 +61,9 @@ impl Proxy {
                     Arc::clone(&paused2),
                 );
                 thread::spawn(move || copy_up(client, server, &commit, &cut_up, &pause_up));
-                let (cut, pause) = (Arc::clone(&cut2), Arc::clone(&paused2));
-                thread::spawn(move || copy(s2, c2, Some(cut), &pause));
+                let (cut, pause, fatal) =
+                    (Arc::clone(&cut2), Arc::clone(&paused2), Arc::clone(&fatal2));
+                thread::spawn(move || copy(s2, c2, Some(cut), &pause, Some(&fatal)));
             }
         });
         Proxy {
@@ -62,7 +73,21 @@ impl Proxy {
             paused,
             cut_next_answer: cut,
             cut_commit: commit,
+            fatal_next_answer: fatal,
+            refusing,
         }
+    }
+
+    /// The server's next answer (to a statement it ran) is dropped, and the client gets
+    /// instead the FATAL a PostgreSQL backend sends when its postmaster died, and the
+    /// connection closes: the statement was done, the client is told the session ended.
+    pub(crate) fn fatal_instead_of_next_answer(&self) {
+        self.fatal_next_answer.store(true, Ordering::SeqCst);
+    }
+
+    /// While `on`, new connections are closed at once (a server that is not back yet).
+    pub(crate) fn refuse_new(&self, on: bool) {
+        self.refusing.store(on, Ordering::SeqCst);
     }
 
     /// Holds everything either way for `how_long`, as a paused network would.
@@ -115,12 +140,49 @@ fn copy_up(
     });
 }
 
-/// Server to client: an armed cut drops the next answer and closes the connection.
-fn copy(from: TcpStream, to: TcpStream, cut: Option<Arc<AtomicBool>>, paused: &AtomicBool) {
+/// Server to client: an armed cut drops the next answer and closes the connection; an
+/// armed FATAL replaces it with a PostgreSQL FATAL first.
+fn copy(
+    from: TcpStream,
+    to: TcpStream,
+    cut: Option<Arc<AtomicBool>>,
+    paused: &AtomicBool,
+    fatal: Option<&AtomicBool>,
+) {
+    let mut to2 = to.try_clone().unwrap();
     pump(from, to, paused, |_| {
+        if fatal.is_some_and(|f| f.swap(false, Ordering::SeqCst)) {
+            let _ = to2.write_all(&postgres_fatal());
+            // Read before the close, as a backend's last words are.
+            thread::sleep(std::time::Duration::from_millis(50));
+            return false;
+        }
         !cut.as_ref()
             .is_some_and(|cut| cut.swap(false, Ordering::SeqCst))
     });
+}
+
+/// A PostgreSQL ErrorResponse: FATAL 57P01, as a backend whose postmaster died says.
+fn postgres_fatal() -> Vec<u8> {
+    let mut fields = Vec::new();
+    for (tag, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', "57P01"),
+        (
+            b'M',
+            "terminating connection due to unexpected postmaster exit",
+        ),
+    ] {
+        fields.push(tag);
+        fields.extend_from_slice(value.as_bytes());
+        fields.push(0);
+    }
+    fields.push(0);
+    let mut message = vec![b'E'];
+    message.extend_from_slice(&(fields.len() as u32 + 4).to_be_bytes());
+    message.extend_from_slice(&fields);
+    message
 }
 
 /// Passes what `from` sends on to `to`, holding it while paused, until either side
