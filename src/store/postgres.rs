@@ -119,21 +119,16 @@ macro_rules! impl_run {
                 s: &Sql,
                 params: &[&(dyn ToSql + Sync)],
             ) -> Result<(Vec<Row>, u64), postgres::Error> {
-                match s {
-                    Sql::Prepared(stmt) => {
-                        let mut it = self.query_raw(stmt, params.iter().copied())?;
-                        let rows: Vec<Row> = it.by_ref().collect()?;
-                        let changed = it.rows_affected().unwrap_or(rows.len() as u64);
-                        Ok((rows, changed))
-                    }
+                let mut it = match s {
+                    Sql::Prepared(stmt) => self.query_raw(stmt, params.iter().copied())?,
                     Sql::Sent { sql, types } => {
                         let typed = params.iter().copied().zip(types.iter().cloned());
-                        let mut it = self.query_typed_raw(sql, typed)?;
-                        let rows: Vec<Row> = it.by_ref().collect()?;
-                        let changed = it.rows_affected().unwrap_or(rows.len() as u64);
-                        Ok((rows, changed))
+                        self.query_typed_raw(sql, typed)?
                     }
-                }
+                };
+                let rows: Vec<Row> = it.by_ref().collect()?;
+                let changed = it.rows_affected().unwrap_or(rows.len() as u64);
+                Ok((rows, changed))
             }
 
             fn typed(
