@@ -328,14 +328,18 @@ fn postgres_a_session_ended_after_a_write_leaves_its_outcome_unknown() {
     let mut h: DbHashMap<String, i64> = DbHashMap::builder_url(&url).table("fatal").open().unwrap();
     h.insert("a".into(), 1).unwrap();
 
-    // A new connection at once: the write goes again, and the call succeeds.
-    proxy.fatal_instead_of_next_answer();
+    // A new connection at once: the write goes again, and the call succeeds. (Idle for
+    // a while first, as on a loaded machine: the map checks its connection before the
+    // write, and the FATAL is the answer to the INSERT, not to that check.)
+    proxy.fatal_instead_of_answer_to_insert();
+    thread::sleep(Duration::from_millis(150));
     h.insert("b".into(), 2).unwrap();
     assert_eq!(h, fresh(&env, "fatal"));
 
     // No new connection in time: the outcome is unknown, not "nothing done".
-    proxy.fatal_instead_of_next_answer();
+    proxy.fatal_instead_of_answer_to_insert();
     proxy.refuse_new(true);
+    thread::sleep(Duration::from_millis(150));
     let err = h.insert("c".into(), 3).unwrap_err();
     assert!(err.is_outcome_unknown(), "{err}");
     assert_eq!(

@@ -21,8 +21,9 @@ pub(crate) struct Proxy {
     cut_next_answer: Arc<AtomicBool>,
     /// Armed: the answer to the next client packet that holds `COMMIT` is cut.
     cut_commit: Arc<AtomicBool>,
-    /// Armed: the server's next answer is replaced by a PostgreSQL FATAL.
-    fatal_next_answer: Arc<AtomicBool>,
+    /// Armed: the answer to the next client packet that holds `INSERT` is replaced by a
+    /// PostgreSQL FATAL.
+    fatal_after_insert: Arc<AtomicBool>,
     /// While set, new connections are closed as soon as they are made.
     refusing: Arc<AtomicBool>,
 }
@@ -36,8 +37,13 @@ impl Proxy {
         let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let paused: Arc<AtomicBool> = Arc::default();
         let paused2 = Arc::clone(&paused);
-        let (fatal, refusing): (Arc<AtomicBool>, Arc<AtomicBool>) = Default::default();
-        let (fatal2, refusing2) = (Arc::clone(&fatal), Arc::clone(&refusing));
+        let (insert, fatal, refusing): (Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicBool>) =
+            Default::default();
+        let (insert2, fatal2, refusing2) = (
+            Arc::clone(&insert),
+            Arc::clone(&fatal),
+            Arc::clone(&refusing),
+        );
         let (cut2, commit2, open2) = (Arc::clone(&cut), Arc::clone(&commit), Arc::clone(&open));
         thread::spawn(move || {
             for client in listener.incoming() {
@@ -60,7 +66,17 @@ impl Proxy {
                     Arc::clone(&commit2),
                     Arc::clone(&paused2),
                 );
-                thread::spawn(move || copy_up(client, server, &commit, &cut_up, &pause_up));
+                let (insert, fatal_up) = (Arc::clone(&insert2), Arc::clone(&fatal2));
+                thread::spawn(move || {
+                    copy_up(
+                        client,
+                        server,
+                        &commit,
+                        &cut_up,
+                        &pause_up,
+                        (&insert, &fatal_up),
+                    )
+                });
                 let (cut, pause, fatal) =
                     (Arc::clone(&cut2), Arc::clone(&paused2), Arc::clone(&fatal2));
                 thread::spawn(move || copy(s2, c2, Some(cut), &pause, Some(&fatal)));
@@ -73,16 +89,17 @@ impl Proxy {
             paused,
             cut_next_answer: cut,
             cut_commit: commit,
-            fatal_next_answer: fatal,
+            fatal_after_insert: insert,
             refusing,
         }
     }
 
-    /// The server's next answer (to a statement it ran) is dropped, and the client gets
-    /// instead the FATAL a PostgreSQL backend sends when its postmaster died, and the
-    /// connection closes: the statement was done, the client is told the session ended.
-    pub(crate) fn fatal_instead_of_next_answer(&self) {
-        self.fatal_next_answer.store(true, Ordering::SeqCst);
+    /// The server's answer to the next `INSERT` (which it ran) is dropped, and the
+    /// client gets instead the FATAL a PostgreSQL backend sends when its postmaster
+    /// died, and the connection closes: the statement was done, the client is told the
+    /// session ended. (The statement's text must cross: a statement sent whole.)
+    pub(crate) fn fatal_instead_of_answer_to_insert(&self) {
+        self.fatal_after_insert.store(true, Ordering::SeqCst);
     }
 
     /// While `on`, new connections are closed at once (a server that is not back yet).
@@ -119,16 +136,21 @@ impl Proxy {
 }
 
 /// Client to server: when armed, a packet that holds the word `COMMIT` arms the cut of the
-/// next answer before it is passed on, so the answer cannot come first.
+/// next answer (one that holds `INSERT`, its FATAL) before it is passed on, so the
+/// answer cannot come first.
 fn copy_up(
     from: TcpStream,
     to: TcpStream,
     commit: &AtomicBool,
     cut: &AtomicBool,
     paused: &AtomicBool,
+    (insert, fatal): (&AtomicBool, &AtomicBool),
 ) {
     pump(from, to, paused, |bytes| {
         let text = String::from_utf8_lossy(bytes).to_ascii_uppercase();
+        if text.contains("INSERT") && insert.swap(false, Ordering::SeqCst) {
+            fatal.store(true, Ordering::SeqCst);
+        }
         // The word, not `SET autocommit`.
         let is_commit = text
             .match_indices("COMMIT")
