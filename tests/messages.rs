@@ -81,22 +81,18 @@ fn refusal_names_the_constraint(env: &impl Env, create: &str) {
     );
 }
 
+/// The MariaDB table of the refusal tests, natively and over ODBC.
+const MYSQL_CHECKED: &str = "CREATE TABLE checked (`key` VARBINARY(100) NOT NULL PRIMARY KEY, \
+     `value` LONGTEXT NOT NULL, CONSTRAINT no_bad CHECK (`value` <> 'bad')) ENGINE=InnoDB";
+
 #[test]
 fn mysql_refusal_names_the_constraint() {
-    refusal_names_the_constraint(
-        &env::MyEnv::new(),
-        "CREATE TABLE checked (`key` VARBINARY(100) NOT NULL PRIMARY KEY, \
-         `value` LONGTEXT NOT NULL, CONSTRAINT no_bad CHECK (`value` <> 'bad')) ENGINE=InnoDB",
-    );
+    refusal_names_the_constraint(&env::MyEnv::new(), MYSQL_CHECKED);
 }
 
 #[test]
 fn odbc_mysql_refusal_names_the_constraint() {
-    refusal_names_the_constraint(
-        &env::OdbcEnv::mysql(),
-        "CREATE TABLE checked (`key` VARBINARY(100) NOT NULL PRIMARY KEY, \
-         `value` LONGTEXT NOT NULL, CONSTRAINT no_bad CHECK (`value` <> 'bad')) ENGINE=InnoDB",
-    );
+    refusal_names_the_constraint(&env::OdbcEnv::mysql(), MYSQL_CHECKED);
 }
 
 #[test]

@@ -7,6 +7,10 @@
 //! (pgbouncer in front of it runs the whole conformance suite: `tests/conformance`.)
 #![cfg(feature = "postgres")]
 
+#[path = "conformance/env.rs"]
+#[allow(dead_code, unused_imports)]
+mod env;
+
 use std::collections::HashMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -189,15 +193,6 @@ fn pg_ha_a_writer_writes_on_through_a_killed_primary() {
     drop(failover);
 }
 
-/// Polls until `f` holds, for at most `limit`.
-fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn pg_ha_coherent_maps_follow_to_the_new_primary() {
     let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
@@ -216,7 +211,7 @@ fn pg_ha_coherent_maps_follow_to_the_new_primary() {
         .open_shared()
         .unwrap();
     before.insert("old".into(), 1).unwrap();
-    eventually("the watcher sees a write", Duration::from_secs(10), || {
+    env::eventually("the watcher sees a write", Duration::from_secs(10), || {
         watching.get("old") == Some(1)
     });
 
@@ -249,7 +244,7 @@ fn pg_ha_coherent_maps_follow_to_the_new_primary() {
     };
     assert_eq!(as_map(&before), expected);
     assert_eq!(as_map(&after), expected);
-    eventually(
+    env::eventually(
         "the watching map follows to the new primary",
         Duration::from_secs(30),
         || watching.read().clone() == expected,

@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use write_thru_hash::DbHashMap;
 
@@ -68,17 +68,6 @@ fn call(s: &Service, method: &str, path: &str, body: Option<&str>) -> (u16, Stri
     (status, body)
 }
 
-fn eventually(what: &str, done: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{what}: not within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 #[test]
 fn sqlite_service_example_serves_and_watches() {
     let dir = tempfile::tempdir().unwrap();
@@ -108,7 +97,7 @@ fn sqlite_service_example_serves_and_watches() {
         .unwrap();
     assert_eq!(other["greeting"], "hello");
     other.insert("from elsewhere".into(), 7.into()).unwrap();
-    eventually("another program's write", || {
+    env::eventually("another program's write", Duration::from_secs(10), || {
         call(&s, "GET", "/kv/from%20elsewhere", None) == (200, "7".into())
     });
     // A row that does not decode holds nothing else back.
@@ -119,7 +108,7 @@ fn sqlite_service_example_serves_and_watches() {
     )
     .unwrap();
     other.insert("after".into(), 8.into()).unwrap();
-    eventually("a write after a bad row", || {
+    env::eventually("a write after a bad row", Duration::from_secs(10), || {
         call(&s, "GET", "/kv/after", None) == (200, "8".into())
     });
     assert_eq!(

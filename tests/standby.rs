@@ -8,7 +8,7 @@
 #[allow(dead_code, unused_imports)]
 mod env;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use write_thru_hash::{DbHashMap, Error, SharedDbHashMap};
 
@@ -16,19 +16,6 @@ fn url(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
         panic!("{var} is not set: run `bash scripts/test.sh`, which starts the servers")
     })
-}
-
-/// Polls until `f` holds, for at most 10 s: the standby replays the primary's writes a
-/// moment later.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{what}: not within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
@@ -56,9 +43,8 @@ fn postgres_standby_loads_refuses_writes_and_refreshes() {
 
     // The standby replays the database, the table, its change log and the rows.
     let mut reader: Option<DbHashMap<String, i64>> = None;
-    eventually(
-        "the table on the standby",
-        || match DbHashMap::builder_url(&standby)
+    env::eventually("the table on the standby", Duration::from_secs(10), || {
+        match DbHashMap::builder_url(&standby)
             .table("replicated")
             .coherent()
             .open()
@@ -68,8 +54,8 @@ fn postgres_standby_loads_refuses_writes_and_refreshes() {
                 true
             }
             _ => false,
-        },
-    );
+        }
+    });
     let mut reader = reader.unwrap();
     assert_eq!(reader, writer);
 
@@ -90,10 +76,14 @@ fn postgres_standby_loads_refuses_writes_and_refreshes() {
     writer.insert("c".into(), 3).unwrap();
     writer.remove("a").unwrap();
     let mut seen = 0;
-    eventually("the changes on the standby", || {
-        seen += reader.refresh().unwrap();
-        reader == writer
-    });
+    env::eventually(
+        "the changes on the standby",
+        Duration::from_secs(10),
+        || {
+            seen += reader.refresh().unwrap();
+            reader == writer
+        },
+    );
     assert_eq!(seen, 2);
 
     // A plain map opens on the standby too: the table exists, nothing is created.

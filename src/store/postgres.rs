@@ -476,16 +476,13 @@ impl PostgresStore {
             }
             Err(e) => return Err(fail(e)),
         };
-        if !state.iter().any(|m| match m {
-            postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("in transaction"),
-            _ => false,
-        }) {
-            self.client.batch_execute(encoding).map_err(fail)?;
-        }
         let in_tx = state.iter().any(|m| match m {
             postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("in transaction"),
             _ => false,
         });
+        if !in_tx {
+            self.client.batch_execute(encoding).map_err(fail)?;
+        }
         if in_tx {
             return Err(Error::ConnectionState {
                 backend: D.name(),
@@ -821,9 +818,8 @@ impl Store for PostgresStore {
     }
 
     fn rows_hint(&mut self) -> Option<usize> {
-        let t = self.table.as_ref()?;
-        let sql = D.count_rows(t);
-        let n: i64 = self.client.typed(&sql, &[]).ok()?.first()?.get(0);
+        let s = self.stmts.as_ref()?;
+        let n: i64 = self.client.row(&s.count, &[]).ok()??.get(0);
         usize::try_from(n).ok()
     }
 
@@ -836,11 +832,8 @@ impl Store for PostgresStore {
         let t = opened(&self.table, D.name())?;
         let fail = |e| db_error(Action::Load, t, D.name(), e);
         let k = Bind::new(t, t.key_format, key)?;
-        let rows = self
-            .client
-            .typed(&D.select_value(t, Marks::Native), &[&k])
-            .map_err(fail)?;
-        let Some(row) = rows.first() else {
+        let s = self.stmts.as_ref().ok_or_else(|| not_opened(D.name()))?;
+        let Some(row) = self.client.row(&s.select_value, &[&k]).map_err(fail)? else {
             return Ok(None);
         };
         let value: Option<Raw<'_>> = row.try_get(0).map_err(fail)?;
@@ -858,11 +851,11 @@ impl Store for PostgresStore {
     fn count(&mut self) -> Result<u64> {
         self.ensure_connected()?;
         let t = opened(&self.table, D.name())?;
+        let s = self.stmts.as_ref().ok_or_else(|| not_opened(D.name()))?;
         let n: i64 = self
             .client
-            .typed(&D.count_rows(t), &[])
+            .row(&s.count, &[])
             .map_err(|e| db_error(Action::Load, t, D.name(), e))?
-            .first()
             .map_or(0, |r| r.get(0));
         Ok(n.max(0) as u64)
     }

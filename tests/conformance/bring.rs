@@ -31,6 +31,19 @@ fn ci(s: &str) -> Ci {
     Ci(s.to_string())
 }
 
+/// Opening `name` with the `Text` codec is refused for its schema; the message.
+fn refused_as_text_table(env: &impl Env, name: &str, ddl: &str) -> String {
+    let err = env
+        .builder::<String, String>()
+        .table(name)
+        .codec(Text)
+        .open()
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Schema { .. }), "{ddl}: {msg}");
+    msg
+}
+
 fn rows(env: &impl Env, table: &str) -> i64 {
     env.count(&format!("SELECT count(*) FROM {}", env.q(table)))
 }
@@ -278,14 +291,7 @@ pub(crate) fn tables_that_do_not_keep_keys_apart_are_refused(env: &impl Env) {
             env.q(&name),
             case.ddl
         ));
-        let err = env
-            .builder::<String, String>()
-            .table(&name)
-            .codec(Text)
-            .open()
-            .unwrap_err();
-        let msg = err.to_string();
-        assert!(matches!(err, Error::Schema { .. }), "{}: {msg}", case.ddl);
+        let msg = refused_as_text_table(env, &name, &case.ddl);
         assert!(
             msg.to_lowercase().contains(&case.says.to_lowercase()),
             "{}: the reason names {:?}: {msg}",
@@ -713,14 +719,7 @@ pub(crate) fn tables_on_which_every_write_fails_are_refused(env: &impl Env) {
             format!("CREATE TABLE {} ({ddl}){engine}", env.q(&name))
         };
         env.exec(&ddl);
-        let err = env
-            .builder::<String, String>()
-            .table(&name)
-            .codec(Text)
-            .open()
-            .unwrap_err();
-        let msg = err.to_string();
-        assert!(matches!(err, Error::Schema { .. }), "{ddl}: {msg}");
+        let msg = refused_as_text_table(env, &name, &ddl);
         assert!(msg.contains(says), "{ddl}: names {says:?}: {msg}");
     }
     // STRICT with the right types, and ANY, work.

@@ -275,6 +275,17 @@ fn server_url(var: &str) -> String {
     }
 }
 
+/// Polls until `f` holds, every 10 ms, for at most `limit`: what another connection,
+/// a standby or a watcher does comes a moment later.
+#[allow(dead_code)]
+pub(crate) fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A unique database name for one test.
 #[allow(dead_code)]
 fn unique_db() -> String {
