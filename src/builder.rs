@@ -43,6 +43,8 @@ pub struct Builder<K, V, S = RandomState, KC = Json, VC = Json> {
     /// Refreshing by itself in the background (a shared map).
     watch: Option<WatchConfig>,
     table: String,
+    /// A slice: the keys that start with it.
+    prefix: Option<String>,
     src: Option<Vec<(K, V)>>,
     keys: KC,
     values: VC,
@@ -58,6 +60,7 @@ impl<K, V, S, KC, VC> std::fmt::Debug for Builder<K, V, S, KC, VC> {
         f.debug_struct("Builder")
             .field("store", &store)
             .field("table", &self.table)
+            .field("prefix", &self.prefix)
             .field("key_codec", &std::any::type_name::<KC>())
             .field("value_codec", &std::any::type_name::<VC>())
             .field(
@@ -88,6 +91,7 @@ impl<K, V> Builder<K, V> {
             coherent: None,
             watch: None,
             table: DEFAULT_TABLE.to_string(),
+            prefix: None,
             src: None,
             keys: Json,
             values: Json,
@@ -101,6 +105,39 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
     /// it is always quoted. A name it cannot hold is refused by `open`.
     pub fn table(mut self, name: impl Into<String>) -> Self {
         self.table = name.into();
+        self
+    }
+
+    /// A slice of the table: the map holds exactly the keys that start with `prefix`,
+    /// for string keys with the [`Json`] or [`Text`](crate::Text) codec. Opening,
+    /// [`reload`](DbHashMap::reload), [`refresh`](DbHashMap::refresh) and
+    /// [`watch`](Self::watch) read only the slice, by a range of the key's index, so
+    /// their cost grows with the slice, not the table; `len`, iteration, `clear`,
+    /// `retain` and [`src`](Self::src) concern the slice only. A write of a key outside
+    /// it is refused with [`Error::OutsideSlice`], nothing written (a `remove` of such a
+    /// key finds nothing, as for any key the map does not hold). A codec whose
+    /// encodings of the slice's keys do not share a beginning (Postcard writes a
+    /// string's length first), a store that cannot read a slice, or a PostgreSQL key
+    /// column that does not sort in byte order (collation `C`) is refused at open with
+    /// [`Error::Slice`]. See the README, "Slices".
+    ///
+    /// ```
+    /// use write_thru_hash::{DbHashMap, Error};
+    /// let dir = tempfile::tempdir()?;
+    /// let url = format!("sqlite:{}", dir.path().join("db.sqlite").display());
+    /// let mut all: DbHashMap<String, i64> = DbHashMap::builder_url(&url).open()?;
+    /// all.insert_many([("t1/a".into(), 1), ("t1/b".into(), 2), ("t2/a".into(), 3)])?;
+    ///
+    /// let mut t1: DbHashMap<String, i64> = DbHashMap::builder_url(&url).prefix("t1/").open()?;
+    /// assert_eq!(t1.len(), 2);
+    /// assert!(matches!(t1.insert("t2/b".into(), 4), Err(Error::OutsideSlice { .. })));
+    /// t1.clear()?; // the slice's rows only
+    /// let all: DbHashMap<String, i64> = DbHashMap::builder_url(&url).open()?;
+    /// assert_eq!(all.len(), 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Some(prefix.into());
         self
     }
 
@@ -189,6 +226,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             coherent: self.coherent,
             watch: self.watch,
             table: self.table,
+            prefix: self.prefix,
             src: self.src,
             keys: codec.clone(),
             values: codec,
@@ -204,6 +242,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             coherent: self.coherent,
             watch: self.watch,
             table: self.table,
+            prefix: self.prefix,
             src: self.src,
             keys: codec,
             values: self.values,
@@ -219,6 +258,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             coherent: self.coherent,
             watch: self.watch,
             table: self.table,
+            prefix: self.prefix,
             src: self.src,
             keys: self.keys,
             values: codec,
@@ -234,6 +274,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             coherent: self.coherent,
             watch: self.watch,
             table: self.table,
+            prefix: self.prefix,
             src: self.src,
             keys: self.keys,
             values: self.values,
@@ -258,15 +299,35 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
                     .into(),
             });
         }
+        let mut table = TableSpec::new(self.table, self.keys.format(), self.values.format());
+        if let Some(prefix) = &self.prefix {
+            let Some(stored) = self.keys.string_prefix(prefix) else {
+                return Err(Error::Slice {
+                    table: table.name,
+                    reason: format!(
+                        "the key codec ({}) cannot say how the keys that start with {prefix:?} \
+                         begin once stored, so they are not one range of the table; use the \
+                         Json or Text codec for the keys",
+                        std::any::type_name::<KC>()
+                    ),
+                });
+            };
+            table = table.with_key_prefix(stored);
+        }
         let mut store = match self.store {
             Source::Store(store) => store,
             Source::Url(url) => crate::url::connect(&url)?,
         };
-        let table = TableSpec {
-            name: self.table,
-            key_format: self.keys.format(),
-            value_format: self.values.format(),
-        };
+        if self.prefix.is_some() && !store.reads_slices() {
+            return Err(Error::Slice {
+                table: table.name,
+                reason: format!(
+                    "the {} store cannot read a slice of a table (it reads and clears \
+                     whole tables only)",
+                    store.backend()
+                ),
+            });
+        }
         store.open(&table)?;
         let map = HashMap::with_hasher(self.hasher);
         let mut h = DbHashMap::from_parts(
@@ -275,6 +336,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             Box::new(self.keys),
             Box::new(self.values),
             table,
+            self.prefix,
         );
         if let Some(keep) = self.coherent {
             h.start_coherence(keep)?;

@@ -45,6 +45,16 @@ pub trait Codec<T>: Send + Sync {
     fn keys_distinct(&self) -> bool {
         false
     }
+
+    /// For a slice ([`Builder::prefix`](crate::Builder::prefix)): the bytes that begin
+    /// the encoding of every key that is a string starting with `prefix`, and of no
+    /// other key, so that the slice is one range of the table's key column. `None`
+    /// (the default) when the codec's encodings of such keys do not share a beginning;
+    /// a slice is then refused at open.
+    fn string_prefix(&self, prefix: &str) -> Option<Vec<u8>> {
+        let _ = prefix;
+        None
+    }
 }
 
 /// The default codec: JSON text, human readable, through serde.
@@ -95,6 +105,14 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for Json {
     fn decode(&self, bytes: &[u8]) -> Result<T, BoxError> {
         serde_json::from_slice(bytes).map_err(Into::into)
     }
+
+    fn string_prefix(&self, prefix: &str) -> Option<Vec<u8>> {
+        // A JSON string is `"`, then each character as it is or escaped, each alone:
+        // the strings that start with `prefix` are the texts that start with this.
+        let mut text = serde_json::to_vec(prefix).ok()?;
+        text.pop();
+        Some(text)
+    }
 }
 
 /// Stores `String`s as they are, in a text column: the codec for a table whose
@@ -126,6 +144,10 @@ impl Codec<String> for Text {
 
     fn keys_distinct(&self) -> bool {
         true
+    }
+
+    fn string_prefix(&self, prefix: &str) -> Option<Vec<u8>> {
+        Some(prefix.as_bytes().to_vec())
     }
 }
 

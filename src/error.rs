@@ -192,6 +192,33 @@ pub enum Error {
         max: usize,
     },
 
+    /// A slice ([`Builder::prefix`](crate::Builder::prefix)) that cannot be read as one
+    /// range of the table's keys: the codec's encodings of the slice's keys do not share
+    /// a beginning, the store cannot read a slice, or the key column does not sort in
+    /// byte order. Nothing was written.
+    #[error("table {table:?} cannot be opened as a slice: {reason}")]
+    Slice {
+        /// The table's name.
+        table: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+
+    /// A write of a key outside the map's slice. Nothing was written.
+    #[error(
+        "key {key} is outside the slice of table {table:?} that this map holds (the keys \
+         that start with {prefix:?}), so nothing was written; write it through a map of its \
+         own slice, or of the whole table"
+    )]
+    OutsideSlice {
+        /// The table's name.
+        table: String,
+        /// The slice's prefix.
+        prefix: String,
+        /// The key, as stored (shortened).
+        key: String,
+    },
+
     /// The table name cannot be held by the backend. Nothing was written.
     #[error("table name {name:?} cannot be used on {backend}: {reason}; choose another name")]
     InvalidTableName {

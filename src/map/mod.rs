@@ -156,10 +156,11 @@ impl<K, V, S> DbHashMap<K, V, S> {
         keys: Box<dyn Codec<K>>,
         values: Box<dyn Codec<V>>,
         table: TableSpec,
+        prefix: Option<String>,
     ) -> Self {
         DbHashMap {
             map,
-            w: Writer::new(store, keys, values, table),
+            w: Writer::new(store, keys, values, table, prefix),
         }
     }
 

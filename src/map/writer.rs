@@ -138,6 +138,8 @@ pub(crate) struct Encoder<K, V> {
     pub(crate) keys: Box<dyn Codec<K>>,
     pub(crate) values: Box<dyn Codec<V>>,
     pub(crate) table: TableSpec,
+    /// A slice's prefix, as the user gave it (the table's spec has it as stored).
+    pub(crate) prefix: Option<String>,
     /// Writes tried again after a conflict with another writer, so far.
     pub(crate) conflicts_retried: AtomicU64,
     /// Database transactions tried, so far.
@@ -182,9 +184,11 @@ impl<K, V> Writer<K, V> {
         keys: Box<dyn Codec<K>>,
         values: Box<dyn Codec<V>>,
         table: TableSpec,
+        prefix: Option<String>,
     ) -> Self {
         Writer {
             enc: Arc::new(Encoder {
+                prefix,
                 backend: store.backend(),
                 max_key_len: store.max_key_len(),
                 max_value_len: store.max_value_len(),
@@ -861,6 +865,13 @@ where
     /// JSON `null`) would make them one row while memory holds two.
     pub(crate) fn encode_written_key(&self, key: &K) -> Result<Vec<u8>> {
         let bytes = self.encode_key(key)?;
+        if !self.table.holds_key(&bytes) {
+            return Err(Error::OutsideSlice {
+                table: self.table.name.clone(),
+                prefix: self.prefix.clone().unwrap_or_default(),
+                key: show_bytes(&bytes),
+            });
+        }
         if self.keys.keys_distinct() {
             return Ok(bytes);
         }

@@ -409,13 +409,16 @@ impl Dialect {
             ranges.push(format!("(l.v > {seen} AND l.v < {unknown_from})"));
         }
         ranges.push(format!("l.v >= {unknown_from}"));
+        let slice = self
+            .log_slice_condition(t)
+            .map_or_else(String::new, |c| format!(" AND {c}"));
         format!(
             "SELECT CAST(c.horizon AS CHAR), CAST(c.v AS CHAR), NULL, NULL, NULL FROM {clock} c \
              UNION ALL \
              SELECT NULL, CAST(l.v AS CHAR), l.{key}, \
              CASE WHEN EXISTS (SELECT 1 FROM {table} t WHERE t.{key} = l.{key}) THEN '1' ELSE '0' END, \
              (SELECT t.{value} FROM {table} t WHERE t.{key} = l.{key}) \
-             FROM {log} l WHERE {}",
+             FROM {log} l WHERE ({}){slice}",
             ranges.join(" OR ")
         )
     }
@@ -461,6 +464,12 @@ impl Dialect {
             Dialect::Mysql => format!("CAST({e} AS CHAR)"),
             _ => format!("CAST({e} AS TEXT)"),
         };
+        // A slice's reader takes its own keys' changes only (in the join's condition:
+        // the clock's row comes whatever changed).
+        let since = match self.log_slice_condition(t) {
+            Some(c) => format!("{since} AND {c}"),
+            None => since,
+        };
         if self == Dialect::Postgres {
             // A lateral lookup per change: PostgreSQL may turn a correlated EXISTS into a
             // hashed subplan, which reads the whole table to build its hash when stale
@@ -486,6 +495,19 @@ impl Dialect {
             text("c.horizon"),
             text("l.v"),
         )
+    }
+
+    /// A slice's condition on the log's key (`l`), in byte order: PostgreSQL's log key
+    /// has the database's collation, SQLite's may be compared otherwise.
+    fn log_slice_condition(self, t: &TableSpec) -> Option<String> {
+        let key = match self {
+            Dialect::Sqlite => format!("l.{} COLLATE BINARY", self.quote("key")),
+            Dialect::Postgres if t.key_format == Format::Text => {
+                format!("l.{} COLLATE \"C\"", self.quote("key"))
+            }
+            Dialect::Postgres | Dialect::Mysql => format!("l.{}", self.quote("key")),
+        };
+        self.slice_condition(t, &key)
     }
 
     /// Forgets the log below a version (the one parameter) and moves the horizon there:

@@ -265,8 +265,8 @@ impl Dialect {
         )
     }
 
-    /// How many rows the table holds, as text (for drivers that read every column as
-    /// bytes).
+    /// How many rows the table (or its slice) holds, as text (for drivers that read
+    /// every column as bytes).
     #[cfg_attr(not(feature = "odbc"), allow(dead_code))]
     pub(crate) fn count_rows_text(self, t: &TableSpec) -> String {
         let text = if self == Dialect::Mysql {
@@ -275,23 +275,29 @@ impl Dialect {
             "VARCHAR(20)"
         };
         format!(
-            "SELECT CAST(count(*) AS {text}) FROM {}",
-            self.quote(&t.name)
+            "SELECT CAST(count(*) AS {text}) FROM {}{}",
+            self.quote(&t.name),
+            self.in_slice(t)
         )
     }
 
-    /// How many rows the table holds.
+    /// How many rows the table (or its slice) holds.
     pub(crate) fn count_rows(self, t: &TableSpec) -> String {
-        format!("SELECT count(*) FROM {}", self.quote(&t.name))
+        format!(
+            "SELECT count(*) FROM {}{}",
+            self.quote(&t.name),
+            self.in_slice(t)
+        )
     }
 
-    /// `SELECT key, value` of every row.
+    /// `SELECT key, value` of every row (of the slice, for a slice).
     pub fn select_all(self, t: &TableSpec) -> String {
         format!(
-            "SELECT {}, {} FROM {}",
+            "SELECT {}, {} FROM {}{}",
             self.quote("key"),
             self.quote("value"),
-            self.quote(&t.name)
+            self.quote(&t.name),
+            self.in_slice(t)
         )
     }
 
@@ -301,9 +307,10 @@ impl Dialect {
     pub(crate) fn select_all_with_key_kind(self, t: &TableSpec) -> Option<String> {
         (self == Dialect::Sqlite).then(|| {
             format!(
-                "SELECT {k}, {}, typeof({k}) FROM {}",
+                "SELECT {k}, {}, typeof({k}) FROM {}{}",
                 self.quote("value"),
                 self.quote(&t.name),
+                self.in_slice(t),
                 k = self.quote("key"),
             )
         })
@@ -315,41 +322,38 @@ impl Dialect {
         allow(dead_code)
     )]
     pub(crate) fn select_value(self, t: &TableSpec, marks: Marks) -> String {
-        // As in `delete_keys_marked`: SQLite compares with the column's collation.
-        let key = match self {
-            Dialect::Sqlite => format!("{} COLLATE BINARY", self.quote("key")),
-            _ => self.quote("key"),
-        };
         format!(
-            "SELECT {} FROM {} WHERE {key} = {}",
+            "SELECT {} FROM {} WHERE {} = {}",
             self.quote("value"),
             self.quote(&t.name),
+            self.exact_key(),
             self.mark(marks, 1)
         )
     }
 
     /// `SELECT key, value` in the key column's order, from the key bound to the first
     /// placeholder when `from`, at most as many rows as the next placeholder says when
-    /// `limit`.
+    /// `limit`; of the slice only, for a slice.
     #[cfg_attr(
         not(any(feature = "sqlite", feature = "postgres", feature = "mysql")),
         allow(dead_code)
     )]
     pub(crate) fn scan(self, t: &TableSpec, from: bool, limit: bool, marks: Marks) -> String {
-        let key = match self {
-            Dialect::Sqlite => format!("{} COLLATE BINARY", self.quote("key")),
-            _ => self.quote("key"),
-        };
+        let key = self.exact_key();
         let mut sql = format!(
             "SELECT {}, {} FROM {}",
             self.quote("key"),
             self.quote("value"),
             self.quote(&t.name)
         );
+        let mut conditions: Vec<String> = self.slice_condition(t, &key).into_iter().collect();
         let mut n = 0;
         if from {
             n += 1;
-            sql.push_str(&format!(" WHERE {key} >= {}", self.mark(marks, n)));
+            conditions.push(format!("{key} >= {}", self.mark(marks, n)));
+        }
+        if !conditions.is_empty() {
+            sql.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
         }
         sql.push_str(&format!(" ORDER BY {key}"));
         if limit {
@@ -359,9 +363,63 @@ impl Dialect {
         sql
     }
 
-    /// Deletes every row.
+    /// Deletes every row (of the slice, for a slice).
     pub fn delete_all(self, t: &TableSpec) -> String {
-        format!("DELETE FROM {}", self.quote(&t.name))
+        format!("DELETE FROM {}{}", self.quote(&t.name), self.in_slice(t))
+    }
+
+    /// The table's key column compared byte for byte. SQLite compares with the
+    /// column's collation, which a user's table may set to NOCASE even when its primary
+    /// key index is BINARY: say which one counts (the index serves `BINARY`). The
+    /// others' key columns compare bytes as opened (checked at open).
+    fn exact_key(self) -> String {
+        match self {
+            Dialect::Sqlite => format!("{} COLLATE BINARY", self.quote("key")),
+            _ => self.quote("key"),
+        }
+    }
+
+    /// ` WHERE` and the slice's condition on the table's key, or nothing for a whole
+    /// table.
+    fn in_slice(self, t: &TableSpec) -> String {
+        self.slice_condition(t, &self.exact_key())
+            .map_or_else(String::new, |c| format!(" WHERE {c}"))
+    }
+
+    /// The slice's condition on `key`, an expression that compares in byte order: a
+    /// range (`key >= start AND key < end`), which the key's index serves, with the
+    /// bounds written as literals (they stay the map's whole life, and `COPY` takes no
+    /// parameters). `None` for a whole table.
+    pub(crate) fn slice_condition(self, t: &TableSpec, key: &str) -> Option<String> {
+        let (start, end) = t.key_range()?;
+        let mut condition = format!("{key} >= {}", self.key_literal(t.key_format, start));
+        if let Some(end) = end {
+            condition.push_str(&format!(
+                " AND {key} < {}",
+                self.key_literal(t.key_format, &end)
+            ));
+        }
+        Some(condition)
+    }
+
+    /// A literal of a stored key: text in the connection's encoding (UTF-8), bytes in hex.
+    fn key_literal(self, format: Format, bytes: &[u8]) -> String {
+        let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
+        let text = std::str::from_utf8(bytes)
+            .ok()
+            .filter(|_| format == Format::Text && !bytes.contains(&0));
+        match (self, text) {
+            // An escape string: the same whatever `standard_conforming_strings` says.
+            (Dialect::Postgres, Some(text)) => {
+                format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "''"))
+            }
+            (Dialect::Postgres, None) => format!("decode('{hex}', 'hex')"),
+            (Dialect::Sqlite, Some(text)) => format!("'{}'", text.replace('\'', "''")),
+            // A NUL ends an SQL string: the bytes, read as text.
+            (Dialect::Sqlite, None) if format == Format::Text => format!("CAST(X'{hex}' AS TEXT)"),
+            // MySQL's key column is binary (VARBINARY): bytes compare as bytes.
+            (Dialect::Sqlite | Dialect::Mysql, _) => format!("X'{hex}'"),
+        }
     }
 
     /// Deletes the rows whose keys are bound to `rows` placeholders.
@@ -371,12 +429,7 @@ impl Dialect {
 
     pub(crate) fn delete_keys_marked(self, t: &TableSpec, rows: usize, marks: Marks) -> String {
         let list: Vec<String> = (1..=rows).map(|i| self.mark(marks, i)).collect();
-        // SQLite compares with the column's collation, which a user's table may set to
-        // NOCASE even when its primary key index is BINARY: say which one counts.
-        let key = match self {
-            Dialect::Sqlite => format!("{} COLLATE BINARY", self.quote("key")),
-            _ => self.quote("key"),
-        };
+        let key = self.exact_key();
         if rows == 1 {
             format!(
                 "DELETE FROM {} WHERE {key} = {}",
@@ -692,11 +745,35 @@ mod tests {
     use super::*;
 
     fn spec(name: &str, k: Format, v: Format) -> TableSpec {
-        TableSpec {
-            name: name.into(),
-            key_format: k,
-            value_format: v,
-        }
+        TableSpec::new(name, k, v)
+    }
+
+    #[test]
+    fn golden_slices() {
+        let t = spec("h", Format::Text, Format::Text).with_key_prefix("it's \\ü");
+        assert_eq!(
+            Dialect::Sqlite.select_all(&t),
+            r#"SELECT "key", "value" FROM "h" WHERE "key" COLLATE BINARY >= 'it''s \ü' AND "key" COLLATE BINARY < 'it''s \ý'"#
+        );
+        assert_eq!(
+            Dialect::Postgres.delete_all(&t),
+            r#"DELETE FROM "h" WHERE "key" >= E'it''s \\ü' AND "key" < E'it''s \\ý'"#
+        );
+        assert_eq!(
+            Dialect::Mysql.count_rows(&t),
+            "SELECT count(*) FROM `h` WHERE `key` >= X'69742773205CC3BC' AND `key` < X'69742773205CC3BD'"
+        );
+        let nul = spec("h", Format::Text, Format::Text).with_key_prefix("a\0");
+        assert_eq!(
+            Dialect::Sqlite.scan(&nul, true, true, Marks::Native),
+            concat!(
+                r#"SELECT "key", "value" FROM "h" WHERE "key" COLLATE BINARY >= CAST(X'6100' AS TEXT) AND "key" COLLATE BINARY < 'a"#,
+                "\u{1}",
+                r#"' AND "key" COLLATE BINARY >= ?1 ORDER BY "key" COLLATE BINARY LIMIT ?2"#
+            )
+        );
+        let whole = spec("h", Format::Text, Format::Text).with_key_prefix("");
+        assert_eq!(Dialect::Postgres.delete_all(&whole), r#"DELETE FROM "h""#);
     }
 
     #[test]

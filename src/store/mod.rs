@@ -54,6 +54,10 @@ pub struct TableSpec {
     pub key_format: Format,
     /// The format of the `value` column.
     pub value_format: Format,
+    /// A slice of the table: only the rows whose stored key starts with these bytes
+    /// (see [`Builder::prefix`](crate::Builder::prefix)); `None` for the whole table.
+    /// Stores read, count, clear and watch only those rows.
+    pub key_prefix: Option<Vec<u8>>,
 }
 
 impl TableSpec {
@@ -63,7 +67,63 @@ impl TableSpec {
             name: name.into(),
             key_format,
             value_format,
+            key_prefix: None,
         }
+    }
+
+    /// The slice of the table whose stored keys start with `prefix` (an empty prefix is
+    /// the whole table).
+    #[must_use]
+    pub fn with_key_prefix(mut self, prefix: impl Into<Vec<u8>>) -> Self {
+        let prefix = prefix.into();
+        self.key_prefix = (!prefix.is_empty()).then_some(prefix);
+        self
+    }
+
+    /// Whether a stored key belongs to the table, or to its slice.
+    pub fn holds_key(&self, key: &[u8]) -> bool {
+        self.key_prefix
+            .as_ref()
+            .is_none_or(|prefix| key.starts_with(prefix))
+    }
+
+    /// The slice's bounds in byte order: every key that starts with the prefix is at
+    /// least the first and below the second (`None`: no key above the prefix's), and
+    /// only those. For a text column the second is valid UTF-8 too.
+    pub(crate) fn key_range(&self) -> Option<(&[u8], Option<Vec<u8>>)> {
+        let prefix = self.key_prefix.as_deref()?;
+        let end = match (self.key_format, std::str::from_utf8(prefix)) {
+            (Format::Text, Ok(text)) => {
+                // The next character after the last that has one, so that the bound is
+                // text: UTF-8 orders as code points do.
+                let mut chars: Vec<char> = text.chars().collect();
+                loop {
+                    let Some(last) = chars.pop() else { break None };
+                    let next = match last as u32 + 1 {
+                        0xD800 => Some('\u{E000}'),
+                        n => char::from_u32(n),
+                    };
+                    if let Some(next) = next {
+                        chars.push(next);
+                        break Some(chars.into_iter().collect::<String>().into_bytes());
+                    }
+                }
+            }
+            _ => {
+                let mut bytes = prefix.to_vec();
+                loop {
+                    match bytes.pop() {
+                        None => break None,
+                        Some(0xFF) => {}
+                        Some(b) => {
+                            bytes.push(b + 1);
+                            break Some(bytes);
+                        }
+                    }
+                }
+            }
+        };
+        Some((prefix, end))
     }
 }
 
@@ -369,6 +429,13 @@ pub trait Store: Send {
         let _ = every;
         Ok(None)
     }
+
+    /// Whether the store honours [`TableSpec::key_prefix`]: reads, counts, clears and
+    /// reports changes of the slice's rows only (the crate's stores do). A map on a
+    /// slice is refused on a store that says no, the default.
+    fn reads_slices(&self) -> bool {
+        false
+    }
 }
 
 /// Rows to upsert, as (key, value) encodings.
@@ -457,6 +524,9 @@ impl Store for Box<dyn Store> {
     fn apply_puts(&mut self, next: &mut PutSource<'_>) -> Result<()> {
         (**self).apply_puts(next)
     }
+    fn reads_slices(&self) -> bool {
+        (**self).reads_slices()
+    }
 }
 
 /// A connection that can become a [`Store`]: `rusqlite::Connection`,
@@ -475,6 +545,33 @@ impl<T: Store + 'static> IntoStore for T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn range(format: Format, prefix: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+        TableSpec::new("t", format, format)
+            .with_key_prefix(prefix)
+            .key_range()
+            .map(|(start, end)| (start.to_vec(), end))
+    }
+
+    #[test]
+    fn a_slice_is_the_range_up_to_the_next_prefix() {
+        let text = |p: &str| range(Format::Text, p.as_bytes()).map(|(_, end)| end);
+        assert_eq!(text(""), None, "an empty prefix is the whole table");
+        assert_eq!(text("t42/"), Some(Some(b"t420".to_vec())));
+        // The bound stays UTF-8: after U+00FF (C3 BF) comes U+0100 (C4 80), not C3 C0.
+        assert_eq!(text("a\u{ff}"), Some(Some("a\u{100}".as_bytes().to_vec())));
+        assert_eq!(
+            text("a\u{d7ff}"),
+            Some(Some("a\u{e000}".as_bytes().to_vec()))
+        );
+        assert_eq!(text("a\u{10ffff}"), Some(Some(b"b".to_vec())));
+        assert_eq!(text("\u{10ffff}"), Some(None), "no text above: open-ended");
+        let bytes = |p: &[u8]| range(Format::Binary, p).map(|(_, end)| end);
+        assert_eq!(bytes(&[1, 0xFF]), Some(Some(vec![2])));
+        assert_eq!(bytes(&[0xFF, 0xFF]), Some(None));
+        let t = TableSpec::new("t", Format::Text, Format::Text).with_key_prefix("ab");
+        assert!(t.holds_key(b"abc") && t.holds_key(b"ab") && !t.holds_key(b"a"));
+    }
 
     #[test]
     fn builder_keeps_last_change_per_key() {

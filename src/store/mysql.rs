@@ -289,6 +289,10 @@ impl Store for MysqlStore {
         D.name()
     }
 
+    fn reads_slices(&self) -> bool {
+        true
+    }
+
     fn open(&mut self, t: &TableSpec) -> Result<()> {
         D.check_table_name(&t.name)?;
         Self::prepare_session(&mut self.conn, &t.name)?;

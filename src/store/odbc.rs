@@ -551,6 +551,11 @@ impl Store for OdbcStore {
         self.name()
     }
 
+    /// An unknown DBMS's SQL is guessed: a slice there is refused.
+    fn reads_slices(&self) -> bool {
+        self.known
+    }
+
     fn open(&mut self, t: &TableSpec) -> Result<()> {
         self.dialect.check_table_name(&t.name)?;
         self.ensure_connected()?;
@@ -760,11 +765,7 @@ impl Store for Failed {
             .unwrap_or_else(|| connect_error("the ODBC connection could not be used")))
     }
     fn load(&mut self, _: &mut RowSink<'_>) -> Result<()> {
-        self.open(&TableSpec {
-            name: String::new(),
-            key_format: Format::Text,
-            value_format: Format::Text,
-        })
+        self.open(&TableSpec::new(String::new(), Format::Text, Format::Text))
     }
     fn apply(&mut self, _: &Batch) -> Result<()> {
         self.load(&mut |_, _| Ok(()))

@@ -297,6 +297,10 @@ impl Store for SqliteStore {
         D.name()
     }
 
+    fn reads_slices(&self) -> bool {
+        true
+    }
+
     fn open(&mut self, t: &TableSpec) -> Result<()> {
         if !self.conn.is_autocommit() {
             // Its commit or rollback belongs to the caller; the map's would end it.

@@ -152,11 +152,70 @@ pub(crate) fn open_table(
             .and_then(|row| row.into_iter().next())
             .is_some_and(|s| s.trim() == "1");
     check_layout(t, d, backend, &cols, &indexes, strict)?;
+    check_slice(conn, t, d, &cols).map_err(|e| match e {
+        Ok(reason) => Error::Slice {
+            table: t.name.clone(),
+            reason,
+        },
+        Err(e) => fail(e),
+    })?;
     let unwritable = conn
         .texts(&d.unwritable_columns_query(marks), Some(&param))
         .map_err(fail)?;
     check_writable_columns(t, d, backend, unwritable)?;
     Ok(made)
+}
+
+/// Checks that a slice is one range of the key column's index, in byte order (the
+/// range's bounds are bytes): `Err(Ok(reason))` refuses it. SQLite's statements compare
+/// `BINARY` and MySQL's key column is binary; a PostgreSQL text key must sort as bytes
+/// do (`C`), or the keys that start with one prefix are spread over its index.
+fn check_slice(
+    conn: &mut dyn Catalog,
+    t: &TableSpec,
+    d: Dialect,
+    cols: &[Column],
+) -> std::result::Result<(), std::result::Result<String, BoxError>> {
+    let Some(prefix) = &t.key_prefix else {
+        return Ok(());
+    };
+    if d != Dialect::Postgres || t.key_format != Format::Text {
+        return Ok(());
+    }
+    if prefix.contains(&0) {
+        return Err(Ok(
+            "its prefix holds the NUL character, which PostgreSQL text cannot \
+                       hold, so no key could start with it"
+                .into(),
+        ));
+    }
+    let Some((name, _, _, collation)) = cols.iter().find(|(n, ..)| n == "key") else {
+        return Ok(());
+    };
+    let mut collation = collation.clone();
+    if collation == "default" {
+        // The database's own: a libc locale, or ICU's (whose order is a language's).
+        let sql = "SELECT datcollate || CASE WHEN coalesce(to_jsonb(d) ->> 'datlocprovider', \
+                   'c') = 'c' THEN '' ELSE ' (ICU)' END \
+                   FROM pg_database d WHERE datname = current_database()";
+        let rows = conn.texts(sql, None).map_err(Err)?;
+        if let Some(found) = rows.into_iter().next().and_then(|r| r.into_iter().next()) {
+            collation = found;
+        }
+    }
+    // Byte order: "C" and "POSIX", glibc's C.UTF-8 (code points, which UTF-8 keeps),
+    // and `ucs_basic`.
+    let bytewise = ["c", "posix", "c.utf-8", "c.utf8", "ucs_basic"]
+        .contains(&collation.to_ascii_lowercase().as_str());
+    if bytewise {
+        return Ok(());
+    }
+    Err(Ok(format!(
+        "its key column {name:?} sorts by the collation {collation:?}, a language's order, \
+         in which the keys that start with one prefix are not one range of its index; a \
+         slice reads a range in byte order: give the column the \"C\" collation (ALTER TABLE \
+         … ALTER COLUMN key TYPE text COLLATE \"C\", as the tables this crate makes have)"
+    )))
 }
 
 /// Refuses a table on which every write of the map would fail: a column besides
