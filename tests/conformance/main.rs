@@ -6,6 +6,7 @@
 mod api;
 mod bring;
 mod env;
+mod slices;
 mod suite;
 
 macro_rules! conformance {
@@ -92,4 +93,7 @@ all_backends!(
     api::big_batches_are_all_or_nothing,
     api::a_codec_panic_in_a_big_batch_changes_nothing,
     api::store_without_a_map,
+    slices::a_slice_holds_exactly_its_keys,
+    slices::odd_prefixes_are_exact,
+    slices::codecs_that_cannot_slice_are_refused,
 );
