@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use env::{chain, worker_bin, Env};
-use write_thru_hash::{DbHashMap, Dialect, Error};
+use write_thru_hash::{DbHashMap, Dialect, Error, Event, SharedDbHashMap};
 
 fn coherent<V>(url: &str, table: &str) -> DbHashMap<String, V>
 where
@@ -481,6 +481,122 @@ fn processes_converge_and_survive_a_kill(env: &impl Env) {
     assert_eq!(here, table);
 }
 
+fn coherent_slice(url: &str, table: &str, prefix: &str) -> DbHashMap<String, i64> {
+    DbHashMap::builder_url(url)
+        .table(table)
+        .prefix(prefix)
+        .coherent()
+        .open()
+        .unwrap_or_else(|e| panic!("open the slice {prefix:?} of {table}: {}", chain(&e)))
+}
+
+fn only(all: &DbHashMap<String, i64>, prefix: &str) -> HashMap<String, i64> {
+    all.iter()
+        .filter(|(k, _)| k.starts_with(prefix))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
+}
+
+/// Slices of one table see the changes of their own keys only, whoever wrote them;
+/// slices written from many threads, and a whole-table map writing across them,
+/// converge with the table.
+fn slices_see_their_own_changes_and_converge(env: &(impl Env + Sync)) {
+    let url = env.url();
+    let mut all: DbHashMap<String, i64> = coherent(&url, "sl");
+    let mut a = coherent_slice(&url, "sl", "a/");
+    let mut b = coherent_slice(&url, "sl", "b/");
+    all.insert_many([("a/1".into(), 1), ("b/1".into(), 2), ("c/1".into(), 3)])
+        .unwrap();
+    assert_eq!(a.refresh().unwrap(), 1);
+    assert_eq!(b.refresh().unwrap(), 1);
+    b.insert("b/2".into(), 4).unwrap();
+    assert_eq!(a.refresh().unwrap(), 0, "another slice's write is not a's");
+    plain_upsert(env, "sl", "a/2", 5);
+    plain_upsert(env, "sl", "c/2", 6);
+    plain_delete(env, "sl", "b/1");
+    assert_eq!(a.refresh().unwrap(), 1);
+    assert_eq!(b.refresh().unwrap(), 1);
+    assert_eq!(a, only(&fresh(&url, "sl"), "a/"));
+    assert_eq!(b, only(&fresh(&url, "sl"), "b/"));
+    // A row moved from one slice to the other leaves a and comes to b.
+    env.exec(&format!(
+        "UPDATE {} SET {k} = '\"b/moved\"' WHERE {k} = '\"a/2\"'",
+        env.q("sl"),
+        k = env.q("key")
+    ));
+    assert_eq!(a.refresh().unwrap(), 1);
+    assert_eq!(b.refresh().unwrap(), 1);
+    assert_eq!((a.get("a/2"), b.get("b/moved")), (None, Some(&5)));
+    // A slice's clear leaves the others' rows.
+    a.clear().unwrap();
+    assert_eq!(b.refresh().unwrap(), 0);
+    all.refresh().unwrap();
+    assert_eq!(all, fresh(&url, "sl"));
+    assert!(only(&all, "a/").is_empty() && all.contains_key("c/1"));
+
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let prefix = format!("s{w}/");
+                let mut m = coherent_slice(&url, "sl", &prefix);
+                let mut whole: DbHashMap<String, i64> = coherent(&url, "sl");
+                for i in 0..60u64 {
+                    let key = format!("{prefix}{}", (i * 7 + w) % 11);
+                    let result = match i % 6 {
+                        0..=2 => m.insert(key, i as i64).map(drop),
+                        3 => m.remove(&key).map(drop),
+                        4 => whole
+                            .insert(format!("s{}/{}", (w + 1) % 4, i % 11), -(i as i64))
+                            .map(drop),
+                        _ => m.refresh().map(drop),
+                    };
+                    if let Err(e) = result {
+                        assert!(e.is_retryable(), "{}", chain(&e));
+                    }
+                }
+                (prefix, m)
+            })
+        })
+        .collect();
+    let slices: Vec<(String, DbHashMap<String, i64>)> =
+        writers.into_iter().map(|h| h.join().unwrap()).collect();
+    let table = fresh(&url, "sl");
+    for (prefix, mut m) in slices {
+        m.refresh().unwrap();
+        assert_eq!(m, only(&table, &prefix), "slice {prefix}");
+    }
+}
+
+/// A watching shared slice hears of its own keys' changes only, and refuses writes
+/// outside it.
+fn shared_slices_watch_their_own_keys(env: &impl Env) {
+    let url = env.url();
+    let shared: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url)
+        .table("ws")
+        .prefix("a/")
+        .watch()
+        .open_shared()
+        .unwrap();
+    let events = shared.subscribe();
+    let err = shared.insert("b/0".into(), 0).unwrap_err();
+    assert!(matches!(err, Error::OutsideSlice { .. }), "{err}");
+    shared.insert("a/0".into(), 0).unwrap();
+    let mut other: DbHashMap<String, i64> = coherent(&url, "ws");
+    other.insert("b/1".into(), 1).unwrap();
+    other.insert("a/1".into(), 1).unwrap();
+    env::eventually("the shared slice sees a/1", Duration::from_secs(10), || {
+        shared.get("a/1") == Some(1)
+    });
+    let mut heard = Vec::new();
+    while let Some(event) = events.try_recv() {
+        heard.push(event);
+    }
+    assert_eq!(heard, vec![Event::Changed(vec!["a/1".to_string()])]);
+    assert_eq!(shared.get("b/1"), None);
+    assert_eq!(shared.len(), 2);
+}
+
 macro_rules! coherence {
     ($backend:ident, $env:expr) => {
         mod $backend {
@@ -524,6 +640,14 @@ macro_rules! coherence {
             #[test]
             fn concurrent_first_opens() {
                 super::concurrent_first_opens(&$env);
+            }
+            #[test]
+            fn slices_see_their_own_changes_and_converge() {
+                super::slices_see_their_own_changes_and_converge(&$env);
+            }
+            #[test]
+            fn shared_slices_watch_their_own_keys() {
+                super::shared_slices_watch_their_own_keys(&$env);
             }
             #[test]
             fn processes_converge_and_survive_a_kill() {
