@@ -135,7 +135,10 @@ fn postgres_slices_need_a_key_in_byte_order() {
     let err = slice("icu").unwrap_err();
     assert!(matches!(err, Error::Slice { .. }), "{err}");
     let said = err.to_string();
-    assert!(said.contains("en-x-icu") && said.contains("COLLATE \"C\""), "{said}");
+    assert!(
+        said.contains("en-x-icu") && said.contains("COLLATE \"C\""),
+        "{said}"
+    );
     // The whole table still opens.
     assert_eq!(open(&env, "icu").unwrap().len(), 4);
     env.exec("ALTER TABLE icu ALTER COLUMN key TYPE text COLLATE \"C\"");

@@ -13,13 +13,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::value::RawValue;
 use serde_json::Value;
-use write_thru_hash::{Batch, Format, Puts, Store, TableSpec};
+use write_thru_hash::{Batch, Codec, Format, Json, Puts, Store, TableSpec};
 
 const EXAMPLES: &str = "\
 Examples:
   wth --db sqlite:app.db set '\"alice\"' '{\"age\": 3}'
   wth --db sqlite:app.db get '\"alice\"'
   wth --db sqlite:app.db dump backup.jsonl
+  wth --db sqlite:app.db --prefix t42/ dump t42.jsonl
   WTH_DB=postgres://app:secret@localhost/app wth load backup.jsonl --replace
   wth --db sqlite:app.db copy --to mysql://app:secret@localhost/app --to-table users";
 
@@ -40,6 +41,13 @@ struct Cli {
     /// How keys and values are stored.
     #[arg(long, value_enum, default_value_t = CodecName::Json, global = true)]
     codec: CodecName,
+    /// Work on the slice of the table whose keys start with PREFIX, as a program's map
+    /// opened with `Builder::prefix` holds it: string keys that start with it (json and
+    /// text codecs), or keys whose bytes start with the base64 PREFIX (bytes). Counts,
+    /// lists, dumps, clears, loads and copies that slice only, read by a range of the
+    /// key's index; a key outside it is refused.
+    #[arg(long, global = true)]
+    prefix: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -198,6 +206,8 @@ trait Kind {
     fn to_json(stored: &[u8]) -> Result<String, String>;
     /// For `load`: from a member of a line, as its JSON text.
     fn from_raw(raw: &str) -> Result<Vec<u8>, String>;
+    /// For `--prefix`: how the keys that start with it begin once stored.
+    fn prefix(arg: &str) -> Result<Vec<u8>, String>;
     /// For `copy`: refuses stored bytes the codec does not read, without making text.
     fn check(stored: &[u8]) -> Result<(), String> {
         Self::to_json(stored).map(drop)
@@ -241,6 +251,10 @@ impl Kind for JsonKind {
     }
     fn from_raw(raw: &str) -> Result<Vec<u8>, String> {
         Ok(minify(raw).into_bytes())
+    }
+    fn prefix(arg: &str) -> Result<Vec<u8>, String> {
+        Codec::<String>::string_prefix(&Json, arg)
+            .ok_or_else(|| format!("the prefix {arg:?} cannot be written as JSON"))
     }
     fn check(stored: &[u8]) -> Result<(), String> {
         serde_json::from_slice::<serde::de::IgnoredAny>(stored)
@@ -350,6 +364,9 @@ impl Kind for TextKind {
             .map(String::into_bytes)
             .map_err(|_| format!("{raw} is not a string, as the text codec needs"))
     }
+    fn prefix(arg: &str) -> Result<Vec<u8>, String> {
+        Ok(arg.as_bytes().to_vec())
+    }
 }
 
 struct BytesKind;
@@ -371,13 +388,23 @@ impl Kind for BytesKind {
             .map_err(|_| format!("{raw} is not a base64 string, as the bytes codec needs"))?;
         Self::parse(&text)
     }
+    fn prefix(arg: &str) -> Result<Vec<u8>, String> {
+        Self::parse(arg)
+    }
 }
 
-/// The table's store, opened (and checked) without loading anything.
+/// The table's store (or its slice's), opened (and checked) without loading anything.
 /// Its first row is read and checked: a table of another codec is refused at once.
-fn open<K: Kind>(db: &str, table: &str) -> Outcome<Box<dyn Store>> {
+fn open<K: Kind>(db: &str, spec: &TableSpec) -> Outcome<Box<dyn Store>> {
+    let table = &spec.name;
     let mut store = write_thru_hash::connect(db)?;
-    store.open(&TableSpec::new(table, K::FORMAT, K::FORMAT))?;
+    if spec.key_prefix.is_some() && !store.reads_slices() {
+        return Err(Failure(format!(
+            "--prefix: the {} store cannot read a slice of a table",
+            store.backend()
+        )));
+    }
+    store.open(spec)?;
     let mut first = None;
     let scanned = store.scan(None, Some(1), &mut |k, v| {
         first = Some((K::to_json(k).err(), K::to_json(v).err()));
@@ -485,6 +512,24 @@ const CHUNK: usize = 4096;
 
 fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
     let table = cli.table.as_str();
+    let mut spec = TableSpec::new(table, K::FORMAT, K::FORMAT);
+    if let Some(prefix) = &cli.prefix {
+        let stored = K::prefix(prefix).map_err(|why| Failure(format!("--prefix: {why}")))?;
+        spec = spec.with_key_prefix(stored);
+    }
+    let spec = &spec;
+    // One-row commands on a slice: a key outside it is refused, as a map of the slice
+    // refuses it.
+    let inside = |key: &str, stored: &[u8]| {
+        if spec.holds_key(stored) {
+            Ok(())
+        } else {
+            Err(Failure(format!(
+                "key {key} is outside the slice --prefix {:?} of table {table:?}",
+                cli.prefix.as_deref().unwrap_or_default()
+            )))
+        }
+    };
     // Opening a store makes its table when absent: only the commands that write may.
     let writes = matches!(cli.command, Command::Set { .. } | Command::Load { .. });
     if !writes {
@@ -518,9 +563,9 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
     let mut out = BufWriter::new(std::io::stdout().lock());
     match &cli.command {
         Command::Tables => unreachable!("handled before"),
-        Command::Count => writeln!(out, "{}", open::<K>(db, table)?.count()?)?,
+        Command::Count => writeln!(out, "{}", open::<K>(db, spec)?.count()?)?,
         Command::Ls => {
-            let mut store = open::<K>(db, table)?;
+            let mut store = open::<K>(db, spec)?;
             each_row(&mut *store, &mut |k, _| {
                 let shown = K::show(k).map_err(|why| bad_row("key", k, why))?;
                 writeln!(out, "{shown}")?;
@@ -529,8 +574,9 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
         }
         Command::Get { key } => {
             let k = parse(key)?;
-            let mut store = open::<K>(db, table)?;
+            let mut store = open::<K>(db, spec)?;
             let k = table_order::<K>(&mut *store, k)?;
+            inside(key, &k)?;
             match get(&mut *store, &k)? {
                 Some(v) => {
                     let shown = K::show(&v).map_err(|why| bad_row("value", &k, why))?;
@@ -541,16 +587,18 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
         }
         Command::Set { key, value } => {
             let (k, v) = (parse(key)?, parse(value)?);
-            let mut store = open::<K>(db, table)?;
+            let mut store = open::<K>(db, spec)?;
             let k = table_order::<K>(&mut *store, k)?;
+            inside(key, &k)?;
             let mut batch = Batch::default();
             batch.puts.push((k, v));
             store.apply(&batch)?;
         }
         Command::Rm { key } => {
             let k = parse(key)?;
-            let mut store = open::<K>(db, table)?;
+            let mut store = open::<K>(db, spec)?;
             let k = table_order::<K>(&mut *store, k)?;
+            inside(key, &k)?;
             if get(&mut *store, &k)?.is_none() {
                 return Err(Failure(format!("no key {key} in table {table:?}")));
             }
@@ -561,10 +609,10 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
         Command::Clear => {
             let mut batch = Batch::default();
             batch.clear = true;
-            open::<K>(db, table)?.apply(&batch)?;
+            open::<K>(db, spec)?.apply(&batch)?;
         }
         Command::Dump { file } => {
-            let mut store = open::<K>(db, table)?;
+            let mut store = open::<K>(db, spec)?;
             let bar = progress(store.count()?, "dump", "rows");
             let mut sink: Box<dyn Write> = match file {
                 Some(path) => Box::new(BufWriter::with_capacity(
@@ -599,7 +647,7 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
                 }
                 None => (Box::new(BufReader::new(std::io::stdin().lock())), 0),
             };
-            let mut store = open::<K>(db, table)?;
+            let mut store = open::<K>(db, spec)?;
             let sample = {
                 let mut sample = None;
                 if K::FORMAT == Format::Text {
@@ -611,7 +659,7 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
                 sample
             };
             let bar = progress(size, "load", "bytes");
-            let mut lines = Lines::<K>::new(input, sample, &*store);
+            let mut lines = Lines::<K>::new(input, sample, &*store, spec);
             let result = store.put_rows(*replace, false, &mut |_| {
                 let chunk = lines.chunk();
                 bar.set_position(lines.read);
@@ -626,24 +674,30 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
                 return Err(Failure(format!("{message}; nothing was written")));
             }
         }
-        Command::Copy { to, to_table } => copy::<K>(db, table, to, to_table.as_deref())?,
+        Command::Copy { to, to_table } => copy::<K>(db, spec, to, to_table.as_deref())?,
     }
     out.flush()?;
     Ok(())
 }
 
 /// `copy`: the source's rows in key order, checked, go chunk by chunk to the target,
-/// which takes them in one transaction that replaces its content. The source is read
-/// on a thread of its own, a few chunks ahead of the writing.
-fn copy<K: Kind>(db: &str, table: &str, to: &str, to_table: Option<&str>) -> Outcome {
-    let mut source = open::<K>(db, table)?;
+/// which takes them in one transaction that replaces its content (with `--prefix`, the
+/// slice's rows replace the same slice of the target). The source is read on a thread
+/// of its own, a few chunks ahead of the writing.
+fn copy<K: Kind>(db: &str, spec: &TableSpec, to: &str, to_table: Option<&str>) -> Outcome {
+    let table = spec.name.as_str();
+    let mut source = open::<K>(db, spec)?;
     let total = source.count()?;
     let mut target = write_thru_hash::connect(to)?;
-    target.open(&TableSpec::new(
-        to_table.unwrap_or(table),
-        K::FORMAT,
-        K::FORMAT,
-    ))?;
+    let mut target_spec = spec.clone();
+    target_spec.name = to_table.unwrap_or(table).to_string();
+    if target_spec.key_prefix.is_some() && !target.reads_slices() {
+        return Err(Failure(format!(
+            "--prefix: the {} store cannot replace a slice of a table",
+            target.backend()
+        )));
+    }
+    target.open(&target_spec)?;
     let bar = progress(total, "copy", "rows");
     let (send, chunks) = std::sync::mpsc::sync_channel::<Outcome<Puts>>(4);
     std::thread::scope(|s| {
@@ -708,11 +762,18 @@ struct Lines<K: Kind> {
     /// after the fact: the longest key it indexes, and whether its text holds a NUL.
     max_key: Option<usize>,
     nul_in_text: bool,
+    /// `--prefix`: the slice the keys must be in.
+    slice: TableSpec,
     _kind: std::marker::PhantomData<K>,
 }
 
 impl<K: Kind> Lines<K> {
-    fn new(input: Box<dyn BufRead>, sample: Option<Vec<u8>>, store: &dyn Store) -> Self {
+    fn new(
+        input: Box<dyn BufRead>,
+        sample: Option<Vec<u8>>,
+        store: &dyn Store,
+        slice: &TableSpec,
+    ) -> Self {
         Lines {
             input,
             sample,
@@ -722,6 +783,7 @@ impl<K: Kind> Lines<K> {
             failure: None,
             max_key: store.max_key_len(),
             nul_in_text: store.backend() != "PostgreSQL",
+            slice: slice.clone(),
             _kind: std::marker::PhantomData,
         }
     }
@@ -775,6 +837,11 @@ impl<K: Kind> Lines<K> {
                 Some(sample) => K::in_table_order(key, sample),
                 None => key,
             };
+            if !self.slice.holds_key(&key) {
+                return Err(bad(
+                    "the key is outside the slice that --prefix names".into()
+                ));
+            }
             if let Some(max) = self.max_key.filter(|max| key.len() > *max) {
                 return Err(bad(format!(
                     "the key is too long: {} bytes, and the backend indexes at most {max}",

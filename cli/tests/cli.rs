@@ -225,11 +225,66 @@ fn sqlite_commands() {
     let dir = tempfile::tempdir().unwrap();
     basic_commands(&sqlite_db(&dir, "a.db"));
     bad_input(&sqlite_db(&dir, "b.db"));
+    slices(&sqlite_db(&dir, "c.db"), &sqlite_db(&dir, "d.db"));
+}
+
+/// `--prefix`: every command on the slice only; a key outside it is refused, and a
+/// load with one writes nothing; `copy` replaces the same slice of the target.
+fn slices(db: &str, other: &str) {
+    let all = "{\"key\":\"t1/a\",\"value\":1}\n{\"key\":\"t1/b\",\"value\":2}\n\
+               {\"key\":\"t10\",\"value\":3}\n{\"key\":\"t2/a\",\"value\":4}\n";
+    let out = wth(db, &["load"], Some(all));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fn with<'a>(args: &[&'a str]) -> Vec<&'a str> {
+        [&["--prefix", "t1/"][..], args].concat()
+    }
+    assert_eq!(ok(db, &with(&["count"])), "2\n");
+    assert_eq!(ok(db, &with(&["ls"])), "\"t1/a\"\n\"t1/b\"\n");
+    assert_eq!(
+        ok(db, &with(&["dump"])),
+        "{\"key\":\"t1/a\",\"value\":1}\n{\"key\":\"t1/b\",\"value\":2}\n"
+    );
+    assert_eq!(ok(db, &with(&["get", "\"t1/a\""])), "1\n");
+    for args in [
+        &["get", "\"t2/a\""][..],
+        &["set", "\"t2/b\"", "5"],
+        &["rm", "\"t2/a\""],
+    ] {
+        let err = fails(db, &with(args), None);
+        assert!(err.contains("outside the slice"), "{err}");
+    }
+    let err = fails(
+        db,
+        &with(&["load"]),
+        Some("{\"key\":\"t1/c\",\"value\":5}\n{\"key\":\"t3\",\"value\":6}\n"),
+    );
+    assert!(err.contains("line 2") && err.contains("--prefix"), "{err}");
+    assert_eq!(ok(db, &["count"]), "4\n", "nothing written");
+    ok(db, &with(&["set", "\"t1/c\"", "7"]));
+    ok(other, &["set", "\"t1/old\"", "0"]);
+    ok(other, &["set", "\"keep\"", "0"]);
+    ok(db, &with(&["copy", "--to", other]));
+    assert_eq!(
+        ok(other, &["ls"]),
+        "\"keep\"\n\"t1/a\"\n\"t1/b\"\n\"t1/c\"\n"
+    );
+    ok(db, &with(&["clear"]));
+    assert_eq!(ok(db, &["ls"]), "\"t10\"\n\"t2/a\"\n");
+    assert_eq!(
+        ok(db, &["--prefix", "", "count"]),
+        "2\n",
+        "the empty prefix: all"
+    );
 }
 
 #[test]
 fn postgres_commands() {
     basic_commands(&postgres_db());
+    slices(&postgres_db(), &postgres_db());
     bad_input(&postgres_db());
     server_refusals_name_the_line(&postgres_db());
 }
@@ -258,6 +313,7 @@ fn server_refusals_name_the_line(db: &str) {
 #[test]
 fn mysql_commands() {
     basic_commands(&mysql_db());
+    slices(&mysql_db(), &mysql_db());
     bad_input(&mysql_db());
 }
 

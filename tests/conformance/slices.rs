@@ -130,8 +130,20 @@ pub(crate) fn a_slice_holds_exactly_its_keys(env: &impl Env) {
 /// not the next byte: every slice is exactly its keys, with either text codec.
 pub(crate) fn odd_prefixes_are_exact(env: &impl Env) {
     let prefixes = [
-        "it's", "a\\b", "50%", "a_b", "\u{ff}", "z\u{ff}", "\u{7f}", "\u{10ffff}", "日本", "😀",
-        "\"q", "a\nb", "A", "a b",
+        "it's",
+        "a\\b",
+        "50%",
+        "a_b",
+        "\u{ff}",
+        "z\u{ff}",
+        "\u{7f}",
+        "\u{10ffff}",
+        "日本",
+        "😀",
+        "\"q",
+        "a\nb",
+        "A",
+        "a b",
     ];
     let mut keys: Vec<String> = Vec::new();
     for p in prefixes {
@@ -188,7 +200,10 @@ pub(crate) fn codecs_that_cannot_slice_are_refused(env: &impl Env) {
         .open()
         .unwrap_err();
     assert!(matches!(err, Error::Slice { .. }), "{err}");
-    assert!(err.to_string().contains("Json or Text"), "says what to do: {err}");
+    assert!(
+        err.to_string().contains("Json or Text"),
+        "says what to do: {err}"
+    );
     let err = env
         .builder::<Vec<u8>, Vec<u8>>()
         .table("by_bytes")
