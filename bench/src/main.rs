@@ -69,7 +69,8 @@ struct Args {
     /// Rounds of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Only these parts (comma-separated): sqlite, server, coherence, shared, galera.
+    /// Only these parts (comma-separated): sqlite, server, coherence, shared, slices,
+    /// galera.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -1087,6 +1088,113 @@ fn coherence(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, backend:
     }
 }
 
+/// Slices: opening 1% of a table of `n` rows against opening all of it (time, and the
+/// memory the map holds); then a slice's refresh while every slice changes, against a
+/// whole-table map's refresh over the same changes.
+fn slices(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args, backend: &str, url: &str) {
+    let n = if args.quick { 100_000 } else { 1_000_000 };
+    let table = "slices";
+    // 100 tenants, `t00/` to `t99/`, of n / 100 keys each; ~55-byte values.
+    let key = |j: usize| format!("\"t{:02}/{j:07}\"", j % 100);
+    let value = |j: usize| format!("\"{j:07}-{}\"", "v".repeat(44));
+    let mut store = write_thru_hash::connect(url).unwrap();
+    store.open(&spec(table)).unwrap();
+    let mut next = 0;
+    store
+        .put_rows(true, true, &mut |_| {
+            if next >= n {
+                return None;
+            }
+            let end = (next + 10_000).min(n);
+            let chunk = (next..end)
+                .map(|j| (key(j).into_bytes(), value(j).into_bytes()))
+                .collect();
+            next = end;
+            Some(Ok(chunk))
+        })
+        .unwrap();
+    drop(store);
+    let open = |prefix: Option<&str>, coherent: bool| -> DbHashMap<String, String> {
+        let mut b = DbHashMap::builder_url(url).table(table);
+        if let Some(p) = prefix {
+            b = b.prefix(p);
+        }
+        if coherent {
+            b = b.coherent();
+        }
+        b.open().unwrap()
+    };
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |_| timed_keep(|| open(Some("t42/"), false)).0,
+        |_| timed_keep(|| open(None, false)).0,
+    );
+    rows.push(Row {
+        backend: backend.into(),
+        case: format!("S1 open a 1% slice of {n} rows (vs. opening the whole table)"),
+        lib,
+        raw,
+    });
+    // Each measured on the second open: the first may fill the driver's buffer pool.
+    // What an empty slice holds is the connection's: the mysql crate reserves two
+    // buffers of 4 MiB (max_allowed_packet) per connection, the others a few KiB.
+    let measure = |prefix: Option<&str>| {
+        let _ = memory(|| open(prefix, false));
+        memory(|| open(prefix, false))
+    };
+    let (_, empty, _) = measure(Some("none/"));
+    let (slice, slice_held, slice_peak) = measure(Some("t42/"));
+    let (whole, whole_held, whole_peak) = measure(None);
+    let mib = |b: usize| b.saturating_sub(empty) as f64 / (1 << 20) as f64;
+    notes.push(format!(
+        "S1 {backend}: beyond the {:.2} MiB an empty slice holds (the connection), the 1% \
+         slice holds {} entries in {:.2} MiB (peak {:.2} MiB while opening), the whole table \
+         {} in {:.1} MiB (peak {:.1} MiB): {:.2}% of the memory",
+        empty as f64 / (1 << 20) as f64,
+        slice.len(),
+        mib(slice_held),
+        mib(slice_peak),
+        whole.len(),
+        mib(whole_held),
+        mib(whole_peak),
+        100.0 * mib(slice_held) / mib(whole_held)
+    ));
+    drop((slice, whole));
+
+    // S2: each round, another writer changes one key in each of the 100 slices.
+    let mut slice = open(Some("t42/"), true);
+    let mut whole = open(None, true);
+    let mut writer = write_thru_hash::connect(url).unwrap();
+    writer.open(&spec(table)).unwrap();
+    let (mut lib, mut raw) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds.max(5) {
+        let mut batch = write_thru_hash::Batch::default();
+        batch.puts = (0..100)
+            .map(|t| {
+                let k = format!("\"t{t:02}/new{round:04}\"");
+                (k.into_bytes(), value(round).into_bytes())
+            })
+            .collect();
+        writer.apply(&batch).unwrap();
+        let (t, seen) = timed_keep(|| slice.refresh().unwrap());
+        assert_eq!(seen, 1, "the slice sees its own key only");
+        lib.push(t);
+        let (t, seen) = timed_keep(|| whole.refresh().unwrap());
+        assert_eq!(seen, 100);
+        raw.push(t);
+    }
+    let (lib, raw) = (Sample(lib), Sample(raw));
+    rows.push(Row {
+        backend: backend.into(),
+        case: format!(
+            "S2 refresh a 1% slice after 100 changes, 1 in it (vs. the whole table's map), \
+             {n} rows"
+        ),
+        lib,
+        raw,
+    });
+}
+
 fn main() {
     let args = Args::parse();
     let mut rows = Vec::new();
@@ -1136,6 +1244,30 @@ fn main() {
             "MariaDB",
             &format!("{base}/wth_bench"),
         );
+    }
+    if args.runs("slices") {
+        slices(
+            &mut rows,
+            &mut notes,
+            &args,
+            "SQLite (WAL)",
+            &lite.replace("coherence", "slices"),
+        );
+        if let Ok(url) = std::env::var("WTH_POSTGRES_URL") {
+            slices(&mut rows, &mut notes, &args, "PostgreSQL", &url);
+        }
+        if let Ok(url) = std::env::var("WTH_MYSQL_URL") {
+            let mut c = <mysql::Conn as Raw>::connect(&url);
+            Raw::exec(&mut c, "CREATE DATABASE IF NOT EXISTS wth_bench");
+            let (base, _) = url.rsplit_once('/').unwrap();
+            slices(
+                &mut rows,
+                &mut notes,
+                &args,
+                "MariaDB",
+                &format!("{base}/wth_bench"),
+            );
+        }
     }
     let galera_urls: Vec<String> = (1..=3)
         .filter_map(|n| std::env::var(format!("WTH_GALERA_URL_{n}")).ok())
