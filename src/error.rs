@@ -325,6 +325,23 @@ pub enum Error {
         call: &'static str,
     },
 
+    /// A read-modify-write of a [`SharedDbHashMap`](crate::SharedDbHashMap) (`upsert`,
+    /// `update`, `get_or_insert_with`, `upsert_many`) was computed, in its group, on the
+    /// value a change queued before it would write, and the database refused that change
+    /// (its own call got the reason). Nothing of this call was written and memory is
+    /// unchanged; calling again computes it on what the map holds then.
+    #[error(
+        "table {table:?}: `{call}` was computed on the value a change queued before it would \
+         write, and the database refused that change (its call got the reason); nothing was \
+         written: call again"
+    )]
+    Superseded {
+        /// The table's name.
+        table: String,
+        /// The method called.
+        call: &'static str,
+    },
+
     /// Write-behind: the table refused a change (a constraint, a value the column cannot
     /// take). The other changes of its batch were written; this one is kept apart and
     /// not tried again, so it holds nothing back. Memory keeps the refused value until a
@@ -408,6 +425,7 @@ impl Error {
         match self {
             Error::Database { source, .. } => retryable(source.as_ref()),
             Error::Background { abandoned, .. } => !abandoned,
+            Error::Superseded { .. } => true,
             // The server may be back by then: a URL map reconnects on its next call.
             Error::Connect { backend, .. } => *backend != "SQLite",
             _ => false,

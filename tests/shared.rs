@@ -615,6 +615,127 @@ fn panic_in_a_transaction_changes_nothing(env: &impl Env) {
     assert_eq!(fresh(env, "panics"), h.to_hash_map());
 }
 
+/// Read-modify-writes from many threads go in groups like inserts: counters end at
+/// exactly the number of increments (none lost, none counted twice), in memory and in
+/// the table, with far fewer transactions than calls.
+fn upserts_are_group_committed(env: &impl Env) {
+    let h = shared(env, "counters");
+    let (threads, each) = (8u64, 40u64);
+    let (before, _) = h.commits();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let h = h.clone();
+            s.spawn(move || {
+                for i in 0..each {
+                    let key = format!("c{}", (t + i) % 16);
+                    match i % 4 {
+                        0 => {
+                            h.update(&key, |v| *v += 1).unwrap();
+                        }
+                        1 => {
+                            h.upsert_many([(key, 1), (format!("c{}", (t + i + 1) % 16), 1)], |old, add| {
+                                old.copied().unwrap_or(0) + add
+                            })
+                            .unwrap();
+                        }
+                        _ => {
+                            h.upsert(key, |old| old.copied().unwrap_or(0) + 1).unwrap();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let (after, calls) = h.commits();
+    let memory = h.to_hash_map();
+    assert_eq!(fresh(env, "counters"), memory);
+    // Every upsert adds 1, every upsert_many 2; an update adds 1 where the key was
+    // there (counted below by what is left).
+    let total: i64 = memory.values().sum();
+    let adds = threads * (each / 4) * (2 + 1 + 1);
+    let updates = threads * (each / 4);
+    assert!(
+        total as u64 >= adds && total as u64 <= adds + updates,
+        "total {total}, {adds} added by upserts, at most {updates} by updates"
+    );
+    eprintln!("{calls} calls in {} transactions", after - before);
+    assert!(
+        after - before < calls * 3 / 4,
+        "upserts were not grouped: {} transactions for {calls} calls",
+        after - before
+    );
+    // Exactly: one thread alone, counted.
+    let h = shared(env, "exact");
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            let h = h.clone();
+            s.spawn(move || {
+                for _ in 0..50 {
+                    h.upsert("n".to_string(), |old| old.copied().unwrap_or(0) + 1)
+                        .unwrap();
+                    h.get_or_insert_with("first".to_string(), || 7).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(h.get("n"), Some(200));
+    assert_eq!(h.get("first"), Some(7));
+    assert_eq!(fresh(env, "exact"), h.to_hash_map());
+}
+
+/// An upsert computed, in its group, on a change the database then refuses is refused
+/// too (`Error::Superseded`), writing nothing; the rest of the group is committed, and
+/// memory equals the table.
+fn upserts_computed_on_a_refused_change_are_refused(env: &impl Env) {
+    let h = shared(env, "refusing");
+    env.reject_value("refusing", "666");
+    h.insert("k".into(), 1).unwrap();
+    let lock = env.hold_write_lock("refusing", Duration::from_millis(400));
+    let (first, refused, computed, other, later) = std::thread::scope(|s| {
+        let after = |ms: u64| std::thread::sleep(Duration::from_millis(ms));
+        let (a, b, c, d, e) = (h.clone(), h.clone(), h.clone(), h.clone(), h.clone());
+        let first = s.spawn(move || a.insert("x".into(), 2));
+        let refused = s.spawn(move || {
+            after(60);
+            b.upsert("k".into(), |_| 666)
+        });
+        let computed = s.spawn(move || {
+            after(120);
+            c.upsert("k".into(), |old| old.copied().unwrap_or(0) + 1)
+        });
+        let other = s.spawn(move || {
+            after(180);
+            d.upsert("j".into(), |old| old.copied().unwrap_or(0) + 1)
+        });
+        let later = s.spawn(move || {
+            after(240);
+            e.update("k", |v| *v += 10)
+        });
+        (
+            first.join().unwrap(),
+            refused.join().unwrap(),
+            computed.join().unwrap(),
+            other.join().unwrap(),
+            later.join().unwrap(),
+        )
+    });
+    lock.join().unwrap();
+    assert!(first.is_ok(), "{first:?}");
+    let err = refused.expect_err("the refused change was reported committed");
+    assert!(matches!(err, Error::Database { .. }), "{}", chain(&err));
+    let err = computed.expect_err("an upsert computed on 666 was committed");
+    assert!(matches!(err, Error::Superseded { .. }), "{}", chain(&err));
+    assert!(err.is_retryable());
+    let err = later.expect_err("an update computed on 667 was committed");
+    assert!(matches!(err, Error::Superseded { .. }), "{}", chain(&err));
+    assert_eq!(other.unwrap(), 1);
+    assert_eq!(h.get("k"), Some(1), "memory keeps the committed value");
+    assert_eq!(fresh(env, "refusing"), h.to_hash_map());
+    // Called again, it is computed on what the map holds.
+    assert_eq!(h.upsert("k".into(), |old| old.copied().unwrap_or(0) + 1).unwrap(), 2);
+    assert_eq!(fresh(env, "refusing"), h.to_hash_map());
+}
+
 macro_rules! shared_tests {
     ($backend:ident, $env:expr, $rounds:expr) => {
         mod $backend {
@@ -647,6 +768,14 @@ macro_rules! shared_tests {
             #[test]
             fn refused_change_in_a_group_with_the_same_key() {
                 super::refused_change_in_a_group_with_the_same_key(&$env);
+            }
+            #[test]
+            fn upserts_are_group_committed() {
+                super::upserts_are_group_committed(&$env);
+            }
+            #[test]
+            fn upserts_computed_on_a_refused_change_are_refused() {
+                super::upserts_computed_on_a_refused_change_are_refused(&$env);
             }
             #[test]
             fn calls_from_inside_are_refused_not_hung() {

@@ -8,7 +8,7 @@
 use std::borrow::Borrow;
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::ops::Deref;
@@ -41,12 +41,17 @@ use crate::write_behind::Probe;
 /// returns once its change is committed, and memory changes only if it was. Calls
 /// made by one thread take effect in the order it made them.
 ///
-/// **Group commit.** `insert`, `remove`, `remove_entry`, `clear` and `insert_many` from
-/// many threads that arrive while a commit is in flight are committed together, as one
-/// transaction, by the next of them to reach the database; a change the database
-/// rejects fails its own call only (the group is then tried one change at a time).
-/// Read-modify-write calls (`upsert`, `update`, `retain`, `transaction`, ...) read and
-/// commit with the store to themselves, so no other write comes between.
+/// **Group commit.** `insert`, `remove`, `remove_entry`, `clear`, `insert_many`, and the
+/// read-modify-writes `upsert`, `update`, `get_or_insert_with` and `upsert_many`, from
+/// many threads, that arrive while a commit is in flight are committed together, as
+/// one transaction, by the next of them to reach the database; a change the database
+/// rejects fails its own call only (the group is then tried one change at a time). A
+/// read-modify-write is computed when it is queued, on what its key will hold once the
+/// changes queued before it are committed, so no other write of the map comes between
+/// its read and its commit; its closure runs while other writers wait to queue (keep
+/// it short), and if a change it was computed on is refused, it fails too, with
+/// [`Error::Superseded`], nothing written. `retain`, `remove_many` and `transaction`
+/// commit with the store to themselves.
 ///
 /// ```
 /// use write_thru_hash::{DbHashMap, SharedDbHashMap};
@@ -83,6 +88,10 @@ pub(crate) struct Inner<K, V, S> {
     writer: Mutex<Writer<K, V>>,
     /// Group commit: changes waiting for the next writer to reach the store.
     queue: Mutex<Queue<K, V>>,
+    /// Taken to read by read-modify-writes while they are computed and queued, and to
+    /// write by the calls that commit with the store to themselves: those change memory
+    /// while nothing queued says so.
+    gate: RwLock<()>,
     table: String,
     backend: &'static str,
     /// Write calls made.
@@ -96,6 +105,19 @@ pub(crate) struct Inner<K, V, S> {
 struct Queue<K, V> {
     pending: Vec<Request<K, V>>,
     leading: bool,
+    /// For read-modify-writes computed as they queue: per stored key, what it will hold
+    /// once the changes queued or being committed are (memory, for keys not here).
+    planned: HashMap<Vec<u8>, Planned<V>>,
+    /// A clear queued or being committed (its number): keys not in `planned` will be
+    /// absent.
+    cleared: Option<u64>,
+    /// A batch too big to list in `planned`, queued or being committed (its number):
+    /// read-modify-writes take the exclusive path until it is done.
+    opaque: Option<u64>,
+    /// The number of the last request queued.
+    last: u64,
+    /// Requests the database refused, while requests computed on them may be queued.
+    refused: HashSet<u64>,
     /// Callers seen around the last group commit: those it committed, and those that
     /// queued while it ran.
     callers: usize,
@@ -106,9 +128,176 @@ struct Queue<K, V> {
 /// A change waiting in the group commit queue: its batch, what it changes in memory,
 /// and where its caller waits for the outcome.
 struct Request<K, V> {
+    /// Its number, in queue order.
+    seq: u64,
+    /// The call that made it, for messages.
+    call: &'static str,
+    /// The requests whose values it was computed on: refused with them.
+    depends: Vec<u64>,
     batch: Batch,
     change: Change<K, V>,
     done: Waiter<K, V>,
+}
+
+/// What a key will hold once the changes queued before now are committed.
+struct Planned<V> {
+    /// The request that writes it last.
+    seq: u64,
+    /// `Some(value)`, or `None` for absent; unknown when that request keeps its value
+    /// to itself (a plain insert: `V` need not be `Clone`).
+    value: Option<Option<V>>,
+}
+
+/// More puts than this in one batch are not listed in `planned`: the batch is opaque.
+const PLANNED_KEYS: usize = 64;
+
+/// Where a read-modify-write being queued finds the value it reads.
+enum Lookup<'a, V> {
+    /// In the plan of the request numbered so (absent: `None`).
+    Planned(u64, Option<&'a V>),
+    /// In memory: nothing queued touches the key.
+    Memory,
+    /// Not known before a change queued earlier is committed.
+    Unknown,
+}
+
+/// What a read-modify-write being queued reads: the map's entries, and what the
+/// changes queued before it will write; and which of those it read.
+pub(crate) struct Reads<'a, K, V, S> {
+    map: &'a HashMap<K, V, S>,
+    queue: &'a Queue<K, V>,
+    depends: Vec<u64>,
+    unknown: bool,
+}
+
+impl<'a, K, V, S> Reads<'a, K, V, S>
+where
+    K: Eq + Hash,
+    S: BuildHasher,
+{
+    /// What the key (`key`, stored as `bytes`) will hold once the changes queued before
+    /// are committed. When that is not known yet, `None`, and `unknown` says so.
+    fn current<Q>(&mut self, bytes: &[u8], key: &Q) -> Option<&'a V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        match self.queue.lookup(bytes) {
+            Lookup::Planned(seq, value) => {
+                self.depends.push(seq);
+                value
+            }
+            Lookup::Memory => self.map.get(key),
+            Lookup::Unknown => {
+                self.unknown = true;
+                None
+            }
+        }
+    }
+}
+
+/// A read-modify-write, computed: what to queue, and what the call returns.
+enum Computed<K, V, R> {
+    /// Write `batch`, then change memory with `change`; `known`, the values of the
+    /// batch's puts, in order, when they can be copied for the calls queued after.
+    Write {
+        batch: Batch,
+        change: Change<K, V>,
+        known: Option<Vec<V>>,
+        result: R,
+    },
+    /// Nothing to write (`update` of a key that will be absent).
+    Nothing(R),
+    /// The value read is not known before a change queued earlier is committed: the
+    /// call takes the exclusive path instead (its closure was not run).
+    Unknown,
+}
+
+impl<K, V> Queue<K, V> {
+    /// Queues a change made by `call`, computed on the requests `depends`; `known`, the
+    /// values its puts write (in order), for the read-modify-writes queued after it.
+    /// Says whether the caller is to lead.
+    fn push(
+        &mut self,
+        call: &'static str,
+        batch: Batch,
+        change: Change<K, V>,
+        done: Waiter<K, V>,
+        depends: Vec<u64>,
+        known: Option<Vec<V>>,
+    ) -> bool {
+        self.last += 1;
+        let seq = self.last;
+        if batch.clear {
+            self.planned.clear();
+            self.cleared = Some(seq);
+        }
+        for key in &batch.deletes {
+            let value = Some(None);
+            self.planned.insert(key.clone(), Planned { seq, value });
+        }
+        match known {
+            Some(values) => {
+                for ((key, _), v) in batch.puts.iter().zip(values) {
+                    let value = Some(Some(v));
+                    self.planned.insert(key.clone(), Planned { seq, value });
+                }
+            }
+            None if batch.puts.len() > PLANNED_KEYS => self.opaque = Some(seq),
+            None => {
+                for (key, _) in &batch.puts {
+                    self.planned.insert(key.clone(), Planned { seq, value: None });
+                }
+            }
+        }
+        self.pending.push(Request {
+            seq,
+            call,
+            depends,
+            batch,
+            change,
+            done,
+        });
+        !std::mem::replace(&mut self.leading, true)
+    }
+
+    /// What `key` will hold once what is queued is committed.
+    fn lookup(&self, key: &[u8]) -> Lookup<'_, V> {
+        if self.opaque.is_some() {
+            return Lookup::Unknown;
+        }
+        match self.planned.get(key) {
+            Some(Planned {
+                seq,
+                value: Some(value),
+            }) => Lookup::Planned(*seq, value.as_ref()),
+            Some(Planned { value: None, .. }) => Lookup::Unknown,
+            None => match self.cleared {
+                Some(seq) => Lookup::Planned(seq, None),
+                None => Lookup::Memory,
+            },
+        }
+    }
+
+    /// The requests `done` are over (those in `refused` refused), and memory holds
+    /// what the committed ones wrote: their plans give way to it.
+    fn finished(&mut self, done: &HashSet<u64>, refused: impl IntoIterator<Item = u64>) {
+        if done.is_empty() {
+            return;
+        }
+        self.planned.retain(|_, p| !done.contains(&p.seq));
+        if self.cleared.is_some_and(|seq| done.contains(&seq)) {
+            self.cleared = None;
+        }
+        if self.opaque.is_some_and(|seq| done.contains(&seq)) {
+            self.opaque = None;
+        }
+        self.refused.extend(refused);
+        // Nothing queued can depend on them any more.
+        if self.pending.is_empty() {
+            self.refused.clear();
+        }
+    }
 }
 
 /// Where a queued change's caller waits: a blocked thread, or (feature `tokio`) a task
@@ -363,8 +552,29 @@ where
             // Nothing of the group was tried: each caller hears why.
             results.extend((0..group.len()).map(|_| Err(e.for_group())));
         } else {
+            let mut refused = self.queue().refused.clone();
             for part in parts(&group) {
-                results.extend(self.commit_part(w, &mut group[part]));
+                // A change computed on a refused one is refused too, untried.
+                let superseded: Vec<usize> = part
+                    .clone()
+                    .filter(|&i| group[i].depends.iter().any(|d| refused.contains(d)))
+                    .collect();
+                for &i in &superseded {
+                    group[i].batch = Batch::default();
+                }
+                let mut done = self.commit_part(w, &mut group[part.clone()]);
+                for &i in &superseded {
+                    done[i - part.start] = Err(Error::Superseded {
+                        table: self.table.clone(),
+                        call: group[i].call,
+                    });
+                }
+                for (i, result) in part.zip(&done) {
+                    if result.is_err() {
+                        refused.insert(group[i].seq);
+                    }
+                }
+                results.extend(done);
             }
         }
         let locked_out = match results.first() {
@@ -378,6 +588,13 @@ where
             }
             _ => None,
         };
+        let seqs: HashSet<u64> = group.iter().map(|r| r.seq).collect();
+        let refused: Vec<u64> = group
+            .iter()
+            .zip(&results)
+            .filter(|(_, result)| result.is_err())
+            .map(|(r, _)| r.seq)
+            .collect();
         let mut outcomes = Vec::with_capacity(group.len());
         {
             let mut map = self.write();
@@ -385,6 +602,9 @@ where
                 outcomes.push((r.done, result.map(|()| r.change.apply(&mut map))));
             }
         }
+        // After memory took the changes (and without its lock): the next
+        // read-modify-write reads them there.
+        self.queue().finished(&seqs, refused);
         for (done, outcome) in outcomes {
             done.outcome(outcome);
         }
@@ -396,7 +616,10 @@ where
     fn commit_part(&self, w: &mut Writer<K, V>, part: &mut [Request<K, V>]) -> Vec<Result<()>> {
         let alone = |w: &mut Writer<K, V>, part: &mut [Request<K, V>]| -> Vec<Result<()>> {
             part.iter_mut()
-                .map(|r| w.persist(std::mem::take(&mut r.batch)))
+                .map(|r| match std::mem::take(&mut r.batch) {
+                    batch if batch.is_empty() => Ok(()),
+                    batch => w.persist(batch),
+                })
                 .collect()
         };
         if part.len() == 1 {
@@ -406,7 +629,11 @@ where
         for r in part.iter() {
             merged.add(r.batch.clone());
         }
-        match w.persist(merged.finish()) {
+        let merged = merged.finish();
+        if merged.is_empty() {
+            return part.iter().map(|_| Ok(())).collect();
+        }
+        match w.persist(merged) {
             Ok(()) => part.iter().map(|_| Ok(())).collect(),
             // What each change would meet alone, it met now: an unknown outcome, a lost
             // connection that could not be made again, a lock or busy timeout. Every
@@ -425,6 +652,52 @@ where
         }
     }
 
+    /// Queues a read-modify-write for the next group, computed now on what its keys will
+    /// hold once the changes queued before it are committed, so that no other write of
+    /// the map comes between its read and its commit; waits for its outcome. `Ok(None)`
+    /// when `compute` said [`Computed::Unknown`]: the caller then takes the exclusive
+    /// path. `compute` runs with the queue held (other writers wait to queue), inside the
+    /// map (a write of the same map from it is refused).
+    fn queue_computed<R>(
+        &self,
+        call: &'static str,
+        compute: impl FnOnce(&mut Reads<'_, K, V, S>) -> Result<Computed<K, V, R>>,
+    ) -> Result<Option<R>> {
+        self.enter(call)?;
+        let (done, words) = mpsc::sync_channel(2);
+        let (leads, result) = {
+            let _gate = self.gate.read();
+            let mut queue = self.queue();
+            let _inside = Inside::enter(self.address());
+            let map = self.read();
+            let mut reads = Reads {
+                map: &map,
+                queue: &queue,
+                depends: Vec::new(),
+                unknown: false,
+            };
+            let computed = compute(&mut reads)?;
+            let depends = reads.depends;
+            drop(map);
+            match computed {
+                Computed::Unknown => return Ok(None),
+                Computed::Nothing(result) => return Ok(Some(result)),
+                Computed::Write {
+                    batch,
+                    change,
+                    known,
+                    result,
+                } => {
+                    let done = Waiter::Thread(done);
+                    let leads = queue.push(call, batch, change, done, depends, known);
+                    (leads, result)
+                }
+            }
+        };
+        SharedDbHashMap::wait_for(self, leads, &words)?;
+        Ok(Some(result))
+    }
+
     /// Takes the store for a read-modify-write: commits what is queued first (so that
     /// queued callers do not wait behind a run of exclusive writers), then runs `f`
     /// with no other writer in between.
@@ -433,7 +706,9 @@ where
         call: &'static str,
         f: impl FnOnce(&mut Writer<K, V>) -> Result<R>,
     ) -> Result<R> {
-        let mut w = self.writer(call)?;
+        self.enter(call)?;
+        let _gate = self.gate.write();
+        let mut w = self.writer_unchecked();
         let queued = std::mem::take(&mut self.queue().pending);
         self.commit_group(&mut w, queued);
         self.calls.fetch_add(1, Ordering::Relaxed);
@@ -474,6 +749,8 @@ where
             // lock again (each caller waits at most its own timeout, once).
             let queued = std::mem::take(&mut self.queue().pending);
             self.calls.fetch_add(queued.len() as u64, Ordering::Relaxed);
+            let seqs: HashSet<u64> = queued.iter().map(|r| r.seq).collect();
+            self.queue().finished(&seqs, seqs.iter().copied());
             for r in queued {
                 r.done.outcome(Err(e.for_group()));
             }
@@ -642,9 +919,15 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
                 behind: w.behind.as_ref().map(crate::write_behind::Behind::probe),
                 map: RwLock::new(map),
                 writer: Mutex::new(w),
+                gate: RwLock::new(()),
                 queue: Mutex::new(Queue {
                     pending: Vec::new(),
                     leading: false,
+                    planned: HashMap::new(),
+                    cleared: None,
+                    opaque: None,
+                    last: 0,
+                    refused: HashSet::new(),
                     callers: 0,
                     last_commit: Duration::ZERO,
                 }),
@@ -793,19 +1076,36 @@ where
     /// caller is committing, this one becomes the leader: it takes everything queued,
     /// its own change included, commits it as one group, and wakes the others; callers
     /// whose changes came meanwhile wait for the next leader, one of themselves.
-    fn submit(&self, batch: Batch, change: Change<K, V>) -> Result<Done<K, V>> {
-        let inner = &*self.inner;
+    fn submit(
+        &self,
+        call: &'static str,
+        batch: Batch,
+        change: Change<K, V>,
+    ) -> Result<Done<K, V>> {
         // Room for the word to lead and the outcome, so that neither sender waits.
         let (done, words) = mpsc::sync_channel(2);
-        let leads = {
-            let mut queue = inner.queue();
-            queue.pending.push(Request {
-                batch,
-                change,
-                done: Waiter::Thread(done),
-            });
-            !std::mem::replace(&mut queue.leading, true)
-        };
+        let leads = self.inner.queue().push(
+            call,
+            batch,
+            change,
+            Waiter::Thread(done),
+            Vec::new(),
+            None,
+        );
+        self.wait(leads, &words)
+    }
+
+    fn wait(&self, leads: bool, words: &mpsc::Receiver<Word<K, V>>) -> Result<Done<K, V>> {
+        Self::wait_for(&self.inner, leads, words)
+    }
+
+    /// Waits for the outcome of a change queued, leading a group when told to (or at
+    /// once, if `leads`).
+    fn wait_for(
+        inner: &Inner<K, V, S>,
+        leads: bool,
+        words: &mpsc::Receiver<Word<K, V>>,
+    ) -> Result<Done<K, V>> {
         if leads {
             inner.lead();
         }
@@ -871,7 +1171,12 @@ where
     /// blocking thread of the runtime: one per group, not one per call. A dropped future
     /// leaves its change queued: it is committed (or not) with its group all the same.
     #[cfg(feature = "tokio")]
-    async fn submit_async(&self, batch: Batch, change: Change<K, V>) -> Result<Done<K, V>>
+    async fn submit_async(
+        &self,
+        call: &'static str,
+        batch: Batch,
+        change: Change<K, V>,
+    ) -> Result<Done<K, V>>
     where
         K: Send + Sync + 'static,
         V: Send + Sync + 'static,
@@ -885,18 +1190,14 @@ where
             }
         };
         let (outcome, wait) = tokio::sync::oneshot::channel();
-        let leads = {
-            let mut queue = self.inner.queue();
-            queue.pending.push(Request {
-                batch,
-                change,
-                done: Waiter::Task {
-                    outcome,
-                    lead: Some(Box::new(start)),
-                },
-            });
-            !std::mem::replace(&mut queue.leading, true)
+        let done = Waiter::Task {
+            outcome,
+            lead: Some(Box::new(start)),
         };
+        let leads = self
+            .inner
+            .queue()
+            .push(call, batch, change, done, Vec::new(), None);
         if leads {
             let map = self.clone();
             handle.spawn_blocking(move || map.inner.lead());
@@ -920,7 +1221,7 @@ where
     {
         self.inner.enter("insert")?;
         let (batch, change) = self.insert_plan(key, value)?;
-        match self.submit_async(batch, change).await? {
+        match self.submit_async("insert", batch, change).await? {
             Done::Value(previous) => Ok(previous),
             _ => Ok(None),
         }
@@ -939,7 +1240,7 @@ where
         let Some((batch, change)) = self.remove_plan(key)? else {
             return Ok(None);
         };
-        match self.submit_async(batch, change).await? {
+        match self.submit_async("remove", batch, change).await? {
             Done::Entry(entry) => Ok(entry),
             _ => Ok(None),
         }
@@ -955,7 +1256,7 @@ where
     {
         self.inner.enter("clear")?;
         let (batch, change) = Self::clear_plan();
-        self.submit_async(batch, change).await.map(|_| ())
+        self.submit_async("clear", batch, change).await.map(|_| ())
     }
 
     /// `insert_many` for a task (see [`submit_async`](Self::submit_async)).
@@ -968,7 +1269,7 @@ where
     {
         self.inner.enter("insert_many")?;
         let (batch, change) = self.insert_many_plan(pairs)?;
-        self.submit_async(batch, change).await.map(|_| ())
+        self.submit_async("insert_many", batch, change).await.map(|_| ())
     }
 
     /// Inserts a key-value pair, returning the value the key had (see
@@ -976,7 +1277,7 @@ where
     pub fn insert(&self, key: K, value: V) -> Result<Option<V>> {
         self.inner.enter("insert")?;
         let (batch, change) = self.insert_plan(key, value)?;
-        match self.submit(batch, change)? {
+        match self.submit("insert", batch, change)? {
             Done::Value(previous) => Ok(previous),
             _ => Ok(None),
         }
@@ -1002,7 +1303,7 @@ where
         let Some((batch, change)) = self.remove_plan(key)? else {
             return Ok(None);
         };
-        match self.submit(batch, change)? {
+        match self.submit("remove", batch, change)? {
             Done::Entry(entry) => Ok(entry),
             _ => Ok(None),
         }
@@ -1012,7 +1313,7 @@ where
     pub fn clear(&self) -> Result<()> {
         self.inner.enter("clear")?;
         let (batch, change) = Self::clear_plan();
-        self.submit(batch, change).map(|_| ())
+        self.submit("clear", batch, change).map(|_| ())
     }
 
     /// Inserts every pair, as one transaction (see [`DbHashMap::insert_many`]).
@@ -1021,7 +1322,7 @@ where
     pub fn insert_many(&self, pairs: impl IntoIterator<Item = (K, V)>) -> Result<()> {
         self.inner.enter("insert_many")?;
         let (batch, change) = self.insert_many_plan(pairs.into_iter().collect())?;
-        self.submit(batch, change).map(|_| ())
+        self.submit("insert_many", batch, change).map(|_| ())
     }
 
     /// Keeps only the entries for which `f` returns `true`, and says how many it
@@ -1066,12 +1367,47 @@ where
     }
 
     /// Sets the value of `key` to what `f` makes of its current value, and returns a
-    /// copy of it (see [`DbHashMap::upsert`]). No other write comes between the read
-    /// and the commit.
+    /// copy of it (see [`DbHashMap::upsert`]). Group-committed: `f` runs when the call
+    /// is queued, on what the key will hold once the changes queued before it are
+    /// committed, so no other write of the map comes between the read and the commit.
     pub fn upsert(&self, key: K, f: impl FnOnce(Option<&V>) -> V) -> Result<V>
     where
         V: Clone,
     {
+        let bytes = self.inner.enter("upsert").and_then(|()| {
+            self.inner
+                .writer_free_plan(|enc, map| enc.encode_new_key(map, &key))
+        })?;
+        let (mut f, mut key) = (Some(f), Some(key));
+        let queued = self.inner.queue_computed("upsert", |reads| {
+            let Some(held) = key.as_ref() else {
+                return Ok(Computed::Unknown);
+            };
+            let current = reads.current(&bytes, held);
+            if reads.unknown {
+                return Ok(Computed::Unknown);
+            }
+            let Some((f, key)) = f.take().zip(key.take()) else {
+                return Ok(Computed::Unknown);
+            };
+            let value = f(current);
+            let encoded = self.inner.enc.encode_value(&value)?;
+            Ok(Computed::Write {
+                batch: Batch {
+                    puts: vec![(bytes.clone(), encoded)],
+                    ..Batch::default()
+                },
+                change: Change::Insert(key, value.clone()),
+                known: Some(vec![value.clone()]),
+                result: value,
+            })
+        })?;
+        if let Some(value) = queued {
+            return Ok(value);
+        }
+        let (Some(f), Some(key)) = (f, key) else {
+            unreachable!("the closure and key are used only when the call is queued")
+        };
         self.inner.exclusive("upsert", |w| {
             w.check_writable()?;
             let (batch, value) = w.plan_upsert(&self.inner.read(), &key, f)?;
@@ -1082,7 +1418,7 @@ where
     }
 
     /// A copy of the value of `key`; if the key is absent, first inserts the value `f`
-    /// makes (see [`DbHashMap::get_or_insert_with`]).
+    /// makes (see [`DbHashMap::get_or_insert_with`]). Group-committed, as `upsert`.
     pub fn get_or_insert_with(&self, key: K, f: impl FnOnce() -> V) -> Result<V>
     where
         V: Clone,
@@ -1097,10 +1433,99 @@ where
     }
 
     /// Folds every pair into the map as one transaction (see
-    /// [`DbHashMap::upsert_many`]).
+    /// [`DbHashMap::upsert_many`]). Group-committed, as `upsert`.
     pub fn upsert_many(
         &self,
         pairs: impl IntoIterator<Item = (K, V)>,
+        f: impl FnMut(Option<&V>, V) -> V,
+    ) -> Result<()> {
+        self.inner.enter("upsert_many")?;
+        let pairs: Vec<(K, V)> = pairs.into_iter().collect();
+        if pairs.len() > PLANNED_KEYS {
+            return self.upsert_many_exclusive(pairs, f);
+        }
+        let encoded: Vec<Vec<u8>> = self.inner.writer_free_plan(|enc, map| {
+            pairs.iter().map(|(k, _)| enc.encode_new_key(map, k)).collect()
+        })?;
+        let (mut f, mut pairs) = (Some(f), Some(pairs));
+        let queued = self.inner.queue_computed("upsert_many", |reads| {
+            let Some(given) = pairs.as_ref() else {
+                return Ok(Computed::Unknown);
+            };
+            // Each key once, in first-seen order, with what it holds before the call.
+            let mut index: HashMap<&K, usize> = HashMap::with_capacity(given.len());
+            let mut currents: Vec<Option<&V>> = Vec::new();
+            for ((k, _), bytes) in given.iter().zip(&encoded) {
+                match index.get(k) {
+                    Some(&at) => self.inner.enc.same_bytes(&encoded[at], bytes)?,
+                    None => {
+                        index.insert(k, currents.len());
+                        currents.push(reads.current(bytes, k));
+                    }
+                }
+            }
+            if reads.unknown {
+                return Ok(Computed::Unknown);
+            }
+            drop(index);
+            let (Some(mut f), Some(given)) = (f.take(), pairs.take()) else {
+                return Ok(Computed::Unknown);
+            };
+            // Each key's value folded in call order: the first on what it holds, the
+            // next on the first's result.
+            let mut slots: HashMap<K, usize> = HashMap::with_capacity(currents.len());
+            let mut firsts: Vec<usize> = Vec::with_capacity(currents.len());
+            let mut folded: Vec<Option<V>> = Vec::with_capacity(currents.len());
+            for (i, (k, v)) in given.into_iter().enumerate() {
+                let slot = match slots.get(&k) {
+                    Some(&slot) => slot,
+                    None => {
+                        let slot = folded.len();
+                        firsts.push(i);
+                        slots.insert(k, slot);
+                        folded.push(None);
+                        slot
+                    }
+                };
+                let before = folded[slot].take();
+                let held = before.as_ref().or(currents[slot]);
+                folded[slot] = Some(f(held, v));
+            }
+            let mut keys: Vec<Option<K>> = (0..folded.len()).map(|_| None).collect();
+            for (k, slot) in slots {
+                keys[slot] = Some(k);
+            }
+            let mut batch = Batch::default();
+            let mut entries = Vec::with_capacity(folded.len());
+            for ((k, value), first) in keys.into_iter().zip(folded).zip(firsts) {
+                let (Some(k), Some(value)) = (k, value) else {
+                    continue;
+                };
+                let bytes = encoded[first].clone();
+                batch.puts.push((bytes, self.inner.enc.encode_value(&value)?));
+                entries.push((k, value));
+            }
+            // `V` need not be `Clone` here: the values are not kept for the calls
+            // queued after, whose reads of these keys wait for the commit.
+            Ok(Computed::Write {
+                batch,
+                change: Change::InsertMany(entries),
+                known: None,
+                result: (),
+            })
+        })?;
+        if queued.is_some() {
+            return Ok(());
+        }
+        let (Some(f), Some(pairs)) = (f, pairs) else {
+            unreachable!("the closure and pairs are used only when the call is queued")
+        };
+        self.upsert_many_exclusive(pairs, f)
+    }
+
+    fn upsert_many_exclusive(
+        &self,
+        pairs: Vec<(K, V)>,
         f: impl FnMut(Option<&V>, V) -> V,
     ) -> Result<()> {
         self.inner.exclusive("upsert_many", |w| {
@@ -1113,13 +1538,52 @@ where
     }
 
     /// Changes the value of `key` with `f`, returning whether the key was present (see
-    /// [`DbHashMap::update`]). No other write comes between the read and the commit.
+    /// [`DbHashMap::update`]). Group-committed, as `upsert`: no other write of the map
+    /// comes between the read and the commit.
     pub fn update<Q>(&self, key: &Q, f: impl FnOnce(&mut V)) -> Result<bool>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
         V: Clone,
     {
+        let mut f = Some(f);
+        let queued = self.inner.queue_computed("update", |reads| {
+            // A key memory does not hold may be queued to come: the exclusive path
+            // decides after it.
+            let Some((held, _)) = reads.map.get_key_value(key) else {
+                return Ok(Computed::Unknown);
+            };
+            let enc = &self.inner.enc;
+            let bytes = enc.encode_key(held)?;
+            let current = reads.current(&bytes, key);
+            if reads.unknown {
+                return Ok(Computed::Unknown);
+            }
+            let Some(mut value) = current.cloned() else {
+                return Ok(Computed::Nothing(false));
+            };
+            let Some(f) = f.take() else {
+                return Ok(Computed::Unknown);
+            };
+            let owned = enc.copy_key(held)?.0;
+            f(&mut value);
+            let encoded = enc.encode_value(&value)?;
+            Ok(Computed::Write {
+                batch: Batch {
+                    puts: vec![(bytes, encoded)],
+                    ..Batch::default()
+                },
+                change: Change::Insert(owned, value.clone()),
+                known: Some(vec![value]),
+                result: true,
+            })
+        })?;
+        if let Some(present) = queued {
+            return Ok(present);
+        }
+        let Some(f) = f else {
+            unreachable!("the closure is used only when the call is queued")
+        };
         self.inner.exclusive("update", |w| {
             w.check_writable()?;
             let Some((batch, value)) = w.plan_update(&self.inner.read(), key, f)? else {
