@@ -633,9 +633,10 @@ fn upserts_are_group_committed(env: &impl Env) {
                             h.update(&key, |v| *v += 1).unwrap();
                         }
                         1 => {
-                            h.upsert_many([(key, 1), (format!("c{}", (t + i + 1) % 16), 1)], |old, add| {
-                                old.copied().unwrap_or(0) + add
-                            })
+                            h.upsert_many(
+                                [(key, 1), (format!("c{}", (t + i + 1) % 16), 1)],
+                                |old, add| old.copied().unwrap_or(0) + add,
+                            )
                             .unwrap();
                         }
                         _ => {
@@ -732,7 +733,11 @@ fn upserts_computed_on_a_refused_change_are_refused(env: &impl Env) {
     assert_eq!(h.get("k"), Some(1), "memory keeps the committed value");
     assert_eq!(fresh(env, "refusing"), h.to_hash_map());
     // Called again, it is computed on what the map holds.
-    assert_eq!(h.upsert("k".into(), |old| old.copied().unwrap_or(0) + 1).unwrap(), 2);
+    assert_eq!(
+        h.upsert("k".into(), |old| old.copied().unwrap_or(0) + 1)
+            .unwrap(),
+        2
+    );
     assert_eq!(fresh(env, "refusing"), h.to_hash_map());
 }
 

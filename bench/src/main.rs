@@ -521,6 +521,67 @@ fn w6<C: Send>(
     });
 }
 
+/// W8: 8 threads of `upsert` (a counter's increment) on 16 shared keys, against as many
+/// `insert`s of distinct keys through the same kind of shared map: read-modify-writes
+/// are group-committed like inserts.
+fn w8(
+    rows: &mut Vec<Row>,
+    args: &Args,
+    backend: &str,
+    map: &dyn Fn(&str) -> SharedDbHashMap<String, i64>,
+) {
+    let threads = 8u64;
+    let each = if args.quick { 200 } else { 1_000 };
+    let (lib, raw) = side_by_side(
+        args.rounds,
+        |r| {
+            let h = map(&format!("w8u{r}"));
+            let took = timed(|| {
+                std::thread::scope(|s| {
+                    for t in 0..threads {
+                        let h = h.clone();
+                        s.spawn(move || {
+                            for i in 0..each {
+                                let key = format!("counter-{}", (t + i) % 16);
+                                h.upsert(key, |n| n.copied().unwrap_or(0) + 1).unwrap();
+                            }
+                        });
+                    }
+                })
+            });
+            let total: i64 = h.read().values().sum();
+            assert_eq!(total as u64, threads * each, "no increment lost");
+            let (commits, calls) = h.commits();
+            eprintln!("W8 {backend}: {calls} upserts in {commits} transactions");
+            took
+        },
+        |r| {
+            let h = map(&format!("w8i{r}"));
+            timed(|| {
+                std::thread::scope(|s| {
+                    for t in 0..threads {
+                        let h = h.clone();
+                        s.spawn(move || {
+                            for i in 0..each {
+                                h.insert(format!("key-{t}-{i}"), i as i64).unwrap();
+                            }
+                        });
+                    }
+                })
+            })
+        },
+    );
+    rows.push(Row {
+        backend: backend.into(),
+        case: format!(
+            "W8 {threads} threads × {each} upserts on 16 counters, each durable on return \
+             (raw: as many inserts of distinct keys through the same shared map)"
+        ),
+        lib,
+        raw,
+    });
+}
+
 /// W6 on SQLite (WAL, `synchronous = FULL`) and W7: `get`s of two reader threads on a
 /// shared map, with and without a writer running flat out, and on a bare
 /// `RwLock<HashMap>`.
@@ -551,6 +612,12 @@ fn shared(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args) {
                 .unwrap();
         },
     );
+
+    w8(rows, args, "SQLite (WAL)", &|name| {
+        DbHashMap::builder(sqlite_conn(&dir.path().join(name), "WAL"))
+            .open_shared()
+            .unwrap()
+    });
 
     // W7: 100,000 entries; each reader gets `n7` random keys.
     let n7 = if args.quick { 200_000 } else { 2_000_000 };
@@ -720,6 +787,13 @@ fn shared_postgres(rows: &mut Vec<Row>, args: &Args, url: &str) {
         },
     );
     drop(fresh("bench_w6_raw"));
+    w8(rows, args, "PostgreSQL", &|name| {
+        drop(fresh(name));
+        DbHashMap::builder_url(url)
+            .table(name)
+            .open_shared()
+            .unwrap()
+    });
 }
 
 // ---- Galera ----

@@ -246,7 +246,8 @@ impl<K, V> Queue<K, V> {
             None if batch.puts.len() > PLANNED_KEYS => self.opaque = Some(seq),
             None => {
                 for (key, _) in &batch.puts {
-                    self.planned.insert(key.clone(), Planned { seq, value: None });
+                    self.planned
+                        .insert(key.clone(), Planned { seq, value: None });
                 }
             }
         }
@@ -1076,22 +1077,13 @@ where
     /// caller is committing, this one becomes the leader: it takes everything queued,
     /// its own change included, commits it as one group, and wakes the others; callers
     /// whose changes came meanwhile wait for the next leader, one of themselves.
-    fn submit(
-        &self,
-        call: &'static str,
-        batch: Batch,
-        change: Change<K, V>,
-    ) -> Result<Done<K, V>> {
+    fn submit(&self, call: &'static str, batch: Batch, change: Change<K, V>) -> Result<Done<K, V>> {
         // Room for the word to lead and the outcome, so that neither sender waits.
         let (done, words) = mpsc::sync_channel(2);
-        let leads = self.inner.queue().push(
-            call,
-            batch,
-            change,
-            Waiter::Thread(done),
-            Vec::new(),
-            None,
-        );
+        let leads =
+            self.inner
+                .queue()
+                .push(call, batch, change, Waiter::Thread(done), Vec::new(), None);
         self.wait(leads, &words)
     }
 
@@ -1269,7 +1261,9 @@ where
     {
         self.inner.enter("insert_many")?;
         let (batch, change) = self.insert_many_plan(pairs)?;
-        self.submit_async("insert_many", batch, change).await.map(|_| ())
+        self.submit_async("insert_many", batch, change)
+            .await
+            .map(|_| ())
     }
 
     /// Inserts a key-value pair, returning the value the key had (see
@@ -1445,7 +1439,10 @@ where
             return self.upsert_many_exclusive(pairs, f);
         }
         let encoded: Vec<Vec<u8>> = self.inner.writer_free_plan(|enc, map| {
-            pairs.iter().map(|(k, _)| enc.encode_new_key(map, k)).collect()
+            pairs
+                .iter()
+                .map(|(k, _)| enc.encode_new_key(map, k))
+                .collect()
         })?;
         let (mut f, mut pairs) = (Some(f), Some(pairs));
         let queued = self.inner.queue_computed("upsert_many", |reads| {
@@ -1502,7 +1499,9 @@ where
                     continue;
                 };
                 let bytes = encoded[first].clone();
-                batch.puts.push((bytes, self.inner.enc.encode_value(&value)?));
+                batch
+                    .puts
+                    .push((bytes, self.inner.enc.encode_value(&value)?));
                 entries.push((k, value));
             }
             // `V` need not be `Clone` here: the values are not kept for the calls
