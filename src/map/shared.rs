@@ -206,8 +206,6 @@ enum Computed<K, V, R> {
         known: Option<Vec<V>>,
         result: R,
     },
-    /// Nothing to write (`update` of a key that will be absent).
-    Nothing(R),
     /// The value read is not known before a change queued earlier is committed: the
     /// call takes the exclusive path instead (its closure was not run).
     Unknown,
@@ -682,7 +680,6 @@ where
             drop(map);
             match computed {
                 Computed::Unknown => return Ok(None),
-                Computed::Nothing(result) => return Ok(Some(result)),
                 Computed::Write {
                     batch,
                     change,
@@ -1558,8 +1555,10 @@ where
             if reads.unknown {
                 return Ok(Computed::Unknown);
             }
+            // Memory holds the key and a change queued before removes it: whether it is
+            // there depends on that change's outcome, which the exclusive path waits for.
             let Some(mut value) = current.cloned() else {
-                return Ok(Computed::Nothing(false));
+                return Ok(Computed::Unknown);
             };
             let Some(f) = f.take() else {
                 return Ok(Computed::Unknown);
