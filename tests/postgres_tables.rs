@@ -146,6 +146,15 @@ fn postgres_slices_need_a_key_in_byte_order() {
     assert_eq!(a.len(), 1);
     assert_eq!(a["a/1"], "x");
 
+    // Found by probing: the check went by the collation's name, and an ICU collation
+    // named `posix` passed, so the slice "t1/" held "T1/a" and its clear deleted it.
+    env.exec("CREATE COLLATION public.posix (provider = icu, locale = 'en')");
+    env.exec("CREATE TABLE named (key text COLLATE public.posix PRIMARY KEY, value text NOT NULL)");
+    env.exec("INSERT INTO named VALUES ('a/1', 'x'), ('A/1', 'y'), ('b', 'z')");
+    let err = slice("named").unwrap_err();
+    assert!(matches!(err, Error::Slice { .. }), "{err}");
+    assert!(err.to_string().contains("posix"), "{err}");
+
     env.exec("CREATE TABLE plain (key text PRIMARY KEY, value text NOT NULL)");
     env.exec("INSERT INTO plain VALUES ('a/1', 'x'), ('a/\u{e9}', 'y'), ('a0', 'z'), ('A/1', 'w')");
     let a = slice("plain").unwrap();

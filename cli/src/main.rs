@@ -217,6 +217,11 @@ trait Kind {
     fn in_table_order(key: Vec<u8>, _sample: &[u8]) -> Vec<u8> {
         key
     }
+    /// A key as the library's codec writes it (the json codec: a string with the
+    /// escapes serde_json writes, `"a/b"` for `"a\/b"`).
+    fn canonical_key(key: Vec<u8>) -> Vec<u8> {
+        key
+    }
 }
 
 /// The json codec, kept as the JSON text it stores, with the whitespace between tokens
@@ -260,6 +265,14 @@ impl Kind for JsonKind {
         serde_json::from_slice::<serde::de::IgnoredAny>(stored)
             .map(drop)
             .map_err(|e| format!("does not decode as JSON ({e}); is it a table of another codec?"))
+    }
+    fn canonical_key(key: Vec<u8>) -> Vec<u8> {
+        // A program's map writes a string key as serde_json does; the same string typed
+        // with other escapes would be another row, and outside a slice it is in.
+        match serde_json::from_slice::<String>(&key) {
+            Ok(text) => serde_json::to_vec(&text).unwrap_or(key),
+            Err(_) => key,
+        }
     }
     fn in_table_order(key: Vec<u8>, sample: &[u8]) -> Vec<u8> {
         match (std::str::from_utf8(&key), std::str::from_utf8(sample)) {
@@ -573,7 +586,7 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
             })?;
         }
         Command::Get { key } => {
-            let k = parse(key)?;
+            let k = K::canonical_key(parse(key)?);
             let mut store = open::<K>(db, spec)?;
             let k = table_order::<K>(&mut *store, k)?;
             inside(key, &k)?;
@@ -586,7 +599,7 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
             }
         }
         Command::Set { key, value } => {
-            let (k, v) = (parse(key)?, parse(value)?);
+            let (k, v) = (K::canonical_key(parse(key)?), parse(value)?);
             let mut store = open::<K>(db, spec)?;
             let k = table_order::<K>(&mut *store, k)?;
             inside(key, &k)?;
@@ -595,7 +608,7 @@ fn run<K: Kind>(cli: &Cli, db: &str) -> Outcome {
             store.apply(&batch)?;
         }
         Command::Rm { key } => {
-            let k = parse(key)?;
+            let k = K::canonical_key(parse(key)?);
             let mut store = open::<K>(db, spec)?;
             let k = table_order::<K>(&mut *store, k)?;
             inside(key, &k)?;
@@ -832,6 +845,7 @@ impl<K: Kind> Lines<K> {
                 .value
                 .ok_or_else(|| bad("no \"value\" member".into()))?;
             let key = K::from_raw(key.get()).map_err(|e| bad(format!("the key: {e}")))?;
+            let key = K::canonical_key(key);
             let value = K::from_raw(value.get()).map_err(|e| bad(format!("the value: {e}")))?;
             let key = match &self.sample {
                 Some(sample) => K::in_table_order(key, sample),

@@ -265,6 +265,13 @@ fn slices(db: &str, other: &str) {
     assert!(err.contains("line 2") && err.contains("--prefix"), "{err}");
     assert_eq!(ok(db, &["count"]), "4\n", "nothing written");
     ok(db, &with(&["set", "\"t1/c\"", "7"]));
+    // Found by probing: a string key typed with other escapes than serde_json writes
+    // was taken as its raw text: outside the slice it is in, or stored as a second row
+    // that no map opens.
+    assert_eq!(ok(db, &with(&["get", "\"t1\\/c\""])), "7\n");
+    ok(db, &with(&["set", "\"t1/\\u0063\"", "8"]));
+    assert_eq!(ok(db, &with(&["get", "\"t1/c\""])), "8\n");
+    ok(db, &with(&["set", "\"t1/c\"", "7"]));
     ok(other, &["set", "\"t1/old\"", "0"]);
     ok(other, &["set", "\"keep\"", "0"]);
     ok(db, &with(&["copy", "--to", other]));

@@ -152,7 +152,7 @@ pub(crate) fn open_table(
             .and_then(|row| row.into_iter().next())
             .is_some_and(|s| s.trim() == "1");
     check_layout(t, d, backend, &cols, &indexes, strict)?;
-    check_slice(conn, t, d, &cols).map_err(|e| match e {
+    check_slice(conn, t, d, marks, &cols).map_err(|e| match e {
         Ok(reason) => Error::Slice {
             table: t.name.clone(),
             reason,
@@ -174,6 +174,7 @@ fn check_slice(
     conn: &mut dyn Catalog,
     t: &TableSpec,
     d: Dialect,
+    marks: Marks,
     cols: &[Column],
 ) -> std::result::Result<(), std::result::Result<String, BoxError>> {
     let Some(prefix) = &t.key_prefix else {
@@ -189,24 +190,35 @@ fn check_slice(
                 .into(),
         ));
     }
-    let Some((name, _, _, collation)) = cols.iter().find(|(n, ..)| n == "key") else {
+    let Some((name, ..)) = cols.iter().find(|(n, ..)| n == "key") else {
         return Ok(());
     };
-    let mut collation = collation.clone();
-    if collation == "default" {
-        // The database's own: a libc locale, or ICU's (whose order is a language's).
-        let sql = "SELECT datcollate || CASE WHEN coalesce(to_jsonb(d) ->> 'datlocprovider', \
-                   'c') = 'c' THEN '' ELSE ' (ICU)' END \
-                   FROM pg_database d WHERE datname = current_database()";
-        let rows = conn.texts(sql, None).map_err(Err)?;
-        if let Some(found) = rows.into_iter().next().and_then(|r| r.into_iter().next()) {
-            collation = found;
-        }
-    }
-    // Byte order: "C" and "POSIX", glibc's C.UTF-8 (code points, which UTF-8 keeps),
-    // and `ucs_basic`.
-    let bytewise = ["c", "posix", "c.utf-8", "c.utf8", "ucs_basic"]
-        .contains(&collation.to_ascii_lowercase().as_str());
+    // By what the collation is, not by its name (an ICU collation may be called
+    // `posix`): its provider and locale, the database's for the default one.
+    let sql = format!(
+        "SELECT CASE WHEN c.collprovider = 'd' \
+         THEN coalesce(to_jsonb(d) ->> 'datlocprovider', 'c') ELSE c.collprovider::text END, \
+         CASE WHEN c.collprovider = 'd' THEN d.datcollate::text \
+         ELSE coalesce(c.collcollate::text, '') END, \
+         CASE WHEN c.collprovider = 'd' THEN 'the database''s default, ' || d.datcollate::text \
+         ELSE c.collname::text END \
+         FROM pg_attribute a JOIN pg_collation c ON c.oid = a.attcollation, pg_database d \
+         WHERE a.attrelid = to_regclass(CAST({} AS text)) AND a.attname = 'key' \
+         AND d.datname = current_database()",
+        d.mark(marks, 1)
+    );
+    let rows = conn.texts(&sql, Some(&d.layout_param(t))).map_err(Err)?;
+    let Some([provider, locale, collation]) = rows
+        .into_iter()
+        .next()
+        .and_then(|row| <[String; 3]>::try_from(row).ok())
+    else {
+        return Ok(());
+    };
+    // Byte order: libc's "C" and "POSIX" (`ucs_basic` is "C" too), and glibc's
+    // C.UTF-8 (code points, which UTF-8 keeps).
+    let bytewise = provider == "c"
+        && ["c", "posix", "c.utf-8", "c.utf8"].contains(&locale.to_ascii_lowercase().as_str());
     if bytewise {
         return Ok(());
     }

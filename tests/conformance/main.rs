@@ -96,4 +96,5 @@ all_backends!(
     slices::a_slice_holds_exactly_its_keys,
     slices::odd_prefixes_are_exact,
     slices::codecs_that_cannot_slice_are_refused,
+    slices::rows_a_whole_open_refuses_are_refused_in_a_slice,
 );
