@@ -106,6 +106,30 @@ impl<T: Serialize + DeserializeOwned> Codec<T> for Json {
         serde_json::from_slice(bytes).map_err(Into::into)
     }
 
+    fn keys_distinct(&self) -> bool {
+        // serde_json writes unequal strings, integers, booleans and characters as
+        // unequal texts; other types may collide (`None` and `Some(())` are both
+        // `null`), and are checked by reading each key back.
+        matches!(
+            std::any::type_name::<T>(),
+            "alloc::string::String"
+                | "bool"
+                | "char"
+                | "i8"
+                | "i16"
+                | "i32"
+                | "i64"
+                | "i128"
+                | "isize"
+                | "u8"
+                | "u16"
+                | "u32"
+                | "u64"
+                | "u128"
+                | "usize"
+        )
+    }
+
     fn string_prefix(&self, prefix: &str) -> Option<Vec<u8>> {
         // A JSON string is `"`, then each character as it is or escaped, each alone:
         // the strings that start with `prefix` are the texts that start with this.
@@ -319,6 +343,15 @@ mod tests {
         let mut out = Vec::new();
         codec.encode_key(v, &mut out).unwrap();
         out
+    }
+
+    #[test]
+    fn json_trusts_only_keys_it_cannot_write_alike() {
+        assert!(Codec::<String>::keys_distinct(&Json));
+        assert!(Codec::<u64>::keys_distinct(&Json));
+        assert!(!Codec::<Option<()>>::keys_distinct(&Json));
+        assert!(!Codec::<f64>::keys_distinct(&Json));
+        assert!(!Codec::<(String, i32)>::keys_distinct(&Json));
     }
 
     #[test]
