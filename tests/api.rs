@@ -141,3 +141,38 @@ fn a_new_sqlite_file_opened_by_four_at_once() {
         });
     }
 }
+
+/// A slice reads a range of the key's index, never the whole table: found when an `OR`
+/// of a text and a blob range made SQLite 3.54 scan the table (a 1% slice of 1,000,000
+/// rows took 189 ms to open, 26 ms before).
+#[test]
+fn sqlite_slices_search_the_index() {
+    use write_thru_hash::{Dialect, Format, TableSpec};
+    let conn = rusqlite::Connection::open_in_memory().unwrap();
+    conn.execute_batch(&Dialect::Sqlite.create_table(&TableSpec::new(
+        "t",
+        Format::Text,
+        Format::Text,
+    )))
+    .unwrap();
+    let slice = TableSpec::new("t", Format::Text, Format::Text).with_key_prefix("\"t42/");
+    for sql in [
+        Dialect::Sqlite.select_all(&slice),
+        Dialect::Sqlite.delete_all(&slice),
+    ] {
+        let mut plan = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let steps: Vec<String> = plan
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            steps.iter().all(|s| !s.starts_with("SCAN")),
+            "{sql}: {steps:?}"
+        );
+        assert!(
+            steps.iter().any(|s| s.contains("INDEX")),
+            "{sql}: {steps:?}"
+        );
+    }
+}
