@@ -817,6 +817,12 @@ impl Store for PostgresStore {
     }
 
     fn rows_hint(&mut self) -> Option<usize> {
+        // A slice's count would read its rows once more (on PostgreSQL, each on a heap
+        // page of its own where the slice's rows were written over time): a map of a
+        // slice grows as it fills instead.
+        if self.table.as_ref().is_some_and(|t| t.key_prefix.is_some()) {
+            return None;
+        }
         let s = self.stmts.as_ref()?;
         let n: i64 = self.client.row(&s.count, &[]).ok()??.get(0);
         usize::try_from(n).ok()
