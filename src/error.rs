@@ -506,12 +506,24 @@ impl Error {
     /// The error of a group commit, for each caller of the group but the first: the
     /// same words, and the same answer to [`is_retryable`](Self::is_retryable).
     pub(crate) fn for_group(&self) -> Error {
-        let source = std::error::Error::source(self).map_or_else(String::new, |s| s.to_string());
+        let source = std::error::Error::source(self);
+        // Copied from a copy: the words say it once.
+        let message = match source.and_then(|s| s.downcast_ref::<GroupFailure>()) {
+            Some(copied) => copied.message.clone(),
+            None => format!(
+                "{} (met by the commit of the group this change was part of)",
+                source.map_or_else(String::new, |s| s.to_string())
+            ),
+        };
         let shared = GroupFailure {
-            message: format!("{source} (met by the commit of the group this change was part of)"),
+            message,
             retryable: self.is_retryable(),
         };
         match self {
+            Error::Superseded { table, call } => Error::Superseded {
+                table: table.clone(),
+                call,
+            },
             Error::OutcomeUnknown { table, backend, .. } => Error::OutcomeUnknown {
                 table: table.clone(),
                 backend,

@@ -4,6 +4,10 @@
 //! rejects; the map ends equal to a fresh open of its table. `watch()` brings others'
 //! changes in by itself.
 
+#[path = "conformance/proxy.rs"]
+#[allow(dead_code)]
+mod proxy;
+
 #[path = "conformance/env.rs"]
 #[allow(dead_code, unused_imports)]
 mod env;
@@ -741,6 +745,218 @@ fn upserts_computed_on_a_refused_change_are_refused(env: &impl Env) {
     assert_eq!(fresh(env, "refusing"), h.to_hash_map());
 }
 
+/// Runs `f` on a thread of its own and fails if it does not return within `secs`: a
+/// hang is a failure, not a stuck suite.
+fn within<R: Send + 'static>(secs: u64, f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(r) => r,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            std::panic::resume_unwind(worker.join().unwrap_err())
+        }
+        Err(_) => panic!("hung: not done in {secs} s"),
+    }
+}
+
+/// Found by probing: an upsert queued after a `clear` was computed on the clear's empty
+/// map, and merged into the clear's transaction, so when the database refused the clear
+/// the upsert was still committed (`k` went from 10 to 1). It is refused with it.
+fn upserts_computed_on_a_refused_clear_are_refused(env: &impl Env) {
+    let h = shared(env, "noclear");
+    h.insert("k".into(), 10).unwrap();
+    let t = env.q("noclear");
+    match env.dialect() {
+        write_thru_hash::Dialect::Sqlite => env.exec(&format!(
+            "CREATE TRIGGER nodel BEFORE DELETE ON {t} BEGIN SELECT RAISE(ABORT, 'no delete'); END"
+        )),
+        write_thru_hash::Dialect::Postgres => {
+            env.exec(
+                "CREATE FUNCTION nodel() RETURNS trigger AS $$ BEGIN \
+                 RAISE EXCEPTION 'no delete'; END $$ LANGUAGE plpgsql",
+            );
+            env.exec(&format!(
+                "CREATE TRIGGER nodel BEFORE DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION nodel()"
+            ));
+        }
+        _ => env.exec(&format!(
+            "CREATE TRIGGER nodel BEFORE DELETE ON {t} FOR EACH ROW \
+             SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'no delete'"
+        )),
+    }
+    let lock = env.hold_write_lock("noclear", Duration::from_millis(400));
+    let (first, cleared, computed) = std::thread::scope(|s| {
+        let (a, b, c) = (h.clone(), h.clone(), h.clone());
+        let ms = |n| std::thread::sleep(Duration::from_millis(n));
+        let first = s.spawn(move || a.insert("x".into(), 1));
+        let cleared = s.spawn(move || {
+            ms(60);
+            b.clear()
+        });
+        let computed = s.spawn(move || {
+            ms(120);
+            c.upsert("k".into(), |old| old.copied().unwrap_or(0) + 1)
+        });
+        (
+            first.join().unwrap(),
+            cleared.join().unwrap(),
+            computed.join().unwrap(),
+        )
+    });
+    lock.join().unwrap();
+    assert!(first.is_ok(), "{first:?}");
+    assert!(cleared.is_err(), "the clear was committed");
+    assert!(
+        matches!(computed, Err(Error::Superseded { .. })),
+        "an upsert computed on a refused clear: {computed:?}"
+    );
+    assert_eq!(h.get("k"), Some(10));
+    assert_eq!(fresh(env, "noclear"), h.to_hash_map());
+}
+
+/// Found by probing: when every change of a group failed and the first had failed for
+/// another's sake (`Superseded`, which is retryable), the group was taken for one a lock
+/// timed out, and a caller that queued meanwhile, writing an unrelated key, failed too.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_a_group_of_refused_changes_fails_no_bystander() {
+    within(60, || {
+        let env = env::PgEnv::new();
+        let h = shared(&env, "lo");
+        h.insert("k".into(), 1).unwrap();
+        env.exec(
+            "CREATE FUNCTION slow_reject() RETURNS trigger AS $$ BEGIN \
+             IF NEW.value::text = '666' THEN PERFORM pg_sleep(0.5); \
+             RAISE EXCEPTION 'rejected'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql",
+        );
+        env.exec(
+            "CREATE TRIGGER slow_reject BEFORE INSERT OR UPDATE ON lo \
+             FOR EACH ROW EXECUTE FUNCTION slow_reject()",
+        );
+        let lock = env.hold_write_lock("lo", Duration::from_millis(500));
+        let ms = |n| std::thread::sleep(Duration::from_millis(n));
+        let (refused, computed, also_refused, bystander) = std::thread::scope(|s| {
+            let (b, c, d, e) = (h.clone(), h.clone(), h.clone(), h.clone());
+            let refused = s.spawn(move || b.upsert("k".into(), |_| 666));
+            let computed = s.spawn(move || {
+                ms(50);
+                c.upsert("k".into(), |o| o.copied().unwrap_or(0) + 1)
+            });
+            let also_refused = s.spawn(move || {
+                ms(100);
+                d.insert("y".into(), 666)
+            });
+            let bystander = s.spawn(move || {
+                ms(1300);
+                e.insert("z".into(), 1)
+            });
+            (
+                refused.join().unwrap(),
+                computed.join().unwrap(),
+                also_refused.join().unwrap(),
+                bystander.join().unwrap(),
+            )
+        });
+        lock.join().unwrap();
+        assert!(refused.is_err() && also_refused.is_err());
+        assert!(
+            matches!(computed, Err(Error::Superseded { .. })),
+            "{computed:?}"
+        );
+        assert!(
+            bystander.is_ok(),
+            "an unrelated insert failed: {bystander:?}"
+        );
+        assert_eq!(fresh(&env, "lo"), h.to_hash_map());
+    });
+}
+
+/// Found by probing: a read-modify-write after a write whose outcome was unknown was
+/// computed on memory before that outcome was settled, and its value was committed
+/// over the settled one: an increment that had committed was lost (11, not 12).
+fn upserts_settle_an_unknown_outcome_first(env: &impl Env) {
+    let (proxy, url) = proxy::proxied(&env.url());
+    let h: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url)
+        .table("unknown")
+        .open_shared()
+        .unwrap();
+    h.insert("k".into(), 10).unwrap();
+    proxy.cut_next_answer();
+    let first = h.upsert("k".into(), |o| o.copied().unwrap_or(0) + 1);
+    assert!(
+        matches!(first, Err(Error::OutcomeUnknown { .. })),
+        "{first:?}"
+    );
+    // Whether the first committed, the table says: the second counts from there.
+    let after_first = fresh(env, "unknown")["k"];
+    let second = h
+        .upsert("k".into(), |o| o.copied().unwrap_or(0) + 1)
+        .unwrap();
+    assert_eq!(
+        second,
+        after_first + 1,
+        "computed on memory before it was settled"
+    );
+    assert_eq!(fresh(env, "unknown"), h.to_hash_map());
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_upserts_settle_an_unknown_outcome_first() {
+    within(60, || {
+        upserts_settle_an_unknown_outcome_first(&env::PgEnv::new())
+    });
+}
+
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_upserts_settle_an_unknown_outcome_first() {
+    within(60, || {
+        upserts_settle_an_unknown_outcome_first(&env::MyEnv::new())
+    });
+}
+
+/// Found by probing: the lead handed to a queued `…_async` call whose future was
+/// dropped, with its runtime, was started on that runtime, where it never ran: every
+/// later write hung. Such a lead runs on a thread of its own.
+#[cfg(feature = "tokio")]
+#[test]
+fn sqlite_a_dropped_future_and_runtime_do_not_stall_the_queue() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+    within(60, || {
+        let env = env::SqliteEnv::new();
+        let h = shared(&env, "rt");
+        h.insert("c".into(), 0).unwrap();
+        let lock = env.hold_write_lock("rt", Duration::from_millis(800));
+        std::thread::scope(|s| {
+            let first = h.clone();
+            let first = s.spawn(move || first.insert("a".into(), 1));
+            std::thread::sleep(Duration::from_millis(100));
+            {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let entered = rt.enter();
+                let mut queued = Box::pin(h.insert_async("b".into(), 2));
+                let mut cx = Context::from_waker(Waker::noop());
+                assert!(matches!(queued.as_mut().poll(&mut cx), Poll::Pending));
+                drop(queued);
+                drop(entered);
+                drop(rt);
+            }
+            let after = h.clone();
+            let after = s.spawn(move || after.upsert("c".into(), |o| o.copied().unwrap_or(0) + 1));
+            first.join().unwrap().unwrap();
+            assert_eq!(after.join().unwrap().unwrap(), 1);
+        });
+        lock.join().unwrap();
+        assert_eq!(fresh(&env, "rt"), h.to_hash_map());
+    });
+}
+
 macro_rules! shared_tests {
     ($backend:ident, $env:expr, $rounds:expr) => {
         mod $backend {
@@ -777,6 +993,10 @@ macro_rules! shared_tests {
             #[test]
             fn upserts_are_group_committed() {
                 super::upserts_are_group_committed(&$env);
+            }
+            #[test]
+            fn upserts_computed_on_a_refused_clear_are_refused() {
+                super::upserts_computed_on_a_refused_clear_are_refused(&$env);
             }
             #[test]
             fn upserts_computed_on_a_refused_change_are_refused() {

@@ -307,9 +307,10 @@ enum Waiter<K, V> {
     #[cfg(feature = "tokio")]
     Task {
         outcome: tokio::sync::oneshot::Sender<Result<Done<K, V>>>,
-        /// Starts a leader on a blocking thread of the caller's runtime, when the lead
-        /// comes to this change.
-        lead: Option<Box<dyn FnOnce() + Send>>,
+        /// Starts a leader when the lead comes to this change: on a blocking thread of
+        /// the caller's runtime, or (`true`: the caller's future is gone, and its runtime
+        /// may be too, where a task spawned would never run) on a thread of its own.
+        lead: Option<Box<dyn FnOnce(bool) + Send>>,
     },
 }
 
@@ -332,9 +333,9 @@ impl<K, V> Waiter<K, V> {
         match self {
             Waiter::Thread(to) => to.try_send(Word::Lead).is_ok(),
             #[cfg(feature = "tokio")]
-            Waiter::Task { lead, .. } => match lead.take() {
+            Waiter::Task { lead, outcome } => match lead.take() {
                 Some(start) => {
-                    start();
+                    start(outcome.is_closed());
                     true
                 }
                 None => false,
@@ -576,7 +577,12 @@ where
                 results.extend(done);
             }
         }
-        let locked_out = match results.first() {
+        // A change refused for another's sake (`Superseded`) says nothing of a lock.
+        let tried = results.iter().find_map(|r| match r {
+            Err(Error::Superseded { .. }) => None,
+            other => Some(other),
+        });
+        let locked_out = match tried {
             Some(Err(e))
                 if results.iter().all(Result::is_err)
                     && e.is_retryable()
@@ -667,6 +673,12 @@ where
         let (leads, result) = {
             let _gate = self.gate.read();
             let mut queue = self.queue();
+            // A write whose outcome is unknown is settled before anything is read: the
+            // exclusive path does it. (Set before its request leaves the queue's plans,
+            // so a computation that missed the flag read the plan and depends on it.)
+            if self.enc.in_doubt.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
             let _inside = Inside::enter(self.address());
             let map = self.read();
             let mut reads = Reads {
@@ -887,6 +899,9 @@ fn parts<K, V>(group: &[Request<K, V>]) -> Vec<std::ops::Range<usize>> {
     let mut parts = Vec::new();
     let mut start = 0;
     let mut keys: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    // And where a call was computed on one in the run (an upsert after a clear): it is
+    // committed only once that one was, or refused with it.
+    let mut seqs: HashSet<u64> = HashSet::new();
     for (i, r) in group.iter().enumerate() {
         let mut touched = r
             .batch
@@ -894,13 +909,17 @@ fn parts<K, V>(group: &[Request<K, V>]) -> Vec<std::ops::Range<usize>> {
             .iter()
             .map(Vec::as_slice)
             .chain(r.batch.puts.iter().map(|(k, _)| k.as_slice()));
-        let repeats = (r.batch.clear && i > start) || touched.clone().any(|k| keys.contains(k));
+        let repeats = (r.batch.clear && i > start)
+            || touched.clone().any(|k| keys.contains(k))
+            || r.depends.iter().any(|d| seqs.contains(d));
         if repeats {
             parts.push(start..i);
             start = i;
             keys.clear();
+            seqs.clear();
         }
         keys.extend(&mut touched);
+        seqs.insert(r.seq);
     }
     parts.push(start..group.len());
     parts
@@ -1174,8 +1193,12 @@ where
         let handle = tokio::runtime::Handle::current();
         let start = {
             let (map, handle) = (self.clone(), handle.clone());
-            move || {
-                handle.spawn_blocking(move || map.inner.lead());
+            move |caller_gone: bool| {
+                if caller_gone {
+                    std::thread::spawn(move || map.inner.lead());
+                } else {
+                    handle.spawn_blocking(move || map.inner.lead());
+                }
             }
         };
         let (outcome, wait) = tokio::sync::oneshot::channel();

@@ -140,6 +140,9 @@ pub(crate) struct Encoder<K, V> {
     pub(crate) table: TableSpec,
     /// A slice's prefix, as the user gave it (the table's spec has it as stored).
     pub(crate) prefix: Option<String>,
+    /// A write's outcome is unknown and not settled yet: a shared map's
+    /// read-modify-writes then take the path that settles it before they read.
+    pub(crate) in_doubt: std::sync::atomic::AtomicBool,
     /// Writes tried again after a conflict with another writer, so far.
     pub(crate) conflicts_retried: AtomicU64,
     /// Database transactions tried, so far.
@@ -189,6 +192,7 @@ impl<K, V> Writer<K, V> {
         Writer {
             enc: Arc::new(Encoder {
                 prefix,
+                in_doubt: std::sync::atomic::AtomicBool::new(false),
                 backend: store.backend(),
                 max_key_len: store.max_key_len(),
                 max_value_len: store.max_value_len(),
@@ -346,6 +350,7 @@ impl<K, V> Writer<K, V> {
                 Some(earlier) => earlier.and(touched),
                 None => touched,
             });
+            self.enc.in_doubt.store(true, Ordering::SeqCst);
         } else {
             self.poisoned = true;
             tracing::error!(table = %self.table.name,
@@ -406,6 +411,7 @@ impl<K, V> Writer<K, V> {
     pub(crate) fn took_fresh(&mut self, version: Option<u64>) {
         self.poisoned = false;
         self.unsettled = None;
+        self.enc.in_doubt.store(false, Ordering::SeqCst);
         if let (Some(c), Some(v)) = (&mut self.coherent, version) {
             c.seen = v;
         }
@@ -666,6 +672,7 @@ where
         }
         self.poisoned = false;
         self.unsettled = None;
+        self.enc.in_doubt.store(false, Ordering::SeqCst);
     }
 
     /// Reads back what a write with an unknown outcome touched, reconnecting first:
@@ -728,6 +735,7 @@ where
     /// nothing is in doubt any more.
     pub(crate) fn settled(&mut self, keys: usize) {
         self.unsettled = None;
+        self.enc.in_doubt.store(false, Ordering::SeqCst);
         crate::metrics::settled(&self.table.name);
         tracing::info!(table = %self.table.name, keys,
             "an unknown write outcome is settled: memory took what the table holds");
