@@ -957,6 +957,51 @@ fn sqlite_a_dropped_future_and_runtime_do_not_stall_the_queue() {
     });
 }
 
+/// Found by probing: the leader of a group whose lead came to an `…_async` call was
+/// started on tokio's blocking pool, which the waiting `upsert_async` calls had filled:
+/// no leader, no commit, every queued call hung. It runs on a thread of its own.
+#[cfg(feature = "tokio")]
+#[test]
+fn sqlite_async_calls_do_not_hang_when_the_blocking_pool_is_full() {
+    within(60, || {
+        let env = env::SqliteEnv::new();
+        let h = shared(&env, "pool");
+        h.insert("c".into(), 0).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let lock = env.hold_write_lock("pool", Duration::from_millis(800));
+        let first = h.clone();
+        let first = std::thread::spawn(move || first.insert("a".into(), 1));
+        std::thread::sleep(Duration::from_millis(100));
+        rt.block_on(async {
+            let queued = h.clone();
+            let queued = tokio::spawn(async move { queued.insert_async("b".into(), 2).await });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let upserts: Vec<_> = (0..2)
+                .map(|_| {
+                    let h = h.clone();
+                    tokio::spawn(async move {
+                        h.upsert_async("c".into(), |o| o.copied().unwrap_or(0) + 1)
+                            .await
+                    })
+                })
+                .collect();
+            queued.await.unwrap().unwrap();
+            for u in upserts {
+                u.await.unwrap().unwrap();
+            }
+        });
+        first.join().unwrap().unwrap();
+        lock.join().unwrap();
+        assert_eq!(h.get("c"), Some(2));
+        assert_eq!(fresh(&env, "pool"), h.to_hash_map());
+    });
+}
+
 macro_rules! shared_tests {
     ($backend:ident, $env:expr, $rounds:expr) => {
         mod $backend {

@@ -307,10 +307,8 @@ enum Waiter<K, V> {
     #[cfg(feature = "tokio")]
     Task {
         outcome: tokio::sync::oneshot::Sender<Result<Done<K, V>>>,
-        /// Starts a leader when the lead comes to this change: on a blocking thread of
-        /// the caller's runtime, or (`true`: the caller's future is gone, and its runtime
-        /// may be too, where a task spawned would never run) on a thread of its own.
-        lead: Option<Box<dyn FnOnce(bool) + Send>>,
+        /// Starts a leader, on a thread of its own, when the lead comes to this change.
+        lead: Option<Box<dyn FnOnce() + Send>>,
     },
 }
 
@@ -333,9 +331,9 @@ impl<K, V> Waiter<K, V> {
         match self {
             Waiter::Thread(to) => to.try_send(Word::Lead).is_ok(),
             #[cfg(feature = "tokio")]
-            Waiter::Task { lead, outcome } => match lead.take() {
+            Waiter::Task { lead, .. } => match lead.take() {
                 Some(start) => {
-                    start(outcome.is_closed());
+                    start();
                     true
                 }
                 None => false,
@@ -1176,7 +1174,7 @@ where
 
     /// [`submit`](Self::submit) for a task: the change is queued with a oneshot channel
     /// for its outcome, and the task awaits it without a thread. A leader runs on a
-    /// blocking thread of the runtime: one per group, not one per call. A dropped future
+    /// thread of its own: one per group, not one per call. A dropped future
     /// leaves its change queued: it is committed (or not) with its group all the same.
     #[cfg(feature = "tokio")]
     async fn submit_async(
@@ -1190,15 +1188,13 @@ where
         V: Send + Sync + 'static,
         S: Send + Sync + 'static,
     {
-        let handle = tokio::runtime::Handle::current();
+        // A leader for a task runs on a thread of its own, one per group: never on the
+        // runtime's blocking pool, which may be full of calls waiting for this very
+        // leader (read-modify-writes wait there), nor on a runtime gone with its task.
         let start = {
-            let (map, handle) = (self.clone(), handle.clone());
-            move |caller_gone: bool| {
-                if caller_gone {
-                    std::thread::spawn(move || map.inner.lead());
-                } else {
-                    handle.spawn_blocking(move || map.inner.lead());
-                }
+            let map = self.clone();
+            move || {
+                std::thread::spawn(move || map.inner.lead());
             }
         };
         let (outcome, wait) = tokio::sync::oneshot::channel();
@@ -1212,7 +1208,7 @@ where
             .push(call, batch, change, done, Vec::new(), None);
         if leads {
             let map = self.clone();
-            handle.spawn_blocking(move || map.inner.lead());
+            std::thread::spawn(move || map.inner.lead());
         }
         wait.await.unwrap_or_else(|_| {
             Err(Error::OutcomeUnknown {
