@@ -176,3 +176,35 @@ fn sqlite_slices_search_the_index() {
         );
     }
 }
+
+/// `Store::apply_seq`: the batches in order, in one transaction; one refused, none
+/// applied. A shared map's group commit puts the runs of a group that write one key
+/// twice in it, so that the database sees each value.
+#[test]
+fn sqlite_apply_seq_is_all_or_nothing_and_in_order() {
+    use write_thru_hash::{Batch, Format, TableSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("seq.db").display());
+    let mut store = write_thru_hash::connect(&url).unwrap();
+    store
+        .open(&TableSpec::new("t", Format::Text, Format::Text))
+        .unwrap();
+    assert!(store.applies_seq());
+    let put = |k: &str, v: &str| {
+        let mut b = Batch::default();
+        b.puts.push((k.as_bytes().to_vec(), v.as_bytes().to_vec()));
+        b
+    };
+    store.apply_seq(&[put("k", "1"), put("k", "2")]).unwrap();
+    assert_eq!(store.get(b"k").unwrap(), Some(b"2".to_vec()));
+    let conn = rusqlite::Connection::open(dir.path().join("seq.db")).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER no13 BEFORE UPDATE ON t WHEN NEW.value = '13' \
+         BEGIN SELECT RAISE(ABORT, 'no 13'); END",
+    )
+    .unwrap();
+    let refused = store.apply_seq(&[put("k", "3"), put("j", "1"), put("k", "13"), put("k", "4")]);
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(store.get(b"k").unwrap(), Some(b"2".to_vec()));
+    assert_eq!(store.get(b"j").unwrap(), None);
+}

@@ -551,7 +551,15 @@ where
             results.extend((0..group.len()).map(|_| Err(e.for_group())));
         } else {
             let mut refused = self.queue().refused.clone();
-            for part in parts(&group) {
+            let parts = parts(&group);
+            let together = self.commit_together(w, &group, &parts, &refused);
+            let one_by_one = if together.is_none() {
+                parts
+            } else {
+                Vec::new()
+            };
+            results.extend(together.into_iter().flatten());
+            for part in one_by_one {
                 // A change computed on a refused one is refused too, untried.
                 let superseded: Vec<usize> = part
                     .clone()
@@ -612,6 +620,69 @@ where
             done.outcome(outcome);
         }
         locked_out
+    }
+
+    /// Commits the parts of a group (see [`parts`]) in order, as one transaction, when
+    /// the store can ([`Store::apply_seq`](crate::Store::apply_seq)): the database sees
+    /// every value each key takes, and the group costs one commit. `None` when there is
+    /// one part, the store cannot, or the database refused a change: the parts are then
+    /// committed one by one, so that only the refused changes (and those computed on
+    /// them) fail.
+    fn commit_together(
+        &self,
+        w: &mut Writer<K, V>,
+        group: &[Request<K, V>],
+        parts: &[std::ops::Range<usize>],
+        refused: &HashSet<u64>,
+    ) -> Option<Vec<Result<()>>> {
+        if parts.len() < 2 || w.behind.is_some() || !w.store().applies_seq() {
+            return None;
+        }
+        let superseded = |r: &Request<K, V>| r.depends.iter().any(|d| refused.contains(d));
+        let batches: Vec<Batch> = parts
+            .iter()
+            .map(|part| {
+                let mut merged = BatchBuilder::default();
+                for r in group[part.clone()].iter().filter(|r| !superseded(r)) {
+                    merged.add(r.batch.clone());
+                }
+                merged.finish()
+            })
+            .filter(|batch| !batch.is_empty())
+            .collect();
+        if batches.len() < 2 {
+            return None;
+        }
+        let mut failure = match w.persist_seq(&batches) {
+            Ok(()) => None,
+            // What each change would meet alone, it met now (see `commit_part`).
+            Err(e) if e.is_outcome_unknown() || e.is_retryable() || e.is_disconnect() => Some(e),
+            Err(e) => {
+                tracing::debug!(table = %self.table, error = %e, parts = parts.len(),
+                    "a group's parts failed together; committing them one by one");
+                return None;
+            }
+        };
+        let results = group
+            .iter()
+            .map(|r| {
+                if superseded(r) {
+                    return Err(Error::Superseded {
+                        table: self.table.clone(),
+                        call: r.call,
+                    });
+                }
+                match (failure.take(), &failure) {
+                    (Some(first), _) => {
+                        let copy = first.for_group();
+                        failure = Some(copy);
+                        Err(first)
+                    }
+                    (None, _) => Ok(()),
+                }
+            })
+            .collect();
+        Some(results)
     }
 
     /// Commits one part of a group (see [`parts`]): as one transaction, or, when the

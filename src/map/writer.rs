@@ -260,8 +260,23 @@ impl<K, V> Writer<K, V> {
             self.after_write(changes);
             return Ok(());
         }
+        self.commit(std::slice::from_ref(&batch))
+    }
+
+    /// Applies the batches in order, as one transaction (see [`Store::apply_seq`]); for
+    /// a store that [`applies_seq`](Store::applies_seq), and without write-behind.
+    pub(crate) fn persist_seq(&mut self, batches: &[Batch]) -> Result<()> {
+        self.check_writable()?;
+        debug_assert!(self.behind.is_none(), "write-behind writes its own batches");
+        self.commit(batches)
+    }
+
+    /// Commits `batches` (one, or a sequence), reconnecting and writing again when the
+    /// connection was gone before the write did anything.
+    fn commit(&mut self, batches: &[Batch]) -> Result<()> {
         let started = std::time::Instant::now();
-        let mut result = self.apply_with_conflicts(&batch);
+        let changes: usize = batches.iter().map(Batch::len).sum();
+        let mut result = self.apply_with_conflicts(batches);
         // The connection was gone before the write did anything (closed while idle, the
         // session ended by the server): a store that can reconnect does, and the same
         // batch goes again. Nothing is in doubt, so nothing is written twice.
@@ -291,7 +306,7 @@ impl<K, V> Writer<K, V> {
                 result = Err(e);
                 break;
             }
-            result = self.apply_with_conflicts(&batch);
+            result = self.apply_with_conflicts(batches);
         }
         if in_doubt {
             if let Err(e) = result {
@@ -306,16 +321,16 @@ impl<K, V> Writer<K, V> {
             }
         }
         if let Err(Error::OutcomeUnknown { .. }) = &result {
-            self.outcome_unknown(Unsettled::of(&batch));
+            let touched = batches
+                .iter()
+                .map(Unsettled::of)
+                .reduce(Unsettled::and)
+                .unwrap_or(Unsettled::Keys(Vec::new()));
+            self.outcome_unknown(touched);
         }
-        crate::metrics::wrote(
-            &self.table.name,
-            batch.len(),
-            started.elapsed(),
-            result.is_ok(),
-        );
+        crate::metrics::wrote(&self.table.name, changes, started.elapsed(), result.is_ok());
         if result.is_ok() {
-            self.after_write(batch.len());
+            self.after_write(changes);
         }
         result
     }
@@ -323,9 +338,13 @@ impl<K, V> Writer<K, V> {
     /// Applies `batch`; a transaction the server rolled back for a conflict with another
     /// writer (a deadlock, a serialization or certification failure) is tried again a
     /// few times, after a short, growing, jittered pause.
-    fn apply_with_conflicts(&mut self, batch: &Batch) -> Result<()> {
+    fn apply_with_conflicts(&mut self, batches: &[Batch]) -> Result<()> {
+        let apply = |store: &mut Box<dyn Store>| match batches {
+            [batch] => store.apply(batch),
+            _ => store.apply_seq(batches),
+        };
         self.count_commit();
-        let mut result = self.store().apply(batch);
+        let mut result = apply(&mut self.store());
         let mut tries = 0;
         while tries < CONFLICT_RETRIES && result.as_ref().is_err_and(Error::is_conflict) {
             tries += 1;
@@ -334,7 +353,7 @@ impl<K, V> Writer<K, V> {
             crate::metrics::conflict_retried(&self.table.name);
             self.count_commit();
             tracing::debug!(table = %self.table.name, tries, "write conflicted with another; retrying");
-            result = self.store().apply(batch);
+            result = apply(&mut self.store());
         }
         result
     }

@@ -264,6 +264,26 @@ pub trait Store: Send {
     /// commit) it returns [`Error::OutcomeUnknown`](crate::Error::OutcomeUnknown).
     fn apply(&mut self, batch: &Batch) -> Result<()>;
 
+    /// Applies the batches in order, as one transaction: all of them or, when it returns
+    /// an error, none. Each batch's statements run after the previous one's, so the
+    /// database sees (and may refuse) every value a key takes, where one merged batch
+    /// would keep only the last. A shared map's group commit uses it for the runs of a
+    /// group that write one key twice. The default says the store cannot
+    /// ([`Error::Unsupported`](crate::Error::Unsupported)); the map then commits each
+    /// batch in a transaction of its own.
+    fn apply_seq(&mut self, batches: &[Batch]) -> Result<()> {
+        let _ = batches;
+        Err(Error::Unsupported {
+            backend: self.backend(),
+            what: "applying several batches in one transaction",
+        })
+    }
+
+    /// Whether [`apply_seq`](Store::apply_seq) is implemented (the crate's SQLite store).
+    fn applies_seq(&self) -> bool {
+        false
+    }
+
     /// The longest encoded key the backend can hold, in bytes, if it has a limit.
     fn max_key_len(&self) -> Option<usize> {
         None
@@ -465,6 +485,12 @@ impl Store for Box<dyn Store> {
     }
     fn apply(&mut self, batch: &Batch) -> Result<()> {
         (**self).apply(batch)
+    }
+    fn apply_seq(&mut self, batches: &[Batch]) -> Result<()> {
+        (**self).apply_seq(batches)
+    }
+    fn applies_seq(&self) -> bool {
+        (**self).applies_seq()
     }
     fn max_key_len(&self) -> Option<usize> {
         (**self).max_key_len()

@@ -109,7 +109,7 @@ impl SqliteStore {
         })
     }
 
-    fn write(&mut self, batch: &Batch) -> std::result::Result<(), crate::error::BoxError> {
+    fn write(&mut self, batches: &[Batch]) -> std::result::Result<(), crate::error::BoxError> {
         let t = opened(&self.table, D.name())?;
         let (kf, vf) = (t.key_format, t.value_format);
         // Every write is one transaction, a single one included, taken IMMEDIATE so it
@@ -119,7 +119,9 @@ impl SqliteStore {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        Self::run(&tx, &self.sql, batch, kf, vf)?;
+        for batch in batches {
+            Self::run(&tx, &self.sql, batch, kf, vf)?;
+        }
         // On error `tx` drops and rolls back.
         tx.commit()?;
         Ok(())
@@ -301,6 +303,10 @@ impl Store for SqliteStore {
         true
     }
 
+    fn applies_seq(&self) -> bool {
+        true
+    }
+
     fn open(&mut self, t: &TableSpec) -> Result<()> {
         if !self.conn.is_autocommit() {
             // Its commit or rollback belongs to the caller; the map's would end it.
@@ -404,8 +410,12 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(());
         }
+        self.apply_seq(std::slice::from_ref(batch))
+    }
+
+    fn apply_seq(&mut self, batches: &[Batch]) -> Result<()> {
         opened(&self.table, D.name())?;
-        let result = self.write(batch);
+        let result = self.write(batches);
         if result.is_err() && !self.conn.is_autocommit() {
             // Whatever failed, leave no transaction open for the next call to join.
             let _ = self.conn.execute_batch("ROLLBACK");
