@@ -673,6 +673,106 @@ fn postgres_replica_sessions_are_noted() {
     assert_eq!(fresh(&url, "replicated"), m);
 }
 
+/// Issue 21 (9) and 24 (4): coherence on PostgreSQL takes no table-wide lock. Two
+/// other programs' `REPEATABLE READ` transactions on different keys both commit (every
+/// write took the one clock row, and the second failed with 40001), and a map's write
+/// never waits for a transaction that holds another key.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_writers_on_different_keys_never_wait_or_conflict() {
+    let env = env::PgEnv::new();
+    let url = env.url();
+    let connect = || ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let mut m: DbHashMap<String, i64> = coherent(&url, "free");
+    m.insert("a".into(), 1).unwrap();
+    m.insert("b".into(), 1).unwrap();
+    let (mut x, mut y) = (connect(), connect());
+    for c in [&mut x, &mut y] {
+        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM free")
+            .unwrap();
+    }
+    x.batch_execute("UPDATE free SET value = '2' WHERE key = '\"a\"'")
+        .unwrap();
+    y.batch_execute("SET lock_timeout = '5s'; UPDATE free SET value = '2' WHERE key = '\"b\"'")
+        .unwrap_or_else(|e| panic!("the second writer waited or failed: {e}"));
+    x.batch_execute("COMMIT").unwrap();
+    y.batch_execute("COMMIT")
+        .unwrap_or_else(|e| panic!("the second writer could not commit: {e}"));
+    // A transaction holds key "a"; the map writes "c" and "b" meanwhile.
+    x.batch_execute("BEGIN; UPDATE free SET value = '3' WHERE key = '\"a\"'")
+        .unwrap();
+    let started = Instant::now();
+    m.insert("c".into(), 1).unwrap();
+    m.insert_many([("b".to_string(), 5), ("d".to_string(), 5)])
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the map's writes waited {:?} for a transaction on another key",
+        started.elapsed()
+    );
+    x.batch_execute("COMMIT").unwrap();
+    m.refresh().unwrap();
+    assert_eq!(m.get("a"), Some(&3));
+    assert_eq!(fresh(&url, "free"), m);
+}
+
+/// A transaction that began before another but commits after it: a refresh between
+/// the two commits must still see the first one's change later (a position by the
+/// highest change seen would skip it).
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_changes_committed_out_of_order_are_seen() {
+    let env = env::PgEnv::new();
+    let url = env.url();
+    let connect = || ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+    let mut m: DbHashMap<String, i64> = coherent(&url, "order");
+    m.insert("seed".into(), 0).unwrap();
+    let (mut early, mut late) = (connect(), connect());
+    early
+        .batch_execute("BEGIN; INSERT INTO \"order\" (key, value) VALUES ('\"early\"', '1')")
+        .unwrap();
+    late.batch_execute("INSERT INTO \"order\" (key, value) VALUES ('\"late\"', '2')")
+        .unwrap();
+    assert_eq!(m.refresh().unwrap(), 1);
+    assert_eq!(m.get("late"), Some(&2));
+    assert_eq!(m.get("early"), None);
+    early.batch_execute("COMMIT").unwrap();
+    assert_eq!(m.refresh().unwrap(), 1);
+    assert_eq!(m.get("early"), Some(&1));
+    assert_eq!(m.refresh().unwrap(), 0);
+    // TRUNCATE: every map whose snapshot did not show it reloads, once.
+    late.batch_execute("TRUNCATE \"order\"").unwrap();
+    m.refresh().unwrap();
+    assert!(m.is_empty());
+    late.batch_execute("INSERT INTO \"order\" (key, value) VALUES ('\"after\"', '3')")
+        .unwrap();
+    assert_eq!(m.refresh().unwrap(), 1);
+    assert_eq!(fresh(&url, "order"), m);
+}
+
+/// A table an earlier release made coherent has a trigger that makes every writer
+/// take the clock's lock first: an open removes it.
+#[cfg(feature = "postgres")]
+#[test]
+fn postgres_the_old_clock_lock_is_removed_at_open() {
+    let env = env::PgEnv::new();
+    let url = env.url();
+    let mut m: DbHashMap<String, i64> = coherent(&url, "old");
+    m.insert("a".into(), 1).unwrap();
+    env.exec(
+        "CREATE FUNCTION old_lock() RETURNS trigger LANGUAGE plpgsql AS \
+         'BEGIN PERFORM v FROM old__wth_clock WHERE id = 1 FOR UPDATE; RETURN NULL; END'; \
+         CREATE TRIGGER old__wth_lock BEFORE INSERT OR UPDATE OR DELETE ON old \
+         FOR EACH STATEMENT EXECUTE FUNCTION old_lock()",
+    );
+    let mut n: DbHashMap<String, i64> = coherent(&url, "old");
+    let left = env.ints("SELECT count(*) FROM pg_trigger WHERE tgname = 'old__wth_lock'");
+    assert_eq!(left, vec![0]);
+    n.insert("b".into(), 2).unwrap();
+    assert_eq!(m.refresh().unwrap(), 1);
+    assert_eq!(m, n);
+}
+
 coherence!(sqlite, env::SqliteEnv::new());
 #[cfg(feature = "postgres")]
 coherence!(postgres, env::PgEnv::new());

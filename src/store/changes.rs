@@ -8,13 +8,16 @@
 //!
 //! - SQLite: the log's `AUTOINCREMENT` key. SQLite has one writer at a time, so row ids
 //!   are handed out in commit order (and never reused).
-//! - PostgreSQL: the clock row, bumped once per statement by as many versions as the
-//!   statement changed keys (statement triggers with transition tables); its row lock
-//!   is held until commit, so the next writer's versions come after this one's commit.
+//! - PostgreSQL: no counter at all. A log row holds the id of the transaction that
+//!   last changed its key (`txid_current()`), and a reader's position is a snapshot
+//!   (`txid_current_snapshot()`): the changes since are those whose transactions the
+//!   old snapshot did not show committed (as PgQ reads its queues). Writers take no
+//!   lock beyond their own keys' rows, so writers on different keys never wait on each
+//!   other, and other programs' `REPEATABLE READ` transactions never fail on the log.
 //! - MySQL/MariaDB: the clock row, bumped once per row written, under the same lock.
 //!
 //! Every change of a key takes one version, so "the last N versions" is "the last N
-//! changes", which bounds the log.
+//! changes", which bounds the log (PostgreSQL: the last N keys changed).
 //!
 //! A reader asks for log rows above the version it has seen, joined with the table's
 //! current rows, in one statement: one snapshot, so it sees every transaction whole or
@@ -23,7 +26,7 @@
 use crate::codec::Format;
 use crate::error::{Action, Error, Result};
 use crate::store::dialect::Marks;
-use crate::store::support::{db_error, Catalog};
+use crate::store::support::{db_error, Catalog, Field};
 use crate::store::{ChangeSink, Dialect, TableSpec};
 
 /// The coherence methods of a [`Store`](crate::Store) whose connection is the field
@@ -79,6 +82,10 @@ pub(crate) struct Names {
     /// triggers (Galera runs DDL in total order, and two nodes creating one trigger at
     /// once wedge the cluster).
     pub(crate) setup_lock: String,
+    /// PostgreSQL: the trigger by which earlier releases made every writer take the
+    /// clock's lock first; an open that finds it upgrades the table (see
+    /// `coherence_setup`).
+    pub(crate) old_lock: String,
 }
 
 impl Names {
@@ -87,7 +94,6 @@ impl Names {
         let mut triggers = vec![name("ins"), name("upd"), name("del")];
         if d == Dialect::Postgres {
             triggers.push(name("truncate"));
-            triggers.push(name("lock"));
         }
         let names = Names {
             log: name("log"),
@@ -95,6 +101,7 @@ impl Names {
             triggers,
             function: name("note"),
             setup_lock: name("setup"),
+            old_lock: name("lock"),
         };
         let lock = (d == Dialect::Mysql).then_some(&names.setup_lock);
         for n in [&names.log, &names.clock]
@@ -186,19 +193,13 @@ impl Dialect {
             }
             Dialect::Postgres => {
                 let function = q(&n.function);
-                // Statement triggers with transition tables: one clock bump per
-                // statement, for as many versions as it changed keys, numbered in order.
-                // The function runs with its owner's rights (as MySQL's triggers do), so a
-                // user who may only write the table is still noted in the log.
+                // Statement triggers with transition tables: each key changed is noted
+                // with the id of its transaction, which takes no lock but the log row of
+                // a key whose table row the transaction holds already.
                 let note = |keys: &str| {
                     format!(
-                        "SELECT count(*) INTO n FROM ({keys}) AS k; \
-                         IF n > 0 THEN \
-                         UPDATE {clock} SET v = v + n WHERE id = 1 RETURNING v INTO top; \
-                         INSERT INTO {log} ({key}, v) \
-                         SELECT k.{key}, top - n + row_number() OVER () FROM ({keys}) AS k \
-                         ON CONFLICT ({key}) DO UPDATE SET v = excluded.v; \
-                         END IF;"
+                        "INSERT INTO {log} ({key}, v) SELECT k.{key}, txid_current() \
+                         FROM ({keys}) AS k ON CONFLICT ({key}) DO UPDATE SET v = excluded.v;"
                     )
                 };
                 let statements = [
@@ -210,32 +211,39 @@ impl Dialect {
                         "CREATE INDEX IF NOT EXISTS {} ON {log} (v)",
                         q(&format!("{}_v", n.log))
                     ),
+                    // `xhorizon`: changes of transactions below it may be compacted away;
+                    // `truncated`: the last transaction that truncated the table. `v`
+                    // and `horizon` are what earlier releases counted with: an upgrade
+                    // moves `horizon` past `v`, so that their maps, which would no
+                    // longer see changes, reload on every refresh instead.
                     format!(
                         "CREATE TABLE IF NOT EXISTS {clock} (id INT PRIMARY KEY CHECK (id = 1), \
                          v BIGINT NOT NULL, horizon BIGINT NOT NULL)"
                     ),
                     format!(
+                        "ALTER TABLE {clock} ADD COLUMN IF NOT EXISTS xhorizon BIGINT NOT NULL \
+                         DEFAULT 0, ADD COLUMN IF NOT EXISTS truncated BIGINT NOT NULL DEFAULT 0"
+                    ),
+                    format!(
                         "INSERT INTO {clock} (id, v, horizon) VALUES (1, 0, 0) \
                          ON CONFLICT (id) DO NOTHING"
                     ),
+                    format!("UPDATE {clock} SET horizon = v + 1 WHERE id = 1 AND horizon <= v"),
+                    format!("DROP TRIGGER IF EXISTS {} ON {table}", q(&n.old_lock)),
                     dollar_quoted(
                         &format!(
                             "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger \
                              LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS"
                         ),
                         &format!(
-                            "DECLARE n bigint; top bigint; BEGIN \
-                         IF TG_WHEN = 'BEFORE' THEN \
-                         PERFORM v FROM {clock} WHERE id = 1 FOR UPDATE; \
-                         ELSIF TG_OP = 'TRUNCATE' THEN \
-                         UPDATE {clock} SET v = v + 1, horizon = v + 1 WHERE id = 1; \
+                            "BEGIN \
+                         IF TG_OP = 'TRUNCATE' THEN \
+                         UPDATE {clock} SET truncated = txid_current() WHERE id = 1; \
                          DELETE FROM {log}; \
                          ELSIF TG_OP = 'INSERT' THEN {} \
                          ELSIF TG_OP = 'UPDATE' THEN {} \
                          ELSE {} END IF; \
-                         IF TG_WHEN = 'AFTER' THEN \
                          PERFORM pg_notify('wth_' || md5(TG_TABLE_NAME::text), ''); \
-                         END IF; \
                          RETURN NULL; END",
                             note(&format!("SELECT {key} FROM wth_new")),
                             note(&format!(
@@ -262,20 +270,12 @@ impl Dialect {
                          FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
                         q(&n.triggers[2])
                     ),
-                    // TRUNCATE fires no row triggers: it moves the horizon, so every map
-                    // reloads in full.
+                    // TRUNCATE fires no row triggers: every map whose snapshot did not
+                    // show it reloads in full.
                     format!(
                         "CREATE OR REPLACE TRIGGER {} AFTER TRUNCATE ON {table} \
                          FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
                         q(&n.triggers[3])
-                    ),
-                    // Every writing transaction takes the clock's lock before its first
-                    // row lock in the table: writers queue on the clock instead of
-                    // deadlocking on rows they took in different orders.
-                    format!(
-                        "CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE OR DELETE \
-                         ON {table} FOR EACH STATEMENT EXECUTE FUNCTION {function}()",
-                        q(&n.triggers[4])
                     ),
                 ];
                 // Fire in every session, those of replicas and restores
@@ -359,9 +359,13 @@ impl Dialect {
                 "SELECT CAST(count(*) AS TEXT) FROM sqlite_master \
                  WHERE type = 'trigger' AND name IN ({names})"
             ),
+            // A table that an earlier release made coherent counts one short, so that
+            // the open upgrades it.
             Dialect::Postgres => format!(
-                "SELECT count(*)::text FROM pg_trigger \
-                 WHERE tgrelid = to_regclass('{}') AND tgname IN ({names})",
+                "SELECT (count(*) FILTER (WHERE tgname IN ({names})) \
+                 - count(*) FILTER (WHERE tgname = '{}'))::text FROM pg_trigger \
+                 WHERE tgrelid = to_regclass('{}')",
+                n.old_lock.replace('\'', "''"),
                 self.quote(&t.name).replace('\'', "''")
             ),
             Dialect::Mysql => format!(
@@ -423,7 +427,8 @@ impl Dialect {
         )
     }
 
-    /// One row of two texts: the version the table is at, and the compaction horizon.
+    /// One row of two texts: the version the table is at (PostgreSQL: the snapshot),
+    /// and the compaction horizon.
     pub(crate) fn version_query(self, n: &Names) -> String {
         match self {
             // The log's own counter: SQLite keeps it in sqlite_sequence.
@@ -433,8 +438,9 @@ impl Dialect {
                 n.log.replace('\'', "''"),
                 self.quote(&n.clock)
             ),
+            // A snapshot, which the store numbers.
             Dialect::Postgres => format!(
-                "SELECT v::text, horizon::text FROM {} WHERE id = 1",
+                "SELECT txid_current_snapshot()::text, xhorizon::text FROM {} WHERE id = 1",
                 self.quote(&n.clock)
             ),
             Dialect::Mysql => format!(
@@ -444,10 +450,12 @@ impl Dialect {
         }
     }
 
-    /// The changes since a version (the one parameter, as text for PostgreSQL): rows of
-    /// the horizon, the change's version, the key, whether the table holds the key, and
-    /// its value; one row with only the horizon when nothing changed. One statement,
-    /// so one snapshot.
+    /// The changes since a version (the one parameter; PostgreSQL: a snapshot as
+    /// text): rows of the horizon, the change's version, the key, whether the table
+    /// holds the key, and its value; one row with only the horizon when nothing
+    /// changed. One statement, so one snapshot. PostgreSQL's rows begin instead with
+    /// whether the changes since that snapshot were forgotten (`1`) and the snapshot
+    /// reached.
     pub(crate) fn changes_query(self, t: &TableSpec, n: &Names, marks: Marks) -> String {
         let q = |s: &str| self.quote(s);
         let (table, log, clock, key, value) =
@@ -466,24 +474,33 @@ impl Dialect {
         };
         // A slice's reader takes its own keys' changes only (in the join's condition:
         // the clock's row comes whatever changed).
-        let since = match self.log_slice_condition(t) {
-            Some(c) => format!("{since} AND {c}"),
-            None => since,
-        };
+        let slice = self
+            .log_slice_condition(t)
+            .map_or_else(String::new, |c| format!(" AND {c}"));
         if self == Dialect::Postgres {
+            // The changes of the transactions the old snapshot did not show committed:
+            // all of them have ids from its xmin up, the range the log's index reads.
             // A lateral lookup per change: PostgreSQL may turn a correlated EXISTS into a
             // hashed subplan, which reads the whole table to build its hash when stale
             // statistics promise many changes (measured right after a bulk write of
             // 100,000 rows: 43 ms for one change; a LIMIT 1 lateral cannot be hashed).
+            let old = format!(
+                "CAST(CAST({} AS TEXT) AS txid_snapshot)",
+                self.mark(marks, 1)
+            );
             return format!(
-                "SELECT {}, {}, l.{key}, CASE WHEN x.v IS NULL THEN '0' ELSE '1' END, x.v \
-                 FROM {clock} c LEFT JOIN {log} l ON l.v > {since} \
+                "SELECT CASE WHEN c.xhorizon > txid_snapshot_xmin(s.old) \
+                 OR NOT txid_visible_in_snapshot(c.truncated, s.old) THEN '1' ELSE '0' END, \
+                 CAST(txid_current_snapshot() AS TEXT), l.{key}, \
+                 CASE WHEN x.v IS NULL THEN '0' ELSE '1' END, x.v \
+                 FROM (SELECT {old} AS old) s JOIN {clock} c ON c.id = 1 \
+                 LEFT JOIN {log} l ON l.v >= txid_snapshot_xmin(s.old) \
+                 AND NOT txid_visible_in_snapshot(l.v, s.old){slice} \
                  LEFT JOIN LATERAL (SELECT t.{value} AS v FROM {table} t WHERE {same} LIMIT 1) x \
-                 ON true WHERE c.id = 1 ORDER BY l.v",
-                text("c.horizon"),
-                text("l.v"),
+                 ON true"
             );
         }
+        let since = format!("{since}{slice}");
         // Correlated subqueries: one key lookup per change, whatever the table's size
         // (a join may be planned as a scan of the table).
         format!(
@@ -556,38 +573,50 @@ pub(crate) struct Coherence {
     /// MySQL: the SQL of the origin a session counts for.
     origin: &'static str,
     /// MySQL: the versions per origin handed out, under the numbers the map keeps.
-    positions: std::sync::Mutex<Positions>,
+    positions: std::sync::Mutex<Positions<Vec<(u64, u64)>>>,
+    /// PostgreSQL: the snapshots handed out, likewise.
+    snapshots: std::sync::Mutex<Positions<String>>,
 }
 
-/// MySQL's versions are one per origin; the map keeps one number. The store hands out
-/// numbers for the sets of versions it read, and remembers the last few.
-#[derive(Debug, Default)]
-struct Positions {
+/// MySQL's versions are one per origin, PostgreSQL's are snapshots; the map keeps one
+/// number. The store hands out numbers for the positions it read, and remembers the
+/// last few.
+#[derive(Debug)]
+struct Positions<T> {
     next: u64,
-    known: Vec<(u64, Vec<(u64, u64)>)>,
+    known: Vec<(u64, T)>,
 }
 
-impl Positions {
-    /// How many sets are remembered: the map's own and the ones read since.
+impl<T> Default for Positions<T> {
+    fn default() -> Self {
+        Positions {
+            next: 0,
+            known: Vec::new(),
+        }
+    }
+}
+
+impl<T: PartialEq + Clone> Positions<T> {
+    /// How many are remembered: the map's own and the ones read since.
     const KEEP: usize = 8;
 
-    fn number(&mut self, versions: Vec<(u64, u64)>) -> u64 {
-        if let Some((n, _)) = self.known.iter().find(|(_, v)| *v == versions) {
+    fn number(&mut self, position: T) -> u64 {
+        if let Some((n, _)) = self.known.iter().find(|(_, p)| *p == position) {
             return *n;
         }
         self.next += 1;
         if self.known.len() == Self::KEEP {
             self.known.remove(0);
         }
-        self.known.push((self.next, versions));
+        self.known.push((self.next, position));
         self.next
     }
 
-    fn versions(&self, number: u64) -> Option<Vec<(u64, u64)>> {
+    fn position(&self, number: u64) -> Option<T> {
         self.known
             .iter()
             .find(|(n, _)| *n == number)
-            .map(|(_, v)| v.clone())
+            .map(|(_, p)| p.clone())
     }
 }
 
@@ -691,6 +720,7 @@ impl Coherence {
             backend,
             origin,
             positions: std::sync::Mutex::default(),
+            snapshots: std::sync::Mutex::default(),
         })
     }
 
@@ -731,8 +761,13 @@ impl Coherence {
     /// The version the table is at: MySQL's set of versions per origin goes by a
     /// number the store hands out.
     pub(crate) fn version(&self, conn: &mut dyn Catalog) -> Result<u64> {
-        if self.dialect != Dialect::Mysql {
-            return self.clock(conn).map(|(v, _)| v);
+        match self.dialect {
+            Dialect::Sqlite => return self.clock(conn).map(|(v, _)| v),
+            Dialect::Postgres => {
+                let snapshot = self.snapshot(conn)?;
+                return Ok(self.snapshots().number(snapshot));
+            }
+            Dialect::Mysql => {}
         }
         let versions = self
             .origins(conn)?
@@ -751,11 +786,13 @@ impl Coherence {
         since: u64,
         sink: &mut ChangeSink<'_>,
     ) -> Result<Option<u64>> {
-        if self.dialect != Dialect::Mysql {
-            return self.changes_one(conn, since, sink);
+        match self.dialect {
+            Dialect::Sqlite => return self.changes_one(conn, since, sink),
+            Dialect::Postgres => return self.changes_in_snapshots(conn, since, sink),
+            Dialect::Mysql => {}
         }
         // A number this store did not hand out (or forgot): start again from a load.
-        let Some(since) = self.positions().versions(since) else {
+        let Some(since) = self.positions().position(since) else {
             return Ok(None);
         };
         let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
@@ -808,8 +845,10 @@ impl Coherence {
     /// Forgets the changes older than the last `keep` versions (of each origin), once
     /// the log holds twice as many.
     pub(crate) fn compact(&self, conn: &mut dyn Catalog, keep: u64) -> Result<()> {
-        if self.dialect != Dialect::Mysql {
-            return self.compact_one(conn, keep);
+        match self.dialect {
+            Dialect::Sqlite => return self.compact_one(conn, keep),
+            Dialect::Postgres => return self.compact_snapshots(conn, keep),
+            Dialect::Mysql => {}
         }
         let (log, clock) = (
             self.dialect.quote(&self.names.log),
@@ -868,13 +907,156 @@ impl Coherence {
         Ok(origins)
     }
 
-    fn positions(&self) -> std::sync::MutexGuard<'_, Positions> {
+    fn positions(&self) -> std::sync::MutexGuard<'_, Positions<Vec<(u64, u64)>>> {
         self.positions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The version the table is at, and its compaction horizon (one origin).
+    fn snapshots(&self) -> std::sync::MutexGuard<'_, Positions<String>> {
+        self.snapshots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// PostgreSQL: the snapshot the table is seen in now, as its text.
+    fn snapshot(&self, conn: &mut dyn Catalog) -> Result<String> {
+        let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
+        let rows = conn
+            .texts(&self.dialect.version_query(&self.names), None)
+            .map_err(fail)?;
+        rows.into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next())
+            .ok_or_else(|| {
+                fail(
+                    format!(
+                        "the change log's clock {:?} has no row 1; open the map with coherent() \
+                     again to restore it",
+                        self.names.clock
+                    )
+                    .into(),
+                )
+            })
+    }
+
+    /// Runs the change query with its one parameter. PostgreSQL plans the log's range
+    /// by its statistics, which a log just filled (a bulk load, before autovacuum
+    /// analyzed it) lacks: it then reads the whole log (measured: 81 ms instead of
+    /// 0.5 ms on a log of 100,000 rows). The index on `v` is always the way in; the
+    /// query says so for its transaction.
+    fn change_rows(&self, conn: &mut dyn Catalog, since: &str) -> Result<Vec<Vec<Field>>> {
+        let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
+        let sql = self
+            .dialect
+            .changes_query(&self.table, &self.names, self.marks);
+        let steer = self.dialect == Dialect::Postgres && self.marks == Marks::Native;
+        if steer {
+            // And no JIT: the plan's cost, scaled by those statistics, passes its
+            // threshold, and compiling took 7 ms of a 7.5 ms refresh of one change.
+            conn.exec(
+                "BEGIN READ ONLY; SET LOCAL enable_seqscan = off; \
+                 SELECT set_config('jit', 'off', true) \
+                 WHERE current_setting('jit', true) IS NOT NULL",
+            )
+            .map_err(fail)?;
+        }
+        let rows = conn.rows(&sql, Some(since));
+        if steer {
+            // Read only: ending it cannot lose anything; a failed query left it aborted.
+            let _ = conn.exec("COMMIT");
+        }
+        rows.map_err(fail)
+    }
+
+    /// PostgreSQL: the changes of the transactions that the snapshot numbered `since`
+    /// did not show committed, read in a new snapshot, which is the position reached.
+    fn changes_in_snapshots(
+        &self,
+        conn: &mut dyn Catalog,
+        since: u64,
+        sink: &mut ChangeSink<'_>,
+    ) -> Result<Option<u64>> {
+        // A number this store did not hand out (or forgot): start again from a load.
+        let Some(old) = self.snapshots().position(since) else {
+            return Ok(None);
+        };
+        let rows = self.change_rows(conn, &old)?;
+        let mut reached = None;
+        for row in &rows {
+            let [behind, snapshot, key, present, value] = row.as_slice() else {
+                return Err(db_error(
+                    Action::Load,
+                    &self.table,
+                    self.backend,
+                    crate::error::BoxError::from(
+                        "the change query returned a row of another shape",
+                    ),
+                ));
+            };
+            if behind.as_deref() != Some(b"0") {
+                return Ok(None);
+            }
+            if reached.is_none() {
+                reached = snapshot
+                    .as_deref()
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .map(str::to_owned);
+            }
+            if let Some(key) = key {
+                let present = present.as_deref() == Some(b"1");
+                sink(key, if present { value.as_deref() } else { None })?;
+            }
+        }
+        Ok(reached.map(|snapshot| self.snapshots().number(snapshot)))
+    }
+
+    /// PostgreSQL: once the log holds twice `keep` keys, forgets all but the last
+    /// `keep` changed, of transactions that every snapshot shows ended. Rows a writer
+    /// holds are left: it is changing them again. The horizon moves first, so a crash
+    /// in between leaves only log rows nobody needs.
+    fn compact_snapshots(&self, conn: &mut dyn Catalog, keep: u64) -> Result<()> {
+        let fail = |e| db_error(Action::Write, &self.table, self.backend, e);
+        let (log, clock) = (
+            self.dialect.quote(&self.names.log),
+            self.dialect.quote(&self.names.clock),
+        );
+        let nth = |n: u64| format!("SELECT v FROM {log} ORDER BY v DESC OFFSET {n} LIMIT 1");
+        let upto = conn
+            .texts(
+                &format!(
+                    "SELECT least(({}), txid_snapshot_xmin(txid_current_snapshot()) - 1)::text \
+                     WHERE EXISTS ({})",
+                    nth(keep),
+                    nth(keep.saturating_mul(2))
+                ),
+                None,
+            )
+            .map_err(fail)?;
+        let Some(upto) = upto.first().and_then(|r| r.first()) else {
+            return Ok(());
+        };
+        let upto: u64 = upto
+            .trim()
+            .parse()
+            .map_err(|_| fail(format!("the log's version {upto:?} is not a number").into()))?;
+        for sql in [
+            format!(
+                "UPDATE {clock} SET xhorizon = greatest(xhorizon, {}) WHERE id = 1",
+                upto + 1
+            ),
+            format!(
+                "DELETE FROM {log} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {log} \
+                 WHERE v <= {upto} FOR UPDATE SKIP LOCKED))"
+            ),
+        ] {
+            conn.exec(&sql).map_err(fail)?;
+        }
+        tracing::debug!(table = %self.table.name, upto, "change log compacted");
+        Ok(())
+    }
+
+    /// SQLite: the version the table is at, and its compaction horizon.
     fn clock(&self, conn: &mut dyn Catalog) -> Result<(u64, u64)> {
         let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
         let rows = conn
@@ -898,40 +1080,15 @@ impl Coherence {
         }
     }
 
-    /// Calls `sink` with every key changed since `since` (its value, or `None` when the
-    /// table no longer holds it), and returns the version reached, or `None` when
-    /// `since` is older than the horizon: those changes are forgotten.
+    /// SQLite: [`changes`](Self::changes) by the log's counter.
     fn changes_one(
         &self,
         conn: &mut dyn Catalog,
         since: u64,
         sink: &mut ChangeSink<'_>,
     ) -> Result<Option<u64>> {
-        let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
-        let sql = self
-            .dialect
-            .changes_query(&self.table, &self.names, self.marks);
-        // PostgreSQL plans the log's range by its statistics, which a log just filled
-        // (a bulk load, before autovacuum analyzed it) lacks: it then reads the whole
-        // log (measured: 81 ms instead of 0.5 ms on a log of 100,000 rows). The index
-        // on `v` is always the way in; the query says so for its transaction.
-        let steer = self.dialect == Dialect::Postgres && self.marks == Marks::Native;
-        if steer {
-            // And no JIT: the plan's cost, scaled by those statistics, passes its
-            // threshold, and compiling took 7 ms of a 7.5 ms refresh of one change.
-            conn.exec(
-                "BEGIN READ ONLY; SET LOCAL enable_seqscan = off; \
-                 SELECT set_config('jit', 'off', true) \
-                 WHERE current_setting('jit', true) IS NOT NULL",
-            )
-            .map_err(fail)?;
-        }
-        let rows = conn.rows(&sql, Some(&since.to_string()));
-        if steer {
-            // Read only: ending it cannot lose anything; a failed query left it aborted.
-            let _ = conn.exec("COMMIT");
-        }
-        let rows = rows.map_err(fail)?;
+        let fail = |e: crate::error::BoxError| db_error(Action::Load, &self.table, self.backend, e);
+        let rows = self.change_rows(conn, &since.to_string())?;
         let number = |f: &Option<Vec<u8>>| -> Option<u64> {
             f.as_deref()
                 .and_then(|b| std::str::from_utf8(b).ok())
@@ -958,9 +1115,9 @@ impl Coherence {
         Ok(Some(reached))
     }
 
-    /// Forgets the changes older than the last `keep` versions, once the log holds
-    /// twice as many. The horizon moves first, so a crash in between leaves only log
-    /// rows nobody needs.
+    /// SQLite: forgets the changes older than the last `keep` versions, once the log
+    /// holds twice as many. The horizon moves first, so a crash in between leaves only
+    /// log rows nobody needs.
     fn compact_one(&self, conn: &mut dyn Catalog, keep: u64) -> Result<()> {
         let (version, horizon) = self.clock(conn)?;
         if version.saturating_sub(horizon) < keep.saturating_mul(2) {
@@ -1151,7 +1308,7 @@ mod tests {
         let n = Names::of(Dialect::Postgres, &t).unwrap();
         assert!(Dialect::Postgres
             .changes_query(&t, &n, Marks::Native)
-            .contains("l.v > CAST(CAST($1 AS TEXT) AS BIGINT)"));
+            .contains("l.v >= txid_snapshot_xmin(s.old) AND NOT txid_visible_in_snapshot"));
         let [delete, horizon] = Dialect::Mysql.compact_statements(&n, Marks::Native);
         assert_eq!(delete, "DELETE FROM `h__wth_log` WHERE v <= ?");
         assert_eq!(
