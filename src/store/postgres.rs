@@ -56,6 +56,10 @@ pub struct PostgresStore {
 struct Statements {
     upsert: Sql,
     upsert_many: Sql,
+    /// `upsert_many` that writes nothing when the table has triggers or rules of its
+    /// own: run on its own (committed as it ends), it is then all or nothing even when
+    /// one was added since the open.
+    upsert_alone: Sql,
     delete: Sql,
     delete_many: Sql,
     delete_all: Sql,
@@ -412,7 +416,8 @@ impl PostgresStore {
         let one = [Type::UNKNOWN];
         self.stmts = Some(Statements {
             upsert: sql(D.upsert(t, 1), &[Type::UNKNOWN, Type::UNKNOWN])?,
-            upsert_many: sql(D.upsert_arrays(t), &[keys.clone(), values])?,
+            upsert_many: sql(D.upsert_arrays(t), &[keys.clone(), values.clone()])?,
+            upsert_alone: sql(upsert_alone(t), &[keys.clone(), values])?,
             delete: sql(D.delete_keys(t, 1), &one)?,
             delete_many: sql(D.delete_array(t), std::slice::from_ref(&keys))?,
             delete_all: sql(D.delete_all(t), &[])?,
@@ -550,6 +555,40 @@ impl PostgresStore {
             }
             return Ok(());
         }
+        if !batch.clear && batch.deletes.is_empty() && !self.guarded {
+            // Puts only, on a table without triggers or rules of its own: one statement,
+            // which is a transaction of its own. One round trip where BEGIN and COMMIT
+            // took two more: a shared map's group commit of a few inserts was mostly
+            // those (W6: 1.68x the raw driver's time, 0.89x after).
+            let (keys, values) = put_binds(t, &batch.puts)?;
+            // A lost answer is a lost connection, not an unknown outcome: the map
+            // reconnects and runs it again, which leaves what running it once would
+            // have left (it sets keys), and only when that fails is the outcome
+            // unknown (see `Writer::commit`).
+            let written = self
+                .client
+                .changed(&s.upsert_alone, &[&keys, &values])
+                .map_err(|e| classify(e, false))?;
+            if written == batch.puts.len() as u64 {
+                return Ok(());
+            }
+            if written > 0 {
+                // All or nothing by its condition: a part written cannot be taken back.
+                return Err(Error::OutcomeUnknown {
+                    table: t.name.clone(),
+                    backend: D.name(),
+                    source: format!(
+                        "{written} of {} rows written by one statement",
+                        batch.puts.len()
+                    )
+                    .into(),
+                });
+            }
+            // Nothing written: a trigger or rule came since the open. Checked in a
+            // transaction from now on.
+            self.guarded = true;
+            return self.write(t, batch);
+        }
         let mut tx = self.client.transaction().map_err(|e| classify(e, false))?;
         if batch.clear {
             tx.changed(&s.delete_all, &[])
@@ -592,12 +631,7 @@ impl PostgresStore {
             }
         }
         if !batch.puts.is_empty() {
-            let mut keys = Vec::with_capacity(batch.puts.len());
-            let mut values = Vec::with_capacity(batch.puts.len());
-            for (k, v) in &batch.puts {
-                keys.push(binds(t.key_format, k)?);
-                values.push(binds(t.value_format, v)?);
-            }
+            let (keys, values) = put_binds(t, &batch.puts)?;
             let written = tx
                 .changed(&s.upsert_many, &[&keys, &values])
                 .map_err(|e| classify(e, false))?;
@@ -692,6 +726,26 @@ fn has_triggers_or_rules(c: &mut Client, t: &TableSpec) -> Result<bool, postgres
     Ok(n > 0)
 }
 
+/// `upsert_arrays`, writing nothing when the table has a trigger (coherence's aside)
+/// or a rule, which could drop some of the rows.
+fn upsert_alone(t: &TableSpec) -> String {
+    let name = D.layout_param(t).replace('\'', "''");
+    let prefix = format!("{}__wth_", t.name).replace('\'', "''");
+    let upsert = D.upsert_arrays(t);
+    // The last one: the table's name comes before it, and may hold any text.
+    let (insert, conflict) = upsert
+        .rsplit_once(" ON CONFLICT")
+        .expect("an upsert has ON CONFLICT");
+    format!(
+        "{insert} WHERE NOT EXISTS (SELECT 1 FROM pg_trigger \
+         WHERE tgrelid = to_regclass('{name}') AND NOT tgisinternal \
+         AND left(tgname, {}) <> '{prefix}') \
+         AND NOT EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = to_regclass('{name}') \
+         AND rulename <> '_RETURN') ON CONFLICT{conflict}",
+        t.name.chars().count() + 6
+    )
+}
+
 /// Whether a rule or trigger of the table could keep a row a DELETE names. Asked only
 /// when a DELETE removed fewer rows than it named: without such a rule or trigger the
 /// others were gone already (another writer deleted them), and looking them up could
@@ -705,6 +759,20 @@ fn may_keep_deletes(c: &mut impl Run, t: &TableSpec) -> Result<bool, postgres::E
         .first()
         .and_then(|r| r.get(0));
     Ok(n.is_none_or(|n| n.trim() != "0"))
+}
+
+/// The keys and the values of `puts`, each bound as its column's type.
+fn put_binds<'a>(
+    t: &TableSpec,
+    puts: &'a [(Vec<u8>, Vec<u8>)],
+) -> Result<(Vec<Bind<'a>>, Vec<Bind<'a>>)> {
+    let mut keys = Vec::with_capacity(puts.len());
+    let mut values = Vec::with_capacity(puts.len());
+    for (k, v) in puts {
+        keys.push(Bind::new(t, t.key_format, k)?);
+        values.push(Bind::new(t, t.value_format, v)?);
+    }
+    Ok((keys, values))
 }
 
 /// A key or value bound as the column's type: `text` takes `&str`, `bytea` `&[u8]`.
