@@ -279,7 +279,10 @@ fn galera_a_refresh_reaches_the_version_of_an_idle_table() {
     second.insert("k".into(), 2).unwrap();
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
     while store.get(b"\"k\"").unwrap() != Some(b"2".to_vec()) {
-        assert!(Instant::now() < deadline, "node 3 did not get the change in 10 s");
+        assert!(
+            Instant::now() < deadline,
+            "node 3 did not get the change in 10 s"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let mut keys = 0;

@@ -796,6 +796,48 @@ fn shared_postgres(rows: &mut Vec<Row>, args: &Args, url: &str) {
     });
 }
 
+/// W6 and W8 on MariaDB (the database of the URL; triggers need none, the tables are
+/// plain).
+fn shared_mysql(rows: &mut Vec<Row>, args: &Args, url: &str) {
+    let d = Dialect::Mysql;
+    let fresh = |name: &str| {
+        let mut c = <mysql::Conn as Raw>::connect(url);
+        Raw::exec(&mut c, &format!("DROP TABLE IF EXISTS {}", d.quote(name)));
+        c
+    };
+    let raw_table = spec("bench_w6_raw");
+    w6(
+        rows,
+        args,
+        "MariaDB",
+        &|_| {
+            drop(fresh("bench_w6_lib"));
+            DbHashMap::builder_url(url)
+                .table("bench_w6_lib")
+                .open_shared()
+                .unwrap()
+        },
+        &|_| {
+            let mut c = <mysql::Conn as Raw>::connect(url);
+            Raw::exec(&mut c, &d.create_table(&raw_table));
+            Raw::exec(&mut c, &format!("DELETE FROM {}", d.quote("bench_w6_raw")));
+            let st = c.prep(d.upsert(&raw_table, 1)).unwrap();
+            (c, st)
+        },
+        &|(c, st), k, v| {
+            c.exec_drop(&*st, (k.as_bytes(), v.as_bytes())).unwrap();
+        },
+    );
+    drop(fresh("bench_w6_raw"));
+    w8(rows, args, "MariaDB", &|name| {
+        drop(fresh(name));
+        DbHashMap::builder_url(url)
+            .table(name)
+            .open_shared()
+            .unwrap()
+    });
+}
+
 // ---- Galera ----
 
 /// A 3-node Galera cluster (`WTH_GALERA_URL_1..3`): coherent maps writing single
@@ -1367,6 +1409,9 @@ fn main() {
         shared(&mut rows, &mut notes, &args);
         if let Ok(url) = std::env::var("WTH_POSTGRES_URL") {
             shared_postgres(&mut rows, &args, &url);
+        }
+        if let Ok(url) = std::env::var("WTH_MYSQL_URL") {
+            shared_mysql(&mut rows, &args, &url);
         }
     }
     match std::env::var("WTH_POSTGRES_URL") {
