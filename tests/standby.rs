@@ -108,3 +108,62 @@ fn postgres_standby_loads_refuses_writes_and_refreshes() {
     drop((reader, plain, writer, watched));
     let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
 }
+
+/// Found by probing: on a standby `txid_current_snapshot()` lists no transaction in
+/// progress (recovery keeps them elsewhere), so a coherent map there took a primary
+/// transaction still open for committed, and never saw it once it did commit. A
+/// standby's position now counts every transaction from the snapshot's oldest one up as
+/// not yet seen.
+#[test]
+fn postgres_standby_sees_a_transaction_that_commits_after_a_later_one() {
+    let (primary, standby) = (url("WTH_POSTGRES_URL"), url("WTH_POSTGRES_STANDBY_URL"));
+    let db = format!("wth_standby_order_{}", std::process::id());
+    let mut admin = postgres::Client::connect(&primary, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .unwrap();
+    let on = |url: &str| format!("{}/{db}", url.rsplit_once('/').unwrap().0);
+    let (primary, standby) = (on(&primary), on(&standby));
+    let open = |url: &str| {
+        DbHashMap::<String, i64>::builder_url(url)
+            .table("t")
+            .coherent()
+            .open()
+    };
+    let mut writer = open(&primary).unwrap();
+    writer.insert("x".into(), 0).unwrap();
+    let mut reader = None;
+    env::eventually(
+        "the table on the standby",
+        Duration::from_secs(10),
+        || match open(&standby) {
+            Ok(h) if h.len() == 1 => {
+                reader = Some(h);
+                true
+            }
+            _ => false,
+        },
+    );
+    let mut reader = reader.unwrap();
+    let mut early = postgres::Client::connect(&primary, postgres::NoTls).unwrap();
+    early
+        .batch_execute("BEGIN; INSERT INTO t (key, value) VALUES ('\"a\"', '1')")
+        .unwrap();
+    writer.insert("b".into(), 2).unwrap();
+    env::eventually("b on the standby's map", Duration::from_secs(10), || {
+        reader.refresh().unwrap();
+        reader.get("b") == Some(&2)
+    });
+    early.batch_execute("COMMIT").unwrap();
+    env::eventually("a on the standby's map", Duration::from_secs(10), || {
+        reader.refresh().unwrap();
+        reader.get("a") == Some(&1)
+    });
+    let fresh = open(&standby).unwrap();
+    assert_eq!(reader, fresh);
+    drop((reader, writer, fresh));
+    let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"));
+}

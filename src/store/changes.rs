@@ -438,9 +438,9 @@ impl Dialect {
                 n.log.replace('\'', "''"),
                 self.quote(&n.clock)
             ),
-            // A snapshot, which the store numbers.
+            // A position (see `PG_POSITION`), which the store numbers.
             Dialect::Postgres => format!(
-                "SELECT txid_current_snapshot()::text, xhorizon::text FROM {} WHERE id = 1",
+                "SELECT {PG_POSITION}, xhorizon::text FROM {} WHERE id = 1",
                 self.quote(&n.clock)
             ),
             Dialect::Mysql => format!(
@@ -491,7 +491,7 @@ impl Dialect {
             return format!(
                 "SELECT CASE WHEN c.xhorizon > txid_snapshot_xmin(s.old) \
                  OR NOT txid_visible_in_snapshot(c.truncated, s.old) THEN '1' ELSE '0' END, \
-                 CAST(txid_current_snapshot() AS TEXT), l.{key}, \
+                 {PG_POSITION}, l.{key}, \
                  CASE WHEN x.v IS NULL THEN '0' ELSE '1' END, x.v \
                  FROM (SELECT {old} AS old) s JOIN {clock} c ON c.id = 1 \
                  LEFT JOIN {log} l ON l.v >= txid_snapshot_xmin(s.old) \
@@ -544,6 +544,17 @@ impl Dialect {
         ]
     }
 }
+
+/// PostgreSQL: where a reader is, as text: the snapshot its statement runs in, whose
+/// transactions it has seen if committed. A standby's snapshot lists no transaction in
+/// progress (recovery keeps them apart): there every transaction from the snapshot's
+/// oldest one up counts as not seen (`xmin:xmin:`), and the whole snapshot follows
+/// after a space, so that positions still differ when something committed. Only the
+/// first word is a snapshot to compare with.
+const PG_POSITION: &str = "CASE WHEN pg_is_in_recovery() THEN \
+     txid_snapshot_xmin(txid_current_snapshot())::text || ':' || \
+     txid_snapshot_xmin(txid_current_snapshot())::text || ': ' || \
+     txid_current_snapshot()::text ELSE txid_current_snapshot()::text END";
 
 /// MySQL: the bits of a version below its origin's (see `coherence_setup`).
 const ORIGIN_BITS: u32 = 40;
@@ -986,7 +997,8 @@ impl Coherence {
         let Some(old) = self.snapshots().position(since) else {
             return Ok(None);
         };
-        let rows = self.change_rows(conn, &old)?;
+        let old = old.split(' ').next().unwrap_or_default();
+        let rows = self.change_rows(conn, old)?;
         let mut reached = None;
         for row in &rows {
             let [behind, snapshot, key, present, value] = row.as_slice() else {

@@ -39,6 +39,13 @@ const PG_MAX_KEY_BYTES: usize = 2692;
 /// InnoDB's largest index prefix, and the width of the `VARBINARY` key column.
 const MYSQL_MAX_KEY_BYTES: usize = 3072;
 
+/// PostgreSQL: the relations a statement on the table `oid` (an SQL expression) may
+/// run row triggers on: the table, and every partition below it.
+#[cfg_attr(not(any(feature = "postgres", feature = "odbc")), allow(dead_code))]
+pub(crate) fn pg_table_and_partitions(oid: &str) -> String {
+    format!("(SELECT {oid} UNION SELECT relid FROM pg_partition_tree({oid}))")
+}
+
 impl Dialect {
     /// The backend's name for messages.
     pub fn name(self) -> &'static str {
@@ -603,7 +610,8 @@ impl Dialect {
     }
 
     /// A query of one text parameter (as for [`layout_query`](Self::layout_query)) that
-    /// counts what could keep a row from being deleted: rules on DELETE and row triggers
+    /// counts what could keep a row from being deleted (PostgreSQL: on the table or any
+    /// of its partitions, whose row triggers fire for the rows routed there): rules on DELETE and row triggers
     /// BEFORE DELETE (not coherence's, which run after). `None` for MySQL, whose
     /// triggers cannot keep a row.
     #[cfg_attr(not(any(feature = "postgres", feature = "odbc")), allow(dead_code))]
@@ -617,8 +625,9 @@ impl Dialect {
             Dialect::Postgres => Some(format!(
                 "WITH r AS (SELECT to_regclass(CAST({p} AS text)) AS oid) SELECT \
                  ((SELECT count(*) FROM pg_rewrite, r WHERE ev_class = r.oid AND ev_type = '4') \
-                 + (SELECT count(*) FROM pg_trigger, r WHERE tgrelid = r.oid \
-                    AND NOT tgisinternal AND tgtype & 11 = 11))::text"
+                 + (SELECT count(*) FROM pg_trigger, r WHERE tgrelid IN {} \
+                    AND NOT tgisinternal AND tgtype & 11 = 11))::text",
+                pg_table_and_partitions("r.oid")
             )),
             Dialect::Mysql => None,
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::codec::Format;
 use crate::error::{redact, show_bytes, Action, BoxError, Error, Result};
 use crate::store::changes::{coherence_methods, not_enabled, Coherence};
-use crate::store::dialect::Marks;
+use crate::store::dialect::{pg_table_and_partitions, Marks};
 use crate::store::support::{
     all_rows_written, deletes_kept, not_opened, open_table, redial, Catalog, Field, IDLE_CHECK,
 };
@@ -715,10 +715,14 @@ impl<'a> CopyIn<postgres::CopyInWriter<'a>> {
 fn has_triggers_or_rules(c: &mut Client, t: &TableSpec) -> Result<bool, postgres::Error> {
     let n: i64 = c
         .typed(
-            "WITH r AS (SELECT to_regclass(CAST($1 AS text)) AS oid) SELECT \
-             (SELECT count(*) FROM pg_trigger, r WHERE tgrelid = r.oid AND NOT tgisinternal \
-              AND left(tgname, length($2) + 6) <> $2 || '__wth_') \
-             + (SELECT count(*) FROM pg_rewrite, r WHERE ev_class = r.oid AND rulename <> '_RETURN')",
+            &format!(
+                "WITH r AS (SELECT to_regclass(CAST($1 AS text)) AS oid) SELECT \
+                 (SELECT count(*) FROM pg_trigger, r WHERE tgrelid IN {} AND NOT tgisinternal \
+                  AND left(tgname, length($2) + 6) <> $2 || '__wth_') \
+                 + (SELECT count(*) FROM pg_rewrite, r WHERE ev_class = r.oid \
+                    AND rulename <> '_RETURN')",
+                pg_table_and_partitions("r.oid")
+            ),
             &[&D.layout_param(t), &t.name],
         )?
         .first()
@@ -726,8 +730,8 @@ fn has_triggers_or_rules(c: &mut Client, t: &TableSpec) -> Result<bool, postgres
     Ok(n > 0)
 }
 
-/// `upsert_arrays`, writing nothing when the table has a trigger (coherence's aside)
-/// or a rule, which could drop some of the rows.
+/// `upsert_arrays`, writing nothing when the table has a trigger (coherence's aside;
+/// on it or on a partition) or a rule, which could drop some of the rows.
 fn upsert_alone(t: &TableSpec) -> String {
     let name = D.layout_param(t).replace('\'', "''");
     let prefix = format!("{}__wth_", t.name).replace('\'', "''");
@@ -738,10 +742,11 @@ fn upsert_alone(t: &TableSpec) -> String {
         .expect("an upsert has ON CONFLICT");
     format!(
         "{insert} WHERE NOT EXISTS (SELECT 1 FROM pg_trigger \
-         WHERE tgrelid = to_regclass('{name}') AND NOT tgisinternal \
+         WHERE tgrelid IN {} AND NOT tgisinternal \
          AND left(tgname, {}) <> '{prefix}') \
          AND NOT EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = to_regclass('{name}') \
          AND rulename <> '_RETURN') ON CONFLICT{conflict}",
+        pg_table_and_partitions(&format!("to_regclass('{name}')")),
         t.name.chars().count() + 6
     )
 }
