@@ -586,6 +586,7 @@ fn w8(
 /// shared map, with and without a writer running flat out, and on a bare
 /// `RwLock<HashMap>`.
 fn shared(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args) {
+    async_waits(notes);
     let dir = tempfile::tempdir().unwrap();
     let d = Dialect::Sqlite;
     let table = spec("hashtable");
@@ -751,6 +752,63 @@ fn shared(rows: &mut Vec<Row>, notes: &mut Vec<String>, args: &Args) {
          map read)",
         written.load(Ordering::Relaxed)
     );
+}
+
+/// The threads of the process while 1,000 `insert_async` calls wait on a SQLite file
+/// another connection holds locked (a current-thread runtime), against 1,000
+/// `spawn_blocking` calls of `insert`, what a caller without the async methods writes.
+fn async_waits(notes: &mut Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("async.sqlite");
+    let h: SharedDbHashMap<String, i64> = DbHashMap::builder(sqlite_conn(&path, "WAL"))
+        .open_shared()
+        .unwrap();
+    h.insert("warm".into(), 0).unwrap();
+    let threads = || std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let before = threads();
+    let most = |blocking: bool| -> usize {
+        rt.block_on(async {
+            let path = path.clone();
+            let locker = std::thread::spawn(move || {
+                let c = rusqlite::Connection::open(path).unwrap();
+                c.execute_batch("BEGIN IMMEDIATE").unwrap();
+                std::thread::sleep(Duration::from_millis(500));
+                c.execute_batch("COMMIT").unwrap();
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let calls: Vec<_> = (0..1_000)
+                .map(|i| {
+                    let h = h.clone();
+                    let key = format!("{}{i}", if blocking { "b" } else { "a" });
+                    if blocking {
+                        tokio::task::spawn_blocking(move || h.insert(key, i))
+                    } else {
+                        tokio::spawn(async move { h.insert_async(key, i).await })
+                    }
+                })
+                .collect();
+            let mut most = 0;
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                most = most.max(threads());
+            }
+            for call in calls {
+                call.await.unwrap().unwrap();
+            }
+            locker.join().unwrap();
+            most
+        })
+    };
+    let (lib, raw) = (most(false), most(true));
+    notes.push(format!(
+        "async: at most {lib} threads in the process while 1,000 `insert_async` calls waited \
+         on a locked SQLite file (current-thread runtime; {before} before); raw: {raw} with \
+         `spawn_blocking` around `insert`"
+    ));
 }
 
 /// W6 on PostgreSQL.
