@@ -18,10 +18,11 @@ fn url(var: &str) -> String {
     })
 }
 
-#[test]
-fn postgres_standby_loads_refuses_writes_and_refreshes() {
+/// A new database `wth_{name}_{pid}` on the primary: its URLs on the primary and on
+/// the standby, its name, and an admin connection to drop it with.
+fn fresh_database(name: &str) -> (String, String, String, postgres::Client) {
     let (primary, standby) = (url("WTH_POSTGRES_URL"), url("WTH_POSTGRES_STANDBY_URL"));
-    let db = format!("wth_standby_{}", std::process::id());
+    let db = format!("wth_{name}_{}", std::process::id());
     let mut admin = postgres::Client::connect(&primary, postgres::NoTls).unwrap();
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
@@ -30,7 +31,12 @@ fn postgres_standby_loads_refuses_writes_and_refreshes() {
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .unwrap();
     let on = |url: &str| format!("{}/{db}", url.rsplit_once('/').unwrap().0);
-    let (primary, standby) = (on(&primary), on(&standby));
+    (on(&primary), on(&standby), db, admin)
+}
+
+#[test]
+fn postgres_standby_loads_refuses_writes_and_refreshes() {
+    let (primary, standby, db, mut admin) = fresh_database("standby");
 
     let mut writer: DbHashMap<String, i64> = DbHashMap::builder_url(&primary)
         .table("replicated")
@@ -116,17 +122,7 @@ fn postgres_standby_loads_refuses_writes_and_refreshes() {
 /// not yet seen.
 #[test]
 fn postgres_standby_sees_a_transaction_that_commits_after_a_later_one() {
-    let (primary, standby) = (url("WTH_POSTGRES_URL"), url("WTH_POSTGRES_STANDBY_URL"));
-    let db = format!("wth_standby_order_{}", std::process::id());
-    let mut admin = postgres::Client::connect(&primary, postgres::NoTls).unwrap();
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .unwrap();
-    let on = |url: &str| format!("{}/{db}", url.rsplit_once('/').unwrap().0);
-    let (primary, standby) = (on(&primary), on(&standby));
+    let (primary, standby, db, mut admin) = fresh_database("standby_order");
     let open = |url: &str| {
         DbHashMap::<String, i64>::builder_url(url)
             .table("t")

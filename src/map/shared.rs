@@ -139,6 +139,14 @@ struct Request<K, V> {
     done: Waiter<K, V>,
 }
 
+impl<K, V> Request<K, V> {
+    /// Whether it was computed on a request the database refused: it is refused too,
+    /// untried.
+    fn computed_on(&self, refused: &HashSet<u64>) -> bool {
+        self.depends.iter().any(|d| refused.contains(d))
+    }
+}
+
 /// What a key will hold once the changes queued before now are committed.
 struct Planned<V> {
     /// The request that writes it last.
@@ -563,17 +571,14 @@ where
                 // A change computed on a refused one is refused too, untried.
                 let superseded: Vec<usize> = part
                     .clone()
-                    .filter(|&i| group[i].depends.iter().any(|d| refused.contains(d)))
+                    .filter(|&i| group[i].computed_on(&refused))
                     .collect();
                 for &i in &superseded {
                     group[i].batch = Batch::default();
                 }
                 let mut done = self.commit_part(w, &mut group[part.clone()]);
                 for &i in &superseded {
-                    done[i - part.start] = Err(Error::Superseded {
-                        table: self.table.clone(),
-                        call: group[i].call,
-                    });
+                    done[i - part.start] = Err(self.superseded(&group[i]));
                 }
                 for (i, result) in part.zip(&done) {
                     if result.is_err() {
@@ -638,12 +643,14 @@ where
         if parts.len() < 2 || w.behind.is_some() || !w.store().applies_seq() {
             return None;
         }
-        let superseded = |r: &Request<K, V>| r.depends.iter().any(|d| refused.contains(d));
         let batches: Vec<Batch> = parts
             .iter()
             .map(|part| {
                 let mut merged = BatchBuilder::default();
-                for r in group[part.clone()].iter().filter(|r| !superseded(r)) {
+                for r in group[part.clone()]
+                    .iter()
+                    .filter(|r| !r.computed_on(refused))
+                {
                     merged.add(r.batch.clone());
                 }
                 merged.finish()
@@ -653,36 +660,33 @@ where
         if batches.len() < 2 {
             return None;
         }
-        let mut failure = match w.persist_seq(&batches) {
+        let mut failure = MetByAll(match w.persist_seq(&batches) {
             Ok(()) => None,
-            // What each change would meet alone, it met now (see `commit_part`).
-            Err(e) if e.is_outcome_unknown() || e.is_retryable() || e.is_disconnect() => Some(e),
+            Err(e) if MetByAll::is(&e) => Some(e),
             Err(e) => {
                 tracing::debug!(table = %self.table, error = %e, parts = parts.len(),
                     "a group's parts failed together; committing them one by one");
                 return None;
             }
-        };
+        });
         let results = group
             .iter()
             .map(|r| {
-                if superseded(r) {
-                    return Err(Error::Superseded {
-                        table: self.table.clone(),
-                        call: r.call,
-                    });
+                if r.computed_on(refused) {
+                    return Err(self.superseded(r));
                 }
-                match (failure.take(), &failure) {
-                    (Some(first), _) => {
-                        let copy = first.for_group();
-                        failure = Some(copy);
-                        Err(first)
-                    }
-                    (None, _) => Ok(()),
-                }
+                failure.next()
             })
             .collect();
         Some(results)
+    }
+
+    /// The error of a change computed on one the database refused.
+    fn superseded(&self, r: &Request<K, V>) -> Error {
+        Error::Superseded {
+            table: self.table.clone(),
+            call: r.call,
+        }
     }
 
     /// Commits one part of a group (see [`parts`]): as one transaction, or, when the
@@ -709,14 +713,9 @@ where
         }
         match w.persist(merged) {
             Ok(()) => part.iter().map(|_| Ok(())).collect(),
-            // What each change would meet alone, it met now: an unknown outcome, a lost
-            // connection that could not be made again, a lock or busy timeout. Every
-            // caller hears it once, instead of waiting for its change to meet it again.
-            Err(e) if e.is_outcome_unknown() || e.is_retryable() || e.is_disconnect() => {
-                let mut results: Vec<Result<()>> =
-                    (1..part.len()).map(|_| Err(e.for_group())).collect();
-                results.insert(0, Err(e));
-                results
+            Err(e) if MetByAll::is(&e) => {
+                let mut all = MetByAll(Some(e));
+                part.iter().map(|_| all.next()).collect()
             }
             Err(e) => {
                 tracing::debug!(table = %self.table, error = %e, changes = part.len(),
@@ -936,6 +935,29 @@ where
 /// The longest a leader waits for changes to gather, as a share of the last commit's
 /// time: a wait longer than that would cost more than a second commit.
 const GATHER_SHARE: u32 = 4;
+
+/// A failure of a group's commit that each of its changes would meet alone: an unknown
+/// outcome, a lost connection that could not be made again, a lock or busy timeout.
+/// Every caller hears it once (the first the error itself, the others a copy for the
+/// group), instead of waiting for its change to meet it again; `None`: no failure.
+struct MetByAll(Option<Error>);
+
+impl MetByAll {
+    fn is(e: &Error) -> bool {
+        e.is_outcome_unknown() || e.is_retryable() || e.is_disconnect()
+    }
+
+    /// The next caller's outcome.
+    fn next(&mut self) -> Result<()> {
+        match self.0.take() {
+            Some(e) => {
+                self.0 = Some(e.for_group());
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+}
 
 /// A leader's term. It ends when dropped, even by a panic: the first caller still
 /// queued is told to lead next, or, with none, nobody leads until the next change.

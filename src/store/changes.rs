@@ -460,7 +460,6 @@ impl Dialect {
         let q = |s: &str| self.quote(s);
         let (table, log, clock, key, value) =
             (q(&t.name), q(&n.log), q(&n.clock), q("key"), q("value"));
-        let since = self.bigint_param(marks);
         // SQLite compares with the left operand's collation: the log's key first. On
         // PostgreSQL the log's key has the database's default collation, so the
         // comparison takes the table's and its key index serves.
@@ -500,7 +499,7 @@ impl Dialect {
                  ON true"
             );
         }
-        let since = format!("{since}{slice}");
+        let since = format!("{}{slice}", self.bigint_param(marks));
         // Correlated subqueries: one key lookup per change, whatever the table's size
         // (a join may be planned as a scan of the table).
         format!(

@@ -610,10 +610,10 @@ impl Dialect {
     }
 
     /// A query of one text parameter (as for [`layout_query`](Self::layout_query)) that
-    /// counts what could keep a row from being deleted (PostgreSQL: on the table or any
-    /// of its partitions, whose row triggers fire for the rows routed there): rules on DELETE and row triggers
-    /// BEFORE DELETE (not coherence's, which run after). `None` for MySQL, whose
-    /// triggers cannot keep a row.
+    /// counts what could keep a row from being deleted: rules on DELETE and row triggers
+    /// BEFORE DELETE (not coherence's, which run after; PostgreSQL: on the table or any
+    /// of its partitions, whose row triggers fire for the rows routed there). `None` for
+    /// MySQL, whose triggers cannot keep a row.
     #[cfg_attr(not(any(feature = "postgres", feature = "odbc")), allow(dead_code))]
     pub(crate) fn delete_keepers_query(self, marks: Marks) -> Option<String> {
         let p = self.mark(marks, 1);

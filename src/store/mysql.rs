@@ -476,9 +476,8 @@ impl Store for MysqlStore {
     }
 
     fn rows_hint(&mut self) -> Option<usize> {
-        // A slice's count would read its rows once more (on PostgreSQL, each on a heap
-        // page of its own where the slice's rows were written over time): a map of a
-        // slice grows as it fills instead.
+        // A slice's count would read its range once more: a map of a slice grows as it
+        // fills instead.
         if self.table.as_ref().is_some_and(|t| t.key_prefix.is_some()) {
             return None;
         }

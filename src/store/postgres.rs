@@ -713,41 +713,39 @@ impl<'a> CopyIn<postgres::CopyInWriter<'a>> {
 /// Whether the table has triggers (coherence's aside) or rules, whose side effects a
 /// refused single write must take back.
 fn has_triggers_or_rules(c: &mut Client, t: &TableSpec) -> Result<bool, postgres::Error> {
-    let n: i64 = c
-        .typed(
-            &format!(
-                "WITH r AS (SELECT to_regclass(CAST($1 AS text)) AS oid) SELECT \
-                 (SELECT count(*) FROM pg_trigger, r WHERE tgrelid IN {} AND NOT tgisinternal \
-                  AND left(tgname, length($2) + 6) <> $2 || '__wth_') \
-                 + (SELECT count(*) FROM pg_rewrite, r WHERE ev_class = r.oid \
-                    AND rulename <> '_RETURN')",
-                pg_table_and_partitions("r.oid")
-            ),
-            &[&D.layout_param(t), &t.name],
-        )?
-        .first()
-        .map_or(0, |r| r.get(0));
-    Ok(n > 0)
+    Ok(
+        c.typed(&format!("SELECT {}", own_triggers_or_rules(t)), &[])?
+            .first()
+            .is_some_and(|r| r.get(0)),
+    )
 }
 
-/// `upsert_arrays`, writing nothing when the table has a trigger (coherence's aside;
-/// on it or on a partition) or a rule, which could drop some of the rows.
-fn upsert_alone(t: &TableSpec) -> String {
+/// An SQL condition: the table has a trigger (coherence's aside; on it or on any of its
+/// partitions, whose row triggers fire for the rows routed there) or a rule.
+fn own_triggers_or_rules(t: &TableSpec) -> String {
     let name = D.layout_param(t).replace('\'', "''");
     let prefix = format!("{}__wth_", t.name).replace('\'', "''");
+    format!(
+        "(EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid IN {} AND NOT tgisinternal \
+         AND left(tgname, {}) <> '{prefix}') \
+         OR EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = to_regclass('{name}') \
+         AND rulename <> '_RETURN'))",
+        pg_table_and_partitions(&format!("to_regclass('{name}')")),
+        t.name.chars().count() + 6
+    )
+}
+
+/// `upsert_arrays`, writing nothing when the table has a trigger or a rule of its own
+/// (`own_triggers_or_rules`), which could drop some of the rows.
+fn upsert_alone(t: &TableSpec) -> String {
     let upsert = D.upsert_arrays(t);
     // The last one: the table's name comes before it, and may hold any text.
     let (insert, conflict) = upsert
         .rsplit_once(" ON CONFLICT")
         .expect("an upsert has ON CONFLICT");
     format!(
-        "{insert} WHERE NOT EXISTS (SELECT 1 FROM pg_trigger \
-         WHERE tgrelid IN {} AND NOT tgisinternal \
-         AND left(tgname, {}) <> '{prefix}') \
-         AND NOT EXISTS (SELECT 1 FROM pg_rewrite WHERE ev_class = to_regclass('{name}') \
-         AND rulename <> '_RETURN') ON CONFLICT{conflict}",
-        pg_table_and_partitions(&format!("to_regclass('{name}')")),
-        t.name.chars().count() + 6
+        "{insert} WHERE NOT {} ON CONFLICT{conflict}",
+        own_triggers_or_rules(t)
     )
 }
 
