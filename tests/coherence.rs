@@ -249,17 +249,33 @@ fn compaction_bounds_the_log(env: &impl Env) {
     let mut behind = open();
     behind.insert("kept".into(), 1).unwrap();
     let mut w = open();
-    for round in 0..20 {
+    let mut churn = |round: i64| {
         let keys: Vec<String> = (0..250).map(|i| format!("r{round}k{i}")).collect();
         w.insert_many(keys.iter().map(|k| (k.clone(), round)))
             .unwrap();
         let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
         w.remove_many(refs).unwrap();
+    };
+    for round in 0..20 {
+        churn(round);
     }
-    let log = env.count(&format!("SELECT count(*) FROM {}", env.q("churn__wth_log")));
+    // PostgreSQL compacts only changes of transactions that every snapshot shows
+    // ended, and a transaction open anywhere on the server (another test's, in
+    // another database) holds that back: the log must come back within bounds once
+    // it ends, at a later compaction.
+    let log_rows = || env.count(&format!("SELECT count(*) FROM {}", env.q("churn__wth_log")));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut round = 20;
+    while log_rows() > 3 * window as i64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        churn(round);
+        round += 1;
+    }
+    let log = log_rows();
     assert!(
         log <= 3 * window as i64,
-        "10,000 changes, a window of {window}: the log holds {log} rows"
+        "{} changes, a window of {window}: the log holds {log} rows",
+        round * 500
     );
     w.insert("late".into(), 2).unwrap();
     assert!(behind.refresh().unwrap() >= 1, "reloaded in full");
