@@ -937,3 +937,177 @@ fn mysql_a_refused_coherent_open_leaves_nothing_behind() {
     env.exec(&format!("DROP USER '{user}'@'%'"));
     assert_eq!(left, vec![0], "the refused open left tables behind: {err}");
 }
+
+/// Issue 21 (9) and 24 (4): coherence on MariaDB takes no table-wide lock. Every
+/// write, other programs' too, locked the one clock row until it committed: a
+/// transaction on key "b" waited for one on key "a", and one that had locked another
+/// table first could deadlock. Now the triggers only append to the log.
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_writers_on_different_keys_never_wait_or_conflict() {
+    use ::mysql::prelude::Queryable;
+    let env = env::MyEnv::new();
+    let url = env.url();
+    let connect = || ::mysql::Conn::new(url.as_str()).unwrap();
+    let mut m: DbHashMap<String, i64> = coherent(&url, "free");
+    m.insert("a".into(), 1).unwrap();
+    m.insert("b".into(), 1).unwrap();
+    env.exec("CREATE TABLE other (id INT PRIMARY KEY) ENGINE=InnoDB");
+    env.exec("INSERT INTO other VALUES (1)");
+    let (mut x, mut y) = (connect(), connect());
+    for c in [&mut x, &mut y] {
+        c.query_drop("SET SESSION innodb_lock_wait_timeout = 3")
+            .unwrap();
+        c.query_drop("START TRANSACTION").unwrap();
+    }
+    // x writes "a"; y locks `other` and writes "b"; x then waits for `other` (a plain
+    // wait, as without coherence) until y commits.
+    x.query_drop("UPDATE free SET value = '2' WHERE `key` = '\"a\"'")
+        .unwrap();
+    y.query_drop("SELECT id FROM other WHERE id = 1 FOR UPDATE")
+        .unwrap();
+    y.query_drop("UPDATE free SET value = '2' WHERE `key` = '\"b\"'")
+        .unwrap_or_else(|e| panic!("the second writer waited or failed: {e}"));
+    let waiter = std::thread::spawn(move || {
+        x.query_drop("SELECT id FROM other WHERE id = 1 FOR UPDATE")
+            .and_then(|()| x.query_drop("COMMIT"))
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    y.query_drop("COMMIT")
+        .unwrap_or_else(|e| panic!("the second writer could not commit: {e}"));
+    waiter
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the first writer could not commit: {e}"));
+    // A transaction holds key "a"; the map writes "c", "b" and "d" meanwhile.
+    let mut x = connect();
+    x.query_drop("START TRANSACTION").unwrap();
+    x.query_drop("UPDATE free SET value = '3' WHERE `key` = '\"a\"'")
+        .unwrap();
+    let started = Instant::now();
+    m.insert("c".into(), 1).unwrap();
+    m.insert_many([("b".to_string(), 5), ("d".to_string(), 5)])
+        .unwrap();
+    m.remove("c").unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the map's writes waited {:?} for a transaction on another key",
+        started.elapsed()
+    );
+    x.query_drop("COMMIT").unwrap();
+    m.refresh().unwrap();
+    assert_eq!(m.get("a"), Some(&3));
+    assert_eq!(fresh(&url, "free"), m);
+}
+
+/// A transaction that began before another but commits after it is seen; and a
+/// transaction larger than one sequencing is seen whole by a map whose refresh comes
+/// while it is only partly sequenced.
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_changes_committed_out_of_order_and_in_bulk_are_seen() {
+    use ::mysql::prelude::Queryable;
+    let env = env::MyEnv::new();
+    let url = env.url();
+    let connect = || ::mysql::Conn::new(url.as_str()).unwrap();
+    let mut m: DbHashMap<String, i64> = coherent(&url, "order");
+    let mut n: DbHashMap<String, i64> = coherent(&url, "order");
+    m.insert("seed".into(), 0).unwrap();
+    let (mut early, mut late) = (connect(), connect());
+    early.query_drop("START TRANSACTION").unwrap();
+    early
+        .query_drop("INSERT INTO `order` (`key`, value) VALUES ('\"early\"', '1')")
+        .unwrap();
+    late.query_drop("INSERT INTO `order` (`key`, value) VALUES ('\"late\"', '2')")
+        .unwrap();
+    assert_eq!(m.refresh().unwrap(), 1);
+    assert_eq!(m.get("late"), Some(&2));
+    assert_eq!(m.get("early"), None);
+    early.query_drop("COMMIT").unwrap();
+    assert_eq!(m.refresh().unwrap(), 1);
+    assert_eq!(m.get("early"), Some(&1));
+    assert_eq!(m.refresh().unwrap(), 0);
+    // 30,000 rows in one transaction: more than one sequencing takes.
+    late.query_drop(
+        "INSERT INTO `order` (`key`, value) \
+         SELECT CONCAT('\"bulk', seq, '\"'), '7' FROM seq_1_to_30000",
+    )
+    .unwrap();
+    assert_eq!(m.refresh().unwrap(), 30_000);
+    let unsequenced = |env: &env::MyEnv| {
+        env.count("SELECT count(*) FROM order__wth_log WHERE v IS NULL")
+    };
+    assert!(
+        unsequenced(&env) > 0,
+        "one refresh sequences at most part of a bulk write"
+    );
+    // `n` reads with part of the transaction sequenced: all of it, or nothing.
+    assert_eq!(n.refresh().unwrap(), 30_003);
+    assert_eq!(n, m);
+    for _ in 0..3 {
+        m.refresh().unwrap();
+    }
+    assert_eq!(unsequenced(&env), 0, "refreshes sequence what they read");
+    late.query_drop("UPDATE `order` SET value = '8' WHERE `key` = '\"bulk17\"'")
+        .unwrap();
+    assert_eq!(m.refresh().unwrap(), 1);
+    assert_eq!(n.refresh().unwrap(), 1);
+    assert_eq!(fresh(&url, "order"), n);
+}
+
+/// A table made coherent by an earlier release (a log of one row per key, every
+/// writer taking the clock row's lock) is upgraded at open, and its maps still see
+/// every change.
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_an_earlier_release_log_is_upgraded_at_open() {
+    let env = env::MyEnv::new();
+    let url = env.url();
+    fresh(&url, "old").insert("kept".into(), 1).unwrap();
+    env.exec(
+        "CREATE TABLE old__wth_log (`key` VARBINARY(3072) NOT NULL PRIMARY KEY, \
+         v BIGINT NOT NULL, INDEX (v)) ENGINE=InnoDB",
+    );
+    env.exec(
+        "CREATE TABLE old__wth_clock (id INT PRIMARY KEY, v BIGINT NOT NULL, \
+         horizon BIGINT NOT NULL) ENGINE=InnoDB",
+    );
+    env.exec("INSERT INTO old__wth_clock (id, v, horizon) VALUES (1, 0, 0)");
+    let bump = "DECLARE o BIGINT DEFAULT 0; INSERT INTO old__wth_clock (id, v, horizon) \
+                VALUES (o + 1, LAST_INSERT_ID((o << 40) + 1), o << 40) \
+                ON DUPLICATE KEY UPDATE v = LAST_INSERT_ID(v + 1);";
+    let note = |k: &str| {
+        format!(
+            "INSERT INTO old__wth_log (`key`, v) VALUES ({k}, LAST_INSERT_ID()) \
+             ON DUPLICATE KEY UPDATE v = VALUES(v);"
+        )
+    };
+    for (name, event, body) in [
+        ("ins", "INSERT", note("NEW.`key`")),
+        ("upd", "UPDATE", format!("{} {}", note("OLD.`key`"), note("NEW.`key`"))),
+        ("del", "DELETE", note("OLD.`key`")),
+    ] {
+        env.exec(&format!(
+            "CREATE TRIGGER old__wth_{name} AFTER {event} ON old FOR EACH ROW \
+             BEGIN {bump} {body} END"
+        ));
+    }
+    plain_upsert(&env, "old", "before", 2);
+    let mut a: DbHashMap<String, i64> = coherent(&url, "old");
+    let mut b: DbHashMap<String, i64> = coherent(&url, "old");
+    assert_eq!(a.len(), 2);
+    assert_eq!(
+        env.count(
+            "SELECT count(*) FROM information_schema.columns WHERE table_schema = database() \
+             AND table_name = 'old__wth_log' AND column_name = 'id'"
+        ),
+        1,
+        "the log gained its own key"
+    );
+    plain_upsert(&env, "old", "after", 3);
+    a.insert("mine".into(), 4).unwrap();
+    assert_eq!(b.refresh().unwrap(), 2);
+    assert_eq!(a.refresh().unwrap(), 1);
+    assert_eq!(a, b);
+    assert_eq!(fresh(&url, "old"), b);
+}

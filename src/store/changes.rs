@@ -14,7 +14,15 @@
 //!   old snapshot did not show committed (as PgQ reads its queues). Writers take no
 //!   lock beyond their own keys' rows, so writers on different keys never wait on each
 //!   other, and other programs' `REPEATABLE READ` transactions never fail on the log.
-//! - MySQL/MariaDB: the clock row, bumped once per row written, under the same lock.
+//! - MySQL/MariaDB: no lock either. The triggers only append a row (key, no version)
+//!   to the log; an append takes no lock another writer waits for. A *sequencer* (a
+//!   map's writer now and then, a refresh that read many) gives committed rows their
+//!   versions later, above the clock's count, under the clock row's lock, which only
+//!   sequencers take. A reader reads the rows above its version *and* every row not
+//!   sequenced yet, in one snapshot: whatever committed before it is one or the other,
+//!   and a row sequenced after it gets a version above the count it read. Sequencing
+//!   only keeps the unsequenced rows few; no reader depends on it, so a read-only
+//!   session refreshes too.
 //!
 //! Every change of a key takes one version, so "the last N versions" is "the last N
 //! changes", which bounds the log (PostgreSQL: the last N keys changed).
@@ -147,7 +155,7 @@ impl Dialect {
 
     /// The statements that install coherence on `t`: the log, the clock and the
     /// triggers. Each may run again on an installed table and change nothing.
-    pub(crate) fn coherence_setup(self, t: &TableSpec, n: &Names, origin: &str) -> Vec<String> {
+    pub(crate) fn coherence_setup(self, t: &TableSpec, n: &Names) -> Vec<String> {
         let q = |s: &str| self.quote(s);
         let (table, log, clock, key) = (q(&t.name), q(&n.log), q(&n.clock), q("key"));
         let key_type = self.log_key_type(t.key_format);
@@ -295,48 +303,44 @@ impl Dialect {
                 )]
             }
             Dialect::Mysql => {
-                let note = |k: &str| {
-                    format!(
-                        "INSERT INTO {log} ({key}, v) VALUES ({k}, LAST_INSERT_ID()) \
-                         ON DUPLICATE KEY UPDATE v = VALUES(v);"
-                    )
-                };
-                // Versions per origin (a Galera node; 0 elsewhere): origin `o` counts in
-                // its own clock row `o + 1`, from `o << 40`, so that writers on two nodes
-                // never write one row (which Galera would refuse as a conflict), and a
-                // version says which origin it counts for.
-                let bump = format!(
-                    "INSERT INTO {clock} (id, v, horizon) \
-                     VALUES (o + 1, LAST_INSERT_ID((o << {ORIGIN_BITS}) + 1), o << {ORIGIN_BITS}) \
-                     ON DUPLICATE KEY UPDATE v = LAST_INSERT_ID(v + 1);"
-                );
-                let bump = format!("DECLARE o BIGINT DEFAULT {origin}; {bump}");
+                // An append: the log's key is its own counter, so two writers never
+                // write one row (nor, on Galera, one certification key).
+                let note = |k: &str| format!("INSERT INTO {log} ({key}) VALUES ({k});");
                 vec![
                     format!(
-                        "CREATE TABLE IF NOT EXISTS {log} ({key} {key_type} NOT NULL PRIMARY KEY, \
-                         v BIGINT NOT NULL, INDEX (v)) ENGINE=InnoDB"
+                        "CREATE TABLE IF NOT EXISTS {log} (id BIGINT NOT NULL AUTO_INCREMENT \
+                         PRIMARY KEY, {key} {key_type} NOT NULL, v BIGINT NULL, INDEX (v)) \
+                         ENGINE=InnoDB"
                     ),
+                    // `seq`: the last version a sequencer gave; `qhorizon`: versions up to
+                    // it may be compacted away. `v` and `horizon` are what earlier releases
+                    // counted with (see `MYSQL_UPGRADE`).
                     format!(
                         "CREATE TABLE IF NOT EXISTS {clock} (id INT PRIMARY KEY, \
-                         v BIGINT NOT NULL, horizon BIGINT NOT NULL) ENGINE=InnoDB"
+                         v BIGINT NOT NULL, horizon BIGINT NOT NULL, \
+                         seq BIGINT NOT NULL DEFAULT 0, qhorizon BIGINT NOT NULL DEFAULT 0) \
+                         ENGINE=InnoDB"
+                    ),
+                    format!(
+                        "ALTER TABLE {clock} ADD COLUMN IF NOT EXISTS seq BIGINT NOT NULL \
+                         DEFAULT 0, ADD COLUMN IF NOT EXISTS qhorizon BIGINT NOT NULL DEFAULT 0"
                     ),
                     format!("INSERT IGNORE INTO {clock} (id, v, horizon) VALUES (1, 0, 0)"),
                     format!(
-                        "CREATE TRIGGER IF NOT EXISTS {} AFTER INSERT ON {table} FOR EACH ROW \
-                         BEGIN {bump} {} END",
+                        "CREATE OR REPLACE TRIGGER {} AFTER INSERT ON {table} FOR EACH ROW {}",
                         q(&n.triggers[0]),
                         note(&format!("NEW.{key}"))
                     ),
+                    // The old key too, when an UPDATE changed it.
                     format!(
-                        "CREATE TRIGGER IF NOT EXISTS {} AFTER UPDATE ON {table} FOR EACH ROW \
-                         BEGIN {bump} {} {} END",
+                        "CREATE OR REPLACE TRIGGER {} AFTER UPDATE ON {table} FOR EACH ROW \
+                         BEGIN IF BINARY OLD.{key} <> BINARY NEW.{key} THEN {} END IF; {} END",
                         q(&n.triggers[1]),
                         note(&format!("OLD.{key}")),
                         note(&format!("NEW.{key}"))
                     ),
                     format!(
-                        "CREATE TRIGGER IF NOT EXISTS {} AFTER DELETE ON {table} FOR EACH ROW \
-                         BEGIN {bump} {} END",
+                        "CREATE OR REPLACE TRIGGER {} AFTER DELETE ON {table} FOR EACH ROW {}",
                         q(&n.triggers[2]),
                         note(&format!("OLD.{key}"))
                     ),
@@ -368,67 +372,55 @@ impl Dialect {
                 n.old_lock.replace('\'', "''"),
                 self.quote(&t.name).replace('\'', "''")
             ),
-            Dialect::Mysql => format!(
-                "SELECT CAST(count(*) AS CHAR) FROM information_schema.triggers \
-                 WHERE trigger_schema = database() AND trigger_name IN ({})",
-                names.replace('\\', "\\\\")
-            ),
+            // A log of an earlier release (one row per key, no `id`) counts one short,
+            // so that the open upgrades it.
+            Dialect::Mysql => {
+                let log = n.log.replace('\\', "\\\\").replace('\'', "''");
+                let column = |c: &str| {
+                    format!(
+                        "EXISTS (SELECT 1 FROM information_schema.columns WHERE \
+                         table_schema = database() AND table_name = '{log}' AND column_name = '{c}')"
+                    )
+                };
+                format!(
+                    "SELECT CAST((SELECT count(*) FROM information_schema.triggers \
+                     WHERE trigger_schema = database() AND trigger_name IN ({})) \
+                     - ({} AND NOT {}) AS CHAR)",
+                    names.replace('\\', "\\\\"),
+                    column("v"),
+                    column("id")
+                )
+            }
         }
     }
 
-    /// Takes the clock's lock, first in a transaction (MySQL: its triggers take it only
-    /// after the row they fire for, so a transaction of several statements takes it
-    /// first itself).
-    #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
-    pub(crate) fn clock_lock(self, n: &Names, origin: &str) -> Option<String> {
-        (self == Dialect::Mysql).then(|| {
-            format!(
-                "SELECT v FROM {} WHERE id = {origin} + 1 FOR UPDATE",
-                self.quote(&n.clock)
-            )
-        })
-    }
-
-    /// MySQL: the changes since the versions `since` (origin, version), in ranges of
-    /// the log's index: above each known origin's version, and all of every origin not
-    /// known yet; with the clock's rows (horizon and version, no key) in the same
-    /// snapshot.
-    pub(crate) fn origin_changes_query(
-        self,
-        t: &TableSpec,
-        n: &Names,
-        since: &[(u64, u64)],
-    ) -> String {
+    /// MySQL: the keys changed since the count `since` (their rows above it, and every
+    /// row not sequenced yet, once per key), with the table's value; and first a row
+    /// of the clock read in the same snapshot: the horizon, the count, the newest row
+    /// not sequenced, and how many are not.
+    fn mysql_changes_query(self, t: &TableSpec, n: &Names, since: u64) -> String {
         let q = |s: &str| self.quote(s);
         let (table, log, clock, key, value) =
             (q(&t.name), q(&n.log), q(&n.clock), q("key"), q("value"));
-        let mut ranges = Vec::new();
-        let mut unknown_from = 0u64;
-        for &(origin, seen) in since {
-            let start = origin << ORIGIN_BITS;
-            if start > unknown_from {
-                ranges.push(format!("(l.v >= {unknown_from} AND l.v < {start})"));
-            }
-            unknown_from = (origin + 1) << ORIGIN_BITS;
-            ranges.push(format!("(l.v > {seen} AND l.v < {unknown_from})"));
-        }
-        ranges.push(format!("l.v >= {unknown_from}"));
         let slice = self
             .log_slice_condition(t)
             .map_or_else(String::new, |c| format!(" AND {c}"));
         format!(
-            "SELECT CAST(c.horizon AS CHAR), CAST(c.v AS CHAR), NULL, NULL, NULL FROM {clock} c \
+            "SELECT CAST(c.qhorizon AS CHAR), CAST(c.seq AS CHAR), \
+             CAST(coalesce((SELECT max(l.id) FROM {log} l WHERE l.v IS NULL), 0) AS CHAR), \
+             CAST((SELECT count(*) FROM {log} l WHERE l.v IS NULL) AS CHAR), NULL, NULL, NULL \
+             FROM {clock} c WHERE c.id = 1 \
              UNION ALL \
-             SELECT NULL, CAST(l.v AS CHAR), l.{key}, \
+             SELECT NULL, NULL, NULL, NULL, l.{key}, \
              CASE WHEN EXISTS (SELECT 1 FROM {table} t WHERE t.{key} = l.{key}) THEN '1' ELSE '0' END, \
              (SELECT t.{value} FROM {table} t WHERE t.{key} = l.{key}) \
-             FROM {log} l WHERE ({}){slice}",
-            ranges.join(" OR ")
+             FROM (SELECT DISTINCT l.{key} FROM {log} l \
+             WHERE (l.v > {since} OR l.v IS NULL){slice}) l"
         )
     }
 
     /// One row of two texts: the version the table is at (PostgreSQL: the snapshot),
-    /// and the compaction horizon.
+    /// and the compaction horizon (MySQL: three, see there).
     pub(crate) fn version_query(self, n: &Names) -> String {
         match self {
             // The log's own counter: SQLite keeps it in sqlite_sequence.
@@ -443,8 +435,13 @@ impl Dialect {
                 "SELECT {PG_POSITION}, xhorizon::text FROM {} WHERE id = 1",
                 self.quote(&n.clock)
             ),
+            // Where the table is: the clock's count, the newest log row not sequenced
+            // yet (0: none), and the compaction horizon.
             Dialect::Mysql => format!(
-                "SELECT CAST(v AS CHAR), CAST(horizon AS CHAR) FROM {} WHERE id = 1",
+                "SELECT CAST(c.seq AS CHAR), \
+                 CAST(coalesce((SELECT max(l.id) FROM {} l WHERE l.v IS NULL), 0) AS CHAR), \
+                 CAST(c.qhorizon AS CHAR) FROM {} c WHERE c.id = 1",
+                self.quote(&n.log),
                 self.quote(&n.clock)
             ),
         }
@@ -560,12 +557,38 @@ const PG_POSITION: &str = "CASE WHEN pg_is_in_recovery() THEN \
      txid_snapshot_xmin(txid_current_snapshot())::text || ': ' || \
      txid_current_snapshot()::text ELSE txid_current_snapshot()::text END";
 
-/// MySQL: the bits of a version below its origin's (see `coherence_setup`).
-const ORIGIN_BITS: u32 = 40;
+/// MySQL: how an open upgrades a change log of an earlier release (one row per key,
+/// its version from a clock row that every writer locked), under the setup lock: the
+/// log gains its own counter as key, in one statement, before the triggers are
+/// replaced; the clock's count starts above every version the log holds; and the old
+/// horizon is moved past any version, so that maps of the earlier release still
+/// running reload on each refresh (never stale) until they are restarted.
+const MYSQL_UPGRADE: [&str; 3] = [
+    "ALTER TABLE {log} DROP PRIMARY KEY, \
+     ADD COLUMN id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY FIRST, MODIFY v BIGINT NULL",
+    "UPDATE {clock} SET seq = greatest(seq, (SELECT coalesce(max(v), 0) FROM {log})) \
+     WHERE id = 1",
+    "UPDATE {clock} SET horizon = 4611686018427387904",
+];
 
-/// MySQL: the origin a writing session counts for: on a Galera node a number made from
-/// the node's name, elsewhere 0.
-const GALERA_ORIGIN: &str = "IF(@@wsrep_on, 1 + CRC32(@@wsrep_node_name) % 8000000, 0)";
+/// MySQL: a refresh that read this many log rows not sequenced yet sequences them.
+const SEQUENCE_AT: u64 = 256;
+
+/// MySQL: the most rows one sequencing gives versions to (a bulk write's rows are
+/// sequenced over several).
+const SEQUENCE_ROWS: usize = 20_000;
+
+/// Runs of consecutive numbers in sorted `ids`, as (first, last).
+fn id_runs(ids: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &id in ids {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == id => *last = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    runs
+}
 
 /// `head $tag$ body $tag$`, with a dollar-quote tag that occurs nowhere in the body:
 /// the body holds the table's names, which may hold any text, `$wth$` included.
@@ -585,16 +608,15 @@ pub(crate) struct Coherence {
     dialect: Dialect,
     marks: Marks,
     backend: &'static str,
-    /// MySQL: the SQL of the origin a session counts for.
-    origin: &'static str,
-    /// MySQL: the versions per origin handed out, under the numbers the map keeps.
-    positions: std::sync::Mutex<Positions<Vec<(u64, u64)>>>,
+    /// MySQL: the positions handed out (the clock's count, the newest row not
+    /// sequenced), under the numbers the map keeps.
+    positions: std::sync::Mutex<Positions<(u64, u64)>>,
     /// PostgreSQL: the snapshots handed out, likewise.
     snapshots: std::sync::Mutex<Positions<String>>,
 }
 
-/// MySQL's versions are one per origin, PostgreSQL's are snapshots; the map keeps one
-/// number. The store hands out numbers for the positions it read, and remembers the
+/// MySQL's positions are a count and a row, PostgreSQL's are snapshots; the map keeps
+/// one number. The store hands out numbers for the positions it read, and remembers the
 /// last few.
 #[derive(Debug)]
 struct Positions<T> {
@@ -683,11 +705,6 @@ impl Coherence {
             .and_then(|r| r.first())
             .and_then(|c| c.trim().parse::<usize>().ok())
             .unwrap_or(0);
-        // MariaDB knows Galera's variables (on a node or not); Oracle's MySQL does not.
-        let origin = match dialect {
-            Dialect::Mysql if conn.texts("SELECT @@wsrep_on", None).is_ok() => GALERA_ORIGIN,
-            _ => "0",
-        };
         if count < names.triggers.len() {
             // A refused open writes nothing: what this setup makes is taken away again
             // when a later step fails (on MySQL every DDL commits on its own).
@@ -695,7 +712,7 @@ impl Coherence {
                 .iter()
                 .map(|n| table_exists(conn, dialect, marks, n))
                 .collect();
-            let result = Self::install(conn, table, &names, origin, dialect, backend);
+            let result = Self::install(conn, table, &names, dialect, backend);
             // A conflict with a concurrent open (Galera's 1213) is tried again by the
             // caller: what is there stays, other opens may be using it already.
             if let Err(e) = result {
@@ -733,7 +750,6 @@ impl Coherence {
             dialect,
             marks,
             backend,
-            origin,
             positions: std::sync::Mutex::default(),
             snapshots: std::sync::Mutex::default(),
         })
@@ -744,19 +760,40 @@ impl Coherence {
         conn: &mut dyn Catalog,
         table: &TableSpec,
         names: &Names,
-        origin: &str,
         dialect: Dialect,
         backend: &'static str,
     ) -> Result<()> {
         let fail = |e| db_error(Action::Open, table, backend, e);
         {
-            let setup = dialect.coherence_setup(table, names, origin);
+            let setup = dialect.coherence_setup(table, names);
             if dialect == Dialect::Mysql {
                 let (tables, triggers) = setup.split_at(setup.len() - names.triggers.len());
                 for sql in tables {
                     retry_conflicts(|| conn.exec(sql)).map_err(fail)?;
                 }
-                install_one_at_a_time(conn, table, names, triggers, backend)?;
+                let log_columns = conn
+                    .texts(
+                        "SELECT column_name FROM information_schema.columns WHERE \
+                         table_schema = database() AND table_name = ?",
+                        Some(&names.log),
+                    )
+                    .map_err(fail)?;
+                let upgrade = !log_columns.is_empty()
+                    && !log_columns
+                        .iter()
+                        .any(|c| c.first().is_some_and(|c| c.eq_ignore_ascii_case("id")));
+                let mut steps = Vec::new();
+                if upgrade {
+                    steps.push(MYSQL_UPGRADE[0].replace("{log}", &dialect.quote(&names.log)));
+                }
+                steps.extend(triggers.iter().cloned());
+                if upgrade {
+                    steps.extend(MYSQL_UPGRADE[1..].iter().map(|sql| {
+                        sql.replace("{log}", &dialect.quote(&names.log))
+                            .replace("{clock}", &dialect.quote(&names.clock))
+                    }));
+                }
+                install_one_at_a_time(conn, table, names, &steps, backend)?;
             } else {
                 for sql in setup {
                     conn.exec(&sql).map_err(fail)?;
@@ -764,13 +801,6 @@ impl Coherence {
             }
         }
         Ok(())
-    }
-
-    /// The statement that takes the clock's lock first in a transaction, where the
-    /// dialect needs one.
-    #[cfg_attr(not(any(feature = "mysql", feature = "odbc")), allow(dead_code))]
-    pub(crate) fn clock_lock(&self) -> Option<String> {
-        self.dialect.clock_lock(&self.names, self.origin)
     }
 
     /// The version the table is at: MySQL's set of versions per origin goes by a
@@ -784,12 +814,8 @@ impl Coherence {
             }
             Dialect::Mysql => {}
         }
-        let versions = self
-            .origins(conn)?
-            .into_iter()
-            .map(|(o, v, _)| (o, v))
-            .collect();
-        Ok(self.positions().number(versions))
+        let (seq, unsequenced, _) = self.mysql_clock(conn)?;
+        Ok(self.positions().number((seq, unsequenced)))
     }
 
     /// Calls `sink` with every key changed since `since` (its value, or `None` when the
@@ -807,127 +833,203 @@ impl Coherence {
             Dialect::Mysql => {}
         }
         // A number this store did not hand out (or forgot): start again from a load.
-        let Some(since) = self.positions().position(since) else {
+        let Some((seen, _)) = self.positions().position(since) else {
             return Ok(None);
         };
         let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
         let sql = self
             .dialect
-            .origin_changes_query(&self.table, &self.names, &since);
+            .mysql_changes_query(&self.table, &self.names, seen);
         let rows = conn.rows(&sql, None).map_err(fail)?;
         let number = |f: &Option<Vec<u8>>| -> Option<u64> {
             f.as_deref()
                 .and_then(|b| std::str::from_utf8(b).ok())
                 .and_then(|s| s.trim().parse().ok())
         };
-        let seen = |o: u64| {
-            since
-                .iter()
-                .find(|(origin, _)| *origin == o)
-                .map_or(o << ORIGIN_BITS, |(_, v)| *v)
-        };
-        let mut reached: std::collections::BTreeMap<u64, u64> = since.iter().copied().collect();
+        let mut reached = None;
+        let mut unsequenced = 0;
         for row in &rows {
-            let [horizon, version, key, present, value] = row.as_slice() else {
+            let [horizon, seq, newest, waiting, key, present, value] = row.as_slice() else {
                 return Err(fail(
                     "the change query returned a row of another shape".into(),
                 ));
             };
-            let Some(version) = number(version) else {
-                continue;
-            };
-            let origin = version >> ORIGIN_BITS;
             match key {
-                // A clock row: the changes of its origin since `since` are all in the
-                // log, unless compaction took some; and its version is reached, the one
-                // `version` reads, even when no log row holds it any more (another
-                // origin changed that key since). A position short of it would make a
-                // watcher look again and again at an idle table (found on Galera:
-                // 170-316 queries a second).
                 None => {
-                    if number(horizon).unwrap_or(0) > seen(origin) {
+                    if number(horizon).unwrap_or(0) > seen {
                         return Ok(None);
                     }
-                    let at = reached.entry(origin).or_insert(0);
-                    *at = (*at).max(version);
+                    let (Some(seq), Some(newest)) = (number(seq), number(newest)) else {
+                        return Err(fail("the change log's clock row is not numbers".into()));
+                    };
+                    reached = Some((seq, newest));
+                    unsequenced = number(waiting).unwrap_or(0);
                 }
                 Some(key) => {
                     let present = present.as_deref() == Some(b"1");
                     sink(key, if present { value.as_deref() } else { None })?;
-                    let at = reached.entry(origin).or_insert(0);
-                    *at = (*at).max(version);
                 }
             }
         }
-        Ok(Some(self.positions().number(reached.into_iter().collect())))
+        let Some(reached) = reached else {
+            return Err(fail(self.no_clock_row()));
+        };
+        // Every refresh reads the rows not sequenced yet: when they are many, give them
+        // their versions, so that the next refresh reads only what is new.
+        if unsequenced >= SEQUENCE_AT {
+            self.sequence_quietly(conn);
+        }
+        Ok(Some(self.positions().number(reached)))
     }
 
-    /// Forgets the changes older than the last `keep` versions (of each origin), once
-    /// the log holds twice as many.
+    /// Forgets the changes older than the last `keep` versions (MySQL: the last `keep`
+    /// sequenced rows), once the log holds twice as many.
     pub(crate) fn compact(&self, conn: &mut dyn Catalog, keep: u64) -> Result<()> {
         match self.dialect {
             Dialect::Sqlite => return self.compact_one(conn, keep),
             Dialect::Postgres => return self.compact_snapshots(conn, keep),
             Dialect::Mysql => {}
         }
+        // The rows a compaction could take are the sequenced ones: sequence first.
+        self.sequence_quietly(conn);
+        let fail = |e| db_error(Action::Write, &self.table, self.backend, e);
         let (log, clock) = (
             self.dialect.quote(&self.names.log),
             self.dialect.quote(&self.names.clock),
         );
-        for (origin, version, horizon) in self.origins(conn)? {
-            if version.saturating_sub(horizon) < keep.saturating_mul(2) {
-                continue;
-            }
-            let upto = version - keep;
-            let from = origin << ORIGIN_BITS;
-            for sql in [
-                format!(
-                    "UPDATE {clock} SET horizon = greatest(horizon, {upto}) WHERE id = {}",
-                    origin + 1
+        let nth = |n: u64| {
+            format!("SELECT v FROM {log} WHERE v IS NOT NULL ORDER BY v DESC LIMIT 1 OFFSET {n}")
+        };
+        let upto = conn
+            .texts(
+                &format!(
+                    "SELECT CAST(({}) AS CHAR) FROM {clock} WHERE id = 1 AND EXISTS ({})",
+                    nth(keep),
+                    nth(keep.saturating_mul(2))
                 ),
-                format!("DELETE FROM {log} WHERE v >= {from} AND v <= {upto}"),
-            ] {
-                conn.exec(&sql)
-                    .map_err(|e| db_error(Action::Write, &self.table, self.backend, e))?;
-            }
-            tracing::debug!(table = %self.table.name, origin, upto, "change log compacted");
+                None,
+            )
+            .map_err(fail)?;
+        let Some(upto) = upto.first().and_then(|r| r.first()) else {
+            return Ok(());
+        };
+        let upto: u64 = upto
+            .trim()
+            .parse()
+            .map_err(|_| fail(format!("the log's version {upto:?} is not a number").into()))?;
+        // The horizon first: a reader that read the clock before the delete and the log
+        // after it would otherwise miss the rows deleted in between. The delete reads
+        // committed rows, so that it takes no gap lock a writer's append would wait for.
+        for sql in [
+            format!("UPDATE {clock} SET qhorizon = greatest(qhorizon, {upto}) WHERE id = 1"),
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED".to_string(),
+            format!("DELETE FROM {log} WHERE v IS NOT NULL AND v <= {upto}"),
+        ] {
+            conn.exec(&sql).map_err(fail)?;
         }
+        tracing::debug!(table = %self.table.name, upto, "change log compacted");
         Ok(())
     }
 
-    /// MySQL: every origin's version and horizon, from the clock's rows.
-    fn origins(&self, conn: &mut dyn Catalog) -> Result<Vec<(u64, u64, u64)>> {
+    /// MySQL: the clock's count, the newest log row not sequenced (0: none), and the
+    /// compaction horizon, in one snapshot.
+    fn mysql_clock(&self, conn: &mut dyn Catalog) -> Result<(u64, u64, u64)> {
         let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
-        let sql = format!(
-            "SELECT CAST(id AS CHAR), CAST(v AS CHAR), CAST(horizon AS CHAR) FROM {} ORDER BY id",
-            self.dialect.quote(&self.names.clock)
-        );
-        let mut origins = Vec::new();
-        for row in conn.texts(&sql, None).map_err(fail)? {
-            let n: Vec<Option<u64>> = row.iter().map(|f| f.trim().parse().ok()).collect();
-            match n.as_slice() {
-                [Some(id), Some(v), Some(h)] if *id > 0 => origins.push((id - 1, *v, *h)),
-                _ => {
-                    return Err(fail(
-                        "the change log's clock holds a row of another shape".into(),
-                    ))
-                }
-            }
+        let rows = conn
+            .texts(&self.dialect.version_query(&self.names), None)
+            .map_err(fail)?;
+        let Some(row) = rows.first() else {
+            return Err(fail(self.no_clock_row()));
+        };
+        let n: Vec<Option<u64>> = row.iter().map(|f| f.trim().parse().ok()).collect();
+        match n.as_slice() {
+            [Some(seq), Some(newest), Some(horizon)] => Ok((*seq, *newest, *horizon)),
+            _ => Err(fail("the change log's clock row is not numbers".into())),
         }
-        if origins.is_empty() {
-            return Err(fail(
-                format!(
-                    "the change log's clock {:?} has no row; open the map with coherent() \
-                     again to restore it",
-                    self.names.clock
-                )
-                .into(),
-            ));
-        }
-        Ok(origins)
     }
 
-    fn positions(&self) -> std::sync::MutexGuard<'_, Positions<Vec<(u64, u64)>>> {
+    fn no_clock_row(&self) -> crate::error::BoxError {
+        format!(
+            "the change log's clock {:?} has no row 1; open the map with coherent() again \
+             to restore it",
+            self.names.clock
+        )
+        .into()
+    }
+
+    /// MySQL: gives the log's committed rows that have no version yet their versions,
+    /// above the clock's count, at most `SEQUENCE_ROWS` of them. Only sequencers take
+    /// the clock row's lock; the rows were read committed, by their ids, so no writer
+    /// is waited for. Readers do not depend on it (see the module's notes): a failure
+    /// (a read-only session, no right to update the log, a Galera conflict with another
+    /// node's sequencer) is logged and leaves the rows for the next one.
+    fn sequence_quietly(&self, conn: &mut dyn Catalog) {
+        if let Err(e) = self.sequence(conn) {
+            let _ = conn.exec("ROLLBACK");
+            tracing::debug!(table = %self.table.name, error = %e,
+                "change log rows left unsequenced");
+        }
+    }
+
+    fn sequence(&self, conn: &mut dyn Catalog) -> std::result::Result<(), crate::error::BoxError> {
+        let (log, clock) = (
+            self.dialect.quote(&self.names.log),
+            self.dialect.quote(&self.names.clock),
+        );
+        let ids: Vec<u64> = conn
+            .texts(
+                &format!(
+                    "SELECT CAST(id AS CHAR) FROM {log} WHERE v IS NULL ORDER BY id \
+                     LIMIT {SEQUENCE_ROWS}"
+                ),
+                None,
+            )?
+            .iter()
+            .filter_map(|r| r.first().and_then(|id| id.trim().parse().ok()))
+            .collect();
+        let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
+            return Ok(());
+        };
+        conn.exec("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")?;
+        conn.exec("START TRANSACTION")?;
+        let count = conn.texts(
+            &format!("SELECT CAST(seq AS CHAR) FROM {clock} WHERE id = 1 FOR UPDATE"),
+            None,
+        )?;
+        let count: u64 = count
+            .first()
+            .and_then(|r| r.first())
+            .and_then(|c| c.trim().parse().ok())
+            .ok_or("the change log's clock has no row 1")?;
+        // Row `id` takes version `id + offset`: above the count, one per row, in the
+        // order of the ids.
+        let offset = i128::from(count) + 1 - i128::from(first);
+        for ids in id_runs(&ids).chunks(500) {
+            let ids: Vec<String> = ids
+                .iter()
+                .map(|&(a, b)| {
+                    if a == b {
+                        format!("id = {a}")
+                    } else {
+                        format!("id BETWEEN {a} AND {b}")
+                    }
+                })
+                .collect();
+            conn.exec(&format!(
+                "UPDATE {log} SET v = id + ({offset}) WHERE v IS NULL AND ({})",
+                ids.join(" OR ")
+            ))?;
+        }
+        conn.exec(&format!(
+            "UPDATE {clock} SET seq = {} WHERE id = 1",
+            i128::from(last) + offset
+        ))?;
+        conn.exec("COMMIT")?;
+        tracing::debug!(table = %self.table.name, rows = ids.len(), "change log rows sequenced");
+        Ok(())
+    }
+
+    fn positions(&self) -> std::sync::MutexGuard<'_, Positions<(u64, u64)>> {
         self.positions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -1343,7 +1445,7 @@ mod tests {
         for d in [Dialect::Sqlite, Dialect::Postgres, Dialect::Mysql] {
             let t = spec("h");
             let n = Names::of(d, &t).unwrap();
-            for sql in d.coherence_setup(&t, &n, "0") {
+            for sql in d.coherence_setup(&t, &n) {
                 assert!(
                     sql.contains("IF NOT EXISTS")
                         || sql.contains("OR REPLACE")

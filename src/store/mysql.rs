@@ -215,7 +215,6 @@ impl MysqlStore {
         let max_bytes = self.chunk_bytes;
         let one_statement = !batch.clear
             && batch.deletes.is_empty()
-            && self.coherence.is_none()
             && chunks(&batch.puts, CHUNK_ROWS, max_bytes, |(k, v)| {
                 k.len() + v.len()
             })
@@ -225,8 +224,8 @@ impl MysqlStore {
             // Puts that fit one statement: InnoDB undoes a statement whole, so it is all
             // or nothing on its own, in one round trip where BEGIN and COMMIT took two
             // more. A lost answer is a lost connection: the map runs it again, which
-            // leaves what running it once would have. (Not on a coherent table: there
-            // the clock's lock must come before the rows', see `clock_lock`.)
+            // leaves what running it once would have. (A coherent table's triggers are
+            // part of the statement: its log rows come and go with it.)
             let mut params = Vec::with_capacity(batch.puts.len() * 2);
             for (k, v) in &batch.puts {
                 params.push(Value::from(k.as_slice()));
@@ -243,9 +242,6 @@ impl MysqlStore {
             .map_err(|e| classify(e, false))?;
         // MySQL undoes only the failing statement: on any error the whole transaction
         // is rolled back explicitly (dropping `tx` does it).
-        if let Some(sql) = self.coherence.as_ref().and_then(Coherence::clock_lock) {
-            tx.query_drop(sql).map_err(|e| classify(e, false))?;
-        }
         if batch.clear {
             tx.query_drop(D.delete_all(t))
                 .map_err(|e| classify(e, false))?;
@@ -264,14 +260,10 @@ impl MysqlStore {
     fn write_rows(&mut self, t: &TableSpec, replace: bool, next: &mut PutSource<'_>) -> Result<()> {
         let fail = |e: mysql::Error| db_error(Action::Write, t, D.name(), e);
         let max_bytes = self.chunk_bytes;
-        let lock = self.coherence.as_ref().and_then(Coherence::clock_lock);
         let mut tx = self
             .conn
             .start_transaction(TxOpts::default())
             .map_err(fail)?;
-        if let Some(sql) = lock {
-            tx.query_drop(sql).map_err(fail)?;
-        }
         if replace {
             tx.query_drop(D.delete_all(t)).map_err(fail)?;
         }

@@ -402,9 +402,6 @@ impl OdbcStore {
                 .map_err(|e| self.classify(t, e, sql, false))
         };
         let mut written = 0;
-        if let Some(sql) = self.coherence.as_ref().and_then(Coherence::clock_lock) {
-            exec(&sql, &[])?;
-        }
         let kept =
             |kept: usize, asked| db_error(Action::Write, t, self.name(), deletes_kept(kept, asked));
         if batch.clear {
