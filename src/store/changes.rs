@@ -572,10 +572,10 @@ const MYSQL_UPGRADE: [&str; 3] = [
 ];
 
 /// MySQL: a refresh that read this many log rows not sequenced yet sequences them.
-const SEQUENCE_AT: u64 = 256;
+const SEQUENCE_AT: u64 = 64;
 
-/// MySQL: the most rows one sequencing gives versions to (a bulk write's rows are
-/// sequenced over several).
+/// MySQL: the most rows one sequencing run gives versions to, in one transaction (a
+/// bulk write's rows are sequenced over several).
 const SEQUENCE_ROWS: usize = 20_000;
 
 /// Runs of consecutive numbers in sorted `ids`, as (first, last).
@@ -964,14 +964,28 @@ impl Coherence {
     /// (a read-only session, no right to update the log, a Galera conflict with another
     /// node's sequencer) is logged and leaves the rows for the next one.
     fn sequence_quietly(&self, conn: &mut dyn Catalog) {
-        if let Err(e) = self.sequence(conn) {
-            let _ = conn.exec("ROLLBACK");
-            tracing::debug!(table = %self.table.name, error = %e,
-                "change log rows left unsequenced");
+        // Run after run until what was committed before is sequenced: rows left
+        // unsequenced are read again by every refresh (found: a refresh after one
+        // change read the 980,000 rows left of a bulk write, 4.4 s).
+        loop {
+            match self.sequence(conn) {
+                Ok(n) if n == SEQUENCE_ROWS => {}
+                Ok(_) => return,
+                Err(e) => {
+                    let _ = conn.exec("ROLLBACK");
+                    tracing::debug!(table = %self.table.name, error = %e,
+                        "change log rows left unsequenced");
+                    return;
+                }
+            }
         }
     }
 
-    fn sequence(&self, conn: &mut dyn Catalog) -> std::result::Result<(), crate::error::BoxError> {
+    /// One run of `sequence_quietly`: how many rows it found to sequence.
+    fn sequence(
+        &self,
+        conn: &mut dyn Catalog,
+    ) -> std::result::Result<usize, crate::error::BoxError> {
         let (log, clock) = (
             self.dialect.quote(&self.names.log),
             self.dialect.quote(&self.names.clock),
@@ -988,7 +1002,7 @@ impl Coherence {
             .filter_map(|r| r.first().and_then(|id| id.trim().parse().ok()))
             .collect();
         let (Some(&first), Some(&last)) = (ids.first(), ids.last()) else {
-            return Ok(());
+            return Ok(0);
         };
         conn.exec("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")?;
         conn.exec("START TRANSACTION")?;
@@ -1026,7 +1040,7 @@ impl Coherence {
         ))?;
         conn.exec("COMMIT")?;
         tracing::debug!(table = %self.table.name, rows = ids.len(), "change log rows sequenced");
-        Ok(())
+        Ok(ids.len())
     }
 
     fn positions(&self) -> std::sync::MutexGuard<'_, Positions<(u64, u64)>> {
