@@ -1120,3 +1120,73 @@ fn mysql_an_earlier_release_log_is_upgraded_at_open() {
     assert_eq!(a, b);
     assert_eq!(fresh(&url, "old"), b);
 }
+
+/// Found by probing: a MariaDB watcher compared positions by the newest row not
+/// sequenced, and a transaction that commits after a later one adds an older row: on
+/// an idle table the watcher never looked again, and kept the row from memory.
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_a_watcher_sees_a_transaction_that_commits_after_a_later_one() {
+    use ::mysql::prelude::Queryable;
+    let env = env::MyEnv::new();
+    let url = env.url();
+    let connect = || ::mysql::Conn::new(url.as_str()).unwrap();
+    let w: SharedDbHashMap<String, i64> = DbHashMap::builder_url(&url)
+        .table("w")
+        .watch_every(Duration::from_millis(5))
+        .open_shared()
+        .unwrap();
+    w.insert("seed".into(), 0).unwrap();
+    let (mut early, mut late) = (connect(), connect());
+    early.query_drop("START TRANSACTION").unwrap();
+    early
+        .query_drop("INSERT INTO w (`key`, value) VALUES ('\"early\"', '1')")
+        .unwrap();
+    late.query_drop("INSERT INTO w (`key`, value) VALUES ('\"late\"', '2')")
+        .unwrap();
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "the watcher never saw {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    until("late", &|| w.get("late") == Some(2));
+    early.query_drop("COMMIT").unwrap();
+    until("early", &|| w.get("early") == Some(1));
+}
+
+/// Found by probing: compaction deleted the log's rows by version, which read another
+/// program's unsequenced row too and waited for its open transaction: every 1,024th
+/// write of the map waited the lock wait timeout (50 s).
+#[cfg(feature = "mysql")]
+#[test]
+fn mysql_compaction_does_not_wait_for_other_programs_transactions() {
+    use ::mysql::prelude::Queryable;
+    let env = env::MyEnv::new();
+    let url = env.url();
+    let mut m: DbHashMap<String, i64> = DbHashMap::builder_url(&url)
+        .table("sq")
+        .change_window(10)
+        .open()
+        .unwrap();
+    let mut other = ::mysql::Conn::new(url.as_str()).unwrap();
+    other.query_drop("START TRANSACTION").unwrap();
+    other
+        .query_drop("INSERT INTO sq (`key`, value) VALUES ('\"open\"', '1')")
+        .unwrap();
+    let started = Instant::now();
+    for i in 0..1_100 {
+        m.insert(format!("w{i}"), i).unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "1,100 writes took {:?} beside another program's open transaction",
+        started.elapsed()
+    );
+    let log = env.count("SELECT count(*) FROM sq__wth_log");
+    assert!(log < 200, "compaction left {log} rows");
+    other.query_drop("COMMIT").unwrap();
+    m.refresh().unwrap();
+    assert_eq!(fresh(&url, "sq"), m);
+}

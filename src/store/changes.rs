@@ -396,8 +396,8 @@ impl Dialect {
 
     /// MySQL: the keys changed since the count `since` (their rows above it, and every
     /// row not sequenced yet, once per key), with the table's value; and first a row
-    /// of the clock read in the same snapshot: the horizon, the count, the newest row
-    /// not sequenced, and how many are not.
+    /// of the clock read in the same snapshot: the horizon, the count, and how many rows
+    /// are not sequenced.
     fn mysql_changes_query(self, t: &TableSpec, n: &Names, since: u64) -> String {
         let q = |s: &str| self.quote(s);
         let (table, log, clock, key, value) =
@@ -407,11 +407,10 @@ impl Dialect {
             .map_or_else(String::new, |c| format!(" AND {c}"));
         format!(
             "SELECT CAST(c.qhorizon AS CHAR), CAST(c.seq AS CHAR), \
-             CAST(coalesce((SELECT max(l.id) FROM {log} l WHERE l.v IS NULL), 0) AS CHAR), \
              CAST((SELECT count(*) FROM {log} l WHERE l.v IS NULL) AS CHAR), NULL, NULL, NULL \
              FROM {clock} c WHERE c.id = 1 \
              UNION ALL \
-             SELECT NULL, NULL, NULL, NULL, l.{key}, \
+             SELECT NULL, NULL, NULL, l.{key}, \
              CASE WHEN EXISTS (SELECT 1 FROM {table} t WHERE t.{key} = l.{key}) THEN '1' ELSE '0' END, \
              (SELECT t.{value} FROM {table} t WHERE t.{key} = l.{key}) \
              FROM (SELECT DISTINCT l.{key} FROM {log} l \
@@ -435,11 +434,12 @@ impl Dialect {
                 "SELECT {PG_POSITION}, xhorizon::text FROM {} WHERE id = 1",
                 self.quote(&n.clock)
             ),
-            // Where the table is: the clock's count, the newest log row not sequenced
-            // yet (0: none), and the compaction horizon.
+            // Where the table is: the clock's count, how many log rows are not
+            // sequenced yet, and the compaction horizon. (Not the newest unsequenced
+            // row: a transaction that commits after a later one adds an older row.)
             Dialect::Mysql => format!(
                 "SELECT CAST(c.seq AS CHAR), \
-                 CAST(coalesce((SELECT max(l.id) FROM {} l WHERE l.v IS NULL), 0) AS CHAR), \
+                 CAST((SELECT count(*) FROM {} l WHERE l.v IS NULL) AS CHAR), \
                  CAST(c.qhorizon AS CHAR) FROM {} c WHERE c.id = 1",
                 self.quote(&n.log),
                 self.quote(&n.clock)
@@ -578,6 +578,22 @@ const SEQUENCE_AT: u64 = 64;
 /// bulk write's rows are sequenced over several).
 const SEQUENCE_ROWS: usize = 20_000;
 
+/// MySQL: the log rows of the runs of ids given, by the log's primary key: every id in
+/// a run was read, so a range holds no row of a transaction still open.
+fn id_condition(runs: &[(u64, u64)]) -> String {
+    let runs: Vec<String> = runs
+        .iter()
+        .map(|&(a, b)| {
+            if a == b {
+                format!("id = {a}")
+            } else {
+                format!("id BETWEEN {a} AND {b}")
+            }
+        })
+        .collect();
+    runs.join(" OR ")
+}
+
 /// Runs of consecutive numbers in sorted `ids`, as (first, last).
 fn id_runs(ids: &[u64]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
@@ -608,7 +624,7 @@ pub(crate) struct Coherence {
     dialect: Dialect,
     marks: Marks,
     backend: &'static str,
-    /// MySQL: the positions handed out (the clock's count, the newest row not
+    /// MySQL: the positions handed out (the clock's count, how many rows are not
     /// sequenced), under the numbers the map keeps.
     positions: std::sync::Mutex<Positions<(u64, u64)>>,
     /// PostgreSQL: the snapshots handed out, likewise.
@@ -849,7 +865,7 @@ impl Coherence {
         let mut reached = None;
         let mut unsequenced = 0;
         for row in &rows {
-            let [horizon, seq, newest, waiting, key, present, value] = row.as_slice() else {
+            let [horizon, seq, waiting, key, present, value] = row.as_slice() else {
                 return Err(fail(
                     "the change query returned a row of another shape".into(),
                 ));
@@ -859,11 +875,11 @@ impl Coherence {
                     if number(horizon).unwrap_or(0) > seen {
                         return Ok(None);
                     }
-                    let (Some(seq), Some(newest)) = (number(seq), number(newest)) else {
+                    let (Some(seq), Some(waiting)) = (number(seq), number(waiting)) else {
                         return Err(fail("the change log's clock row is not numbers".into()));
                     };
-                    reached = Some((seq, newest));
-                    unsequenced = number(waiting).unwrap_or(0);
+                    reached = Some((seq, waiting));
+                    unsequenced = waiting;
                 }
                 Some(key) => {
                     let present = present.as_deref() == Some(b"1");
@@ -918,20 +934,38 @@ impl Coherence {
             .parse()
             .map_err(|_| fail(format!("the log's version {upto:?} is not a number").into()))?;
         // The horizon first: a reader that read the clock before the delete and the log
-        // after it would otherwise miss the rows deleted in between. The delete reads
-        // committed rows, so that it takes no gap lock a writer's append would wait for.
-        for sql in [
-            format!("UPDATE {clock} SET qhorizon = greatest(qhorizon, {upto}) WHERE id = 1"),
-            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED".to_string(),
-            format!("DELETE FROM {log} WHERE v IS NOT NULL AND v <= {upto}"),
-        ] {
-            conn.exec(&sql).map_err(fail)?;
+        // after it would otherwise miss the rows deleted in between.
+        conn.exec(&format!(
+            "UPDATE {clock} SET qhorizon = greatest(qhorizon, {upto}) WHERE id = 1"
+        ))
+        .map_err(fail)?;
+        // The rows go by their ids, read first without a lock: a delete by `v` reads
+        // the index's unsequenced rows too, and waited for a transaction of another
+        // program that had appended one and was still open (found by probing: the
+        // map's write that compacted waited 50 s).
+        let ids: Vec<u64> = conn
+            .texts(
+                &format!(
+                    "SELECT CAST(id AS CHAR) FROM {log} WHERE v IS NOT NULL AND v <= {upto} \
+                     ORDER BY id"
+                ),
+                None,
+            )
+            .map_err(fail)?
+            .iter()
+            .filter_map(|r| r.first().and_then(|id| id.trim().parse().ok()))
+            .collect();
+        for ids in id_runs(&ids).chunks(500) {
+            conn.exec("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .map_err(fail)?;
+            conn.exec(&format!("DELETE FROM {log} WHERE {}", id_condition(ids)))
+                .map_err(fail)?;
         }
         tracing::debug!(table = %self.table.name, upto, "change log compacted");
         Ok(())
     }
 
-    /// MySQL: the clock's count, the newest log row not sequenced (0: none), and the
+    /// MySQL: the clock's count, how many log rows are not sequenced, and the
     /// compaction horizon, in one snapshot.
     fn mysql_clock(&self, conn: &mut dyn Catalog) -> Result<(u64, u64, u64)> {
         let fail = |e| db_error(Action::Load, &self.table, self.backend, e);
@@ -1019,19 +1053,9 @@ impl Coherence {
         // order of the ids.
         let offset = i128::from(count) + 1 - i128::from(first);
         for ids in id_runs(&ids).chunks(500) {
-            let ids: Vec<String> = ids
-                .iter()
-                .map(|&(a, b)| {
-                    if a == b {
-                        format!("id = {a}")
-                    } else {
-                        format!("id BETWEEN {a} AND {b}")
-                    }
-                })
-                .collect();
             conn.exec(&format!(
                 "UPDATE {log} SET v = id + ({offset}) WHERE v IS NULL AND ({})",
-                ids.join(" OR ")
+                id_condition(ids)
             ))?;
         }
         conn.exec(&format!(
