@@ -6,12 +6,15 @@ use std::hash::{BuildHasher, Hash};
 
 use crate::codec::{Codec, Json};
 use crate::error::{Error, Result};
-use crate::map::{DbHashMap, SharedDbHashMap, WatchConfig};
+use crate::map::{DbHashMap, LaneSource, SharedDbHashMap, WatchConfig};
 use crate::store::{Store, TableSpec};
 use crate::write_behind::WriteBehind;
 
 /// How many versions of changes a coherent table's log keeps by default.
 const DEFAULT_CHANGE_WINDOW: u64 = 100_000;
+
+/// How many connections a shared map on a server writes on by default.
+const DEFAULT_CONNECTIONS: usize = 1;
 
 /// The table name the Racket original uses, and this crate's default.
 pub const DEFAULT_TABLE: &str = "hashtable";
@@ -42,6 +45,8 @@ pub struct Builder<K, V, S = RandomState, KC = Json, VC = Json> {
     coherent: Option<u64>,
     /// Refreshing by itself in the background (a shared map).
     watch: Option<WatchConfig>,
+    /// A shared map on a server: how many connections its writes may use.
+    connections: usize,
     table: String,
     /// A slice: the keys that start with it.
     prefix: Option<String>,
@@ -90,6 +95,7 @@ impl<K, V> Builder<K, V> {
             write_behind: None,
             coherent: None,
             watch: None,
+            connections: DEFAULT_CONNECTIONS,
             table: DEFAULT_TABLE.to_string(),
             prefix: None,
             src: None,
@@ -218,6 +224,27 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         self.coherent()
     }
 
+    /// For [`open_shared`](Self::open_shared) from a PostgreSQL or MySQL URL: how many
+    /// connections the map's writes may use at once (default 1). Groups of changes on
+    /// different keys then commit at once, each on its own connection, while the calls
+    /// on one key keep their order (a change waits for a group that holds its key, and
+    /// nothing passes a `clear`); the extra connections are opened as they are first
+    /// needed. A map on a connection given, on SQLite (one writer at a time) or with
+    /// write-behind uses one. Whether more is faster depends on the server's cores and
+    /// how far away it is: measure (see the README's W6 rows).
+    ///
+    /// ```no_run
+    /// # use write_thru_hash::{DbHashMap, SharedDbHashMap};
+    /// let h: SharedDbHashMap<String, u64> = DbHashMap::builder_url("postgres://app:secret@db/app")
+    ///     .connections(4)
+    ///     .open_shared()?;
+    /// # Ok::<(), write_thru_hash::Error>(())
+    /// ```
+    pub fn connections(mut self, n: usize) -> Self {
+        self.connections = n.max(1);
+        self
+    }
+
     /// One codec for keys and values.
     pub fn codec<C: Clone>(self, codec: C) -> Builder<K, V, S, C, C> {
         Builder {
@@ -225,6 +252,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             write_behind: self.write_behind,
             coherent: self.coherent,
             watch: self.watch,
+            connections: self.connections,
             table: self.table,
             prefix: self.prefix,
             src: self.src,
@@ -241,6 +269,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             write_behind: self.write_behind,
             coherent: self.coherent,
             watch: self.watch,
+            connections: self.connections,
             table: self.table,
             prefix: self.prefix,
             src: self.src,
@@ -257,6 +286,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             write_behind: self.write_behind,
             coherent: self.coherent,
             watch: self.watch,
+            connections: self.connections,
             table: self.table,
             prefix: self.prefix,
             src: self.src,
@@ -273,6 +303,7 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
             write_behind: self.write_behind,
             coherent: self.coherent,
             watch: self.watch,
+            connections: self.connections,
             table: self.table,
             prefix: self.prefix,
             src: self.src,
@@ -363,7 +394,22 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
         VC: Codec<V> + 'static,
     {
         let watch = self.watch.take();
-        let shared = SharedDbHashMap::from_map(self.open()?);
+        let lanes = match &self.store {
+            Source::Url(url)
+                if matches!(
+                    crate::url::parse(url),
+                    Ok(crate::url::Target::Postgres(_) | crate::url::Target::Mysql(_))
+                ) =>
+            {
+                Some(LaneSource {
+                    url: url.clone(),
+                    coherent: None,
+                    extra: self.connections - 1,
+                })
+            }
+            _ => None,
+        };
+        let shared = SharedDbHashMap::from_map(self.open()?, lanes);
         if let Some(config) = watch {
             crate::map::start_watch(&shared, config)?;
         }

@@ -20,11 +20,24 @@ use std::time::{Duration, Instant};
 use env::{chain, Env};
 use write_thru_hash::{DbHashMap, Error, Event, SharedDbHashMap, WriteBehind};
 
+thread_local! {
+    /// How many connections the test on this thread gives its shared maps.
+    static CONNECTIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
+}
+
 fn shared(env: &impl Env, table: &str) -> SharedDbHashMap<String, i64> {
     env.builder()
         .table(table)
+        .connections(CONNECTIONS.with(std::cell::Cell::get))
         .open_shared()
         .unwrap_or_else(|e| panic!("open_shared {table}: {}", chain(&e)))
+}
+
+/// Runs a test with shared maps of four connections (on the servers).
+fn with_lanes(test: impl FnOnce()) {
+    CONNECTIONS.with(|c| c.set(4));
+    test();
+    CONNECTIONS.with(|c| c.set(1));
 }
 
 fn fresh(env: &impl Env, table: &str) -> HashMap<String, i64> {
@@ -1002,6 +1015,132 @@ fn sqlite_async_calls_do_not_hang_when_the_blocking_pool_is_full() {
     });
 }
 
+/// Lanes (`connections(4)`): a write that another program's row lock holds up leaves
+/// the map's writes of other keys free (with one connection they wait behind it), and
+/// a second write of the held key waits for the first, so that the calls on one key
+/// keep their order.
+fn lanes_commit_other_keys_meanwhile(env: &impl Env) {
+    let h = shared(env, "lanes");
+    h.insert_many([("a".to_string(), 0), ("b".to_string(), 0)])
+        .unwrap();
+    let lock = env.hold_row_lock("lanes", "a", Duration::from_secs(1));
+    let started = Instant::now();
+    let first = {
+        let h = h.clone();
+        std::thread::spawn(move || h.insert("a".into(), 1))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    let second = {
+        let h = h.clone();
+        std::thread::spawn(move || h.insert("a".into(), 2))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    for i in 0..20 {
+        h.insert(format!("b{i}"), i).unwrap();
+    }
+    h.upsert("b".into(), |v| v.copied().unwrap_or(0) + 1)
+        .unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(600),
+        "writes of other keys waited {took:?} for a lock on \"a\""
+    );
+    assert!(!first.is_finished() && !second.is_finished());
+    lock.join().unwrap();
+    first.join().unwrap().unwrap();
+    second.join().unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(h.get("a"), Some(2), "the calls on one key kept their order");
+    assert_eq!(h.get("b"), Some(1));
+    assert_eq!(fresh(env, "lanes"), h.to_hash_map());
+}
+
+/// Lanes: 200 `insert_async` calls on one key, made one after another without waiting,
+/// with calls on other keys between them, end with the last value, in memory and in
+/// the table; and a `clear` queued among them is passed by nothing.
+#[cfg(feature = "tokio")]
+fn lanes_keep_the_order_of_queued_calls(env: &impl Env) {
+    let h = shared(env, "order");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut calls = Vec::new();
+        for i in 0..200i64 {
+            let task = h.clone();
+            calls.push(tokio::spawn(async move {
+                task.insert_async("k".into(), i).await.unwrap();
+                task.insert_async(format!("o{}", i % 7), i).await.unwrap();
+            }));
+            if i == 150 {
+                let task = h.clone();
+                calls.push(tokio::spawn(
+                    async move { task.clear_async().await.unwrap() },
+                ));
+            }
+        }
+        for call in calls {
+            call.await.unwrap();
+        }
+    });
+    assert_eq!(h.get("k"), Some(199));
+    assert_eq!(fresh(env, "order"), h.to_hash_map());
+}
+
+macro_rules! lanes_tests {
+    ($backend:ident, $env:expr, $rounds:expr) => {
+        mod $backend {
+            #[allow(unused_imports)]
+            use super::env;
+            use super::with_lanes;
+            #[test]
+            fn eight_threads_converge() {
+                with_lanes(|| super::super::eight_threads_converge(&$env, $rounds));
+            }
+            #[test]
+            fn readers_see_whole_batches() {
+                with_lanes(|| super::super::readers_see_whole_batches(&$env, $rounds as i64 / 4));
+            }
+            #[test]
+            fn same_keys_from_many_threads() {
+                with_lanes(|| super::super::same_keys_from_many_threads(&$env));
+            }
+            #[test]
+            fn group_commit_fails_only_the_rejected_change() {
+                with_lanes(|| super::super::group_commit_fails_only_the_rejected_change(&$env));
+            }
+            #[test]
+            fn refused_change_in_a_group_with_the_same_key() {
+                with_lanes(|| super::super::refused_change_in_a_group_with_the_same_key(&$env));
+            }
+            #[test]
+            fn upserts_computed_on_a_refused_change_are_refused() {
+                with_lanes(|| {
+                    super::super::upserts_computed_on_a_refused_change_are_refused(&$env)
+                });
+            }
+            #[test]
+            fn upserts_computed_on_a_refused_clear_are_refused() {
+                with_lanes(|| super::super::upserts_computed_on_a_refused_clear_are_refused(&$env));
+            }
+            #[test]
+            fn upserts_settle_an_unknown_outcome_first() {
+                with_lanes(|| super::super::upserts_settle_an_unknown_outcome_first(&$env));
+            }
+            #[test]
+            fn lanes_commit_other_keys_meanwhile() {
+                with_lanes(|| super::super::lanes_commit_other_keys_meanwhile(&$env));
+            }
+            #[cfg(feature = "tokio")]
+            #[test]
+            fn lanes_keep_the_order_of_queued_calls() {
+                with_lanes(|| super::super::lanes_keep_the_order_of_queued_calls(&$env));
+            }
+        }
+    };
+}
+
 macro_rules! shared_tests {
     ($backend:ident, $env:expr, $rounds:expr) => {
         mod $backend {
@@ -1076,6 +1215,15 @@ shared_tests!(sqlite, env::SqliteEnv::new(), 200);
 shared_tests!(postgres, env::PgEnv::new(), 200);
 #[cfg(feature = "mysql")]
 shared_tests!(mysql, env::MyEnv::new(), 200);
+
+/// The same, with shared maps of four connections.
+mod lanes {
+    use super::{env, with_lanes};
+    #[cfg(feature = "postgres")]
+    lanes_tests!(postgres, env::PgEnv::new(), 200);
+    #[cfg(feature = "mysql")]
+    lanes_tests!(mysql, env::MyEnv::new(), 200);
+}
 
 /// Feature `tokio`: on a current-thread runtime, while a write waits half a second on
 /// a locked SQLite file, another task keeps ticking every 10 ms. The other async write

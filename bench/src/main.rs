@@ -811,6 +811,46 @@ fn async_waits(notes: &mut Vec<String>) {
     ));
 }
 
+/// A TCP proxy to the server of `url` that delays every read by `one_way` before
+/// passing it on; the URL through it.
+fn slow_link(url: &str, one_way: Duration) -> String {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let at = url.rsplit_once('@').map_or(url, |(_, rest)| rest);
+    let upstream = at.split('/').next().unwrap().to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let to_server = upstream.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(&to_server) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                let _ = from.set_nodelay(true);
+                let _ = to.set_nodelay(true);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        std::thread::sleep(one_way);
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    url.replacen(&upstream, &format!("127.0.0.1:{port}"), 1)
+}
+
 /// W6 on PostgreSQL.
 fn shared_postgres(rows: &mut Vec<Row>, args: &Args, url: &str) {
     let d = Dialect::Postgres;
@@ -821,29 +861,41 @@ fn shared_postgres(rows: &mut Vec<Row>, args: &Args, url: &str) {
         c
     };
     let raw_table = spec("bench_w6_raw");
-    w6(
-        rows,
-        args,
-        "PostgreSQL",
-        &|_| {
-            fresh("bench_w6_lib");
-            DbHashMap::builder_url(url)
-                .table("bench_w6_lib")
-                .open_shared()
-                .unwrap()
-        },
-        &|_| {
-            let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
-            c.batch_execute(&d.create_table(&raw_table)).unwrap();
-            c.batch_execute(&format!("DELETE FROM {}", d.quote("bench_w6_raw")))
-                .unwrap();
-            let st = c.prepare(&d.upsert(&raw_table, 1)).unwrap();
-            (c, st)
-        },
-        &|(c, st), k, v| {
-            c.execute(&*st, &[&k, &v]).unwrap();
-        },
-    );
+    // Here, and over a link with a round trip of 0.5 ms (a proxy that delays every
+    // read by 0.25 ms each way), as a server on another machine of a data centre; with
+    // one connection and with four.
+    let slow = slow_link(url, Duration::from_micros(250));
+    for (label, url, connections) in [
+        ("PostgreSQL", url, 1),
+        ("PostgreSQL, 4 connections", url, 4),
+        ("PostgreSQL, 0.5 ms away", slow.as_str(), 1),
+        ("PostgreSQL, 0.5 ms away, 4 connections", slow.as_str(), 4),
+    ] {
+        w6(
+            rows,
+            args,
+            label,
+            &|_| {
+                fresh("bench_w6_lib");
+                DbHashMap::builder_url(url)
+                    .table("bench_w6_lib")
+                    .connections(connections)
+                    .open_shared()
+                    .unwrap()
+            },
+            &|_| {
+                let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+                c.batch_execute(&d.create_table(&raw_table)).unwrap();
+                c.batch_execute(&format!("DELETE FROM {}", d.quote("bench_w6_raw")))
+                    .unwrap();
+                let st = c.prepare(&d.upsert(&raw_table, 1)).unwrap();
+                (c, st)
+            },
+            &|(c, st), k, v| {
+                c.execute(&*st, &[&k, &v]).unwrap();
+            },
+        );
+    }
     drop(fresh("bench_w6_raw"));
     w8(rows, args, "PostgreSQL", &|name| {
         drop(fresh(name));

@@ -3,6 +3,7 @@
 #[cfg(feature = "tokio")]
 mod asynchronous;
 mod events;
+mod lanes;
 mod shared;
 mod transaction;
 mod watch;
@@ -22,6 +23,7 @@ use crate::store::{Batch, IntoStore, Store, TableSpec};
 use crate::write_behind::WriteBehind;
 
 pub use events::{Event, Next, Subscription};
+pub(crate) use lanes::LaneSource;
 pub use shared::{ReadGuard, SharedDbHashMap};
 
 /// The fewest pairs `insert_many` streams to a store that can take them as they come.

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::events::{Event, Subscribers, Subscription};
+use super::lanes::{LaneSource, Lanes};
 use super::transaction::Transaction;
 use super::writer::{apply_changes, Encoder, Refreshed, Writer};
 use super::DbHashMap;
@@ -84,8 +85,11 @@ pub(crate) struct Inner<K, V, S> {
     enc: Arc<Encoder<K, V>>,
     /// Write-behind's flush and count, which need no writer.
     behind: Option<Probe>,
-    /// The write path. Whoever holds it is the only one to change `map`.
+    /// The write path. Whoever holds it, or a lane, changes `map` (lanes only for keys
+    /// no other group is committing).
     writer: Mutex<Writer<K, V>>,
+    /// A map on a server: more connections, for groups on other keys meanwhile.
+    lanes: Option<Lanes<K, V>>,
     /// Group commit: changes waiting for the next writer to reach the store.
     queue: Mutex<Queue<K, V>>,
     /// Taken to read by read-modify-writes while they are computed and queued, and to
@@ -104,7 +108,14 @@ pub(crate) struct Inner<K, V, S> {
 /// (the leader: the others wait for it rather than for the store).
 struct Queue<K, V> {
     pending: Vec<Request<K, V>>,
-    leading: bool,
+    /// Callers leading a group now, or told to: at most one per connection.
+    leaders: usize,
+    max_leaders: usize,
+    /// The keys of the groups being committed (with lanes): a change of one waits for
+    /// that group, so that the calls on one key keep their order.
+    inflight: HashSet<Vec<u8>>,
+    /// A group being committed holds a clear: no other group goes meanwhile.
+    clearing: bool,
     /// For read-modify-writes computed as they queue: per stored key, what it will hold
     /// once the changes queued or being committed are (memory, for keys not here).
     planned: HashMap<Vec<u8>, Planned<V>>,
@@ -137,9 +148,19 @@ struct Request<K, V> {
     batch: Batch,
     change: Change<K, V>,
     done: Waiter<K, V>,
+    /// Its caller was told to lead and has not begun yet.
+    told: bool,
 }
 
 impl<K, V> Request<K, V> {
+    /// The stored keys it writes.
+    fn keys(&self) -> impl Iterator<Item = &Vec<u8>> + Clone {
+        self.batch
+            .deletes
+            .iter()
+            .chain(self.batch.puts.iter().map(|(k, _)| k))
+    }
+
     /// Whether it was computed on a request the database refused: it is refused too,
     /// untried.
     fn computed_on(&self, refused: &HashSet<u64>) -> bool {
@@ -264,8 +285,90 @@ impl<K, V> Queue<K, V> {
             batch,
             change,
             done,
+            told: false,
         });
-        !std::mem::replace(&mut self.leading, true)
+        let leads = self.leaders < self.max_leaders;
+        if leads {
+            self.leaders += 1;
+        }
+        leads
+    }
+
+    /// The queued changes a new group may take now, by index, in queue order: all of
+    /// them with one connection; with lanes, those that touch no key of a group being
+    /// committed nor of a change passed over before them, and a clear only when no
+    /// other group is being committed (nothing passes a clear).
+    fn eligible(&self) -> Vec<usize> {
+        if self.max_leaders == 1 {
+            return (0..self.pending.len()).collect();
+        }
+        if self.clearing {
+            return Vec::new();
+        }
+        let mut passed: HashSet<&[u8]> = HashSet::new();
+        let mut taken = Vec::new();
+        for (i, r) in self.pending.iter().enumerate() {
+            if r.batch.clear {
+                if !self.inflight.is_empty() || !passed.is_empty() {
+                    break;
+                }
+                taken.push(i);
+                continue;
+            }
+            let keys = r.keys();
+            if keys
+                .clone()
+                .any(|k| self.inflight.contains(k) || passed.contains(k.as_slice()))
+            {
+                passed.extend(keys.map(Vec::as_slice));
+                continue;
+            }
+            taken.push(i);
+        }
+        taken
+    }
+
+    /// Takes the changes `eligible` gives out of the queue, as a group being committed.
+    fn take_group(&mut self) -> (Vec<Request<K, V>>, Vec<Vec<u8>>, bool) {
+        let picked = self.eligible();
+        if picked.len() == self.pending.len() {
+            let group = std::mem::take(&mut self.pending);
+            return self.committing(group);
+        }
+        let mut group = Vec::with_capacity(picked.len());
+        let mut left = Vec::with_capacity(self.pending.len() - picked.len());
+        let mut next = picked.iter().peekable();
+        for (i, r) in std::mem::take(&mut self.pending).into_iter().enumerate() {
+            if next.peek() == Some(&&i) {
+                next.next();
+                group.push(r);
+            } else {
+                left.push(r);
+            }
+        }
+        self.pending = left;
+        self.committing(group)
+    }
+
+    /// Notes the keys of a group taken (with lanes): its keys, and whether it clears.
+    fn committing(
+        &mut self,
+        group: Vec<Request<K, V>>,
+    ) -> (Vec<Request<K, V>>, Vec<Vec<u8>>, bool) {
+        if self.max_leaders == 1 {
+            return (group, Vec::new(), false);
+        }
+        let clears = group.iter().any(|r| r.batch.clear);
+        self.clearing |= clears;
+        let mut keys = Vec::new();
+        for r in &group {
+            for k in r.keys() {
+                if self.inflight.insert(k.clone()) {
+                    keys.push(k.clone());
+                }
+            }
+        }
+        (group, keys, clears)
     }
 
     /// What `key` will hold once what is queued is committed.
@@ -315,8 +418,9 @@ enum Waiter<K, V> {
     #[cfg(feature = "tokio")]
     Task {
         outcome: tokio::sync::oneshot::Sender<Result<Done<K, V>>>,
-        /// Starts a leader, on a thread of its own, when the lead comes to this change.
-        lead: Option<Box<dyn FnOnce() + Send>>,
+        /// Starts a leader, on a thread of its own, when the lead comes to this change
+        /// (numbered so).
+        lead: Box<dyn Fn(u64) + Send>,
     },
 }
 
@@ -334,26 +438,25 @@ impl<K, V> Waiter<K, V> {
         }
     }
 
-    /// Tells the caller to lead the next group; false if it cannot (it is gone).
-    fn lead(&mut self) -> bool {
+    /// Tells the caller of change `seq` to lead the next group; false if it cannot (it
+    /// is gone).
+    fn lead(&mut self, seq: u64) -> bool {
         match self {
-            Waiter::Thread(to) => to.try_send(Word::Lead).is_ok(),
+            Waiter::Thread(to) => to.try_send(Word::Lead(seq)).is_ok(),
             #[cfg(feature = "tokio")]
-            Waiter::Task { lead, .. } => match lead.take() {
-                Some(start) => {
-                    start();
-                    true
-                }
-                None => false,
-            },
+            Waiter::Task { lead, .. } => {
+                lead(seq);
+                true
+            }
         }
     }
 }
 
-/// What a waiting caller hears: its outcome, or that it leads the next group.
+/// What a waiting caller hears: its outcome, or that it leads the next group (told as
+/// the caller of the change numbered so).
 enum Word<K, V> {
     Outcome(Result<Done<K, V>>),
-    Lead,
+    Lead(u64),
 }
 
 /// The memory side of a queued change, applied once its batch is committed.
@@ -787,9 +890,14 @@ where
         self.enter(call)?;
         let _gate = self.gate.write();
         let mut w = self.writer_unchecked();
+        // No group commits on a lane meanwhile; what a lane left unknown is settled.
+        let lanes = self.lanes.as_ref().map(Lanes::hold);
         let queued = std::mem::take(&mut self.queue().pending);
         self.commit_group(&mut w, queued);
         self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(lanes) = &lanes {
+            lanes.each(|lane| self.settle(lane))?;
+        }
         self.settle(&mut w)?;
         f(&mut w)
     }
@@ -811,21 +919,44 @@ where
 
     /// One term as leader: commits everything queued (the leader's own change
     /// included) as one group, then hands the lead to the first caller queued since.
-    fn lead(&self) {
-        let term = Leading(self);
-        let mut w = self.writer_unchecked();
+    /// With lanes, what a group may take now (see [`Queue::eligible`]), on whichever
+    /// connection is free. `told`: the change whose caller was told to lead.
+    fn lead(&self, told: Option<u64>) {
+        let mut term = Leading {
+            inner: self,
+            keys: Vec::new(),
+            clears: false,
+        };
+        if let Some(seq) = told {
+            if let Some(r) = self.queue().pending.iter_mut().find(|r| r.seq == seq) {
+                r.told = false;
+            }
+        }
+        let mut w = self.lane();
         // The callers the last commit released are making their next change: wait
         // (briefly) for as many changes as there were callers around the last commit,
-        // so that they join this group rather than wait for the next.
-        self.gather();
-        let group = std::mem::take(&mut self.queue().pending);
+        // so that they join this group rather than wait for the next. (With lanes, the
+        // next group goes on another connection instead.)
+        if self.lanes.is_none() {
+            self.gather();
+        }
+        let group = {
+            let mut queue = self.queue();
+            let (group, keys, clears) = queue.take_group();
+            term.keys = keys;
+            term.clears = clears;
+            group
+        };
+        if group.is_empty() {
+            return;
+        }
         let size = group.len();
         let started = Instant::now();
         if let Some(e) = self.commit_group(&mut w, group) {
             // A lock held elsewhere timed the whole group out: the callers who queued
             // while it waited hear the same now, rather than each waiting for the
             // lock again (each caller waits at most its own timeout, once).
-            let queued = std::mem::take(&mut self.queue().pending);
+            let queued = self.queue().take_group().0;
             self.calls.fetch_add(queued.len() as u64, Ordering::Relaxed);
             let seqs: HashSet<u64> = queued.iter().map(|r| r.seq).collect();
             self.queue().finished(&seqs, seqs.iter().copied());
@@ -838,8 +969,45 @@ where
             after.callers = size + after.pending.len();
             after.last_commit = started.elapsed();
         }
+        let unsettled = w.unsettled.is_some() && self.lanes.is_some();
         drop(w);
         drop(term);
+        if unsettled {
+            // A write on one connection whose outcome is unknown is read back while no
+            // other connection writes, so that the value read is not one another
+            // group is about to change (the next call would do it otherwise).
+            if let Err(e) = self.exclusive("settle", |_| Ok(())) {
+                tracing::debug!(table = %self.table, error = %e,
+                    "a write's outcome is still unknown; the next call settles it");
+            }
+        }
+    }
+
+    /// A connection for a leader: the map's writer if free, else a lane (with lanes),
+    /// else the map's writer once it is free.
+    fn lane(&self) -> Lane<'_, K, V> {
+        let Some(lanes) = &self.lanes else {
+            return Lane::Main(self.writer_unchecked());
+        };
+        let free = match self.writer.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if let Some(guard) = free {
+            return Lane::Main(Held {
+                guard,
+                _inside: Inside::enter(self.address()),
+            });
+        }
+        match lanes.take(&self.enc) {
+            Some(w) => Lane::Extra {
+                w: Some(w),
+                lanes,
+                _inside: Inside::enter(self.address()),
+            },
+            None => Lane::Main(self.writer_unchecked()),
+        }
     }
 
     /// A leader's wait before taking its group: until as many changes are queued as
@@ -959,24 +1127,86 @@ impl MetByAll {
     }
 }
 
-/// A leader's term. It ends when dropped, even by a panic: the first caller still
-/// queued is told to lead next, or, with none, nobody leads until the next change.
-struct Leading<'a, K, V, S>(&'a Inner<K, V, S>);
+/// A leader's term. It ends when dropped, even by a panic: its group's keys are free
+/// again, and the first caller still queued whose change may go now is told to lead
+/// next, or, with none, nobody leads until the next change (with lanes: until another
+/// group ends, or the next change).
+struct Leading<'a, K, V, S> {
+    inner: &'a Inner<K, V, S>,
+    /// The keys its group holds (with lanes).
+    keys: Vec<Vec<u8>>,
+    /// Its group holds a clear.
+    clears: bool,
+}
 
 impl<K, V, S> Drop for Leading<'_, K, V, S> {
     fn drop(&mut self) {
-        let mut queue = unpoisoned(self.0.queue.lock());
+        let mut queue = unpoisoned(self.inner.queue.lock());
+        for key in &self.keys {
+            queue.inflight.remove(key);
+        }
+        if self.clears {
+            queue.clearing = false;
+        }
+        queue.leaders -= 1;
         loop {
-            let Some(next) = queue.pending.first_mut() else {
-                queue.leading = false;
+            let next = queue
+                .eligible()
+                .into_iter()
+                .find(|&i| !queue.pending[i].told);
+            let Some(i) = next else {
                 return;
             };
-            if next.done.lead() {
+            let next = &mut queue.pending[i];
+            if next.done.lead(next.seq) {
+                next.told = true;
+                queue.leaders += 1;
                 return;
             }
             // Its caller is gone (it cannot be, while the request is queued; but a
             // request nobody waits for must not stall the queue).
-            queue.pending.remove(0);
+            queue.pending.remove(i);
+        }
+    }
+}
+
+/// The connection a leader commits its group on: the map's writer, or a lane, given
+/// back when dropped.
+enum Lane<'a, K, V> {
+    Main(Held<'a, K, V>),
+    Extra {
+        w: Option<Writer<K, V>>,
+        lanes: &'a Lanes<K, V>,
+        _inside: Inside,
+    },
+}
+
+impl<K, V> Deref for Lane<'_, K, V> {
+    type Target = Writer<K, V>;
+
+    fn deref(&self) -> &Writer<K, V> {
+        match self {
+            Lane::Main(held) => held,
+            Lane::Extra { w, .. } => w.as_ref().expect("a lane is held until dropped"),
+        }
+    }
+}
+
+impl<K, V> std::ops::DerefMut for Lane<'_, K, V> {
+    fn deref_mut(&mut self) -> &mut Writer<K, V> {
+        match self {
+            Lane::Main(held) => held,
+            Lane::Extra { w, .. } => w.as_mut().expect("a lane is held until dropped"),
+        }
+    }
+}
+
+impl<K, V> Drop for Lane<'_, K, V> {
+    fn drop(&mut self) {
+        if let Lane::Extra { w, lanes, .. } = self {
+            if let Some(w) = w.take() {
+                lanes.give_back(w);
+            }
         }
     }
 }
@@ -1017,8 +1247,17 @@ fn parts<K, V>(group: &[Request<K, V>]) -> Vec<std::ops::Range<usize>> {
 }
 
 impl<K, V, S> SharedDbHashMap<K, V, S> {
-    pub(crate) fn from_map(h: DbHashMap<K, V, S>) -> Self {
+    pub(crate) fn from_map(h: DbHashMap<K, V, S>, lanes: Option<LaneSource>) -> Self {
         let (map, w) = h.into_parts();
+        // Lanes are for write-through maps: write-behind commits on its own thread.
+        let lanes = lanes
+            .filter(|l| l.extra > 0 && w.behind.is_none())
+            .map(|l| LaneSource {
+                coherent: w.coherent,
+                ..l
+            })
+            .map(Lanes::new);
+        let max_leaders = 1 + lanes.as_ref().map_or(0, Lanes::extra);
         SharedDbHashMap {
             inner: Arc::new(Inner {
                 table: w.table.name.clone(),
@@ -1027,10 +1266,14 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
                 behind: w.behind.as_ref().map(crate::write_behind::Behind::probe),
                 map: RwLock::new(map),
                 writer: Mutex::new(w),
+                lanes,
                 gate: RwLock::new(()),
                 queue: Mutex::new(Queue {
                     pending: Vec::new(),
-                    leading: false,
+                    leaders: 0,
+                    max_leaders,
+                    inflight: HashSet::new(),
+                    clearing: false,
                     planned: HashMap::new(),
                     cleared: None,
                     opaque: None,
@@ -1206,12 +1449,12 @@ where
         words: &mpsc::Receiver<Word<K, V>>,
     ) -> Result<Done<K, V>> {
         if leads {
-            inner.lead();
+            inner.lead(None);
         }
         loop {
             match words.recv() {
                 Ok(Word::Outcome(result)) => return result,
-                Ok(Word::Lead) => inner.lead(),
+                Ok(Word::Lead(seq)) => inner.lead(Some(seq)),
                 // The leader that took this change panicked: whether its group was
                 // committed is not known.
                 Err(_) => {
@@ -1286,14 +1529,15 @@ where
         // leader (read-modify-writes wait there), nor on a runtime gone with its task.
         let start = {
             let map = self.clone();
-            move || {
-                std::thread::spawn(move || map.inner.lead());
+            move |seq| {
+                let map = map.clone();
+                std::thread::spawn(move || map.inner.lead(Some(seq)));
             }
         };
         let (outcome, wait) = tokio::sync::oneshot::channel();
         let done = Waiter::Task {
             outcome,
-            lead: Some(Box::new(start)),
+            lead: Box::new(start),
         };
         let leads = self
             .inner
@@ -1301,7 +1545,7 @@ where
             .push(call, batch, change, done, Vec::new(), None);
         if leads {
             let map = self.clone();
-            std::thread::spawn(move || map.inner.lead());
+            std::thread::spawn(move || map.inner.lead(None));
         }
         wait.await.unwrap_or_else(|_| {
             Err(Error::OutcomeUnknown {

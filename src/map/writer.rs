@@ -210,6 +210,24 @@ impl<K, V> Writer<K, V> {
         }
     }
 
+    /// Another writer of a map on a connection of its own (a shared map's lane): the
+    /// map's encoder and counters, coherent like the map (it compacts the log in turn),
+    /// nothing unsettled.
+    pub(crate) fn lane(
+        enc: &Arc<Encoder<K, V>>,
+        coherent: Option<Coherent>,
+        store: Box<dyn Store>,
+    ) -> Self {
+        Writer {
+            enc: Arc::clone(enc),
+            store: Arc::new(Mutex::new(store)),
+            behind: None,
+            poisoned: false,
+            unsettled: None,
+            coherent: coherent.map(|c| Coherent { writes: 0, ..c }),
+        }
+    }
+
     pub(crate) fn store(&self) -> MutexGuard<'_, Box<dyn Store>> {
         lock(&self.store)
     }

@@ -130,6 +130,14 @@ pub(crate) trait Env {
         unimplemented!("no write lock for this backend's tests")
     }
 
+    /// Takes the row lock of one key of `table` (a JSON text key) for `hold`, on a
+    /// connection of its own in another thread; returns once the lock is held.
+    #[allow(dead_code)]
+    fn hold_row_lock(&self, table: &str, key: &str, hold: Duration) -> JoinHandle<()> {
+        let _ = (table, key, hold);
+        unimplemented!("no row lock for this backend's tests")
+    }
+
     /// Makes the server reject any insert or update of `table` whose value column holds
     /// exactly `value`: a statement that fails part-way through a batch.
     fn reject_value(&self, table: &str, value: &str) {
@@ -401,6 +409,18 @@ mod pg {
                 |c| c.batch_execute("COMMIT").unwrap(),
             )
         }
+        fn hold_row_lock(&self, table: &str, key: &str, hold: Duration) -> JoinHandle<()> {
+            let lock = format!(
+                "BEGIN; SELECT 1 FROM {} WHERE key = '\"{key}\"' FOR UPDATE",
+                self.q(table)
+            );
+            held_lock(
+                self.raw(),
+                hold,
+                move |c| c.batch_execute(&lock).unwrap(),
+                |c| c.batch_execute("COMMIT").unwrap(),
+            )
+        }
         fn restricted_url(&self, table: &str) -> Option<String> {
             let role = format!("{}_dml", self.db);
             self.exec(&format!(
@@ -501,6 +521,21 @@ mod my {
                 hold,
                 move |c| c.query_drop(&lock).unwrap(),
                 |c| c.query_drop("UNLOCK TABLES").unwrap(),
+            )
+        }
+        fn hold_row_lock(&self, table: &str, key: &str, hold: Duration) -> JoinHandle<()> {
+            let lock = format!(
+                "SELECT 1 FROM {} WHERE `key` = '\"{key}\"' FOR UPDATE",
+                self.q(table)
+            );
+            held_lock(
+                self.raw(),
+                hold,
+                move |c| {
+                    c.query_drop("START TRANSACTION").unwrap();
+                    c.query_drop(&lock).unwrap();
+                },
+                |c| c.query_drop("COMMIT").unwrap(),
             )
         }
         fn restricted_url(&self, table: &str) -> Option<String> {
