@@ -114,6 +114,10 @@ struct Queue<K, V> {
     /// The keys of the groups being committed (with lanes): a change of one waits for
     /// that group, so that the calls on one key keep their order.
     inflight: HashSet<Vec<u8>>,
+    /// And the threads whose changes they hold: a thread's next change waits for them,
+    /// so that the changes one thread (one task's `…_async` calls) queued keep their
+    /// order across keys.
+    inflight_threads: HashSet<std::thread::ThreadId>,
     /// A group being committed holds a clear: no other group goes meanwhile.
     clearing: bool,
     /// For read-modify-writes computed as they queue: per stored key, what it will hold
@@ -150,6 +154,9 @@ struct Request<K, V> {
     done: Waiter<K, V>,
     /// Its caller was told to lead and has not begun yet.
     told: bool,
+    /// The thread that queued it (a task's `…_async` calls: the runtime's thread that
+    /// polled them first).
+    thread: std::thread::ThreadId,
 }
 
 impl<K, V> Request<K, V> {
@@ -166,6 +173,15 @@ impl<K, V> Request<K, V> {
     fn computed_on(&self, refused: &HashSet<u64>) -> bool {
         self.depends.iter().any(|d| refused.contains(d))
     }
+}
+
+/// What a group being committed holds (with lanes): the keys and threads it alone
+/// may have in flight, and whether it clears.
+#[derive(Default)]
+struct Committing {
+    keys: Vec<Vec<u8>>,
+    threads: Vec<std::thread::ThreadId>,
+    clears: bool,
 }
 
 /// What a key will hold once the changes queued before now are committed.
@@ -286,6 +302,7 @@ impl<K, V> Queue<K, V> {
             change,
             done,
             told: false,
+            thread: std::thread::current().id(),
         });
         let leads = self.leaders < self.max_leaders;
         if leads {
@@ -296,8 +313,9 @@ impl<K, V> Queue<K, V> {
 
     /// The queued changes a new group may take now, by index, in queue order: all of
     /// them with one connection; with lanes, those that touch no key of a group being
-    /// committed nor of a change passed over before them, and a clear only when no
-    /// other group is being committed (nothing passes a clear).
+    /// committed nor of a change passed over before them, and come from no thread with
+    /// a change there; and a clear only when no other group is being committed
+    /// (nothing passes a clear).
     fn eligible(&self) -> Vec<usize> {
         if self.max_leaders == 1 {
             return (0..self.pending.len()).collect();
@@ -306,21 +324,25 @@ impl<K, V> Queue<K, V> {
             return Vec::new();
         }
         let mut passed: HashSet<&[u8]> = HashSet::new();
+        let mut passed_threads = HashSet::new();
         let mut taken = Vec::new();
         for (i, r) in self.pending.iter().enumerate() {
             if r.batch.clear {
-                if !self.inflight.is_empty() || !passed.is_empty() {
+                if !self.inflight.is_empty() || !passed.is_empty() || !passed_threads.is_empty() {
                     break;
                 }
                 taken.push(i);
                 continue;
             }
             let keys = r.keys();
-            if keys
-                .clone()
-                .any(|k| self.inflight.contains(k) || passed.contains(k.as_slice()))
-            {
+            let waits = self.inflight_threads.contains(&r.thread)
+                || passed_threads.contains(&r.thread)
+                || keys
+                    .clone()
+                    .any(|k| self.inflight.contains(k) || passed.contains(k.as_slice()));
+            if waits {
                 passed.extend(keys.map(Vec::as_slice));
+                passed_threads.insert(r.thread);
                 continue;
             }
             taken.push(i);
@@ -329,7 +351,7 @@ impl<K, V> Queue<K, V> {
     }
 
     /// Takes the changes `eligible` gives out of the queue, as a group being committed.
-    fn take_group(&mut self) -> (Vec<Request<K, V>>, Vec<Vec<u8>>, bool) {
+    fn take_group(&mut self) -> (Vec<Request<K, V>>, Committing) {
         let picked = self.eligible();
         if picked.len() == self.pending.len() {
             let group = std::mem::take(&mut self.pending);
@@ -350,25 +372,38 @@ impl<K, V> Queue<K, V> {
         self.committing(group)
     }
 
-    /// Notes the keys of a group taken (with lanes): its keys, and whether it clears.
-    fn committing(
-        &mut self,
-        group: Vec<Request<K, V>>,
-    ) -> (Vec<Request<K, V>>, Vec<Vec<u8>>, bool) {
+    /// Notes what a group taken holds (with lanes).
+    fn committing(&mut self, group: Vec<Request<K, V>>) -> (Vec<Request<K, V>>, Committing) {
+        let mut held = Committing::default();
         if self.max_leaders == 1 {
-            return (group, Vec::new(), false);
+            return (group, held);
         }
-        let clears = group.iter().any(|r| r.batch.clear);
-        self.clearing |= clears;
-        let mut keys = Vec::new();
+        held.clears = group.iter().any(|r| r.batch.clear);
+        self.clearing |= held.clears;
         for r in &group {
+            if self.inflight_threads.insert(r.thread) {
+                held.threads.push(r.thread);
+            }
             for k in r.keys() {
                 if self.inflight.insert(k.clone()) {
-                    keys.push(k.clone());
+                    held.keys.push(k.clone());
                 }
             }
         }
-        (group, keys, clears)
+        (group, held)
+    }
+
+    /// A group taken is over: what it held is free.
+    fn committed(&mut self, held: &Committing) {
+        for key in &held.keys {
+            self.inflight.remove(key);
+        }
+        for thread in &held.threads {
+            self.inflight_threads.remove(thread);
+        }
+        if held.clears {
+            self.clearing = false;
+        }
     }
 
     /// What `key` will hold once what is queued is committed.
@@ -924,8 +959,7 @@ where
     fn lead(&self, told: Option<u64>) {
         let mut term = Leading {
             inner: self,
-            keys: Vec::new(),
-            clears: false,
+            held: Committing::default(),
         };
         if let Some(seq) = told {
             if let Some(r) = self.queue().pending.iter_mut().find(|r| r.seq == seq) {
@@ -942,9 +976,8 @@ where
         }
         let group = {
             let mut queue = self.queue();
-            let (group, keys, clears) = queue.take_group();
-            term.keys = keys;
-            term.clears = clears;
+            let (group, held) = queue.take_group();
+            term.held = held;
             group
         };
         if group.is_empty() {
@@ -952,11 +985,16 @@ where
         }
         let size = group.len();
         let started = Instant::now();
-        if let Some(e) = self.commit_group(&mut w, group) {
-            // A lock held elsewhere timed the whole group out: the callers who queued
-            // while it waited hear the same now, rather than each waiting for the
-            // lock again (each caller waits at most its own timeout, once).
-            let queued = self.queue().take_group().0;
+        let locked_out = self.commit_group(&mut w, group);
+        // A lock held elsewhere timed the whole group out: the callers who queued
+        // while it waited hear the same now, rather than each waiting for the lock
+        // again (each caller waits at most its own timeout, once). Not with lanes:
+        // there the changes queued meanwhile may be of keys no lock holds, and they go
+        // on another connection (found by probing: they failed with another key's lock
+        // timeout, and their keys stayed marked as being committed, so that the next
+        // write of them waited for ever).
+        if let Some(e) = locked_out.filter(|_| self.lanes.is_none()) {
+            let queued = std::mem::take(&mut self.queue().pending);
             self.calls.fetch_add(queued.len() as u64, Ordering::Relaxed);
             let seqs: HashSet<u64> = queued.iter().map(|r| r.seq).collect();
             self.queue().finished(&seqs, seqs.iter().copied());
@@ -1133,21 +1171,14 @@ impl MetByAll {
 /// group ends, or the next change).
 struct Leading<'a, K, V, S> {
     inner: &'a Inner<K, V, S>,
-    /// The keys its group holds (with lanes).
-    keys: Vec<Vec<u8>>,
-    /// Its group holds a clear.
-    clears: bool,
+    /// What its group holds (with lanes).
+    held: Committing,
 }
 
 impl<K, V, S> Drop for Leading<'_, K, V, S> {
     fn drop(&mut self) {
         let mut queue = unpoisoned(self.inner.queue.lock());
-        for key in &self.keys {
-            queue.inflight.remove(key);
-        }
-        if self.clears {
-            queue.clearing = false;
-        }
+        queue.committed(&self.held);
         queue.leaders -= 1;
         loop {
             let next = queue
@@ -1273,6 +1304,7 @@ impl<K, V, S> SharedDbHashMap<K, V, S> {
                     leaders: 0,
                     max_leaders,
                     inflight: HashSet::new(),
+                    inflight_threads: HashSet::new(),
                     clearing: false,
                     planned: HashMap::new(),
                     cleared: None,
