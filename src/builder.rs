@@ -227,8 +227,9 @@ impl<K, V, S, KC, VC> Builder<K, V, S, KC, VC> {
     /// For [`open_shared`](Self::open_shared) from a PostgreSQL or MySQL URL: how many
     /// connections the map's writes may use at once (default 1). Groups of changes on
     /// different keys then commit at once, each on its own connection, while the calls
-    /// on one key keep their order (a change waits for a group that holds its key, and
-    /// nothing passes a `clear`); the extra connections are opened as they are first
+    /// on one key, and the changes one thread queues, keep their order (a change waits
+    /// for a group that holds its key or its thread's change, and nothing passes a
+    /// `clear`); the extra connections are opened as they are first
     /// needed. A map on a connection given, on SQLite (one writer at a time) or with
     /// write-behind uses one. Whether more is faster depends on the server's cores and
     /// how far away it is: measure (see the README's W6 rows).
