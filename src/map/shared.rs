@@ -404,6 +404,7 @@ impl<K, V> Queue<K, V> {
         if held.clears {
             self.clearing = false;
         }
+        self.forget_refused();
     }
 
     /// What `key` will hold once what is queued is committed.
@@ -438,8 +439,15 @@ impl<K, V> Queue<K, V> {
             self.opaque = None;
         }
         self.refused.extend(refused);
-        // Nothing queued can depend on them any more.
-        if self.pending.is_empty() {
+        self.forget_refused();
+    }
+
+    /// Once nothing is queued or being committed, nothing can depend on the refused
+    /// changes any more. (With lanes, a change computed on a refused one may have been
+    /// taken by another group that has not looked yet: found when a third group's end
+    /// forgot the refusal, and an upsert computed on a refused value was committed.)
+    fn forget_refused(&mut self) {
+        if self.pending.is_empty() && self.inflight.is_empty() {
             self.refused.clear();
         }
     }
