@@ -916,23 +916,14 @@ impl Coherence {
         let nth = |n: u64| {
             format!("SELECT v FROM {log} WHERE v IS NOT NULL ORDER BY v DESC LIMIT 1 OFFSET {n}")
         };
-        let upto = conn
-            .texts(
-                &format!(
-                    "SELECT CAST(({}) AS CHAR) FROM {clock} WHERE id = 1 AND EXISTS ({})",
-                    nth(keep),
-                    nth(keep.saturating_mul(2))
-                ),
-                None,
-            )
-            .map_err(fail)?;
-        let Some(upto) = upto.first().and_then(|r| r.first()) else {
+        let sql = format!(
+            "SELECT CAST(({}) AS CHAR) FROM {clock} WHERE id = 1 AND EXISTS ({})",
+            nth(keep),
+            nth(keep.saturating_mul(2))
+        );
+        let Some(upto) = self.compaction_point(conn, &sql)? else {
             return Ok(());
         };
-        let upto: u64 = upto
-            .trim()
-            .parse()
-            .map_err(|_| fail(format!("the log's version {upto:?} is not a number").into()))?;
         // The horizon first: a reader that read the clock before the delete and the log
         // after it would otherwise miss the rows deleted in between.
         conn.exec(&format!(
@@ -963,6 +954,20 @@ impl Coherence {
         }
         tracing::debug!(table = %self.table.name, upto, "change log compacted");
         Ok(())
+    }
+
+    /// The version up to which a compaction deletes, as `sql` reads it: `None` when the
+    /// log does not need compacting yet.
+    fn compaction_point(&self, conn: &mut dyn Catalog, sql: &str) -> Result<Option<u64>> {
+        let fail = |e| db_error(Action::Write, &self.table, self.backend, e);
+        let rows = conn.texts(sql, None).map_err(fail)?;
+        let Some(upto) = rows.first().and_then(|r| r.first()) else {
+            return Ok(None);
+        };
+        upto.trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| fail(format!("the log's version {upto:?} is not a number").into()))
     }
 
     /// MySQL: the clock's count, how many log rows are not sequenced, and the
@@ -1183,24 +1188,15 @@ impl Coherence {
             self.dialect.quote(&self.names.clock),
         );
         let nth = |n: u64| format!("SELECT v FROM {log} ORDER BY v DESC OFFSET {n} LIMIT 1");
-        let upto = conn
-            .texts(
-                &format!(
-                    "SELECT least(({}), txid_snapshot_xmin(txid_current_snapshot()) - 1)::text \
-                     WHERE EXISTS ({})",
-                    nth(keep),
-                    nth(keep.saturating_mul(2))
-                ),
-                None,
-            )
-            .map_err(fail)?;
-        let Some(upto) = upto.first().and_then(|r| r.first()) else {
+        let sql = format!(
+            "SELECT least(({}), txid_snapshot_xmin(txid_current_snapshot()) - 1)::text \
+             WHERE EXISTS ({})",
+            nth(keep),
+            nth(keep.saturating_mul(2))
+        );
+        let Some(upto) = self.compaction_point(conn, &sql)? else {
             return Ok(());
         };
-        let upto: u64 = upto
-            .trim()
-            .parse()
-            .map_err(|_| fail(format!("the log's version {upto:?} is not a number").into()))?;
         for sql in [
             format!(
                 "UPDATE {clock} SET xhorizon = greatest(xhorizon, {}) WHERE id = 1",
