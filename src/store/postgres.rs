@@ -590,58 +590,89 @@ impl PostgresStore {
             return self.write(t, batch);
         }
         let mut tx = self.client.transaction().map_err(|e| classify(e, false))?;
-        if batch.clear {
-            tx.changed(&s.delete_all, &[])
-                .map_err(|e| classify(e, false))?;
-        }
-        if batch.clear && may_keep_deletes(&mut tx, t).map_err(|e| classify(e, false))? {
-            let left: i64 = tx
-                .row(&s.count, &[])
-                .map_err(|e| classify(e, false))?
-                .map_or(0, |r| r.get(0));
-            if left > 0 {
-                return Err(db_error(
-                    Action::Write,
-                    t,
-                    D.name(),
-                    deletes_kept(left as usize, None),
-                ));
-            }
-        }
-        if !batch.deletes.is_empty() {
-            let keys = batch
-                .deletes
-                .iter()
-                .map(|k| binds(t.key_format, k))
-                .collect::<Result<Vec<_>>>()?;
-            let deleted = tx
-                .changed(&s.delete_many, &[&keys])
-                .map_err(|e| classify(e, false))?;
-            if deleted < keys.len() as u64
-                && may_keep_deletes(&mut tx, t).map_err(|e| classify(e, false))?
-            {
-                let kept: i64 = tx
-                    .row(&s.count_keys, &[&keys])
-                    .map_err(|e| classify(e, false))?
-                    .map_or(0, |r| r.get(0));
-                if kept > 0 {
-                    let kept = deletes_kept(kept as usize, Some(keys.len()));
-                    return Err(db_error(Action::Write, t, D.name(), kept));
-                }
-            }
-        }
-        if !batch.puts.is_empty() {
-            let (keys, values) = put_binds(t, &batch.puts)?;
-            let written = tx
-                .changed(&s.upsert_many, &[&keys, &values])
-                .map_err(|e| classify(e, false))?;
-            // Dropping `tx` rolls the rest back.
-            all_rows_written(written, batch.puts.len())
-                .map_err(|e| db_error(Action::Write, t, D.name(), e))?;
-        }
+        write_checked(&mut tx, s, t, batch)?;
         // Dropping `tx` on any error above rolls the transaction back.
         tx.commit().map_err(|e| classify(e, true))
     }
+
+    /// `apply_seq`: the batches in order, each checked as `write` checks a batch it
+    /// cannot send as one statement, in one transaction.
+    fn write_seq(&mut self, t: &TableSpec, batches: &[Batch]) -> Result<()> {
+        let Some(s) = &self.stmts else {
+            return Err(not_opened(D.name()));
+        };
+        let mut tx = self
+            .client
+            .transaction()
+            .map_err(|e| db_error(Action::Write, t, D.name(), e))?;
+        for batch in batches {
+            write_checked(&mut tx, s, t, batch)?;
+        }
+        tx.commit().map_err(|e| {
+            if e.as_db_error().is_none() {
+                Error::OutcomeUnknown {
+                    table: t.name.clone(),
+                    backend: D.name(),
+                    source: e.into(),
+                }
+            } else {
+                db_error(Action::Write, t, D.name(), e)
+            }
+        })
+    }
+}
+
+/// One batch in a transaction, each part checked: a clear or delete that the table
+/// kept rows of (a rule, a trigger) and puts it did not all write are errors. The
+/// caller commits, or drops the transaction on an error, which rolls it back.
+fn write_checked(
+    tx: &mut postgres::Transaction<'_>,
+    s: &Statements,
+    t: &TableSpec,
+    batch: &Batch,
+) -> Result<()> {
+    let fail = |e: postgres::Error| db_error(Action::Write, t, D.name(), e);
+    if batch.clear {
+        tx.changed(&s.delete_all, &[]).map_err(fail)?;
+    }
+    if batch.clear && may_keep_deletes(tx, t).map_err(fail)? {
+        let left: i64 = tx.row(&s.count, &[]).map_err(fail)?.map_or(0, |r| r.get(0));
+        if left > 0 {
+            return Err(db_error(
+                Action::Write,
+                t,
+                D.name(),
+                deletes_kept(left as usize, None),
+            ));
+        }
+    }
+    if !batch.deletes.is_empty() {
+        let keys = batch
+            .deletes
+            .iter()
+            .map(|k| Bind::new(t, t.key_format, k))
+            .collect::<Result<Vec<_>>>()?;
+        let deleted = tx.changed(&s.delete_many, &[&keys]).map_err(fail)?;
+        if deleted < keys.len() as u64 && may_keep_deletes(tx, t).map_err(fail)? {
+            let kept: i64 = tx
+                .row(&s.count_keys, &[&keys])
+                .map_err(fail)?
+                .map_or(0, |r| r.get(0));
+            if kept > 0 {
+                let kept = deletes_kept(kept as usize, Some(keys.len()));
+                return Err(db_error(Action::Write, t, D.name(), kept));
+            }
+        }
+    }
+    if !batch.puts.is_empty() {
+        let (keys, values) = put_binds(t, &batch.puts)?;
+        let written = tx
+            .changed(&s.upsert_many, &[&keys, &values])
+            .map_err(fail)?;
+        all_rows_written(written, batch.puts.len())
+            .map_err(|e| db_error(Action::Write, t, D.name(), e))?;
+    }
+    Ok(())
 }
 
 /// Rows written to `COPY … FROM STDIN (FORMAT binary)`: the header, then per row a field
@@ -881,6 +912,23 @@ impl Store for PostgresStore {
             }
             other => other,
         }
+    }
+
+    fn apply_seq(&mut self, batches: &[Batch]) -> Result<()> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?.clone();
+        match self.write_seq(&t, batches) {
+            Err(e) if !self.pooled && statement_lost_in(&e) => {
+                self.pooled_now(&t);
+                self.prepare(&t)?;
+                self.write_seq(&t, batches)
+            }
+            other => other,
+        }
+    }
+
+    fn applies_seq(&self) -> bool {
+        true
     }
 
     fn max_key_len(&self) -> Option<usize> {
