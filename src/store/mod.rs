@@ -279,7 +279,8 @@ pub trait Store: Send {
         })
     }
 
-    /// Whether [`apply_seq`](Store::apply_seq) is implemented (the crate's SQLite store).
+    /// Whether [`apply_seq`](Store::apply_seq) is implemented (the crate's SQLite and
+    /// PostgreSQL stores).
     fn applies_seq(&self) -> bool {
         false
     }
