@@ -819,8 +819,8 @@ impl Coherence {
         Ok(())
     }
 
-    /// The version the table is at: MySQL's set of versions per origin goes by a
-    /// number the store hands out.
+    /// The version the table is at: MySQL's positions (a count and the rows not
+    /// sequenced) and PostgreSQL's snapshots go by a number the store hands out.
     pub(crate) fn version(&self, conn: &mut dyn Catalog) -> Result<u64> {
         match self.dialect {
             Dialect::Sqlite => return self.clock(conn).map(|(v, _)| v),

@@ -505,20 +505,7 @@ impl PostgresStore {
         };
         let single = batch.len() == 1 && !batch.clear && !self.guarded;
         let binds = |format, bytes| Bind::new(t, format, bytes);
-        let classify = |e: postgres::Error, committing: bool| -> Error {
-            // A statement the server answered has a known outcome. Without an answer
-            // (the connection broke), a commit, or a statement that commits on its own,
-            // may or may not have happened.
-            if committing && e.as_db_error().is_none() {
-                Error::OutcomeUnknown {
-                    table: t.name.clone(),
-                    backend: D.name(),
-                    source: e.into(),
-                }
-            } else {
-                db_error(Action::Write, t, D.name(), e)
-            }
-        };
+        let classify = |e, committing| write_error(t, e, committing);
         if single {
             if let Some((k, v)) = batch.puts.first() {
                 let (k, v) = (binds(t.key_format, k)?, binds(t.value_format, v)?);
@@ -604,21 +591,45 @@ impl PostgresStore {
         let mut tx = self
             .client
             .transaction()
-            .map_err(|e| db_error(Action::Write, t, D.name(), e))?;
+            .map_err(|e| write_error(t, e, false))?;
         for batch in batches {
             write_checked(&mut tx, s, t, batch)?;
         }
-        tx.commit().map_err(|e| {
-            if e.as_db_error().is_none() {
-                Error::OutcomeUnknown {
-                    table: t.name.clone(),
-                    backend: D.name(),
-                    source: e.into(),
-                }
-            } else {
-                db_error(Action::Write, t, D.name(), e)
+        tx.commit().map_err(|e| write_error(t, e, true))
+    }
+
+    /// Runs `write` on the opened table; a statement the server did not know (it never
+    /// ran: a pooler in transaction mode) makes the store send its statements whole
+    /// from then on, and `write` goes again.
+    fn with_statements(
+        &mut self,
+        write: impl Fn(&mut Self, &TableSpec) -> Result<()>,
+    ) -> Result<()> {
+        self.ensure_connected()?;
+        let t = opened(&self.table, D.name())?.clone();
+        match write(self, &t) {
+            Err(e) if !self.pooled && statement_lost_in(&e) => {
+                self.pooled_now(&t);
+                self.prepare(&t)?;
+                write(self, &t)
             }
-        })
+            other => other,
+        }
+    }
+}
+
+/// A write's error: a statement the server answered has a known outcome. Without an
+/// answer (the connection broke), a commit, or a statement that commits on its own
+/// (`committing`), may or may not have happened.
+fn write_error(t: &TableSpec, e: postgres::Error, committing: bool) -> Error {
+    if committing && e.as_db_error().is_none() {
+        Error::OutcomeUnknown {
+            table: t.name.clone(),
+            backend: D.name(),
+            source: e.into(),
+        }
+    } else {
+        db_error(Action::Write, t, D.name(), e)
     }
 }
 
@@ -631,7 +642,7 @@ fn write_checked(
     t: &TableSpec,
     batch: &Batch,
 ) -> Result<()> {
-    let fail = |e: postgres::Error| db_error(Action::Write, t, D.name(), e);
+    let fail = |e| write_error(t, e, false);
     if batch.clear {
         tx.changed(&s.delete_all, &[]).map_err(fail)?;
     }
@@ -900,31 +911,11 @@ impl Store for PostgresStore {
         if batch.is_empty() {
             return Ok(());
         }
-        self.ensure_connected()?;
-        let t = opened(&self.table, D.name())?.clone();
-        match self.write(&t, batch) {
-            // The statement never ran (the server did not know it): sent whole, the
-            // batch goes again.
-            Err(e) if !self.pooled && statement_lost_in(&e) => {
-                self.pooled_now(&t);
-                self.prepare(&t)?;
-                self.write(&t, batch)
-            }
-            other => other,
-        }
+        self.with_statements(|store, t| store.write(t, batch))
     }
 
     fn apply_seq(&mut self, batches: &[Batch]) -> Result<()> {
-        self.ensure_connected()?;
-        let t = opened(&self.table, D.name())?.clone();
-        match self.write_seq(&t, batches) {
-            Err(e) if !self.pooled && statement_lost_in(&e) => {
-                self.pooled_now(&t);
-                self.prepare(&t)?;
-                self.write_seq(&t, batches)
-            }
-            other => other,
-        }
+        self.with_statements(|store, t| store.write_seq(t, batches))
     }
 
     fn applies_seq(&self) -> bool {
