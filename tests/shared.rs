@@ -305,11 +305,16 @@ fn group_commit_fails_only_the_rejected_change(env: &impl Env) {
     let (after, calls) = h.commits();
     eprintln!("{calls} calls, {} transactions", after - before);
     assert_eq!(calls, 8);
-    assert!(
-        after - before <= 3,
-        "{} transactions for 8 calls",
-        after - before
-    );
+    // One connection groups them; with lanes (a test run `with_lanes`) they go side by
+    // side in as many groups as the connections and the lock's release make, which
+    // promises no count (CI saw 5).
+    if CONNECTIONS.with(std::cell::Cell::get) == 1 {
+        assert!(
+            after - before <= 3,
+            "{} transactions for 8 calls",
+            after - before
+        );
+    }
 
     env.reject_value("group", "666");
     let results = insert_eight("group", Some(5));
